@@ -1,0 +1,108 @@
+"""The autograd layer shared by every backend.
+
+Each loss is ``sum_i coeff_i * value_i`` over flattened tokens, where ``coeff_i`` folds in the
+mask, the token weight (any sign) and, for ``reduction="mean"``, ``1 / sum(mask)`` — computed on
+the device, so nothing here synchronizes with the host.
+
+- ``mean``/``sum`` with a gradient wanted: the backend's ``*_forward_backward`` computes values
+  and gradients in one pass over the logits; ``backward`` only scales them by the (scalar)
+  upstream gradient.
+- ``none`` (or no gradient wanted): ``*_forward`` keeps per-token statistics; ``backward``
+  recomputes the logits with ``coeff_i = grad_out_i * weight_i``, so any upstream gradient,
+  a per-token one included, is honoured.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import module as _impl
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _coefficients(live: torch.Tensor, token_weight: torch.Tensor | None, reduction: str, acc: torch.dtype):
+    """(per-token weight with the mask folded in, the same scaled for the reduction)."""
+    w = live.to(acc) if token_weight is None else torch.where(live, token_weight.to(acc), 0.0)
+    if reduction == "mean":
+        return w, w / live.sum().clamp_min(1).to(acc)
+    return w, w
+
+
+def _scaled(grads, grad_out):
+    return tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, token_weight, backend, needs, ignore_index, reduction, softcap,
+                ascent_cap, chunk_size):
+        impl = _impl(backend)
+        acc = _acc(hidden.dtype)
+        live = target != ignore_index
+        w, coeff = _coefficients(live, token_weight, reduction, acc)
+        opts = dict(ignore_index=ignore_index, softcap=softcap, chunk_size=chunk_size)
+        ctx.reduction, ctx.backend, ctx.needs, ctx.opts = reduction, backend, needs, opts
+        fused = reduction != "none" and any(needs)
+        if fused:
+            ce, lse, dh, dw, db = impl.ce_forward_backward(hidden, weight, bias, target, coeff, ascent_cap=ascent_cap,
+                                                           needs=needs, **opts)
+        else:
+            ce, lse = impl.ce_forward(hidden, weight, bias, target, **opts)
+        if ascent_cap is not None:
+            # Bounded ascent: a token pushed past the cap stops contributing (loss and gradient).
+            capped = (w < 0) & (ce > ascent_cap)
+            w = torch.where(capped, 0.0, w)
+            coeff = torch.where(capped, 0.0, coeff)
+        if fused:
+            ctx.save_for_backward(dh, dw, db)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, target, lse, w)
+        if reduction == "none":
+            return w * ce
+        return (coeff * ce).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # Gradients are only wanted when some input needs one, so mean/sum took the fused path.
+        if ctx.reduction != "none":
+            dh, dw, db = _scaled(ctx.saved_tensors, grad_out)
+        else:
+            hidden, weight, bias, target, lse, w = ctx.saved_tensors
+            dh, dw, db = _impl(ctx.backend).ce_backward(hidden, weight, bias, target, lse, grad_out.to(w.dtype) * w,
+                                                        needs=ctx.needs, **ctx.opts)
+        return dh, dw, db, None, None, None, None, None, None, None, None, None
+
+
+class LinearKLDivFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, token_weight, backend, needs,
+                direction, temperature, reduction, chunk_size):
+        impl = _impl(backend)
+        acc = _acc(hidden.dtype)
+        w, coeff = _coefficients(mask, token_weight, reduction, acc)
+        opts = dict(direction=direction, temperature=temperature, chunk_size=chunk_size)
+        ctx.reduction, ctx.backend, ctx.needs, ctx.opts = reduction, backend, needs, opts
+        refs = (ref_hidden, ref_weight, ref_bias)
+        if reduction != "none" and any(needs):
+            kl, lse, rlse, dh, dw, db = impl.kl_forward_backward(hidden, weight, bias, *refs, mask, coeff,
+                                                                 needs=needs, **opts)
+            ctx.save_for_backward(dh, dw, db)
+        else:
+            kl, lse, rlse = impl.kl_forward(hidden, weight, bias, *refs, mask, **opts)
+            ctx.save_for_backward(hidden, weight, bias, *refs, lse, rlse, kl, w)
+        if reduction == "none":
+            return w * kl
+        return (coeff * kl).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.reduction != "none":
+            dh, dw, db = _scaled(ctx.saved_tensors, grad_out)
+        else:
+            hidden, weight, bias, rh, rw, rb, lse, rlse, kl, w = ctx.saved_tensors
+            dh, dw, db = _impl(ctx.backend).kl_backward(hidden, weight, bias, rh, rw, rb, lse, rlse, kl,
+                                                        grad_out.to(w.dtype) * w, needs=ctx.needs, **ctx.opts)
+        return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None

@@ -1,0 +1,128 @@
+"""Backend registry: which implementations exist, which load here, and what ``auto`` picks.
+
+Every backend implements the same six primitives over *flattened, validated* tensors
+(``surgery_kernels.functional`` does the checking, flattening, autocast and reduction; the
+shared autograd layer in ``surgery_kernels.autograd`` calls these). Shapes:
+``hidden (N, H)``, ``weight (V, H)``, ``bias (V,) | None``, ``target (N,) int64``,
+``ref_hidden (N, H')``, ``ref_weight (V, H')``, ``ref_bias (V,) | None``, ``mask (N,) bool``.
+Per-token outputs (``ce``, ``kl``, ``lse``, ``ref_lse``) are float32 (float64 for float64
+inputs). Gradients come back in the dtype of the tensor they belong to; ``None`` where the
+matching ``needs`` flag is False. ``needs = (need_dhidden, need_dweight, need_dbias)``.
+
+Cross-entropy (``z = hidden @ weight.T + bias``, then ``softcap * tanh(z / softcap)``)::
+
+    ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size)
+        -> (ce, lse)                   ce = lse - z[target]; 0 (finite) where target == ignore_index
+    ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size)
+        -> (dhidden, dweight, dbias)   gradient of sum_i coeff_i * ce_i; coeff is float32 (N,),
+                                       already 0 for ignored and capped tokens
+    ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap,
+                        ascent_cap, needs, chunk_size)
+        -> (ce, lse, dhidden, dweight, dbias)
+                                       one pass: values and the gradient of sum_i coeff_i * ce_i,
+                                       except tokens with coeff_i < 0 and ce_i > ascent_cap
+                                       (bounded ascent), which get no gradient
+
+KL between softmax(z / T) of the trained side (q) and of the reference side (p)::
+
+    kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *,
+               direction, temperature, chunk_size)
+        -> (kl, lse, ref_lse)          forward: KL(p || q), reverse: KL(q || p); lse of z/T and
+                                       of z_ref/T; kl = 0 (finite) where mask is False
+    kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *,
+                direction, temperature, needs, chunk_size)
+        -> (dhidden, dweight, dbias)   gradient of sum_i coeff_i * kl_i (trained side only)
+    kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *,
+                        direction, temperature, needs, chunk_size)
+        -> (kl, lse, ref_lse, dhidden, dweight, dbias)
+
+``chunk_size`` is a hint that a backend may ignore (the fused Triton path has no chunks).
+No primitive may synchronize with the host or allocate an ``(N, V)`` tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("surgery_kernels")
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+# Preference order of backend="auto" per device type.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+# name -> module implementing the primitives above and ``availability(device_type)``.
+_MODULES = {
+    "torch": "surgery_kernels.backends.chunked",
+    "cpu": "surgery_kernels.backends.extension",
+    "cuda": "surgery_kernels.backends.extension",
+    "triton": "surgery_kernels.backends.triton_fused",
+}
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+
+def module(name: str) -> ModuleType:
+    """The module implementing the primitives of backend ``name``."""
+    return importlib.import_module(_MODULES[name])
+
+
+def availability(name: str, device_type: str) -> Availability:
+    """Whether backend ``name`` can run on tensors of ``device_type``, and why not."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    try:
+        return module(name).availability(name, device_type)
+    except Exception as exc:  # a backend that fails to load must not take the others down
+        return Availability(False, f"{type(exc).__name__}: {exc}")
+
+
+def available_backends(device: str | torch.device | None = None) -> dict[str, str]:
+    """Map every backend name to ``"available"`` or the reason it cannot run here.
+
+    ``device``: the device type to ask about (default: ``"cuda"`` when a GPU is visible,
+    else ``"cpu"``).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.device(device).type
+    out = {}
+    for name in BACKENDS:
+        a = availability(name, dtype)
+        out[name] = "available" if a.ok else a.reason
+    return out
+
+
+_auto_logged: set[tuple[str, str]] = set()
+
+
+def resolve(name: str, device_type: str) -> str:
+    """The backend that runs ``name`` (``"auto"`` resolved) on ``device_type`` tensors.
+
+    Raises ValueError naming the reason when the requested backend cannot run.
+    """
+    if name == "auto":
+        reasons = []
+        for cand in AUTO_ORDER.get(device_type, ("torch",)):
+            a = availability(cand, device_type)
+            if a.ok:
+                if (device_type, cand) not in _auto_logged:
+                    _auto_logged.add((device_type, cand))
+                    log.debug("backend='auto' on %s picked %r (%s)", device_type, cand,
+                              "; ".join(reasons) or "first choice")
+                return cand
+            reasons.append(f"{cand}: {a.reason}")
+        raise ValueError(f"no backend can run on {device_type}: " + "; ".join(reasons))
+    a = availability(name, device_type)
+    if not a.ok:
+        raise ValueError(f"backend={name!r} is not available for {device_type} tensors: {a.reason}")
+    return name
+

@@ -1,0 +1,229 @@
+"""Backend ``torch``: chunked pure-PyTorch implementation of the primitives.
+
+Tokens are processed ``chunk_size`` at a time: one ``(chunk, V)`` block of logits is alive at
+once (plus, in the KL, the reference's block), never ``(N, V)``. Statistics and the dweight
+accumulator are float32 (float64 for float64 inputs) whatever the input dtype; the GEMMs run
+in the input dtype, as ``nn.Linear`` would. The forward+backward primitives reuse each chunk's
+logits for the gradient, so a training step costs the three GEMMs of the floor.
+
+Works on any device; it is also the reference the fused backends are tested against (the naive
+materializing one lives in ``surgery_kernels.reference``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Availability
+
+# Logit elements per chunk when chunk_size is None: 2**24 floats = 64 MiB in float32, whatever V.
+# Large enough that each chunk's GEMMs run near peak, small enough to bound memory.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def availability(name: str, device_type: str) -> Availability:
+    return Availability(True)
+
+
+def default_chunk_size(n: int, v: int) -> int:
+    """Tokens per chunk: ``2**24 // V`` (64 MiB of float32 logits), at least 1, at most N."""
+    return max(1, min(n, CHUNK_ELEMENTS // max(v, 1)))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(n: int, chunk_size: int | None, v: int):
+    step = chunk_size or default_chunk_size(n, v)
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    z = (h @ w.t()).to(acc)
+    if b is not None:
+        z += b.to(acc)
+    return z
+
+
+def _softcap_(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """In place: z -> softcap * tanh(z / softcap)."""
+    if softcap is not None:
+        z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _grad_buffers(hidden, weight, bias, needs):
+    acc = _acc_dtype(hidden.dtype)
+    dh = torch.empty_like(hidden) if needs[0] else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+    db = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (needs[2] and bias is not None) else None
+    return dh, dw, db
+
+
+def _accumulate(g, h, w, s, e, dh, dw, db):
+    """Given the logit gradient g (chunk, V) in the accumulation dtype, add this chunk's share."""
+    gc = g.to(h.dtype)
+    if dh is not None:
+        dh[s:e] = gc @ w
+    if dw is not None:
+        if dw.dtype == h.dtype:
+            dw.addmm_(gc.t(), h[s:e])
+        else:
+            dw += (gc.t() @ h[s:e]).to(dw.dtype)
+    if db is not None:
+        db += g.sum(0)
+
+
+def _finish(dh, dw, db, weight, bias):
+    return dh, (dw.to(weight.dtype) if dw is not None else None), (db.to(bias.dtype) if db is not None else None)
+
+
+def _ce_chunk(h, weight, bias, target, ignore_index, softcap, acc):
+    """Logits (softcapped), lse, ce and the 'live' mask of one chunk."""
+    z = _softcap_(_logits(h, weight, bias, acc), softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    live = target != ignore_index
+    safe_t = torch.where(live, target, torch.zeros_like(target))
+    z_t = z.gather(1, safe_t[:, None]).squeeze(1)
+    ce = torch.where(live, lse - z_t, torch.zeros_like(lse))
+    return z, lse, ce, safe_t
+
+
+def _ce_logit_grad_(z, lse, safe_t, coeff, softcap):
+    """In place: z (softcapped logits) -> coeff * d ce / d z_raw."""
+    if softcap is not None:
+        # d(softcap * tanh(x / softcap))/dx = 1 - tanh^2; keep it before z is overwritten.
+        dcap = 1 - (z / softcap).square_()
+    z.sub_(lse[:, None]).exp_()
+    z.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+    z.mul_(coeff[:, None])
+    if softcap is not None:
+        z.mul_(dcap)
+    return z
+
+
+def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
+    acc = _acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    ce = torch.empty(n, dtype=acc, device=hidden.device)
+    lse = torch.empty(n, dtype=acc, device=hidden.device)
+    for s, e in _chunks(n, chunk_size, weight.shape[0]):
+        _, lse[s:e], ce[s:e], _ = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
+    return ce, lse
+
+
+def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
+    acc = _acc_dtype(hidden.dtype)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
+    coeff = coeff.to(acc)
+    for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0]):
+        z = _softcap_(_logits(hidden[s:e], weight, bias, acc), softcap)
+        t = target[s:e]
+        safe_t = torch.where(t != ignore_index, t, torch.zeros_like(t))
+        g = _ce_logit_grad_(z, lse[s:e], safe_t, coeff[s:e], softcap)
+        _accumulate(g, hidden, weight, s, e, dh, dw, db)
+    return _finish(dh, dw, db, weight, bias)
+
+
+def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
+                        chunk_size):
+    acc = _acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    ce = torch.empty(n, dtype=acc, device=hidden.device)
+    lse = torch.empty(n, dtype=acc, device=hidden.device)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
+    coeff = coeff.to(acc)
+    for s, e in _chunks(n, chunk_size, weight.shape[0]):
+        z, lse_c, ce_c, safe_t = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
+        lse[s:e], ce[s:e] = lse_c, ce_c
+        c = coeff[s:e]
+        if ascent_cap is not None:
+            c = torch.where((c < 0) & (ce_c > ascent_cap), torch.zeros_like(c), c)
+        g = _ce_logit_grad_(z, lse_c, safe_t, c, softcap)
+        _accumulate(g, hidden, weight, s, e, dh, dw, db)
+    return (ce, lse) + _finish(dh, dw, db, weight, bias)
+
+
+def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, acc):
+    """Tempered log-probs of both sides (log q in place of the trained logits), lse's and kl."""
+    z = _logits(h, weight, bias, acc)
+    zr = _logits(rh, rweight, rbias, acc)
+    if temperature != 1.0:
+        z.div_(temperature)
+        zr.div_(temperature)
+    lse = torch.logsumexp(z, dim=-1)
+    rlse = torch.logsumexp(zr, dim=-1)
+    logq = z.sub_(lse[:, None])
+    logp = zr.sub_(rlse[:, None])
+    # forward: sum p (log p - log q); reverse: sum q (log q - log p)
+    if direction == "forward":
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+    else:
+        kl = (logq.exp() * (logq - logp)).sum(-1)
+    kl = torch.where(m, kl, torch.zeros_like(kl))
+    return logq, logp, lse, rlse, kl
+
+
+def _kl_logit_grad_(logq, logp, kl, coeff, direction, temperature):
+    """In place: logq -> coeff * d kl / d z (trained side, raw logits)."""
+    c = (coeff / temperature)[:, None]
+    if direction == "forward":
+        # (q - p) / T
+        logp.exp_()
+        return logq.exp_().sub_(logp).mul_(c)
+    # q * (log q - log p - kl) / T
+    d = (logq - logp).sub_(kl[:, None])
+    return logq.exp_().mul_(d).mul_(c)
+
+
+def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature,
+               chunk_size):
+    acc = _acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    kl = torch.empty(n, dtype=acc, device=hidden.device)
+    lse = torch.empty(n, dtype=acc, device=hidden.device)
+    rlse = torch.empty(n, dtype=acc, device=hidden.device)
+    for s, e in _chunks(n, chunk_size, weight.shape[0]):
+        _, _, lse[s:e], rlse[s:e], kl[s:e] = _kl_chunk(
+            hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature, acc)
+    return kl, lse, rlse
+
+
+def _tempered_logprobs(h, weight, bias, lse, temperature, acc):
+    z = _logits(h, weight, bias, acc)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z.sub_(lse[:, None])
+
+
+def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
+                temperature, needs, chunk_size):
+    acc = _acc_dtype(hidden.dtype)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
+    coeff = coeff.to(acc)
+    for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0]):
+        logq = _tempered_logprobs(hidden[s:e], weight, bias, lse[s:e], temperature, acc)
+        logp = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, ref_lse[s:e], temperature, acc)
+        g = _kl_logit_grad_(logq, logp, kl[s:e], coeff[s:e], direction, temperature)
+        _accumulate(g, hidden, weight, s, e, dh, dw, db)
+    return _finish(dh, dw, db, weight, bias)
+
+
+def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
+                        temperature, needs, chunk_size):
+    acc = _acc_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    kl = torch.empty(n, dtype=acc, device=hidden.device)
+    lse = torch.empty(n, dtype=acc, device=hidden.device)
+    rlse = torch.empty(n, dtype=acc, device=hidden.device)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
+    coeff = coeff.to(acc)
+    for s, e in _chunks(n, chunk_size, weight.shape[0]):
+        logq, logp, lse[s:e], rlse[s:e], kl_c = _kl_chunk(
+            hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature, acc)
+        kl[s:e] = kl_c
+        g = _kl_logit_grad_(logq, logp, kl_c, coeff[s:e], direction, temperature)
+        _accumulate(g, hidden, weight, s, e, dh, dw, db)
+    return (kl, lse, rlse) + _finish(dh, dw, db, weight, bias)

@@ -1,0 +1,107 @@
+"""Argument validation: every bad input becomes a ValueError/TypeError naming the argument and
+what was expected, raised before any kernel runs (DESIGN §2, "Bad input")."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .backends import BACKENDS
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+DIRECTIONS = ("forward", "reverse")
+
+
+def tensor(name: str, x, *, dims: int | None = None, floating: bool = False) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got shape {tuple(x.shape)}")
+
+
+def same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, x in others.items():
+        if x is not None and x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; move them to one device")
+
+
+def same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, x in others.items():
+        if x is not None and x.dtype != ref.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; outside torch.autocast they must match "
+                f"(cast one, or run under torch.autocast)")
+
+
+def hidden_weight_bias(prefix: str, hidden, weight, bias) -> None:
+    """hidden (..., H), weight (V, H), bias (V,) | None."""
+    tensor(f"{prefix}hidden", hidden, floating=True)
+    if hidden.dim() < 1:
+        raise ValueError(f"{prefix}hidden must have shape (..., H), got a 0-d tensor")
+    tensor(f"{prefix}weight", weight, dims=2, floating=True)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}weight must have shape (V, H) with H = {prefix}hidden.shape[-1] = "
+                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{prefix}weight must have at least one row (V >= 1), got {tuple(weight.shape)}")
+    if bias is not None:
+        tensor(f"{prefix}bias", bias, dims=1, floating=True)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{prefix}bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    same_device(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
+    same_dtype(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
+
+
+def per_token(name: str, x, hidden: torch.Tensor, *, kind: str) -> None:
+    """x must be shaped like hidden.shape[:-1], on hidden's device, of the given kind."""
+    if x is None:
+        return
+    tensor(name, x)
+    lead = tuple(hidden.shape[:-1])
+    if tuple(x.shape) != lead:
+        raise ValueError(f"{name} must have the leading shape of hidden {lead}, got {tuple(x.shape)}")
+    if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integer class ids (int64), got {x.dtype}")
+    if kind == "float" and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if kind == "bool" and x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (False = token skipped), got {x.dtype}")
+    same_device("hidden", hidden, **{name: x})
+
+
+def choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def positive(name: str, value, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number{' or None' if allow_none else ''}, got {value!r}")
+
+
+def common(reduction, backend, chunk_size) -> None:
+    choice("reduction", reduction, REDUCTIONS)
+    choice("backend", backend, ("auto",) + BACKENDS)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def target_range(target: torch.Tensor, ignore_index: int, vocab: int) -> None:
+    """Targets must lie in [0, V) or equal ignore_index.
+
+    On CPU tensors this is checked eagerly (a ValueError). On CUDA tensors, and while being
+    compiled, it is a device-side assertion: reading the values on the host would stall the GPU.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    msg = f"target must hold class ids in [0, {vocab}) or ignore_index={ignore_index}"
+    if target.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), msg)
+    elif bad.any():
+        first = int(bad.nonzero()[0, 0]) if target.dim() == 1 else tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{msg}; found {int(target[bad][0])} at index {first}")

@@ -1,0 +1,116 @@
+"""The public functional API (DESIGN §2): validate, flatten, apply autocast, pick the backend,
+then call the shared autograd layer. Nothing here touches tensor values on the host."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import checks
+from .autograd import LinearCrossEntropyFunction, LinearKLDivFunction
+from .backends import resolve
+
+
+def _autocast(device_type: str, *tensors):
+    """Under torch.autocast the GEMMs run in the autocast dtype, as nn.Linear's would."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        return True, tuple(None if t is None else t.to(dt) for t in tensors)
+    return False, tensors
+
+
+def _needs(*tensors) -> tuple[bool, bool, bool]:
+    on = torch.is_grad_enabled()
+    return tuple(bool(on and t is not None and t.requires_grad) for t in tensors)
+
+
+def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None, ignore_index=-100,
+                         reduction="mean", softcap=None, ascent_cap=None, backend="auto", chunk_size=None):
+    """Signed, weighted cross-entropy of ``hidden @ weight.T + bias`` against ``target``, without
+    materializing the logits.
+
+    hidden: (..., H) float32 | bfloat16 | float16; weight: (V, H); target: (...) integer class ids,
+    ``ignore_index`` for skipped tokens; bias: (V,); token_weight: (...) float of any sign
+    (negative = gradient ascent on that token).
+
+    Per token ``m_i * w_i * ce_i`` with ``ce_i = logsumexp(z_i) - z_i[target_i]``; ``softcap``
+    maps z -> softcap * tanh(z / softcap) first; tokens with ``w_i < 0`` whose ce exceeds
+    ``ascent_cap`` contribute neither loss nor gradient (they still count in the mean's
+    denominator). ``reduction``: "mean" (divide by the number of live tokens; 0 when there are
+    none), "sum", or "none" (values shaped like ``target``, 0 where ignored). The result is
+    float32 (float64 for float64 inputs). ``backend``: "auto" | "triton" | "cuda" | "cpu" | "torch";
+    ``chunk_size``: tokens per chunk (None: ``2**24 // V``, i.e. 64 MiB of float32 logits).
+    """
+    checks.hidden_weight_bias("", hidden, weight, bias)
+    checks.per_token("target", target, hidden, kind="int")
+    checks.per_token("token_weight", token_weight, hidden, kind="float")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    checks.common(reduction, backend, chunk_size)
+    checks.positive("softcap", softcap)
+    checks.positive("ascent_cap", ascent_cap)
+    checks.target_range(target, ignore_index, weight.shape[0])
+    device_type = hidden.device.type
+    name = resolve(backend, device_type)
+
+    needs = _needs(hidden, weight, bias)
+    _, (h, w, b) = _autocast(device_type, hidden, weight, bias)
+    lead = target.shape
+    h = h.reshape(-1, h.shape[-1])
+    t = target.reshape(-1).to(torch.int64)
+    tw = token_weight.reshape(-1) if token_weight is not None else None
+    with _no_autocast(device_type):
+        out = LinearCrossEntropyFunction.apply(h, w, b, t, tw, name, needs, ignore_index, reduction,
+                                               None if softcap is None else float(softcap),
+                                               None if ascent_cap is None else float(ascent_cap), chunk_size)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, mask=None, token_weight=None,
+                  direction="forward", temperature=1.0, reduction="mean", backend="auto", chunk_size=None):
+    """Token-level KL divergence between the trained model's softmax(z / T), z = hidden @ weight.T
+    + bias, and a frozen reference's softmax(z_ref / T), without materializing either's logits.
+
+    hidden: (..., H), weight: (V, H) — gradients flow; ref_hidden: (..., H'), ref_weight: (V, H') —
+    treated as constants (ref_weight may be the very tensor passed as weight); mask: (...) bool,
+    False = token skipped; token_weight: (...) float. ``direction``: "forward" = KL(p_ref || p),
+    "reverse" = KL(p || p_ref). The true KL (>= 0), no T**2 rescaling. ``reduction`` as in
+    :func:`linear_cross_entropy`, the mean dividing by the number of unmasked tokens.
+    """
+    checks.hidden_weight_bias("", hidden, weight, bias)
+    checks.hidden_weight_bias("ref_", ref_hidden, ref_weight, ref_bias)
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must have the vocabulary size of weight (V = {weight.shape[0]}), "
+                         f"got shape {tuple(ref_weight.shape)}")
+    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ref_hidden must have the leading shape of hidden {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(ref_hidden.shape[:-1])}")
+    checks.same_device("hidden", hidden, ref_hidden=ref_hidden)
+    checks.per_token("mask", mask, hidden, kind="bool")
+    checks.per_token("token_weight", token_weight, hidden, kind="float")
+    checks.choice("direction", direction, checks.DIRECTIONS)
+    checks.positive("temperature", temperature, allow_none=False)
+    checks.common(reduction, backend, chunk_size)
+    device_type = hidden.device.type
+    autocast, (h, w, b, rh, rw, rb) = _autocast(device_type, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    if not autocast:
+        checks.same_dtype("hidden", hidden, ref_hidden=ref_hidden)
+    name = resolve(backend, device_type)
+
+    needs = _needs(hidden, weight, bias)
+    lead = hidden.shape[:-1]
+    h = h.reshape(-1, h.shape[-1])
+    rh = rh.detach().reshape(-1, rh.shape[-1])
+    rw = rw.detach()
+    rb = rb.detach() if rb is not None else None
+    m = mask.reshape(-1) if mask is not None else torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    tw = token_weight.reshape(-1) if token_weight is not None else None
+    with _no_autocast(device_type):
+        out = LinearKLDivFunction.apply(h, w, b, rh, rw, rb, m, tw, name, needs, direction, float(temperature),
+                                        reduction, chunk_size)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()

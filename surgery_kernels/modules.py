@@ -1,0 +1,42 @@
+"""nn.Module wrappers that hold the options of the functional API."""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import linear_cross_entropy, linear_kl_div
+
+
+class LinearCrossEntropy(torch.nn.Module):
+    """``forward(hidden, weight, target, bias=None, token_weight=None)``; the other options of
+    :func:`surgery_kernels.linear_cross_entropy` are fixed at construction."""
+
+    def __init__(self, *, ignore_index=-100, reduction="mean", softcap=None, ascent_cap=None, backend="auto",
+                 chunk_size=None):
+        super().__init__()
+        self.options = dict(ignore_index=ignore_index, reduction=reduction, softcap=softcap, ascent_cap=ascent_cap,
+                            backend=backend, chunk_size=chunk_size)
+
+    def forward(self, hidden, weight, target, bias=None, token_weight=None):
+        return linear_cross_entropy(hidden, weight, target, bias=bias, token_weight=token_weight, **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class LinearKLDiv(torch.nn.Module):
+    """``forward(hidden, weight, ref_hidden, ref_weight, bias=None, ref_bias=None, mask=None,
+    token_weight=None)``; the other options of :func:`surgery_kernels.linear_kl_div` are fixed at
+    construction."""
+
+    def __init__(self, *, direction="forward", temperature=1.0, reduction="mean", backend="auto", chunk_size=None):
+        super().__init__()
+        self.options = dict(direction=direction, temperature=temperature, reduction=reduction, backend=backend,
+                            chunk_size=chunk_size)
+
+    def forward(self, hidden, weight, ref_hidden, ref_weight, bias=None, ref_bias=None, mask=None, token_weight=None):
+        return linear_kl_div(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, mask=mask,
+                             token_weight=token_weight, **self.options)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,86 @@
+"""The naive reference: materialize the ``(N, V)`` logits and apply the definitions of DESIGN §2.
+
+Differentiable by plain autograd; used by the tests (in float64, and in the test dtype as
+"what plain PyTorch gets") and by the benchmarks (the "naive" provider). Never used by the
+library's own code paths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _reduce(values: torch.Tensor, live: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return values
+    total = values.sum()
+    if reduction == "sum":
+        return total
+    return total / live.sum().clamp_min(1).to(total.dtype)
+
+
+def linear_cross_entropy_ref(hidden, weight, target, *, bias=None, token_weight=None, ignore_index=-100,
+                             reduction="mean", softcap=None, ascent_cap=None, compute_dtype=None):
+    """Signed, weighted linear CE by materialized logits.
+
+    hidden: (..., H); weight: (V, H); target: (...). ``compute_dtype`` upcasts inputs first (float64
+    for the reference); None computes in the input dtype with float32 softmax, as plain PyTorch does.
+    Returns a scalar, or values shaped like ``target`` for ``reduction="none"``.
+    """
+    shape = target.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1)
+    if compute_dtype is not None:
+        h, weight = h.to(compute_dtype), weight.to(compute_dtype)
+        bias = bias.to(compute_dtype) if bias is not None else None
+    z = h @ weight.t()
+    if bias is not None:
+        z = z + bias
+    stat = torch.promote_types(z.dtype, torch.float32)
+    z = z.to(stat)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    live = t != ignore_index
+    ce = torch.nn.functional.cross_entropy(z, torch.where(live, t, 0), reduction="none")
+    w = torch.ones_like(ce) if token_weight is None else token_weight.reshape(-1).to(stat)
+    if ascent_cap is not None:
+        live_grad = ~((w < 0) & (ce.detach() > ascent_cap))
+        w = w * live_grad
+    values = torch.where(live, w * ce, torch.zeros_like(ce))
+    out = _reduce(values, live, reduction)
+    return out.reshape(shape) if reduction == "none" else out
+
+
+def linear_kl_div_ref(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, mask=None,
+                      token_weight=None, direction="forward", temperature=1.0, reduction="mean",
+                      compute_dtype=None):
+    """Token-level KL between softmax(z/T) of the trained side (q) and the reference (p), by
+    materialized logits. forward: KL(p || q); reverse: KL(q || p). The reference side is detached."""
+    shape = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    rh = ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach()
+    if compute_dtype is not None:
+        h, weight, rh = h.to(compute_dtype), weight.to(compute_dtype), rh.to(compute_dtype)
+        ref_weight = ref_weight.to(compute_dtype)
+        bias = bias.to(compute_dtype) if bias is not None else None
+        ref_bias = ref_bias.to(compute_dtype) if ref_bias is not None else None
+    ref_weight = ref_weight.detach()
+    ref_bias = ref_bias.detach() if ref_bias is not None else None
+    z = h @ weight.t()
+    zr = rh @ ref_weight.t()
+    if bias is not None:
+        z = z + bias
+    if ref_bias is not None:
+        zr = zr + ref_bias
+    stat = torch.promote_types(z.dtype, torch.float32)
+    logq = torch.log_softmax(z.to(stat) / temperature, -1)
+    logp = torch.log_softmax(zr.to(stat) / temperature, -1)
+    if direction == "forward":
+        kl = (logp.exp() * (logp - logq)).sum(-1)
+    else:
+        kl = (logq.exp() * (logq - logp)).sum(-1)
+    live = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    w = torch.ones_like(kl) if token_weight is None else token_weight.reshape(-1).to(stat)
+    values = torch.where(live, w * kl, torch.zeros_like(kl))
+    out = _reduce(values, live, reduction)
+    return out.reshape(shape) if reduction == "none" else out

@@ -1,0 +1,71 @@
+"""Shared test setup.
+
+- Fresh memory is poisoned: ``torch.empty`` (and ``empty_like``) return NaN-filled float tensors
+  (and 0x7f.. patterns for integers) so an output a kernel forgot to write fails the test.
+- ``BACKEND_CASES``: every (backend, device) pair that can run here. The numerics suite is
+  parametrized over it, so a new backend is tested as soon as ``available_backends`` reports it.
+- ``--runslow`` runs tests marked ``slow``; tests marked ``cuda`` skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgery_kernels.backends import BACKENDS, availability
+
+_real_empty, _real_empty_like = torch.empty, torch.empty_like
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype not in (torch.bool,) and not t.is_complex():
+        t.fill_(torch.iinfo(t.dtype).max)
+    return t
+
+
+def _poisoned_empty(*args, **kwargs):
+    return _poison(_real_empty(*args, **kwargs))
+
+
+def _poisoned_empty_like(*args, **kwargs):
+    return _poison(_real_empty_like(*args, **kwargs))
+
+
+@pytest.fixture(autouse=True)
+def poison_empty(monkeypatch, request):
+    if request.node.get_closest_marker("no_poison"):
+        yield
+        return
+    monkeypatch.setattr(torch, "empty", _poisoned_empty)
+    monkeypatch.setattr(torch, "empty_like", _poisoned_empty_like)
+    yield
+
+
+def _backend_cases():
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cases = []
+    for dev in devices:
+        for name in BACKENDS:
+            if availability(name, dev).ok:
+                marks = [pytest.mark.cuda] if dev == "cuda" else []
+                cases.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=marks))
+    return cases
+
+
+BACKEND_CASES = _backend_cases()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_cuda)
