@@ -3,8 +3,8 @@
 // Per chunk of `chunk_size` tokens:
 //   1. one logits GEMM through ATen (BLAS/oneDNN) in the input dtype (two for the KL: the
 //      reference side too), into a buffer reused across chunks;
-//   2. one parallel pass over the chunk's rows (at::parallel_for): each row is loaded into float32
-//      (bias added), then max, sum-exp, log-sum-exp and the value are computed and, when a
+//   2. one parallel pass over the chunk's rows (at::parallel_for): each row is loaded into float32,
+//      then max, sum-exp, log-sum-exp and the value are computed and, when a
 //      gradient is wanted, the row is overwritten in place by coeff_i * d value_i / d z_i while it
 //      is still in cache (a 49152-wide float row is 192 KiB: it stays in L2 across the passes);
 //   3. dhidden_chunk = G @ W and dweight += G^T @ h_chunk (float32), dbias += sum_rows(G).
@@ -31,6 +31,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 namespace surgery {
 namespace {
@@ -165,25 +166,26 @@ SK_MULTIVERSION void scale_(float* x, int64_t V, float c) {
   for (int64_t j = 0; j < V; ++j) x[j] *= c;
 }
 
-// In place, x holding (softcapped) logits: x -> c * softmax(x) * d softcap / d z, the softmax
-// taken with the given log-sum-exp. cap <= 0: no softcap.
-SK_MULTIVERSION void softmax_grad_(float* x, int64_t V, float lse, float c, float cap) {
-  if (cap > 0.0f) {
-    const float inv = 1.0f / cap;
+// In place, x holding softcapped logits: x -> c * softmax(x) * (1 - (x / cap)^2), the softmax
+// taken as exp((x - m) - ls) with m the row max and ls = log sum exp(x - m): never through a float
+// lse, which has lost ~1e-3 of relative accuracy when the logits are ~1e4.
+SK_MULTIVERSION void softcap_softmax_grad_(float* x, int64_t V, float m, float ls, float c, float cap) {
+  const float inv = 1.0f / cap;
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {
-      float t = x[j] * inv;
-      x[j] = c * exp_approx(x[j] - lse) * (1.0f - t * t);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) x[j] = c * exp_approx(x[j] - lse);
+  for (int64_t j = 0; j < V; ++j) {
+    float t = x[j] * inv;
+    x[j] = c * exp_approx((x[j] - m) - ls) * (1.0f - t * t);
   }
 }
 
-// Forward KL(p || q) of one row, x = z / T (trained), y = z_ref / T: sum_j p_j (log p_j - log q_j).
-// When c != 0, x is overwritten by c * (q - p) in the same loop.
-SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, float lse, float rlse, float c) {
+// The KL rows take x = z / T (trained) and y = z_ref / T with their row maxima mx, my and
+// lsx = log sum exp(x - mx), lsy likewise: log q = (x - mx) - lsx is exact even for logits ~1e4.
+#define SK_LOGQ_LOGP float logq = (x[j] - mx) - lsx, logp = (y[j] - my) - lsy
+
+// Forward KL(p || q) of one row: sum_j p_j (log p_j - log q_j). When c != 0, x is overwritten by
+// c * (q - p) in the same loop.
+SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, float mx, float lsx, float my, float lsy,
+                                       float c) {
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t j1 = std::min(V, j0 + kBlock);
@@ -191,7 +193,7 @@ SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, floa
     if (c != 0.0f) {
 #pragma omp simd reduction(+ : b)
       for (int64_t j = j0; j < j1; ++j) {
-        float logq = x[j] - lse, logp = y[j] - rlse;
+        SK_LOGQ_LOGP;
         float p = exp_approx(logp);
         b += p * (logp - logq);
         x[j] = c * (exp_approx(logq) - p);
@@ -199,7 +201,7 @@ SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, floa
     } else {
 #pragma omp simd reduction(+ : b)
       for (int64_t j = j0; j < j1; ++j) {
-        float logq = x[j] - lse, logp = y[j] - rlse;
+        SK_LOGQ_LOGP;
         b += exp_approx(logp) * (logp - logq);
       }
     }
@@ -209,8 +211,9 @@ SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, floa
 }
 
 // Reverse KL(q || p) of one row: sum_j q_j (log q_j - log p_j). When keep is set, x -> q (log q -
-// log p) and y -> q, for reverse_grad_ once the row's kl is known.
-SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float lse, float rlse, bool keep) {
+// log p) and y -> q, for kl_reverse_grad_ once the row's kl is known.
+SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, float lsx, float my, float lsy,
+                                       bool keep) {
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t j1 = std::min(V, j0 + kBlock);
@@ -218,7 +221,7 @@ SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float lse,
     if (keep) {
 #pragma omp simd reduction(+ : b)
       for (int64_t j = j0; j < j1; ++j) {
-        float logq = x[j] - lse, logp = y[j] - rlse;
+        SK_LOGQ_LOGP;
         float q = exp_approx(logq);
         float v = q * (logq - logp);
         b += v;
@@ -228,7 +231,7 @@ SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float lse,
     } else {
 #pragma omp simd reduction(+ : b)
       for (int64_t j = j0; j < j1; ++j) {
-        float logq = x[j] - lse, logp = y[j] - rlse;
+        SK_LOGQ_LOGP;
         b += exp_approx(logq) * (logq - logp);
       }
     }
@@ -243,18 +246,21 @@ SK_MULTIVERSION void kl_reverse_grad_(float* x, const float* y, int64_t V, float
   for (int64_t j = 0; j < V; ++j) x[j] = c * (x[j] - kl * y[j]);
 }
 
-// Recompute path of the KL gradient (lse, rlse, kl known): x, y tempered logits -> c * dkl/dz.
-SK_MULTIVERSION void kl_grad_(float* x, const float* y, int64_t V, float lse, float rlse, float kl, float c,
-                              bool reverse) {
+// Recompute path of the KL gradient (row statistics and kl known): x, y -> c * dkl/dz in x.
+SK_MULTIVERSION void kl_grad_(float* x, const float* y, int64_t V, float mx, float lsx, float my, float lsy, float kl,
+                              float c, bool reverse) {
   if (reverse) {
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
-      float logq = x[j] - lse, logp = y[j] - rlse;
+      SK_LOGQ_LOGP;
       x[j] = c * exp_approx(logq) * (logq - logp - kl);
     }
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) x[j] = c * (exp_approx(x[j] - lse) - exp_approx(y[j] - rlse));
+    for (int64_t j = 0; j < V; ++j) {
+      SK_LOGQ_LOGP;
+      x[j] = c * (exp_approx(logq) - exp_approx(logp));
+    }
   }
 }
 
@@ -380,6 +386,22 @@ struct Grads {
   }
 };
 
+// The chunk's logits z = h @ W^T (+ bias) in the input dtype. bf16/fp16: the bias goes into the
+// GEMM, as in the model's own F.linear head, so the logits are rounded once, exactly as there.
+// float32: the row pass adds it (row_bias), which saves a broadcast pass over the chunk.
+void logits_gemm(at::Tensor& z, const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  if (bias.has_value() && h.scalar_type() != at::kFloat) {
+    at::addmm_out(z, *bias, h, w.t());
+  } else {
+    at::mm_out(z, h, w.t());
+  }
+}
+
+template <typename T>
+const T* row_bias(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() && std::is_same_v<T, float> ? bias->const_data_ptr<T>() : nullptr;
+}
+
 int64_t resolve_chunk(const char* op, int64_t chunk_size, int64_t n) {
   TORCH_CHECK(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
   return std::max<int64_t>(1, std::min(chunk_size, n));
@@ -397,6 +419,38 @@ void check_target(int64_t t, int64_t V, int64_t ignore_index) {
 
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy.
+
+struct CeRow {
+  float lse, ce;
+};
+
+// One row: x holds its logits in float32 (bias added). Returns lse and ce (0 when not live); when
+// with_grad, x becomes c * dce/dz (softcap chain rule included), zeros when c is 0 or the token is
+// capped (c < 0 and ce > *ascent_cap). The softmax is formed from the row max m and
+// ls = log sum exp(x - m), never from a rounded lse (exact for logits ~1e4).
+CeRow ce_row_(float* x, int64_t V, int64_t t, bool live, float c, float cap, bool with_grad,
+              const double* ascent_cap) {
+  const float m = transform_max_(x, V, cap, 1.0f);
+  const float xt = live ? x[t] : 0.0f;
+  // Without softcap the gradient needs only exp(x - m) / sum: keep it in x (one exp per logit).
+  const bool keep_exp = with_grad && cap <= 0.0f;
+  const double se = keep_exp ? exp_sum_(x, V, m) : sum_exp(x, V, m);
+  const double ls = std::log(se);
+  CeRow out{static_cast<float>(m + ls), live ? static_cast<float>((static_cast<double>(m) - xt) + ls) : 0.0f};
+  if (!with_grad) return out;
+  if (!live || (ascent_cap != nullptr && c < 0.0f && out.ce > *ascent_cap)) c = 0.0f;
+  if (c == 0.0f) {
+    std::fill(x, x + V, 0.0f);
+  } else if (cap > 0.0f) {
+    softcap_softmax_grad_(x, V, m, static_cast<float>(ls), c, cap);
+    const float u = xt / cap;
+    x[t] -= c * (1.0f - u * u);
+  } else {
+    scale_(x, V, static_cast<float>(c / se));
+    x[t] -= c;
+  }
+  return out;
+}
 
 std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -422,8 +476,7 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
   }
   const bool with_grad = coeff.has_value();
   const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.0f;
-  const bool has_ascent_cap = ascent_cap.has_value();
-  const double acap = has_ascent_cap ? *ascent_cap : 0.0;
+  const double acap = ascent_cap.value_or(0.0);
   at::Tensor zbuf = at::empty({C, V}, hidden.options());
   at::Tensor fbuf = float_buffer(zbuf);
   const int64_t* tgt = target.const_data_ptr<int64_t>();
@@ -433,11 +486,11 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
 
   dispatch_dtype(hidden.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
+    const T* b = row_bias<T>(bias);
     for (int64_t s = 0; s < N; s += C) {
       const int64_t r = std::min(C, N - s);
       at::Tensor z = zbuf.narrow(0, 0, r), zf = fbuf.narrow(0, 0, r);
-      at::mm_out(z, hidden.narrow(0, s, r), weight.t());
+      logits_gemm(z, hidden.narrow(0, s, r), weight, bias);
       T* zp = z.mutable_data_ptr<T>();
       float* fp = zf.mutable_data_ptr<float>();
       at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
@@ -446,39 +499,12 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
           float* x = fp + i * V;
           const int64_t t = tgt[row];
           check_target(t, V, ignore_index);
-          const bool live = t != ignore_index;
           load_row<T>(x, zp + i * V, b, V);
-          const float m = transform_max_(x, V, cap, 1.0f);
-          const float xt = live ? x[t] : 0.0f;
-          if (!with_grad || cap > 0.0f) {
-            const double se = sum_exp(x, V, m);
-            lse_p[row] = static_cast<float>(m + std::log(se));
-            ce_p[row] = live ? static_cast<float>((static_cast<double>(m) - xt) + std::log(se)) : 0.0f;
-            if (!with_grad) continue;
-            float c = live ? cf[row] : 0.0f;
-            if (has_ascent_cap && c < 0.0f && ce_p[row] > acap) c = 0.0f;
-            if (c == 0.0f) {
-              std::fill(x, x + V, 0.0f);
-            } else {
-              softmax_grad_(x, V, lse_p[row], c, cap);
-              const float u = xt / cap;
-              x[t] -= c * (1.0f - u * u);
-            }
-          } else {
-            // One exp per logit: keep e^(x - m), then scale by c / sum.
-            const double se = exp_sum_(x, V, m);
-            lse_p[row] = static_cast<float>(m + std::log(se));
-            ce_p[row] = live ? static_cast<float>((static_cast<double>(m) - xt) + std::log(se)) : 0.0f;
-            float c = live ? cf[row] : 0.0f;
-            if (has_ascent_cap && c < 0.0f && ce_p[row] > acap) c = 0.0f;
-            if (c == 0.0f) {
-              std::fill(x, x + V, 0.0f);
-            } else {
-              scale_(x, V, static_cast<float>(c / se));
-              x[t] -= c;
-            }
-          }
-          store_row<T>(zp + i * V, x, V);
+          const CeRow res = ce_row_(x, V, t, t != ignore_index, with_grad ? cf[row] : 0.0f, cap, with_grad,
+                                    ascent_cap.has_value() ? &acap : nullptr);
+          lse_p[row] = res.lse;
+          ce_p[row] = res.ce;
+          if (with_grad) store_row<T>(zp + i * V, x, V);
         }
       });
       if (with_grad) grads.accumulate(z, zf, hidden, weight, s, r);
@@ -510,15 +536,14 @@ void ce_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
   at::Tensor fbuf = float_buffer(zbuf);
   const int64_t* tgt = target.const_data_ptr<int64_t>();
   const float* cf = coeff.const_data_ptr<float>();
-  const float* lse_p = lse.const_data_ptr<float>();
 
   dispatch_dtype(hidden.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
+    const T* b = row_bias<T>(bias);
     for (int64_t s = 0; s < N; s += C) {
       const int64_t r = std::min(C, N - s);
       at::Tensor z = zbuf.narrow(0, 0, r), zf = fbuf.narrow(0, 0, r);
-      at::mm_out(z, hidden.narrow(0, s, r), weight.t());
+      logits_gemm(z, hidden.narrow(0, s, r), weight, bias);
       T* zp = z.mutable_data_ptr<T>();
       float* fp = zf.mutable_data_ptr<float>();
       at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
@@ -532,11 +557,7 @@ void ce_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
             std::fill(x, x + V, 0.0f);
           } else {
             load_row<T>(x, zp + i * V, b, V);
-            if (cap > 0.0f) transform_max_(x, V, cap, 1.0f);
-            const float xt = x[t];
-            softmax_grad_(x, V, lse_p[row], c, cap);
-            const float u = cap > 0.0f ? xt / cap : 0.0f;
-            x[t] -= c * (1.0f - u * u);
+            ce_row_(x, V, t, true, c, cap, true, nullptr);
           }
           store_row<T>(zp + i * V, x, V);
         }
@@ -593,14 +614,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
 
   dispatch_dtype(hidden.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
-    const T* rb = ref_bias.has_value() ? ref_bias->const_data_ptr<T>() : nullptr;
+    const T* b = row_bias<T>(bias);
+    const T* rb = row_bias<T>(ref_bias);
     for (int64_t s = 0; s < N; s += C) {
       const int64_t r = std::min(C, N - s);
       at::Tensor z = zbuf.narrow(0, 0, r), zf = fbuf.narrow(0, 0, r);
       at::Tensor zr = rzbuf.narrow(0, 0, r), zrf = rfbuf.narrow(0, 0, r);
-      at::mm_out(z, hidden.narrow(0, s, r), weight.t());
-      at::mm_out(zr, ref_hidden.narrow(0, s, r), ref_weight.t());
+      logits_gemm(z, hidden.narrow(0, s, r), weight, bias);
+      logits_gemm(zr, ref_hidden.narrow(0, s, r), ref_weight, ref_bias);
       T* zp = z.mutable_data_ptr<T>();
       T* zrp = zr.mutable_data_ptr<T>();
       float* fp = zf.mutable_data_ptr<float>();
@@ -614,18 +635,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
           load_row<T>(y, zrp + i * V, rb, V);
           const float mx = transform_max_(x, V, 0.0f, inv_t);
           const float my = transform_max_(y, V, 0.0f, inv_t);
-          const float l = static_cast<float>(mx + std::log(sum_exp(x, V, mx)));
-          const float rl = static_cast<float>(my + std::log(sum_exp(y, V, my)));
-          lse_p[row] = l;
-          rlse_p[row] = rl;
+          const double lsx = std::log(sum_exp(x, V, mx)), lsy = std::log(sum_exp(y, V, my));
+          lse_p[row] = static_cast<float>(mx + lsx);
+          rlse_p[row] = static_cast<float>(my + lsy);
+          const float fx = static_cast<float>(lsx), fy = static_cast<float>(lsy);
           const bool live = mk[row];
           const float c = with_grad && live ? cf[row] * inv_t : 0.0f;
           double k = 0.0;
           if (live) {
             if (!reverse) {
-              k = kl_forward_row_(x, y, V, l, rl, c);
+              k = kl_forward_row_(x, y, V, mx, fx, my, fy, c);
             } else {
-              k = kl_reverse_row_(x, y, V, l, rl, c != 0.0f);
+              k = kl_reverse_row_(x, y, V, mx, fx, my, fy, c != 0.0f);
               if (c != 0.0f) kl_reverse_grad_(x, y, V, static_cast<float>(k), c);
             }
           }
@@ -665,20 +686,18 @@ void kl_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
   at::Tensor zbuf = at::empty({C, V}, hidden.options()), rzbuf = at::empty({C, V}, hidden.options());
   at::Tensor fbuf = float_buffer(zbuf), rfbuf = float_buffer(rzbuf);
   const float* cf = coeff.const_data_ptr<float>();
-  const float* lse_p = lse.const_data_ptr<float>();
-  const float* rlse_p = ref_lse.const_data_ptr<float>();
   const float* kl_p = kl.const_data_ptr<float>();
 
   dispatch_dtype(hidden.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    const T* b = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
-    const T* rb = ref_bias.has_value() ? ref_bias->const_data_ptr<T>() : nullptr;
+    const T* b = row_bias<T>(bias);
+    const T* rb = row_bias<T>(ref_bias);
     for (int64_t s = 0; s < N; s += C) {
       const int64_t r = std::min(C, N - s);
       at::Tensor z = zbuf.narrow(0, 0, r), zf = fbuf.narrow(0, 0, r);
       at::Tensor zr = rzbuf.narrow(0, 0, r), zrf = rfbuf.narrow(0, 0, r);
-      at::mm_out(z, hidden.narrow(0, s, r), weight.t());
-      at::mm_out(zr, ref_hidden.narrow(0, s, r), ref_weight.t());
+      logits_gemm(z, hidden.narrow(0, s, r), weight, bias);
+      logits_gemm(zr, ref_hidden.narrow(0, s, r), ref_weight, ref_bias);
       T* zp = z.mutable_data_ptr<T>();
       T* zrp = zr.mutable_data_ptr<T>();
       float* fp = zf.mutable_data_ptr<float>();
@@ -694,11 +713,13 @@ void kl_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
             float* y = rfp + i * V;
             load_row<T>(x, zp + i * V, b, V);
             load_row<T>(y, zrp + i * V, rb, V);
-            if (inv_t != 1.0f) {
-              scale_(x, V, inv_t);
-              scale_(y, V, inv_t);
-            }
-            kl_grad_(x, y, V, lse_p[row], rlse_p[row], kl_p[row], c, reverse);
+            // Row statistics are recomputed rather than read from lse/ref_lse: a float lse is
+            // not exact enough to form exp(z - lse) for logits ~1e4.
+            const float mx = transform_max_(x, V, 0.0f, inv_t);
+            const float my = transform_max_(y, V, 0.0f, inv_t);
+            const float lsx = static_cast<float>(std::log(sum_exp(x, V, mx)));
+            const float lsy = static_cast<float>(std::log(sum_exp(y, V, my)));
+            kl_grad_(x, y, V, mx, lsx, my, lsy, kl_p[row], c, reverse);
           }
           store_row<T>(zp + i * V, x, V);
         }

@@ -9,7 +9,9 @@
 //   also writes the gradient of sum_i coeff_i * value_i into the optional gradient outputs in the
 //   same pass over each chunk of logits (ce_forward: tokens with coeff_i < 0 and ce_i > ascent_cap
 //   get no gradient).
-// - *_backward recomputes the logits and writes the gradient of sum_i coeff_i * value_i.
+// - *_backward recomputes the logits and writes the gradient of sum_i coeff_i * value_i. An
+//   implementation may recompute the row statistics instead of reading lse/ref_lse (the CPU one
+//   does: exp(z - lse) with a float32 lse loses ~1e-3 relative accuracy for logits ~1e4).
 // - Gradient outputs, each optional (None = skip that GEMM), are overwritten entirely: dhidden in
 //   hidden's dtype, dweight and dbias in float32.
 

@@ -13,6 +13,7 @@ it, it is not retried in this process, and the ``torch`` backend keeps working.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -89,7 +90,10 @@ def _build(source_dir: Path, verbose: bool) -> BuildResult:
     srcs = sources(source_dir, with_cuda)
     if not srcs:
         return BuildResult(False, reason=f"no C++ sources in {source_dir}")
-    name = NAME + ("_cuda" if with_cuda else "_cpu")
+    # One cache entry per source checkout: two checkouts sharing TORCH_EXTENSIONS_DIR would otherwise
+    # rebuild over each other's library.
+    tag = hashlib.sha1(str(source_dir.resolve()).encode()).hexdigest()[:8]
+    name = f"{NAME}_{'cuda' if with_cuda else 'cpu'}_{tag}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose))
     omp_c, omp_l = _openmp_flags()
     kwargs = dict(
