@@ -70,9 +70,19 @@ class Availability:
     reason: str = ""
 
 
+_loaded: dict[str, ModuleType] = {}
+
+
 def module(name: str) -> ModuleType:
-    """The module implementing the primitives of backend ``name``."""
-    return importlib.import_module(_MODULES[name])
+    """The module implementing the primitives of backend ``name``.
+
+    Cached in a plain dict: torch.compile traces a dict lookup but graph-breaks on
+    ``importlib.import_module``, so after the first (eager) use no call into importlib remains.
+    """
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = _loaded[name] = importlib.import_module(_MODULES[name])
+    return mod
 
 
 def availability(name: str, device_type: str) -> Availability:
