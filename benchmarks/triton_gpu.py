@@ -208,7 +208,7 @@ def main(argv=None):
 
         for label, kern in (("ce fwd", ce_k.ce_fwd_tuned), ("ce bwd", ce_k.ce_bwd_tuned),
                             ("kl fwd", kl_k.kl_fwd_tuned), ("kl bwd", kl_k.kl_bwd_tuned)):
-            cfg = getattr(kern, "best_config", None)
+            cfg = getattr(kern[dt == torch.float32], "best_config", None)
             lines.append(f"\n{label} config: {cfg}")
     except Exception as exc:
         lines.append(f"\n(configs unavailable: {exc})")

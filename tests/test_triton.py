@@ -351,3 +351,31 @@ def test_cuda_offsets_above_2_31():
     assert _rel(out[-tail:], ref) <= 1e-5
     assert _rel(gh[-tail:], rgh) <= 1e-5 and _rel(gw, rgw) <= 1e-5
     assert bool((gh[:-tail] == 0).all())
+
+
+def test_gpu_launch_path_under_interpreter(monkeypatch):
+    """The GPU launch code (autotuner objects, grid lambdas, config meta-parameters) run under the
+    interpreter with one config per kernel, so a slip there shows before a GPU run."""
+    if not availability("triton", "cpu").ok:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    import triton
+
+    from surgery_kernels.backends.triton_kernels import ce as ce_k
+    from surgery_kernels.backends.triton_kernels import common
+    from surgery_kernels.backends.triton_kernels import kl as kl_k
+
+    def one(kernel, cfg, reset=None):
+        tuned = triton.autotune([cfg], key=["V", "H"], reset_to_zero=reset)(kernel)
+        return {True: tuned, False: tuned}
+
+    reset = ["dh_ptr", "dw_ptr", "db_ptr"]
+    monkeypatch.setattr(common, "INTERPRET", False)
+    cfg = common.FP32_CONFIGS[0]
+    monkeypatch.setattr(ce_k, "ce_fwd_tuned", one(ce_k.ce_fwd_kernel, cfg))
+    monkeypatch.setattr(ce_k, "ce_bwd_tuned", one(ce_k.ce_bwd_kernel, cfg, reset))
+    monkeypatch.setattr(kl_k, "kl_fwd_tuned", one(kl_k.kl_fwd_kernel, cfg))
+    monkeypatch.setattr(kl_k, "kl_bwd_tuned", one(kl_k.kl_bwd_kernel, cfg, reset))
+    h, w, b, t = _ce_inputs("cpu", torch.float32, bias=True)
+    _check_ce("cpu", torch.float32, h, w, t, bias=b, softcap=3.0, token_weight=torch.linspace(-1, 1, N))
+    h, w, b, rh, rw, rb = _kl_inputs("cpu")
+    _check_kl("cpu", torch.float32, h, w, b, rh, rw, rb, direction="reverse", temperature=1.5)

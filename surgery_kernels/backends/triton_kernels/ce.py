@@ -100,9 +100,9 @@ def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, coeff_ptr, dh_ptr, d
                              DOT_FP32, PRECISION)
 
 
-ce_fwd_tuned = triton.autotune(common.configs(common.FWD_CONFIGS), key=["V", "H"])(ce_fwd_kernel)
-ce_bwd_tuned = triton.autotune(common.configs(common.BWD_CONFIGS), key=["V", "H"],
-                               reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])(ce_bwd_kernel)
+ce_fwd_tuned = common.autotuned(ce_fwd_kernel, common.CE_FWD_CONFIGS, key=["V", "H"])
+ce_bwd_tuned = common.autotuned(ce_bwd_kernel, common.BWD_CONFIGS, key=["V", "H"],
+                                reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
 
 
 def forward(hidden, weight, bias, target, ignore_index, softcap):
@@ -117,13 +117,9 @@ def forward(hidden, weight, bias, target, ignore_index, softcap):
             1.0 if softcap is None else softcap)
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, DOT_FP32=common.INTERPRET,
                  PRECISION=common.dot_precision(hidden.dtype))
-    if n == 0:
-        pass
-    elif common.INTERPRET:
-        grid = (triton.cdiv(n, common.INTERPRET_META["BLOCK_N"]) * n_splits,)
-        ce_fwd_kernel[grid](*args, **flags, **common.INTERPRET_META)
-    else:
-        ce_fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)](*args, **flags)
+    if n > 0:
+        common.launch(ce_fwd_kernel, ce_fwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32,
+                      n_splits=n_splits)
     lse = torch.logsumexp(plse, dim=0)
     live = target != ignore_index
     ce = torch.where(live, lse - zt, torch.zeros_like(lse))
@@ -145,10 +141,5 @@ def backward(hidden, weight, bias, target, lse, coeff, softcap, needs):
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, NEED_DH=dh is not None,
                  NEED_DW=dw is not None, NEED_DB=db is not None, DOT_FP32=common.INTERPRET,
                  PRECISION=common.dot_precision(hidden.dtype))
-    if common.INTERPRET:
-        meta = common.INTERPRET_META
-        grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
-        ce_bwd_kernel[grid](*args, **flags, **meta)
-    else:
-        ce_bwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](*args, **flags)
+    common.launch(ce_bwd_kernel, ce_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v)
     return common.finish_grads(dh, dw, db, hidden, weight, bias)

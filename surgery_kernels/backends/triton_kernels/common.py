@@ -157,23 +157,52 @@ def _cfg(bn, bv, bk, warps, stages, group=8):
     return triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP=group), num_warps=warps, num_stages=stages)
 
 
-# GPU configs (H100 first guesses; the first is used when SURGERY_TRITON_AUTOTUNE=0).
-# Forward: a GEMM main loop with a light epilogue; 128x128 / 128x256 tiles with k-block 64.
-FWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
+# GPU configs (H100 first guesses; the first of each list is used when SURGERY_TRITON_AUTOTUNE=0).
+# Checked by compiling for sm_90 here (no GPU): all software-pipelined (cp.async + wgmma), float32
+# atomics vectorized (red.v4.f32); ptxas register use and spills noted per line.
+# CE forward: a GEMM main loop with a light epilogue.
+CE_FWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),  # 255 regs, no spill
     _cfg(128, 128, 64, 8, 4),
-    _cfg(128, 256, 64, 8, 3),
-    _cfg(64, 256, 64, 8, 4),
+    _cfg(128, 256, 64, 8, 3),  # 232 B spilled
 ]
-# Backward: the recomputed tile stays in registers through the dH/dW loop, so keep it 128x128
-# or smaller; BLOCK_K is also the width of each atomic update.
+# KL forward holds two logit tiles: 128x256 spills 1.7 KB, so smaller tiles.
+KL_FWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),  # 80 B spilled
+    _cfg(64, 128, 64, 4, 3),
+    _cfg(128, 64, 64, 4, 3),
+]
+# Backward: the recomputed tile stays in registers through the dH/dW loop, so 128x128 at most;
+# BLOCK_K is also the width of each atomic update. (CE and KL: ~250 regs, no spill.)
 BWD_CONFIGS = [
     _cfg(128, 128, 64, 8, 3),
     _cfg(128, 128, 32, 8, 4),
     _cfg(64, 128, 64, 4, 3),
-    _cfg(128, 64, 64, 4, 3),
 ]
+# float32 inputs: IEEE dots run on FMA units, not tensor cores (the 1e-5 contract rules out
+# TF32); large tiles make ptxas spill kilobytes and compile for 30 s, so one small tile. This
+# path is for exactness, not speed: use bf16/fp16 for speed.
+FP32_CONFIGS = [_cfg(64, 64, 32, 4, 2)]
 
 
 def configs(which):
     return which if AUTOTUNE else which[:1]
+
+
+def autotuned(kernel, lists, key, reset_to_zero=None):
+    """{is_float32: autotuned kernel}: float32 inputs get FP32_CONFIGS, 16-bit ones ``lists``."""
+    return {fp32: triton.autotune(configs(FP32_CONFIGS if fp32 else lists), key=key,
+                                  reset_to_zero=reset_to_zero)(kernel) for fp32 in (False, True)}
+
+
+def launch(kernel, tuned, args, flags, *, n, fp32, n_splits=None, v=None):
+    """Run ``kernel`` over row blocks x (``n_splits`` vocabulary splits, or the vocabulary blocks
+    of ``v`` columns): the fixed interpreter config, or the autotuned one on a GPU."""
+    def grid(meta):
+        cols = n_splits if n_splits is not None else triton.cdiv(v, meta["BLOCK_V"])
+        return (triton.cdiv(n, meta["BLOCK_N"]) * cols,)
+
+    if INTERPRET:
+        kernel[grid(INTERPRET_META)](*args, **flags, **INTERPRET_META)
+    else:
+        tuned[fp32][grid](*args, **flags)

@@ -132,9 +132,9 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_ptr, rlse_ptr
                              DOT_FP32, PRECISION)
 
 
-kl_fwd_tuned = triton.autotune(common.configs(common.FWD_CONFIGS), key=["V", "H", "RH"])(kl_fwd_kernel)
-kl_bwd_tuned = triton.autotune(common.configs(common.BWD_CONFIGS), key=["V", "H", "RH"],
-                               reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])(kl_bwd_kernel)
+kl_fwd_tuned = common.autotuned(kl_fwd_kernel, common.KL_FWD_CONFIGS, key=["V", "H", "RH"])
+kl_bwd_tuned = common.autotuned(kl_bwd_kernel, common.BWD_CONFIGS, key=["V", "H", "RH"],
+                                reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
 
 
 def _combine(plse, prlse, pd, mask, reverse):
@@ -163,11 +163,8 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direct
     flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=direction == "reverse",
                  DOT_FP32=common.INTERPRET, PRECISION=common.dot_precision(hidden.dtype))
     if n > 0:
-        if common.INTERPRET:
-            grid = (triton.cdiv(n, common.INTERPRET_META["BLOCK_N"]) * n_splits,)
-            kl_fwd_kernel[grid](*args, **flags, **common.INTERPRET_META)
-        else:
-            kl_fwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * n_splits,)](*args, **flags)
+        common.launch(kl_fwd_kernel, kl_fwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32,
+                      n_splits=n_splits)
     return _combine(*stats, mask, direction == "reverse")
 
 
@@ -188,10 +185,5 @@ def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_ls
     flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=direction == "reverse",
                  NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
                  DOT_FP32=common.INTERPRET, PRECISION=common.dot_precision(hidden.dtype))
-    if common.INTERPRET:
-        meta = common.INTERPRET_META
-        grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)
-        kl_bwd_kernel[grid](*args, **flags, **meta)
-    else:
-        kl_bwd_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](*args, **flags)
+    common.launch(kl_bwd_kernel, kl_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v)
     return common.finish_grads(dh, dw, db, hidden, weight, bias)
