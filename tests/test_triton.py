@@ -379,3 +379,40 @@ def test_gpu_launch_path_under_interpreter(monkeypatch):
     _check_ce("cpu", torch.float32, h, w, t, bias=b, softcap=3.0, token_weight=torch.linspace(-1, 1, N))
     h, w, b, rh, rw, rb = _kl_inputs("cpu")
     _check_kl("cpu", torch.float32, h, w, b, rh, rw, rb, direction="reverse", temperature=1.5)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+@pytest.mark.parametrize("op", ["ce", "ce-none", "kl", "kl-none"])
+def test_never_creates_an_n_by_v_tensor(device, op):
+    """The fused path holds no logits at all: every tensor an aten op creates is at most the bytes
+    of a float32 input, gradient or (64 splits, N) statistic, below the N x V float32 logits.
+    Counted in bytes because the interpreter copies arguments as byte tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in torch.utils._pytree.tree_leaves(out):
+                if isinstance(o, torch.Tensor):
+                    self.sizes.append((o.numel() * o.element_size(), str(func)))
+            return out
+
+    n, h, v = 40, 8, 300
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g).to(device).requires_grad_()
+    weight = torch.randn(v, h, generator=g).to(device).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=g).to(device)
+    ref_h, ref_w = torch.randn(n, h, generator=g).to(device), torch.randn(v, h, generator=g).to(device)
+    red = "none" if op.endswith("none") else "mean"
+    with RecordBytes() as rec:
+        if op.startswith("ce"):
+            out = linear_cross_entropy(hidden, weight, target, reduction=red, backend="triton")
+        else:
+            out = linear_kl_div(hidden, weight, ref_h, ref_w, reduction=red, backend="triton")
+        out.backward(torch.ones_like(out))
+    biggest = max(rec.sizes)
+    assert biggest[0] <= 4 * max(n * h, v * h, 64 * n) < 4 * n * v, f"created {biggest[0]} bytes in {biggest[1]}"

@@ -20,6 +20,12 @@ for float32 inputs they are the gradients themselves) and atomic traffic, which 
 tile order keeps in L2. The ``cuda`` and ``torch`` backends keep the other trade-off (a logit
 chunk in memory, cuBLAS GEMMs).
 
+Deviation from the primitive contract, on purpose: ``lse``/``ref_lse`` come back in float64
+(ce and kl in float32). The row statistics are a float32 max plus a float32 log-sum-exp of the
+shifted logits; their float32 sum would be off by up to ~5e-4 at |z| ~ 1e4, and the backward's
+softmax exp(z - lse) would carry that error into every gradient. They only travel between this
+backend's own forward and backward (through the autograd layer), so nothing else sees them.
+
 Gradient filtering (skip a tile whose |softmax - onehot| is below a threshold everywhere) is off
 by default; see ``triton_kernels.common.GRAD_FILTER_EPS``.
 

@@ -3,8 +3,9 @@
 Forward (``ce_fwd_kernel``): one program per (row block, vocabulary split). It walks the
 split's vocabulary blocks, computing each (BLOCK_N, BLOCK_V) logit tile on chip with tl.dot
 over H, keeps an online max / sum-exp per row and picks the target logit out of the tile that
-holds it. Only per-split log-sum-exps (splits x N) and the target logit (N) reach memory; a
-logsumexp over the splits finishes the statistics (O(N * splits) work).
+holds it. Only per-split row maxima and log-sum-exps of the shifted logits (splits x N) and the
+target logit (N) reach memory; a float64 logsumexp over the splits finishes the statistics
+(O(N * splits) work), and the backward gets lse as two float32 parts (``common.hi_lo``).
 
 Backward (``ce_bwd_kernel``): one program per (row block, vocabulary block). It recomputes the
 tile, forms coeff * (softmax - onehot) * softcap' in registers and adds tile @ W to dH and
@@ -23,7 +24,7 @@ from .common import accumulate_grads, logit_tile, tanh, tile_ids
 
 
 @triton.jit
-def ce_fwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, plse_ptr, zt_ptr,
+def ce_fwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, pm_ptr, ps_ptr, zt_ptr,
                   N, V, H, split_cols, n_splits, stride_h, stride_w, softcap,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
@@ -55,14 +56,17 @@ def ce_fwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, plse_ptr, zt_ptr,
         b_m = b_m_new
         b_zt += tl.sum(tl.where(offs_v[None, :] == b_t[:, None], b_z, 0.0), axis=1)
 
-    tl.store(plse_ptr + pid_s.to(tl.int64) * N + offs_n, b_m + tl.log(b_s), mask=mask_n)
+    # max and log-sum-exp of the shifted logits kept apart: m + log(s) in float32 would round
+    offs = pid_s.to(tl.int64) * N + offs_n
+    tl.store(pm_ptr + offs, b_m, mask=mask_n)
+    tl.store(ps_ptr + offs, tl.log(b_s), mask=mask_n)
     # Exactly one split holds a valid target's column; ignored targets are never written.
     owns = (b_t >= v_start) & (b_t < v_end)
     tl.store(zt_ptr + offs_n, b_zt, mask=mask_n & owns)
 
 
 @triton.jit
-def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, coeff_ptr, dh_ptr, dw_ptr, db_ptr,
+def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_hi_ptr, lse_lo_ptr, coeff_ptr, dh_ptr, dw_ptr, db_ptr,
                   N, V, H, stride_h, stride_w, stride_dh, stride_dw, softcap, filter_eps,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                   NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
@@ -85,9 +89,10 @@ def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_ptr, coeff_ptr, dh_ptr, d
         if SOFTCAP:
             b_tanh = tanh(b_z / softcap)
             b_z = softcap * b_tanh
-        b_lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        b_hi = tl.load(lse_hi_ptr + offs_n, mask=mask_n, other=0.0)
+        b_lo = tl.load(lse_lo_ptr + offs_n, mask=mask_n, other=0.0)
         b_t = tl.load(target_ptr + offs_n, mask=mask_n, other=-1)
-        b_g = tl.exp(b_z - b_lse[:, None]) - tl.where(offs_v[None, :] == b_t[:, None], 1.0, 0.0)
+        b_g = tl.exp((b_z - b_hi[:, None]) - b_lo[:, None]) - tl.where(offs_v[None, :] == b_t[:, None], 1.0, 0.0)
         b_g = tl.where(live[:, None] & mask_v[None, :], b_g, 0.0)
         if tl.max(tl.max(tl.abs(b_g), axis=1), axis=0) > filter_eps:
             b_g = b_g * b_c[:, None]
@@ -106,13 +111,13 @@ ce_bwd_tuned = common.autotuned(ce_bwd_kernel, common.BWD_CONFIGS, key=["V", "H"
 
 
 def forward(hidden, weight, bias, target, ignore_index, softcap):
-    """hidden (N, H), weight (V, H), bias (V,) | None, target (N,) int64 -> (ce, lse) float32 (N,)."""
+    """hidden (N, H), weight (V, H), bias (V,) | None, target (N,) int64 -> (ce float32, lse float64), (N,)."""
     n, h = hidden.shape
     v = weight.shape[0]
     split_cols, n_splits = common.vocab_splits(v)
-    plse = torch.empty((n_splits, n), dtype=torch.float32, device=hidden.device)
+    pm, ps = (torch.empty((n_splits, n), dtype=torch.float32, device=hidden.device) for _ in range(2))
     zt = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    args = (hidden, weight, bias if bias is not None else common.dummy(hidden.device), target, plse, zt,
+    args = (hidden, weight, bias if bias is not None else common.dummy(hidden.device), target, pm, ps, zt,
             n, v, h, split_cols, n_splits, hidden.stride(0), weight.stride(0),
             1.0 if softcap is None else softcap)
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, DOT_FP32=common.INTERPRET,
@@ -120,9 +125,9 @@ def forward(hidden, weight, bias, target, ignore_index, softcap):
     if n > 0:
         common.launch(ce_fwd_kernel, ce_fwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32,
                       n_splits=n_splits)
-    lse = torch.logsumexp(plse, dim=0)
+    lse = common.merge_splits(pm, ps)
     live = target != ignore_index
-    ce = torch.where(live, lse - zt, torch.zeros_like(lse))
+    ce = torch.where(live, lse - zt.double(), torch.zeros_like(lse)).float()
     return ce, lse
 
 
@@ -134,7 +139,7 @@ def backward(hidden, weight, bias, target, lse, coeff, softcap, needs):
     if n == 0 or not any(x is not None for x in (dh, dw, db)):
         return common.finish_grads(dh, dw, db, hidden, weight, bias)
     d = common.dummy(hidden.device)
-    args = (hidden, weight, bias if bias is not None else d, target, lse.float().contiguous(),
+    args = (hidden, weight, bias if bias is not None else d, target, *common.hi_lo(lse),
             coeff.float().contiguous(), d if dh is None else dh, d if dw is None else dw, d if db is None else db,
             n, v, h, hidden.stride(0), weight.stride(0), h, h,
             1.0 if softcap is None else softcap, common.GRAD_FILTER_EPS)

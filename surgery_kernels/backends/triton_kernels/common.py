@@ -128,6 +128,24 @@ def accumulate_grads(b_g, x_ptr, w_ptr, dx_ptr, dw_ptr, offs_n, offs_v, N, V, K,
                           mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")
 
 
+def merge_splits(pm: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """Per-split row max ``pm`` and log-sum-exp of the shifted logits ``ps`` (splits, N) float32 ->
+    the row's log-sum-exp (N,) in float64.
+
+    float64 on purpose: at |z| ~ 1e4 a float32 lse is off by up to half an ulp (~5e-4), which
+    would scale every softmax value of the row by ~1 +- 5e-4 in the backward; m + s in float64 is
+    exact, and ``hi_lo`` hands it to the backward kernels as two float32 parts."""
+    return torch.logsumexp(pm.double() + ps.double(), dim=0)
+
+
+def hi_lo(lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lse (N,) float64 (or float32) -> (hi, lo) float32 with hi + lo = lse to ~2**-48 relative;
+    the kernels compute (z - hi) - lo, exact where z is close to hi."""
+    hi = lse.float()
+    lo = (lse.double() - hi.double()).float()
+    return hi.contiguous(), lo.contiguous()
+
+
 def grad_buffers(hidden, weight, bias, needs):
     """float32 accumulators (zeroed) for the atomics; None where not needed. For float32 inputs
     they are the gradients themselves."""

@@ -9,8 +9,9 @@ reverse), rescaled whenever that side's max moves. With lse = lse(z / T), rlse =
     forward  KL(p || q) = E_p[d] + lse - rlse
     reverse  KL(q || p) = -E_q[d] + rlse - lse
 
-exactly, in one pass. Per split the kernel stores both partial lse's and E[d] under the split's
-own weighting distribution; ``_combine`` weights the splits by exp(partial lse - lse).
+exactly, in one pass. Per split the kernel stores each side's row max and log-sum-exp of the
+shifted logits, and E[d] under the split's own weighting distribution; ``_combine`` weights the
+splits by exp(partial lse - lse), in float64.
 
 Backward (``kl_bwd_kernel``): recompute both tiles, form coeff / T * (q - p) (forward) or
 coeff / T * q * (log q - log p - kl) (reverse) in registers, then the same dH/dW atomics as CE.
@@ -27,7 +28,7 @@ from .common import accumulate_grads, logit_tile, tile_ids
 
 
 @triton.jit
-def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, plse_ptr, prlse_ptr, pd_ptr,
+def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr, pmp_ptr, psp_ptr, pd_ptr,
                   N, V, H, RH, split_cols, n_splits, stride_h, stride_w, stride_rh, stride_rw, inv_t,
                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
@@ -76,8 +77,10 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, plse_ptr, prlse_p
         b_mp = b_mp_new
 
     offs = pid_s.to(tl.int64) * N + offs_n
-    tl.store(plse_ptr + offs, b_mq + tl.log(b_sq), mask=mask_n)
-    tl.store(prlse_ptr + offs, b_mp + tl.log(b_sp), mask=mask_n)
+    tl.store(pmq_ptr + offs, b_mq, mask=mask_n)
+    tl.store(psq_ptr + offs, tl.log(b_sq), mask=mask_n)
+    tl.store(pmp_ptr + offs, b_mp, mask=mask_n)
+    tl.store(psp_ptr + offs, tl.log(b_sp), mask=mask_n)
     # Every split is non-empty, so its weighting sum is >= 1.
     if REVERSE:
         b_e = b_e / b_sq
@@ -87,7 +90,8 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, plse_ptr, prlse_p
 
 
 @triton.jit
-def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_ptr, rlse_ptr, kl_ptr, coeff_ptr,
+def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_lo_ptr, rlse_hi_ptr, rlse_lo_ptr,
+                  kl_ptr, coeff_ptr,
                   dh_ptr, dw_ptr, db_ptr,
                   N, V, H, RH, stride_h, stride_w, stride_rh, stride_rw, stride_dh, stride_dw, inv_t, filter_eps,
                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
@@ -112,10 +116,10 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_ptr, rlse_ptr
             b_z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
         if HAS_REF_BIAS:
             b_zr += tl.load(rb_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        b_lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        b_rlse = tl.load(rlse_ptr + offs_n, mask=mask_n, other=0.0)
-        b_logq = b_z * inv_t - b_lse[:, None]
-        b_logp = b_zr * inv_t - b_rlse[:, None]
+        b_logq = (b_z * inv_t - tl.load(lse_hi_ptr + offs_n, mask=mask_n, other=0.0)[:, None]) \
+            - tl.load(lse_lo_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+        b_logp = (b_zr * inv_t - tl.load(rlse_hi_ptr + offs_n, mask=mask_n, other=0.0)[:, None]) \
+            - tl.load(rlse_lo_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
         b_q = tl.exp(b_logq)
         if REVERSE:
             b_kl = tl.load(kl_ptr + offs_n, mask=mask_n, other=0.0)
@@ -137,25 +141,24 @@ kl_bwd_tuned = common.autotuned(kl_bwd_kernel, common.BWD_CONFIGS, key=["V", "H"
                                 reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
 
 
-def _combine(plse, prlse, pd, mask, reverse):
-    """Merge per-split statistics: (kl, lse, rlse), kl = 0 where mask is False."""
-    lse = torch.logsumexp(plse, dim=0)
-    rlse = torch.logsumexp(prlse, dim=0)
+def _combine(pmq, psq, pmp, psp, pd, mask, reverse):
+    """Merge per-split statistics (float64, see ``common.merge_splits``): (kl float32, lse float64,
+    rlse float64), kl = 0 where mask is False."""
+    plse, prlse = pmq.double() + psq.double(), pmp.double() + psp.double()
+    lse, rlse = torch.logsumexp(plse, dim=0), torch.logsumexp(prlse, dim=0)
     if reverse:
-        e = (torch.exp(plse - lse) * pd).sum(0)
-        kl = -e + rlse - lse
+        kl = -(torch.exp(plse - lse) * pd.double()).sum(0) + rlse - lse
     else:
-        e = (torch.exp(prlse - rlse) * pd).sum(0)
-        kl = e + lse - rlse
-    return torch.where(mask, kl, torch.zeros_like(kl)), lse, rlse
+        kl = (torch.exp(prlse - rlse) * pd.double()).sum(0) + lse - rlse
+    return torch.where(mask, kl, torch.zeros_like(kl)).float(), lse, rlse
 
 
 def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature):
-    """-> (kl, lse, ref_lse) float32 (N,); lse's of the tempered logits."""
+    """-> (kl float32, lse float64, ref_lse float64), (N,); lse's of the tempered logits."""
     n, h = hidden.shape
     v, rh = weight.shape[0], ref_weight.shape[1]
     split_cols, n_splits = common.vocab_splits(v)
-    stats = [torch.empty((n_splits, n), dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    stats = [torch.empty((n_splits, n), dtype=torch.float32, device=hidden.device) for _ in range(5)]
     d = common.dummy(hidden.device)
     args = (hidden, weight, d if bias is None else bias, ref_hidden, ref_weight, d if ref_bias is None else ref_bias,
             *stats, n, v, h, rh, split_cols, n_splits, hidden.stride(0), weight.stride(0), ref_hidden.stride(0),
@@ -177,9 +180,9 @@ def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_ls
     if n == 0 or not any(x is not None for x in (dh, dw, db)):
         return common.finish_grads(dh, dw, db, hidden, weight, bias)
     d = common.dummy(hidden.device)
-    f32 = [x.float().contiguous() for x in (lse, ref_lse, kl, coeff)]
     args = (hidden, weight, d if bias is None else bias, ref_hidden, ref_weight, d if ref_bias is None else ref_bias,
-            *f32, d if dh is None else dh, d if dw is None else dw, d if db is None else db,
+            *common.hi_lo(lse), *common.hi_lo(ref_lse), kl.float().contiguous(), coeff.float().contiguous(),
+            d if dh is None else dh, d if dw is None else dw, d if db is None else db,
             n, v, h, rh, hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), h, h,
             1.0 / temperature, common.GRAD_FILTER_EPS)
     flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=direction == "reverse",
