@@ -1,6 +1,6 @@
 """Compile every Triton kernel config for an H100 (sm_90) without a GPU and print what the
 compiler made of it: software pipelining (cp.async), tensor-core MMAs (wgmma), vectorized float32
-atomics (red.v4.f32), shared memory, registers and spilled bytes (STACK).
+atomics (red/atom .v4.f32; triton 3.6 emits atom, 3.9 red), shared memory, registers and spilled bytes (STACK).
 
 The JIT marks integer arguments divisible by 16 and 16-byte-aligned pointers; without those hints
 nothing is pipelined, so this script passes them as the Llama shapes would (H, V, strides all
@@ -60,7 +60,7 @@ def compile_one(fn, dtype, cfg, flags):
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps,
                                                                        num_stages=cfg.num_stages))
     ptx = k.asm["ptx"]
-    loads, mmas, atomics = (len(re.findall(p, ptx)) for p in (r"cp\.async\.cg", r"wgmma\.mma_async", r"\bred\.global"))
+    loads, mmas, atomics = (len(re.findall(p, ptx)) for p in (r"cp\.async\.cg", r"wgmma\.mma_async", r"\b(?:red|atom)\.global"))
     kw = cfg.kwargs
     print(f"| {fn.__name__} | {dtype} | {kw['BLOCK_N']}x{kw['BLOCK_V']}x{kw['BLOCK_K']} w{cfg.num_warps} "
           f"s{cfg.num_stages} | {loads} | {mmas} | {atomics} | "

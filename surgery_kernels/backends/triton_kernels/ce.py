@@ -23,7 +23,8 @@ from . import common
 from .common import accumulate_grads, logit_tile, tanh, tile_ids
 
 
-@triton.jit
+# The token count varies call to call: no recompilation for its divisibility.
+@triton.jit(do_not_specialize=["N", "n_splits"])
 def ce_fwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, pm_ptr, ps_ptr, zt_ptr,
                   N, V, H, split_cols, n_splits, stride_h, stride_w, softcap,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -65,7 +66,8 @@ def ce_fwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, pm_ptr, ps_ptr, zt_ptr,
     tl.store(zt_ptr + offs_n, b_zt, mask=mask_n & owns)
 
 
-@triton.jit
+# The token count varies call to call: no recompilation for its divisibility.
+@triton.jit(do_not_specialize=["N"])
 def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_hi_ptr, lse_lo_ptr, coeff_ptr, dh_ptr, dw_ptr, db_ptr,
                   N, V, H, stride_h, stride_w, stride_dh, stride_dw, softcap, filter_eps,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,

@@ -27,7 +27,8 @@ from . import common
 from .common import accumulate_grads, logit_tile, tile_ids
 
 
-@triton.jit
+# The token count varies call to call: no recompilation for its divisibility.
+@triton.jit(do_not_specialize=["N", "n_splits"])
 def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr, pmp_ptr, psp_ptr, pd_ptr,
                   N, V, H, RH, split_cols, n_splits, stride_h, stride_w, stride_rh, stride_rw, inv_t,
                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
@@ -89,7 +90,8 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr,
     tl.store(pd_ptr + offs, b_e, mask=mask_n)
 
 
-@triton.jit
+# The token count varies call to call: no recompilation for its divisibility.
+@triton.jit(do_not_specialize=["N"])
 def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_lo_ptr, rlse_hi_ptr, rlse_lo_ptr,
                   kl_ptr, coeff_ptr,
                   dh_ptr, dw_ptr, db_ptr,
