@@ -20,6 +20,13 @@ for float32 inputs they are the gradients themselves) and atomic traffic, which 
 tile order keeps in L2. The ``cuda`` and ``torch`` backends keep the other trade-off (a logit
 chunk in memory, cuBLAS GEMMs).
 
+The main performance risk (not yet measured on a GPU): each (BLOCK_N x BLOCK_V) tile adds
+(BLOCK_N + BLOCK_V) x H float32 with atomics, N*H*V * 4 * (1/BLOCK_V + 1/BLOCK_N) bytes in all:
+128 GiB at N=16384, H=4096, V=32000 with 128x128 tiles, against ~1.7e13 flops of tensor-core
+work. If ``benchmarks/triton_gpu.py`` shows the backward atomic-bound, the next step is a
+supertile (several row and vocabulary blocks per program, gradient tiles staged in shared
+memory) that divides that traffic by its side.
+
 Deviation from the primitive contract, on purpose: ``lse``/``ref_lse`` come back in float64
 (ce and kl in float32). The row statistics are a float32 max plus a float32 log-sum-exp of the
 shifted logits; their float32 sum would be off by up to ~5e-4 at |z| ~ 1e4, and the backward's
