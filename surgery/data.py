@@ -15,6 +15,7 @@ so the hidden states never need shifting.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -214,20 +215,22 @@ def collate(examples: list[Example], pad_id: int, index: list[int] | None = None
 class StreamSampler:
     """Deterministic, resumable sampling of one stream.
 
-    Record order is a fresh permutation per epoch drawn from (seed, stream number, epoch); the only
+    Record order is a fresh permutation per epoch drawn from (seed, stream name, epoch) — adding or
+    removing another stream (an ablation) does not change this stream's records. The only
     state is ``cursor``, the number of records drawn so far across all processes. Step ``k`` of a run
     with global batch G = batch_size x world_size uses records ``cursor .. cursor + G``; process r
     takes its slice ``[r * batch_size, (r + 1) * batch_size)``. So one process with batch 2 sees the
     same records as two processes with batch 1.
     """
 
-    def __init__(self, n: int, seed: int, stream_number: int, cursor: int = 0):
-        self.n, self.seed, self.stream_number, self.cursor = n, seed, stream_number, cursor
+    def __init__(self, n: int, seed: int, name: str, cursor: int = 0):
+        self.n, self.seed, self.cursor = n, seed, cursor
+        self.key = zlib.crc32(name.encode())
         self._perm_epoch, self._perm = -1, None
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.stream_number * 7919 + epoch)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.key * 7919 + epoch) % 2**63)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
         return self._perm
 

@@ -167,7 +167,7 @@ class Surgery:
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
                                            weight_decay=self.cfg.weight_decay)
-        self._samplers = [StreamSampler(len(ex), self.cfg.seed, i) for i, ex in enumerate(self._examples)]
+        self._samplers = [StreamSampler(len(ex), self.cfg.seed, s.name) for s, ex in zip(self.streams, self._examples)]
 
     def _seed(self):
         s = self.cfg.seed
