@@ -43,6 +43,15 @@ from .reference import AdapterReference, CacheReference, CopyReference
 log = logging.getLogger("surgery")
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (transformers >= 5.2x renamed the method; 5.17 has the old name)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the weights were not updated."""
 
@@ -122,7 +131,7 @@ class Surgery:
         self.trainable_names = select_trainable(model, trainable)
         model.to(self.device)
         if self.cfg.gradient_checkpointing:
-            unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(unwrap(model))
         unwrap(model).config.use_cache = False
         self.model = model
         self.objective = SurgeryObjective(model, backend=self.cfg.backend, kl_direction=self.cfg.kl_direction,
@@ -155,6 +164,11 @@ class Surgery:
                 self._reference = AdapterReference()
         if self.dist.enabled:
             distributed.shard_objective(self.objective)
+        # The optimizer must hold the sharded parameters: create it before any forward (FSDP keeps
+        # the root's parameters unsharded after a forward, and they are swapped in as module attributes).
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
+                                           weight_decay=self.cfg.weight_decay)
         if kl and self.reference_mode == "cache":
             if self.output_dir is None:
                 raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
@@ -164,9 +178,6 @@ class Surgery:
                 {self.streams[i].name: self._examples[i] for i in kl}, pad_id=self.tokenizer.pad_token_id,
                 device=self.device, head_trainable=head.weight.requires_grad, rank=self.dist.rank,
                 world_size=self.dist.world_size, barrier=self.dist.barrier)
-        params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
-                                           weight_decay=self.cfg.weight_decay)
         self._samplers = [StreamSampler(len(ex), self.cfg.seed, s.name) for s, ex in zip(self.streams, self._examples)]
 
     def _seed(self):
@@ -232,7 +243,7 @@ class Surgery:
         # global objective, so scale back up to get its sum.
         (total * self.dist.world_size).backward()
         clip = self.cfg.clip if self.cfg.clip else float("inf")
-        params = [p for p in self.objective.parameters() if p.requires_grad]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         stats = torch.cat([total.detach().reshape(1).to(torch.float64), terms.to(torch.float64)])
         self.dist.all_reduce_sum(stats)

@@ -128,7 +128,7 @@ def test_objective_matches_naive_logits(tok, data):
     assert abs(total.item() - ref_total.item()) <= 1e-9 * abs(ref_total.item())
     signs = [-1.0, 1.0, 1.0]
     for t, m, s in zip(terms, means, signs):
-        assert abs(float(t) * s - float(m)) <= 1e-9 * abs(float(m))
+        assert abs(t.item() * s - m.item()) <= 1e-9 * abs(m.item())
     for n, p in model.named_parameters():
         assert torch.allclose(g_ours[n], p.grad, rtol=1e-7, atol=1e-10), n
 
@@ -258,7 +258,7 @@ def test_bf16_with_gradient_checkpointing(tok, data):
     h = run.history
     assert all(torch.isfinite(torch.tensor(m["loss/total"])) for m in h)
     assert h[-1]["loss/update"] < h[0]["loss/update"]
-    assert run.model.is_gradient_checkpointing
+    assert getattr(run.model, "is_activation_checkpointing", None) or run.model.is_gradient_checkpointing
 
 
 def test_gradient_checkpointing_same_step(tok, data):
