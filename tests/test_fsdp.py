@@ -23,14 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str) -> Path:
     import yaml
 
-    u, p, r, _ = fact_streams()
-    for name, recs in (("u", u), ("p", p), ("r", r)):
+    u, p, r, q = fact_streams()
+    for name, recs in (("u", u), ("p", p), ("r", r), ("q", q)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
     cfg = {
         "model": {"config": tiny_llama(len(tok)), "tokenizer": "tok"},
         "streams": [{"name": "unlearn", "data": "u.jsonl", "loss": "ascent", "weight": 0.1},
                     {"name": "update", "data": "p.jsonl", "loss": "descent", "weight": 2.0},
                     {"name": "retain", "data": "r.jsonl", "loss": "kl", "weight": 0.5}],
+        "eval": [{"name": "qa", "data": "q.jsonl"}, {"name": "ppl", "data": "r.jsonl"}],
         "reference": reference,
         "train": {"steps": 4, "lr": 1e-2, "batch_size": batch_size, "progress": False, "device": "cpu"},
         "output_dir": out,
@@ -58,12 +59,17 @@ def test_fsdp_two_ranks_match_one(tmp_path, reference):
         from surgery import from_config
 
         single = from_config(load_config(one))
-        single.run()
+        single_summary = single.run()
     finally:
         torch.set_num_threads(n)
     dist_lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(dist_lines) == 4
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # Evaluation on the sharded model (after) and the unsharded one (before) agree with one process.
+    for when in ("before", "after"):
+        assert summary[when]["qa"]["accuracy"] == single_summary[when]["qa"]["accuracy"]
+        assert summary[when]["ppl"]["perplexity"] == pytest.approx(single_summary[when]["ppl"]["perplexity"], rel=1e-4)
     for a, b in zip(single.history, dist_lines):
         for k in ("loss/total", "loss/unlearn", "loss/update", "loss/retain", "grad_norm"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
