@@ -20,6 +20,7 @@ or KL, before sign and weight), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -95,8 +96,8 @@ class Surgery:
         self._eval_records = [read_records(e.data, "choice" if e.kind == "choice" else
                                            ("lm" if e.kind == "perplexity" else "auto"), name=f"eval {e.name!r}")
                               for e in self.eval_sets]
-        for e, recs in zip(self.eval_sets, self._eval_records):
-            e.data = recs
+        # Validated records replace paths in our own copies (the caller's EvalSets stay as given).
+        self.eval_sets = [dataclasses.replace(e, data=recs) for e, recs in zip(self.eval_sets, self._eval_records)]
 
         model_cfg = None
         if isinstance(model, (str, os.PathLike)):
@@ -223,12 +224,12 @@ class Surgery:
         counts = torch.stack([live[a:z].sum() for a, z in rows]).to(torch.float64)
         self.dist.all_reduce_sum(counts)
         L = b.input_ids.shape[1]
-        row_w = torch.zeros(b.input_ids.shape[0], dtype=torch.float32, device=self.device)
-        row_c = torch.zeros_like(row_w)
-        for k, (s, (a, z)) in enumerate(zip(self.streams, rows)):
-            sign = -1.0 if s.loss == "ascent" else 1.0
-            row_w[a:z] = sign / max(float(counts[k]), 1.0)
-            row_c[a:z] = s.weight
+        # Per row: sign_s / N_s (token weight) and c_s (coefficient), built on the device (no host sync).
+        row_stream = torch.tensor([k for k, (a, z) in enumerate(rows) for _ in range(a, z)], device=self.device)
+        sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device)
+        coef = torch.tensor([s.weight for s in self.streams], device=self.device)
+        row_w = (sign / counts.clamp_min(1).to(torch.float32))[row_stream]
+        row_c = coef[row_stream]
         tw = row_w[:, None].expand(-1, L).contiguous()
         tc = row_c[:, None].expand(-1, L)
         ref = (None, None, None)
