@@ -22,7 +22,9 @@ OPS = ("ce", "kl")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # lm-head shapes (H, V) of the models the project targets.
-SHAPES = {"llama2-7b": (4096, 32000), "llama3-8b": (4096, 128256), "smollm2": (576, 49152)}
+SHAPES = {"llama2-7b": (4096, 32000), "llama3-8b": (4096, 128256), "smollm2": (576, 49152),
+          # not a model: for the smoke test of the harness itself
+          "tiny": (64, 1000)}
 
 # Token weights of the signed CE: the paper's unlearn (alpha = 0.1, ascent) and update (beta = 2.0).
 UNLEARN_WEIGHT, UPDATE_WEIGHT = -0.1, 2.0
@@ -66,7 +68,9 @@ def _grid(ops, modes, shapes_n, dtypes):
 #   (one float32 GEMM of the Llama-3-8B head at N = 512 already takes ~7 s there).
 # - gpu-check: what benchmarks/gpu_check.sh runs on a lent H100 in ~3 minutes.
 # - gpu: the full GPU table (sweep of N, both dtypes and modes, all three heads).
+# - smoke: seconds; the harness's own end-to-end test.
 PRESETS = {
+    "smoke": lambda: _grid(OPS, MODES, [("tiny", (64, 128))], ("float32",)),
     "quick": lambda: _grid(OPS, ("fwd+bwd",), [("smollm2", (4096,))], ("float32",)),
     "cpu": lambda: (
         _grid(OPS, MODES, [("smollm2", (512, 1024, 2048, 4096))], ("float32", "bfloat16"))
