@@ -94,10 +94,16 @@ def test_patched_loss_and_grads_equal_huggingface(arch, num_items):
     _assert_same_loss_and_grads(_loss_and_grads(model, **kwargs), ref)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if availability(b, "cpu").ok])
-def test_every_available_backend(backend):
-    model = _model("llama")
-    ids, labels = _batch()
+def _backend_cases():
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [pytest.param(b, dev, id=f"{b}-{dev}", marks=[pytest.mark.cuda] if dev == "cuda" else [])
+            for dev in devices for b in BACKENDS if availability(b, dev).ok]
+
+
+@pytest.mark.parametrize("backend,device", _backend_cases())
+def test_every_available_backend(backend, device):
+    model = _model("llama").to(device)
+    ids, labels = (t.to(device) for t in _batch())
     ref = _loss_and_grads(model, input_ids=ids, labels=labels)
     hf.patch(model, backend=backend)
     _assert_same_loss_and_grads(_loss_and_grads(model, input_ids=ids, labels=labels), ref)
