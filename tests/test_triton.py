@@ -416,3 +416,30 @@ def test_never_creates_an_n_by_v_tensor(device, op):
         out.backward(torch.ones_like(out))
     biggest = max(rec.sizes)
     assert biggest[0] <= 4 * max(n * h, v * h, 64 * n) < 4 * n * v, f"created {biggest[0]} bytes in {biggest[1]}"
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+def test_opcheck(device):
+    """Each primitive is a torch.library custom op: schema, fake (meta) implementation and
+    dispatch agree (torch.library.opcheck), so torch.compile sees opaque ops."""
+    from surgery_kernels.backends import triton_fused as tf
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 19, 16, 150
+    hid, w, b = (torch.randn(*s, generator=g).to(device) for s in ((n, h), (v, h), (v,)))
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    coeff = torch.randn(n, generator=g).to(device)
+    mask = (torch.arange(n) % 3 != 0).to(device)
+    rh, rw = torch.randn(n, 8, generator=g).to(device), torch.randn(v, 8, generator=g).to(device)
+    ce, lse = tf._ce_forward(hid, w, b, t, -100, 3.0)
+    kl, qlse, plse = tf._kl_forward(hid, w, b, rh, rw, None, mask, "reverse", 1.5)
+    cases = [
+        (tf._ce_forward, (hid, w, b, t, -100, 3.0)),
+        (tf._ce_backward, (hid, w, b, t, lse, coeff, 3.0, [True, True, True])),
+        (tf._ce_forward_backward, (hid, w, None, t, coeff, -100, None, 2.0, [True, False, False])),
+        (tf._kl_forward, (hid, w, b, rh, rw, None, mask, "reverse", 1.5)),
+        (tf._kl_backward, (hid, w, b, rh, rw, None, qlse, plse, kl, coeff, "reverse", 1.5, [False, True, True])),
+        (tf._kl_forward_backward, (hid, w, None, rh, rw, None, mask, coeff, "forward", 1.0, [True, True, False])),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
