@@ -178,24 +178,26 @@ def _cfg(bn, bv, bk, warps, stages, group=8):
 # GPU configs (H100 first guesses; the first of each list is used when SURGERY_TRITON_AUTOTUNE=0).
 # Checked by compiling for sm_90 here (no GPU): all software-pipelined (cp.async + wgmma), float32
 # atomics vectorized (red.v4.f32); ptxas register use and spills noted per line.
+# Lists kept short: every config is one more compile (~2-5 s) on the first call of each variant.
 # CE forward: a GEMM main loop with a light epilogue.
 CE_FWD_CONFIGS = [
     _cfg(128, 128, 64, 8, 3),  # 255 regs, no spill
-    _cfg(128, 128, 64, 8, 4),
-    _cfg(128, 256, 64, 8, 3),  # 232 B spilled
+    _cfg(128, 256, 64, 8, 3),  # ~300 B spilled
 ]
 # KL forward holds two logit tiles: 128x256 spills 1.7 KB, so smaller tiles.
 KL_FWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),  # 80 B spilled
+    _cfg(128, 128, 64, 8, 3),  # ~100 B spilled
     _cfg(64, 128, 64, 4, 3),
-    _cfg(128, 64, 64, 4, 3),
 ]
-# Backward: the recomputed tile stays in registers through the dH/dW loop, so 128x128 at most;
-# BLOCK_K is also the width of each atomic update. (CE and KL: ~250 regs, no spill.)
+# Backward: the recomputed tile stays in registers through the dH/dW loop. BLOCK_K is also the
+# width of each atomic update. The atomic traffic is proportional to 1/BLOCK_N + 1/BLOCK_V, so
+# the 256-row tile (16 warps, 168 KiB shared memory, ~300 B spilled for CE and ~700 B for KL
+# with bias and softcap) cuts it by a quarter;
+# 128x256 would need 232 KiB of shared memory, over the H100's 227.
 BWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 3),  # ~250 regs, no spill
     _cfg(128, 128, 32, 8, 4),
-    _cfg(64, 128, 64, 4, 3),
+    _cfg(256, 128, 32, 16, 3),
 ]
 # float32 inputs: IEEE dots run on FMA units, not tensor cores (the 1e-5 contract rules out
 # TF32); large tiles make ptxas spill kilobytes and compile for 30 s, so one small tile. This
