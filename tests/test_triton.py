@@ -3,9 +3,11 @@
 On the CPU this runs under the Triton interpreter (CI: ``TRITON_INTERPRET=1 python -m pytest
 tests/test_triton.py``; the variable must be set before triton is imported). The interpreter's
 cost grows with programs x ops, so shapes stay tiny; they are chosen so that every masked path
-runs: N = 37 gives two row blocks of 32 (the second ragged), H = 40 is not a multiple of the
+runs: N = 37 gives two row blocks of 32 (the second ragged), H = 48 is not a multiple of the
 k-block (32), V = 300 gives two vocabulary splits (256 + 44 columns) and three vocabulary
-blocks of 128 (the last ragged), H' = 24 makes the reference side's width differ.
+blocks of 128 (the last ragged), H' = 80 makes the reference side's width differ. H and H' are
+multiples of 16 like the numerics suite's, so on the GPU both files share compiled variants
+(Triton specializes on divisibility by 16).
 
 With a GPU the same cases run on CUDA (marked ``cuda``) in float32 and bfloat16, plus a case
 with N*H above 2**31 for the 64-bit offsets.
@@ -23,7 +25,7 @@ from surgery_kernels import linear_cross_entropy, linear_kl_div
 from surgery_kernels.backends import availability
 from surgery_kernels.reference import linear_cross_entropy_ref, linear_kl_div_ref
 
-N, H, V, RH = 37, 40, 300, 24
+N, H, V, RH = 37, 48, 300, 80
 
 
 def _device_params():
