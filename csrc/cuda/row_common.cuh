@@ -146,8 +146,6 @@ struct SoftmaxStats {
     }
   }
 
-  // log sum exp(x)
-  __device__ __forceinline__ float lse() const { return m + logf(d); }
   // sum softmax(x) * y
   __device__ __forceinline__ float mean_y() const { return s / d; }
 };

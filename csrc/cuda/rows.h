@@ -17,21 +17,23 @@ namespace surgery_cuda {
 // Element type of the logits workspace, the bias and the reference-side tensors.
 enum class RowDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Cross-entropy rows. Two modes:
-//  - forward (lse_in == nullptr): computes lse and ce (written to `lse`, `ce`); with `coeff`
-//    it also overwrites each row with coeff_i * d ce_i / d z_raw (bounded ascent applied: a
-//    row with coeff_i < 0 and ce_i > ascent_cap gets zeros).
-//  - backward (lse_in != nullptr, coeff required): overwrites each row with
-//    coeff_i * d ce_i / d z_raw using the given lse; `ce`, `lse` are not touched.
-// Rows whose target is ignore_index get ce = 0 and a zero gradient row.
+// Every row pass first reads the row(s) for the softmax statistics (row max m and
+// log sum exp(x - m), kept apart: a float32 lse = m + log d has lost ~1e-3 at |z| ~ 1e4, so
+// probabilities are formed as exp((x - m) - log d)). The backward ops recompute these
+// statistics instead of reading the forward's lse for the same reason.
+
+// Cross-entropy rows. Forward (`ce`, `lse` given): writes lse and ce (0 where target ==
+// ignore_index); with `coeff` also overwrites each row with coeff_i * d ce_i / d z_raw, except
+// rows with coeff_i < 0 and ce_i > ascent_cap (bounded ascent), which get zeros. Backward (`ce`,
+// `lse` null, `coeff` given): overwrites each row with coeff_i * d ce_i / d z_raw.
+// Ignored rows always get a zero gradient row.
 struct CeRowsArgs {
   void* logits = nullptr;           // (rows, vocab) z = hidden @ weight^T (bias not yet added)
   const void* bias = nullptr;       // (vocab,) or nullptr
   const int64_t* target = nullptr;  // (rows,)
   const float* coeff = nullptr;     // (rows,) or nullptr: values only
-  const float* lse_in = nullptr;    // (rows,) or nullptr
-  float* ce = nullptr;              // (rows,) forward output
-  float* lse = nullptr;             // (rows,) forward output
+  float* ce = nullptr;              // (rows,) forward output, nullptr in backward
+  float* lse = nullptr;             // (rows,) forward output, nullptr in backward
   int64_t rows = 0;
   int64_t vocab = 0;
   int64_t ignore_index = -100;
@@ -43,22 +45,18 @@ struct CeRowsArgs {
 };
 
 // KL rows between q = softmax(z / T) (trained side, `logits`) and p = softmax(z_ref / T)
-// (reference side, `ref_logits`, read only). Two modes:
-//  - forward (lse_in == nullptr): writes lse, ref_lse and kl (0 where mask is false);
-//    forward direction KL(p || q), reverse KL(q || p). With `coeff` it also overwrites the
-//    trained rows with coeff_i * d kl_i / d z (0 where mask is false).
-//  - backward (lse_in, ref_lse_in, kl_in and coeff given): overwrites the trained rows with
-//    coeff_i * d kl_i / d z.
+// (reference side, `ref_logits`, read only); forward direction KL(p || q), reverse KL(q || p).
+// Forward (`kl`, `lse`, `ref_lse` and `mask` given): writes lse, ref_lse and kl (0 where mask is
+// false); with `coeff` also overwrites the trained rows with coeff_i * d kl_i / d z (zeros where
+// mask is false). Backward (outputs and mask null, `coeff` given): overwrites the trained rows
+// with coeff_i * d kl_i / d z.
 struct KlRowsArgs {
   void* logits = nullptr;            // (rows, vocab) hidden @ weight^T
   const void* ref_logits = nullptr;  // (rows, vocab) ref_hidden @ ref_weight^T
   const void* bias = nullptr;        // (vocab,) or nullptr
   const void* ref_bias = nullptr;    // (vocab,) or nullptr
-  const bool* mask = nullptr;        // (rows,) forward mode only
+  const bool* mask = nullptr;        // (rows,) forward only
   const float* coeff = nullptr;      // (rows,) or nullptr: values only
-  const float* lse_in = nullptr;     // (rows,) backward mode
-  const float* ref_lse_in = nullptr; // (rows,) backward mode
-  const float* kl_in = nullptr;      // (rows,) backward mode
   float* kl = nullptr;               // (rows,) forward output
   float* lse = nullptr;              // (rows,) forward output
   float* ref_lse = nullptr;          // (rows,) forward output

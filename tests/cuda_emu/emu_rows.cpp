@@ -46,8 +46,8 @@ int run_dtype(const Args& a, int threads, int grid) {
 
 }  // namespace
 
-extern "C" int emu_ce_rows(void* logits, const void* bias, const int64_t* target, const float* coeff,
-                           const float* lse_in, float* ce, float* lse, int64_t rows, int64_t vocab,
+extern "C" int emu_ce_rows(void* logits, const void* bias, const int64_t* target, const float* coeff, float* ce,
+                           float* lse, int64_t rows, int64_t vocab,
                            int64_t ignore_index, int has_softcap, float softcap, int has_ascent_cap,
                            float ascent_cap, int dtype, int threads, int grid) {
   CeRowsArgs a;
@@ -55,7 +55,6 @@ extern "C" int emu_ce_rows(void* logits, const void* bias, const int64_t* target
   a.bias = bias;
   a.target = target;
   a.coeff = coeff;
-  a.lse_in = lse_in;
   a.ce = ce;
   a.lse = lse;
   a.rows = rows;
@@ -70,8 +69,8 @@ extern "C" int emu_ce_rows(void* logits, const void* bias, const int64_t* target
 }
 
 extern "C" int emu_kl_rows(void* logits, const void* ref_logits, const void* bias, const void* ref_bias,
-                           const bool* mask, const float* coeff, const float* lse_in, const float* ref_lse_in,
-                           const float* kl_in, float* kl, float* lse, float* ref_lse, int64_t rows, int64_t vocab,
+                           const bool* mask, const float* coeff, float* kl, float* lse, float* ref_lse,
+                           int64_t rows, int64_t vocab,
                            int reverse, float temperature, int dtype, int threads, int grid) {
   KlRowsArgs a;
   a.logits = logits;
@@ -80,9 +79,6 @@ extern "C" int emu_kl_rows(void* logits, const void* ref_logits, const void* bia
   a.ref_bias = ref_bias;
   a.mask = mask;
   a.coeff = coeff;
-  a.lse_in = lse_in;
-  a.ref_lse_in = ref_lse_in;
-  a.kl_in = kl_in;
   a.kl = kl;
   a.lse = lse;
   a.ref_lse = ref_lse;
