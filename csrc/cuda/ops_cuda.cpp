@@ -25,6 +25,12 @@
 
 #include "rows.h"
 
+// The device type the ops accept. Only tests/cuda_emu overrides it (CPU), to run this very file
+// with the row kernels under host emulation; every real build takes CUDA.
+#ifndef SURGERY_CUDA_DEVICE_TYPE
+#define SURGERY_CUDA_DEVICE_TYPE c10::DeviceType::CUDA
+#endif
+
 namespace surgery_cuda {
 namespace {
 
@@ -46,7 +52,8 @@ RowDtype row_dtype(const at::Tensor& t) {
 }
 
 void check_hidden(const at::Tensor& hidden, const char* name) {
-  TORCH_CHECK_VALUE(hidden.is_cuda(), name, " must be a CUDA tensor, got ", hidden.device());
+  TORCH_CHECK_VALUE(hidden.device().type() == SURGERY_CUDA_DEVICE_TYPE, name, " must be a CUDA tensor, got ",
+                    hidden.device());
   TORCH_CHECK_VALUE(hidden.dim() == 2, name, " must be 2-D (N, H), got shape ", hidden.sizes());
   TORCH_CHECK_VALUE(hidden.is_contiguous(), name, " must be contiguous");
   row_dtype(hidden);
