@@ -239,3 +239,4 @@ def test_bad_input_names_the_argument(ops):
         call(hidden=hidden.t().contiguous().t())
     with pytest.raises(ValueError, match="need coeff"):
         call(coeff=None, dhidden=torch.empty_like(hidden))
+

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -148,6 +149,14 @@ class GradOutputs {
   at::Tensor dw_scratch_;
 };
 
+// For the body of an op: the tensors' GPU is the current device, and the ATen calls inside (GEMMs,
+// sum) run as written even when the caller has autocast on (no hidden casts or copies).
+struct OpScope {
+  explicit OpScope(const at::Tensor& t) : device(t.device()), no_autocast(c10::autocast_dispatch_keyset) {}
+  c10::cuda::CUDAGuard device;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast;
+};
+
 const void* opt_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 // Pointer to row `s` of a per-token array, or nullptr.
@@ -225,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& hidden, con
   GradOutputs grads(dhidden, dweight, dbias);
   TORCH_CHECK_VALUE(coeff.has_value() || !grads.any(), "dhidden, dweight and dbias need coeff");
   grads.check(hidden, weight);
-  const c10::cuda::CUDAGuard guard(hidden.device());
+  const OpScope scope(hidden);
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor ce = at::empty({hidden.size(0)}, f32);
   at::Tensor lse = at::empty({hidden.size(0)}, f32);
@@ -248,7 +257,7 @@ void ce_backward_cuda(const at::Tensor& hidden, const at::Tensor& weight, const 
   check_tensor(lse, "lse", hidden.device(), at::kFloat, {hidden.size(0)});
   GradOutputs grads(dhidden, dweight, dbias);
   grads.check(hidden, weight);
-  const c10::cuda::CUDAGuard guard(hidden.device());
+  const OpScope scope(hidden);
   // coeff already holds zeros for capped tokens: no ascent cap here.
   ce_chunks(hidden, weight, ce_rows_args(hidden, bias, target, coeff, grads, ignore_index, softcap), chunk_size,
             grads);
@@ -326,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cuda(
   GradOutputs grads(dhidden, dweight, dbias);
   TORCH_CHECK_VALUE(coeff.has_value() || !grads.any(), "dhidden, dweight and dbias need coeff");
   grads.check(hidden, weight);
-  const c10::cuda::CUDAGuard guard(hidden.device());
+  const OpScope scope(hidden);
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor kl = at::empty({hidden.size(0)}, f32);
   at::Tensor lse = at::empty({hidden.size(0)}, f32);
@@ -354,7 +363,7 @@ void kl_backward_cuda(const at::Tensor& hidden, const at::Tensor& weight, const 
   check_tensor(kl, "kl", hidden.device(), at::kFloat, {n});
   GradOutputs grads(dhidden, dweight, dbias);
   grads.check(hidden, weight);
-  const c10::cuda::CUDAGuard guard(hidden.device());
+  const OpScope scope(hidden);
   kl_chunks(hidden, weight, ref_hidden, ref_weight,
             kl_rows_args(hidden, bias, ref_bias, coeff, grads, reverse, temperature), chunk_size, grads);
 }
