@@ -1,9 +1,10 @@
 // CUDA implementation of the surgery ops (schemas: TORCH_LIBRARY(surgery, m) in csrc/ops.cpp).
 //
 // Per chunk of `chunk_size` tokens: the logits GEMM through ATen (cuBLAS on the current stream)
-// into a workspace reused across chunks, one fused row kernel (ce_rows.cu / kl_rows.cu) for the
-// statistics, the value and, in place, the logit gradient G, then dhidden_chunk = G @ W,
-// dweight += G^T @ h_chunk (float32) and dbias += sum(G). Nothing here waits for the device.
+// into a workspace allocated once per call and reused by every chunk, one fused row kernel
+// (ce_rows.cuh / kl_rows.cuh, launched by rows.cu) for the statistics, the value and, in place,
+// the logit gradient G, then dhidden_chunk = G @ W, dweight += G^T @ h_chunk (float32) and
+// dbias += sum(G). Nothing here waits for the device.
 //
 // The workspace holds logits in the input dtype: the GEMM writes that dtype (as nn.Linear does),
 // the gradient GEMMs read that dtype, and the row kernel does its math in float32 in between;
