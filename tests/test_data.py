@@ -161,3 +161,9 @@ def test_example_configs_load(name):
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{name}.yaml")
     assert cfg.streams and cfg.output_dir
+
+
+def test_mixed_answer_types_are_fine(tmp_path):
+    f = _jsonl(tmp_path / "q.jsonl", [json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}),
+                                      json.dumps({"question": "r", "choices": ["a", "b"], "answer": "a"})])
+    assert [r["answer"] for r in read_records(f, "auto")] == [1, "a"]
