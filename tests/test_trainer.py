@@ -261,6 +261,19 @@ def test_bf16_with_gradient_checkpointing(tok, data):
     assert getattr(run.model, "is_activation_checkpointing", None) or run.model.is_gradient_checkpointing
 
 
+def test_mixed_precision_autocast_follows_float32(tok, data):
+    """float32 weights with bf16 compute (autocast on one process) track the float32 run."""
+    runs = []
+    for mp in (None, "bfloat16"):
+        r = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=3, mixed_precision=mp))
+        r.train()
+        runs.append(r.history)
+    for a, b in zip(*runs):
+        # bf16 has 8 bits of mantissa: losses of ~4 agree to a few hundredths.
+        assert b["loss/total"] == pytest.approx(a["loss/total"], rel=2e-2)
+    assert runs[1][-1]["loss/retain"] > 0
+
+
 def test_gradient_checkpointing_same_step(tok, data):
     """Gradient checkpointing changes memory, not results."""
     hist = []
