@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     r.add_argument("--mem-budget-gib", type=float, default=8.0,
                    help="CPU: skip a provider whose estimated peak exceeds this (default 8)")
     r.add_argument("--time-limit", type=float, help="seconds; tasks not started by then are recorded as skipped")
+    r.add_argument("--wheels", help="directory of pure-Python wheels (liger-kernel, cut-cross-entropy) to make "
+                                    "importable when not installed; ignored if missing")
     r.add_argument("--task-timeout", type=float, default=600.0, help="seconds one measurement may take")
     rep = sub.add_parser("report", help="rebuild report.md, CSV and plots from DIR/results.json")
     rep.add_argument("dir")
