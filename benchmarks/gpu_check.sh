@@ -28,5 +28,5 @@ step build 240 python3 -m surgery_kernels build
 # 2. correctness: every test marked cuda (numerics suite over the cuda and triton backends)
 step tests 240 python3 -m pytest -x -q -m cuda tests
 # 3. performance: kernel benchmarks on the GPU
-step bench 240 python3 -m benchmarks run --device cuda --gpu-check --output "$OUT/bench"
+step bench 240 python3 -m benchmarks run --device cuda --gpu-check --wheels .whl --output "$OUT/bench"
 exit $status
