@@ -29,7 +29,7 @@ step build 240 python3 -m surgery_kernels build
 #    Triton autotuning off here: each kernel variant then compiles once, not once per config
 step tests 240 env SURGERY_TRITON_AUTOTUNE=0 python3 -m pytest -x -q -m cuda tests
 # 3. performance: kernel benchmarks on the GPU
-step bench 240 python3 -m benchmarks run --device cuda --gpu-check --output "$OUT/bench"
+step bench 240 python3 -m benchmarks run --device cuda --gpu-check --wheels .whl --output "$OUT/bench"
 # 4. fused Triton kernels: issue 4's table (signed CE and KL, N=16384 H=4096 V=32000 bf16, < 2 min)
 step triton_bench 150 python3 benchmarks/triton_gpu.py --output "$OUT/triton"
 exit $status
