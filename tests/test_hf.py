@@ -116,9 +116,11 @@ def test_without_labels_and_after_unpatch_the_model_is_unchanged():
     with torch.no_grad():
         logits = model(input_ids=ids).logits
         ref_loss = model(input_ids=ids, labels=labels).loss
+        generated = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert hf.patch(model) is model and hf.is_patched(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
+        assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), generated)
     hf.unpatch(model)
     assert not hf.is_patched(model)
     # Nothing of the patch is left on the instances: the class forwards run again.
