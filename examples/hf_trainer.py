@@ -24,7 +24,8 @@ from surgery_kernels import hf
 
 
 def main(argv=None) -> Trainer:
-    """Train; return the Trainer (its model, and the loss of every step in its state.log_history)."""
+    """Train and evaluate; return the Trainer (its model, and the loss of every step and the
+    evaluation in its state.log_history)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--backend", default="auto")
@@ -45,12 +46,14 @@ def main(argv=None) -> Trainer:
             output_dir=out, max_steps=args.steps, per_device_train_batch_size=4, gradient_accumulation_steps=2,
             learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
             report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, dataloader_num_workers=0)
-        trainer = Trainer(model=model, args=targs, train_dataset=data,
+        trainer = Trainer(model=model, args=targs, train_dataset=data, eval_dataset=data,
                           data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
         trainer.train()
+        # Evaluation works too: the patched forward returns the loss, and no logits to gather.
+        metrics = trainer.evaluate()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"{'patched' if not args.no_patch else 'plain'}: loss {losses[0]:.4f} -> {losses[-1]:.4f} "
-          f"after {len(losses)} steps")
+          f"after {len(losses)} steps; eval loss {metrics['eval_loss']:.4f}")
     return trainer
 
 

@@ -33,8 +33,12 @@ Why these hooks and not others:
 
 The loss is Hugging Face's ``ForCausalLMLoss``: labels shifted left by one (``shift_labels``
 used as given when passed), tokens equal to ``ignore_index`` (-100) skipped, the mean over the
-remaining tokens, or their sum divided by ``num_items_in_batch`` when the trainer passes it. One
-difference: a batch with no live token gives 0 here and NaN in Hugging Face.
+remaining tokens, or their sum divided by ``num_items_in_batch`` when the trainer passes it;
+plus ``router_aux_loss_coef * aux_loss`` for mixture-of-experts models that return an
+``aux_loss``, as they do themselves. Models whose loss is something else (another
+``loss_function``, a z-loss) are refused at patch time; a model that adds some other
+label-dependent term inside its own forward cannot be detected. One difference: a batch with no
+live token gives 0 here and NaN in Hugging Face.
 """
 
 from __future__ import annotations
@@ -226,6 +230,15 @@ def _model_forward(self, *args, **kwargs):
     finally:
         state.call = None
     loss = _causal_lm_loss(state, call, out.get("logits"), labels, loss_kwargs)
+    aux = out.get("aux_loss")
+    if aux is not None:
+        # Mixture-of-experts models (Mixtral, Qwen2-MoE, ... 30+ in transformers) add the router's
+        # load-balancing loss to the loss when labels are given (output_router_logits=True).
+        coef = getattr(self, "router_aux_loss_coef", getattr(self, "aux_loss_coef", None))
+        if coef is None:
+            raise NotImplementedError("surgery_kernels.hf.patch: this model returns an aux_loss but has no "
+                                      "router_aux_loss_coef; the patched loss would differ, so it is refused")
+        loss = loss + coef * aux.to(loss.device)
     # Rebuild the output so that `loss` comes first (as Hugging Face orders it) and logits is None.
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
     out = type(out)(loss=loss, **fields)
@@ -255,6 +268,14 @@ def _check_loss_function(model) -> None:
                          f"got {getattr(fn, '__name__', fn)!r}")
 
 
+def _check_extra_loss_terms(model) -> None:
+    # Label-dependent terms computed from the logits themselves cannot be reproduced without them.
+    z = getattr(getattr(model, "config", None), "z_loss_coefficient", None)
+    if z:
+        raise ValueError(f"model adds a z-loss to its loss (config.z_loss_coefficient={z}), which the patched loss "
+                         f"does not compute; set it to 0 to patch")
+
+
 def patch(model, backend: str = "auto", *, chunk_size: int | None = None):
     """Make ``model(..., labels=...)`` compute Hugging Face's causal-LM loss with
     :func:`surgery_kernels.linear_cross_entropy`, returning ``loss`` and ``logits=None``; without
@@ -272,6 +293,7 @@ def patch(model, backend: str = "auto", *, chunk_size: int | None = None):
         unpatch(model)
     head = _output_embeddings(model)
     _check_loss_function(model)
+    _check_extra_loss_terms(model)
     cls_forward = type(model).forward
     positional = [p.name for p in inspect.signature(cls_forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]

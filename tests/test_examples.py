@@ -37,6 +37,8 @@ def test_hf_trainer_patched_run_matches_the_plain_run():
     for ours, theirs in zip(*losses):
         assert abs(ours - theirs) <= 1e-5 * abs(theirs)
     assert losses[0][-1] < losses[0][0]
+    evals = [[h["eval_loss"] for h in t.state.log_history if "eval_loss" in h] for t in (patched, plain)]
+    assert len(evals[0]) == 1 and abs(evals[0][0] - evals[1][0]) <= 1e-5 * abs(evals[1][0])
     # AdamW normalizes each update, so 1e-7-level gradient differences move weights a little more
     # than they move the loss; after 6 steps the weights still agree to 1e-5 here.
     theirs = dict(plain.model.named_parameters())

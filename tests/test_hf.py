@@ -30,7 +30,7 @@ def _config(arch: str, vocab=V, **extra):
         return tf.GPT2Config(vocab_size=vocab, n_embd=H, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                              embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **extra)
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig,
-           "gemma2": tf.Gemma2Config, "granite": tf.GraniteConfig}[arch]
+           "gemma2": tf.Gemma2Config, "granite": tf.GraniteConfig, "mixtral": tf.MixtralConfig}[arch]
     if arch == "gemma2":
         common["head_dim"] = 8
     return cls(**common, **extra)
@@ -70,9 +70,10 @@ def _assert_same_loss_and_grads(ours, ref):
         assert _rel(og[name], rg[name]) <= 1e-5, name
 
 
-# Llama, Qwen2, Mistral, GPT-2 (the four), Gemma2 (logits softcapped after the head) and
-# Granite (logits divided by a scale): one mechanism, the last two folded from what it records.
-ARCHS = ["llama", "qwen2", "mistral", "gpt2", "gemma2", "granite"]
+# Llama, Qwen2, Mistral, GPT-2 (the four), Gemma2 (logits softcapped after the head),
+# Granite (logits divided by a scale): one mechanism, the last two folded from what it records;
+# Mixtral with output_router_logits (the router's aux loss is part of HF's loss).
+ARCHS = ["llama", "qwen2", "mistral", "gpt2", "gemma2", "granite", "mixtral"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -83,6 +84,8 @@ def test_patched_loss_and_grads_equal_huggingface(arch, num_items):
         extra["final_logit_softcapping"] = 2.0  # small cap: tanh is far from linear at these logits
     if arch == "granite":
         extra["logits_scaling"] = 4.0
+    if arch == "mixtral":
+        extra.update(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
     model = _model(arch, **extra)
     ids, labels = _batch()
     kwargs = dict(input_ids=ids, labels=labels)
@@ -116,9 +119,11 @@ def test_without_labels_and_after_unpatch_the_model_is_unchanged():
     with torch.no_grad():
         logits = model(input_ids=ids).logits
         ref_loss = model(input_ids=ids, labels=labels).loss
+        generated = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert hf.patch(model) is model and hf.is_patched(model)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)
+        assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), generated)
     hf.unpatch(model)
     assert not hf.is_patched(model)
     # Nothing of the patch is left on the instances: the class forwards run again.
@@ -327,6 +332,10 @@ def test_bad_arguments():
     model = _model("llama")
     model.loss_function = lambda *a, **k: 0
     with pytest.raises(ValueError, match="loss_function"):
+        hf.patch(model)
+    model = _model("llama")
+    model.config.z_loss_coefficient = 1e-4  # as Bamba's: computed from the logits
+    with pytest.raises(ValueError, match="z_loss"):
         hf.patch(model)
 
 
