@@ -15,9 +15,13 @@ Why float32 atomics for dH and dW rather than a kernel that owns vocabulary bloc
 tile needs a full reduction over H, and a (BLOCK_V x H) float32 dW accumulator (2 MiB at
 H = 4096) fits neither registers nor shared memory, so an owning kernel would have to recompute
 each tile once per H block it owns (H / BLOCK_K times). Atomics let every tile be recomputed
-exactly once; the price is the float32 accumulators (N*H and V*H float32 until the final cast;
-for float32 inputs they are the gradients themselves) and atomic traffic, which the grouped
-tile order keeps in L2. The ``cuda`` and ``torch`` backends keep the other trade-off (a logit
+exactly once; the price is atomic traffic (the grouped tile order keeps it in L2) and float32
+accumulators: dH as one (N, H) float32 buffer, dW one vocabulary chunk of at most 64 MiB at a
+time (one launch per chunk, ``common.chunked_grads``); for float32 inputs the gradients are the
+accumulators. Beyond inputs and gradients a 16-bit step thus holds 4*N*H bytes + 64 MiB (320 MiB
+at N = 16384, H = 4096), not the issue's 64 MiB: one of dH, dW always spans all its rows while
+it accumulates, so 64 MiB would need it summed in 16 bits (CCE does so), which would likely
+exceed the numerics contract (2x plain PyTorch's error) over 250 vocabulary blocks (not tried). The ``cuda`` and ``torch`` backends keep the other trade-off (a logit
 chunk in memory, cuBLAS GEMMs).
 
 The main performance risk (not yet measured on a GPU): each (BLOCK_N x BLOCK_V) tile adds

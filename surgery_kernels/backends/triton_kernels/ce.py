@@ -136,17 +136,21 @@ def forward(hidden, weight, bias, target, ignore_index, softcap):
 def backward(hidden, weight, bias, target, lse, coeff, softcap, needs):
     """Gradient of sum_i coeff_i * ce_i: (dhidden, dweight, dbias), None where needs is False."""
     n, h = hidden.shape
-    v = weight.shape[0]
-    dh, dw, db = common.grad_buffers(hidden, weight, bias, needs)
-    if n == 0 or not any(x is not None for x in (dh, dw, db)):
-        return common.finish_grads(dh, dw, db, hidden, weight, bias)
     d = common.dummy(hidden.device)
-    args = (hidden, weight, bias if bias is not None else d, target, *common.hi_lo(lse),
-            coeff.float().contiguous(), d if dh is None else dh, d if dw is None else dw, d if db is None else db,
-            n, v, h, hidden.stride(0), weight.stride(0), h, h,
-            1.0 if softcap is None else softcap, common.GRAD_FILTER_EPS)
-    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, NEED_DH=dh is not None,
-                 NEED_DW=dw is not None, NEED_DB=db is not None, DOT_FP32=common.INTERPRET,
+    hi, lo = common.hi_lo(lse)
+    coeff = coeff.float().contiguous()
+    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, NEED_DH=bool(needs[0]),
+                 NEED_DW=bool(needs[1]), NEED_DB=bool(needs[2]) and bias is not None, DOT_FP32=common.INTERPRET,
                  PRECISION=common.dot_precision(hidden.dtype))
-    common.launch(ce_bwd_kernel, ce_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v)
-    return common.finish_grads(dh, dw, db, hidden, weight, bias)
+
+    def run(v0, v1, dh, dw, db):
+        if n == 0 or not (flags["NEED_DH"] or flags["NEED_DW"] or flags["NEED_DB"]):
+            return
+        # Weight rows [v0, v1): a view; targets shifted to the chunk's columns (others match none).
+        args = (hidden, weight[v0:v1], d if bias is None else bias[v0:v1], target - v0 if v0 else target, hi, lo,
+                coeff, d if dh is None else dh, d if dw is None else dw, d if db is None else db,
+                n, v1 - v0, h, hidden.stride(0), weight.stride(0), h, h,
+                1.0 if softcap is None else softcap, common.GRAD_FILTER_EPS)
+        common.launch(ce_bwd_kernel, ce_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v1 - v0)
+
+    return common.chunked_grads(hidden, weight, bias, needs, run)

@@ -146,19 +146,38 @@ def hi_lo(lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi.contiguous(), lo.contiguous()
 
 
-def grad_buffers(hidden, weight, bias, needs):
-    """float32 accumulators (zeroed) for the atomics; None where not needed. For float32 inputs
-    they are the gradients themselves."""
+# The backward of 16-bit weights accumulates dW in float32 for at most this many elements at a
+# time (2**24 = 64 MiB), one vocabulary chunk per launch, each chunk written into the 16-bit
+# gradient once it is complete; dH accumulates in one float32 (N, H) buffer over all chunks.
+DW_CHUNK_ELEMENTS = 1 << 24
+
+
+def vocab_chunks(v: int, h: int) -> list[tuple[int, int]]:
+    """[(v0, v1)): row ranges of the weight, DW_CHUNK_ELEMENTS // H rows each (a multiple of 256)."""
+    step = max(SPLIT_QUANTUM, DW_CHUNK_ELEMENTS // max(h, 1) // SPLIT_QUANTUM * SPLIT_QUANTUM)
+    return [(v0, min(v0 + step, v)) for v0 in range(0, v, step)]
+
+
+def chunked_grads(hidden, weight, bias, needs, run):
+    """The gradients (dhidden, dweight, dbias), None where not needed, from float32 accumulators
+    that ``run(v0, v1, dh, dw, db)`` fills with atomics for weight rows [v0, v1) (dw and db are
+    that chunk's buffers). float32 weights are their own accumulator, in one chunk."""
+    v, h = weight.shape
     f32 = dict(dtype=torch.float32, device=hidden.device)
     dh = torch.zeros(hidden.shape, **f32) if needs[0] else None
-    dw = torch.zeros(weight.shape, **f32) if needs[1] else None
-    db = torch.zeros(weight.shape[0], **f32) if (needs[2] and bias is not None) else None
-    return dh, dw, db
-
-
-def finish_grads(dh, dw, db, hidden, weight, bias):
-    return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+    db = torch.zeros(v, **f32) if (needs[2] and bias is not None) else None
+    dw = None
+    if needs[1]:
+        dw = torch.zeros(weight.shape, **f32) if weight.dtype == torch.float32 else \
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    in_place = dw is None or dw.dtype == torch.float32
+    for v0, v1 in ([(0, v)] if in_place else vocab_chunks(v, h)):
+        acc = dw[v0:v1] if in_place and dw is not None else (None if dw is None else torch.zeros((v1 - v0, h), **f32))
+        run(v0, v1, dh, acc, None if db is None else db[v0:v1])
+        if not in_place:
+            dw[v0:v1].copy_(acc)
+            del acc
+    return (None if dh is None else dh.to(hidden.dtype), dw, None if db is None else db.to(bias.dtype))
 
 
 def dummy(device) -> torch.Tensor:
