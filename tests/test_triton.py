@@ -366,17 +366,17 @@ def test_gpu_launch_path_under_interpreter(monkeypatch):
     from surgery_kernels.backends.triton_kernels import common
     from surgery_kernels.backends.triton_kernels import kl as kl_k
 
-    def one(kernel, cfg, reset=None):
-        tuned = triton.autotune([cfg], key=["V", "H"], reset_to_zero=reset)(kernel)
+    def one(kernel, cfg, acc=None):
+        tuned = triton.autotune([cfg], key=["V", "H"], restore_value=acc)(kernel)
         return {True: tuned, False: tuned}
 
-    reset = ["dh_ptr", "dw_ptr", "db_ptr"]
+    acc = ["dh_ptr", "dw_ptr", "db_ptr"]
     monkeypatch.setattr(common, "INTERPRET", False)
     cfg = common.FP32_CONFIGS[0]
     monkeypatch.setattr(ce_k, "ce_fwd_tuned", one(ce_k.ce_fwd_kernel, cfg))
-    monkeypatch.setattr(ce_k, "ce_bwd_tuned", one(ce_k.ce_bwd_kernel, cfg, reset))
+    monkeypatch.setattr(ce_k, "ce_bwd_tuned", one(ce_k.ce_bwd_kernel, cfg, acc))
     monkeypatch.setattr(kl_k, "kl_fwd_tuned", one(kl_k.kl_fwd_kernel, cfg))
-    monkeypatch.setattr(kl_k, "kl_bwd_tuned", one(kl_k.kl_bwd_kernel, cfg, reset))
+    monkeypatch.setattr(kl_k, "kl_bwd_tuned", one(kl_k.kl_bwd_kernel, cfg, acc))
     h, w, b, t = _ce_inputs("cpu", torch.float32, bias=True)
     _check_ce("cpu", torch.float32, h, w, t, bias=b, softcap=3.0, token_weight=torch.linspace(-1, 1, N))
     h, w, b, rh, rw, rb = _kl_inputs("cpu")
@@ -475,3 +475,54 @@ def test_vocab_chunked_dweight(device, monkeypatch):
     for a, c in zip(whole, chunked):
         assert torch.isfinite(c).all() and _rel(c, a) <= 1e-6
     _check_ce(device, dt, h, w, t, bias=b, token_weight=tw, softcap=4.0)
+
+
+def test_autotuning_keeps_accumulated_sums(monkeypatch):
+    """Autotuning the backward in the middle of a call (the last dW chunk has a new width, so a new
+    tuning key) must leave the dH sums of the earlier chunks alone. Runs the GPU launch path under
+    the interpreter with two configs per kernel and a CPU stand-in for do_bench."""
+    if not availability("triton", "cpu").ok:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    import time
+
+    import triton
+
+    from surgery_kernels.backends.triton_kernels import ce as ce_k
+    from surgery_kernels.backends.triton_kernels import common
+
+    def cpu_bench(fn, quantiles=None, **kw):
+        t0 = time.perf_counter()
+        fn()
+        fn()  # twice: a config that accumulated into unrestored buffers would show
+        t = (time.perf_counter() - t0) * 1e3
+        return [t, t, t] if quantiles else t
+
+    two = [common.FP32_CONFIGS[0], triton.Config(dict(BLOCK_N=32, BLOCK_V=128, BLOCK_K=32, GROUP=4))]
+    dt = torch.bfloat16
+    h, w, b, t = _ce_inputs("cpu", dt, bias=True)
+    tw = torch.linspace(-1, 1, N)
+
+    def grads():
+        hh, ww, bb = _leaf(h.to(dt)), _leaf(w.to(dt)), _leaf(b.to(dt))
+        return torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, backend="triton"),
+                                   (hh, ww, bb))
+
+    exact = grads()
+    monkeypatch.setattr(common, "DW_CHUNK_ELEMENTS", 256 * H)  # chunks of 256 and 44 rows: two tuning keys
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "FP32_CONFIGS", two)
+    monkeypatch.setattr(ce_k, "ce_fwd_tuned", common.autotuned(ce_k.ce_fwd_kernel, two, ["V", "H"],
+                                                               do_bench=cpu_bench))
+    monkeypatch.setattr(ce_k, "ce_bwd_tuned", common.autotuned(ce_k.ce_bwd_kernel, two, ["V", "H"],
+                                                               ["dh_ptr", "dw_ptr", "db_ptr"], do_bench=cpu_bench))
+    # DOT_FP32 follows INTERPRET: keep the interpreter's float32 dots for bf16
+    monkeypatch.setattr(common, "dot_precision", lambda dtype: "ieee")
+    real_launch = common.launch
+
+    def launch(kernel, tuned, args, flags, **kw):
+        return real_launch(kernel, tuned, args, dict(flags, DOT_FP32=True), **kw)
+
+    monkeypatch.setattr(common, "launch", launch)
+    tuned = grads()
+    for a, c in zip(exact, tuned):
+        assert _rel(c, a) <= 1e-6

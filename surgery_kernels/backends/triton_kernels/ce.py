@@ -109,7 +109,7 @@ def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_hi_ptr, lse_lo_ptr, coeff
 
 ce_fwd_tuned = common.autotuned(ce_fwd_kernel, common.CE_FWD_CONFIGS, key=["V", "H"])
 ce_bwd_tuned = common.autotuned(ce_bwd_kernel, common.BWD_CONFIGS, key=["V", "H"],
-                                reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
+                                accumulators=["dh_ptr", "dw_ptr", "db_ptr"])
 
 
 def forward(hidden, weight, bias, target, ignore_index, softcap):

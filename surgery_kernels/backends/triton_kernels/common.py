@@ -228,10 +228,15 @@ def configs(which):
     return which if AUTOTUNE else which[:1]
 
 
-def autotuned(kernel, lists, key, reset_to_zero=None):
-    """{is_float32: autotuned kernel}: float32 inputs get FP32_CONFIGS, 16-bit ones ``lists``."""
-    return {fp32: triton.autotune(configs(FP32_CONFIGS if fp32 else lists), key=key,
-                                  reset_to_zero=reset_to_zero)(kernel) for fp32 in (False, True)}
+def autotuned(kernel, lists, key, accumulators=None, do_bench=None):
+    """{is_float32: autotuned kernel}: float32 inputs get FP32_CONFIGS, 16-bit ones ``lists``.
+
+    ``accumulators``: arguments the kernel adds into. The tuning runs must leave them as they
+    were (restore_value, not reset_to_zero): the dW chunks of one backward call share the dH
+    buffer, and a chunk of a new width is tuned while dH holds the earlier chunks' sums."""
+    extra = {} if do_bench is None else {"do_bench": do_bench}
+    return {fp32: triton.autotune(configs(FP32_CONFIGS if fp32 else lists), key=key, restore_value=accumulators,
+                                  **extra)(kernel) for fp32 in (False, True)}
 
 
 def launch(kernel, tuned, args, flags, *, n, fp32, n_splits=None, v=None):

@@ -140,7 +140,7 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
 
 kl_fwd_tuned = common.autotuned(kl_fwd_kernel, common.KL_FWD_CONFIGS, key=["V", "H", "RH"])
 kl_bwd_tuned = common.autotuned(kl_bwd_kernel, common.BWD_CONFIGS, key=["V", "H", "RH"],
-                                reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
+                                accumulators=["dh_ptr", "dw_ptr", "db_ptr"])
 
 
 def _combine(pmq, psq, pmp, psp, pd, mask, reverse):
