@@ -472,9 +472,14 @@ def test_vocab_chunked_dweight(device, monkeypatch):
     monkeypatch.setattr(common, "DW_CHUNK_ELEMENTS", 256 * max(H, RH))
     assert len(common.vocab_chunks(V, H)) == 2
     chunked = grads()
+    # The interpreter adds in a fixed order: bit-for-bit. A GPU's atomics add in a varying order,
+    # which can flip the bf16 rounding of an element by one ulp (2**-8): compare loosely there
+    # and rely on the float64 checks below.
+    tol = 1e-6 if device == "cpu" else 1e-2
     for a, c in zip(whole, chunked):
-        assert torch.isfinite(c).all() and _rel(c, a) <= 1e-6
+        assert torch.isfinite(c).all() and _rel(c, a) <= tol
     _check_ce(device, dt, h, w, t, bias=b, token_weight=tw, softcap=4.0)
+    _check_kl(device, dt, hk, wk, bk_, rhk, rwk, rbk, direction="reverse")
 
 
 def test_autotuning_keeps_accumulated_sums(monkeypatch):
