@@ -143,7 +143,7 @@ def _interpret(call: _Call, logits) -> tuple[float, float | None]:
                 post /= other
             else:
                 pre /= other
-        elif name == "tanh" and len(args) == 1 and not kwargs and not tanh and post == 1.0:
+        elif name == "tanh" and len(args) == 1 and not kwargs and not tanh:
             tanh = True
         else:
             raise NotImplementedError(
