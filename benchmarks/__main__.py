@@ -27,10 +27,14 @@ def main(argv=None) -> int:
     r.add_argument("--dtypes", help="comma-separated subset of: float32,bfloat16")
     r.add_argument("--n", help="comma-separated token counts to keep")
     r.add_argument("--providers", help="comma-separated provider names (default: all)")
-    r.add_argument("--repeats", type=int, help="timed calls per CPU case (default 3 with --quick, else 5)")
+    r.add_argument("--repeats", type=int, help="timed calls per CPU case (default 2 with --quick, else 3)")
+    r.add_argument("--max-call-s", type=float, default=60.0,
+                   help="CPU: a provider whose first call takes longer is reported from that one call (default 60)")
     r.add_argument("--mem-budget-gib", type=float, default=8.0,
                    help="CPU: skip a provider whose estimated peak exceeds this (default 8)")
     r.add_argument("--time-limit", type=float, help="seconds; tasks not started by then are recorded as skipped")
+    r.add_argument("--wheels", help="directory of pure-Python wheels (liger-kernel, cut-cross-entropy) to make "
+                                    "importable when not installed; ignored if missing")
     r.add_argument("--task-timeout", type=float, default=600.0, help="seconds one measurement may take")
     rep = sub.add_parser("report", help="rebuild report.md, CSV and plots from DIR/results.json")
     rep.add_argument("dir")

@@ -12,7 +12,11 @@ Providers:
   ``available_backends(device)`` reports; new backends show up without changes here.
 - ``naive``: plain PyTorch with materialized logits (``surgery_kernels.reference``).
 - ``torch-lce``: ``torch.nn.functional.linear_cross_entropy`` with
-  ``LinearCrossEntropyOptions()`` (its chunked path; torch >= 2.13).
+  ``LinearCrossEntropyOptions()`` (its chunked path; torch >= 2.13). Its default chunking sizes a
+  chunk of logits like the hidden input (``N / ceil(V / H)`` tokens, halved for float32 on
+  the CPU): at the SmolLM2 head that is 16 tokens per chunk at N = 2048, small GEMMs.
+- ``torch-lce-tuned``: the same op with ``batch_chunk_size = 2**24 // V`` tokens, the 64 MiB
+  float32 chunk ``sk-torch`` uses, so the comparison is not only about the chunk heuristic.
 - ``cce``: apple/ml-cross-entropy (``impl="torch_compile"`` on CPU -- a compiled materializing
   version --, ``"cce"`` on CUDA).
 - ``liger``: Liger-Kernel's fused linear CE, and its fused linear JSD with beta = 0, which is the
@@ -43,6 +47,8 @@ class Provider:
     # bytes per logit element (N * V) this provider may hold at its peak, beyond the inputs;
     # 0 for the chunked/fused ones (a bounded chunk).
     logit_bytes: Callable[[Case], float] = lambda c: 0.0
+    # False: left out of ``--quick`` (which must finish in 5 minutes on 2 cores), with that reason.
+    quick: bool = True
 
     def est_bytes(self, c: Case) -> float:
         return self.logit_bytes(c) * c.n * c.v
@@ -115,6 +121,17 @@ def _torch_lce() -> Provider:
     return Provider("torch-lce", ("ce",), unavailable, build)
 
 
+def _torch_lce_tuned() -> Provider:
+    base = _torch_lce()
+
+    def build(c, x, device):
+        opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=max(1, (1 << 24) // c.v), chunking_method=None)
+        return _two_streams(c, x, lambda h, w, t: torch.nn.functional.linear_cross_entropy(
+            h, w, t, reduction="sum", ignore_index=IGNORE_INDEX, options=opts))
+
+    return Provider("torch-lce-tuned", ("ce",), base.unavailable, build, quick=False)
+
+
 def _cce() -> Provider:
     def unavailable(device):
         if importlib.util.find_spec("cut_cross_entropy") is None:
@@ -132,7 +149,7 @@ def _cce() -> Provider:
     def logit_bytes(c):
         return 0.0 if torch.cuda.is_available() else _itemsize(c) + 8
 
-    return Provider("cce", ("ce",), unavailable, build, logit_bytes)
+    return Provider("cce", ("ce",), unavailable, build, logit_bytes, quick=False)
 
 
 def _liger() -> Provider:
@@ -159,7 +176,7 @@ def registry() -> list[Provider]:
     """All providers, ours first (in the backend registry's order), then the baselines."""
     from surgery_kernels.backends import BACKENDS
 
-    return [_ours(b) for b in BACKENDS] + [_naive(), _torch_lce(), _cce(), _liger()]
+    return [_ours(b) for b in BACKENDS] + [_naive(), _torch_lce(), _torch_lce_tuned(), _cce(), _liger()]
 
 
 def by_name() -> dict[str, Provider]:

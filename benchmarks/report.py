@@ -91,7 +91,7 @@ def case_table(rows: list[dict]) -> str:
         if r["status"] != "ok":
             lines.append(f"| {r['provider']} | – | – | – | – | – | – | – | {r['status']}: {r['reason']} |")
             continue
-        note = r["reason"] if r["provider"] == "floor" else ""
+        note = r.get("reason") or ""
         lines.append(
             f"| {r['provider']} | {_f(r['median_ms'])} | {_f(r['p20_ms'])}–{_f(r['p80_ms'])} | "
             f"{_f(r['peak_mib'], '{:.0f}')} | {_f(r['ratio_to_floor'])} | {_f(r['ratio_to_naive'])} | "

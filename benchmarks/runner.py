@@ -31,6 +31,8 @@ from .cases import PRESETS, Case
 from .providers import registry
 
 ROOT = Path(__file__).resolve().parent.parent
+# Directories added by --wheels, passed on to the workers after everything installed.
+_EXTRA_PATHS: list[str] = []
 ROW_FIELDS = ("op", "provider", "mode", "shape", "n", "h", "v", "dtype", "status", "reason", "median_ms", "p20_ms",
               "p80_ms", "runs", "peak_mib", "ratio_to_floor", "ratio_to_naive", "mem_ratio_to_naive", "value",
               "value_rel_diff", "load1", "device", "torch", "triton", "commit")
@@ -83,7 +85,8 @@ def environment(device: str) -> dict:
     }
 
 
-def plan(cases: list[Case], device: str, provider_names: list[str] | None, mem_budget_gib: float):
+def plan(cases: list[Case], device: str, provider_names: list[str] | None, mem_budget_gib: float,
+         quick: bool = False):
     """(tasks for the workers, rows decided without measuring: unavailable / over budget)."""
     provs = [p for p in registry() if provider_names is None or p.name in provider_names]
     why_not = {p.name: p.unavailable(device) for p in provs}
@@ -99,6 +102,9 @@ def plan(cases: list[Case], device: str, provider_names: list[str] | None, mem_b
                 fixed.append(_row(c, p.name, status="unavailable", reason=f"{p.name} has no {c.op} op"))
             elif why_not[p.name]:
                 fixed.append(_row(c, p.name, status="unavailable", reason=why_not[p.name]))
+            elif quick and not p.quick:
+                fixed.append(_row(c, p.name, status="skipped", reason=(
+                    "left out of --quick to keep it within 5 minutes; measured by the cpu preset")))
             elif device == "cpu" and p.est_bytes(c) > mem_budget_gib * 2**30:
                 fixed.append(_row(c, p.name, status="skipped", reason=(
                     f"estimated peak {p.est_bytes(c) / 2**30:.1f} GiB > CPU memory budget {mem_budget_gib} GiB "
@@ -124,10 +130,11 @@ def _describe(r: dict) -> str:
 
 
 def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadline: float | None,
-            task_timeout: float) -> list[dict]:
+            task_timeout: float, max_call_s: float | None = None) -> list[dict]:
     """Run the tasks in workers: one process per task on the CPU, one for all on CUDA (restarted
     after a crash for the tasks left). Returns the workers' JSON lines, one per task."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + _EXTRA_PATHS
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     log = open(out_dir / "worker.log", "a")
     groups = [[t] for t in tasks] if device == "cpu" else [tasks]
     results: list[dict] = []
@@ -135,13 +142,19 @@ def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadlin
         for gi, group in enumerate(groups):
             pending = list(group)
             while pending:
+                if deadline is not None and time.time() > deadline:
+                    # No new worker past the deadline (its start alone costs seconds on a GPU).
+                    results += [{"task": t, "status": "skipped", "reason": "time limit of the run reached"}
+                                for t in pending]
+                    break
                 spec, out = Path(tmp) / f"spec{gi}.json", Path(tmp) / f"out{gi}.jsonl"
                 out.unlink(missing_ok=True)
                 spec.write_text(json.dumps({"device": device, "repeats": repeats, "deadline": deadline,
-                                            "tasks": pending}))
+                                            "max_call_s": max_call_s, "tasks": pending}))
                 limit = task_timeout * len(pending)
                 if deadline is not None:
-                    limit = min(limit, max(deadline - time.time(), 0) + task_timeout)
+                    # A task running at the deadline gets a short grace, then the report is written.
+                    limit = min(limit, max(deadline - time.time(), 0) + 30)
                 try:
                     subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec), str(out)], cwd=ROOT, env=env,
                                    stdout=log, stderr=log, timeout=limit)
@@ -223,8 +236,29 @@ def _ckey(r: dict) -> str:
     return Case(r["op"], r["mode"], r["shape"], r["n"], r["h"], r["v"], r["dtype"]).key
 
 
+def add_wheels(wheel_dir: str | None) -> list[str]:
+    """Make pure-Python wheels in ``wheel_dir`` importable (appended to sys.path, so installed
+    packages win): how liger-kernel and cut-cross-entropy reach a GPU machine without internet.
+    Returns the wheels used."""
+    import zipfile
+
+    if not wheel_dir or not Path(wheel_dir).is_dir():
+        return []
+    wheels = sorted(Path(wheel_dir).glob("*-py3-none-any.whl"))
+    if not wheels:
+        return []
+    target = Path(tempfile.mkdtemp(prefix="bench_wheels_"))
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            z.extractall(target)
+    sys.path.append(str(target))
+    _EXTRA_PATHS.append(str(target))
+    return [w.name for w in wheels]
+
+
 def run(args) -> int:
     device = args.device
+    wheels = add_wheels(args.wheels)
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device visible", file=sys.stderr)
         return 2
@@ -241,21 +275,21 @@ def run(args) -> int:
     if not cases:
         print("no case left after the filters", file=sys.stderr)
         return 2
-    repeats = args.repeats or (3 if preset == "quick" else 5)
+    repeats = args.repeats or (2 if preset == "quick" else 3 if device == "cpu" else 5)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = environment(device)
-    meta.update(preset=preset, repeats=repeats, mem_budget_gib=args.mem_budget_gib,
+    meta.update(preset=preset, repeats=repeats, wheels=wheels, mem_budget_gib=args.mem_budget_gib, max_call_s=args.max_call_s,
                 command=" ".join(["python -m benchmarks"] + sys.argv[1:]), load_start=measure.load_average())
     providers = args.providers.split(",") if args.providers else None
-    tasks, fixed = plan(cases, device, providers, args.mem_budget_gib)
+    tasks, fixed = plan(cases, device, providers, args.mem_budget_gib, quick=preset == "quick")
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
           f"preset {preset}: {len(cases)} cases, {len(tasks)} measurements | load {meta['load_start']}", flush=True)
     for r in fixed:
         print(_describe(r), flush=True)
     t0 = time.time()
     deadline = t0 + args.time_limit if args.time_limit else None
-    results = execute(tasks, device, repeats, out_dir, deadline, args.task_timeout)
+    results = execute(tasks, device, repeats, out_dir, deadline, args.task_timeout, args.max_call_s)
     meta.update(load_end=measure.load_average(), wall_s=round(time.time() - t0, 1))
     rows = compose(cases, results, fixed, meta)
     report.write_all(out_dir, meta, rows)

@@ -12,16 +12,17 @@ Streams: problematic (ascent 0.1), outdated (ascent 0.1), updated (descent 2.0),
 batch 1 each, every record ``--length`` tokens of random words.
 
 CPU (default): a small Llama with a Llama-2 vocabulary (V = 32000), full fine-tuning, reference =
-frozen copy, float32. Each variant runs in its own process; peak memory is the growth of the
-process's max RSS during the steps over its level after setup.
+frozen copy, float32. Each variant runs in its own process (glibc told to return freed blocks at
+once); peak memory is the highest resident size sampled during the timed steps minus the size
+after the warm-up step (weights, reference copy and optimizer state are in the baseline).
 
     python benchmarks/train_step.py                     # CPU table
     python benchmarks/train_step.py --gpu               # Llama-2-7B shape, bf16, LoRA, length 4096
 
 GPU (``--gpu``): Llama-2-7B shape (H 4096, 32 layers, V 32000) with random weights made on the GPU,
 bf16, LoRA r=16 on q/k/v/o/gate/up/down, gradient checkpointing, reference = adapters off; both
-variants in one process, peak = ``torch.cuda.max_memory_allocated`` during the steps (reset before
-each variant) minus the memory held before. Prints one table; ``--json FILE`` writes the rows.
+variants in one process from the same starting adapters, peak = ``torch.cuda.max_memory_allocated``
+during the timed steps minus the memory held after the warm-up step. Prints one table; ``--json FILE`` writes the rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -129,6 +129,38 @@ def _hf_step(run):
     return out
 
 
+class _RssPeak:
+    """Peak resident memory of this process, sampled every millisecond by a thread. The parent
+    runs children with MALLOC_MMAP_THRESHOLD_ so that freed tensors leave the RSS at once."""
+
+    def __init__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.peak = 0
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.001)
+
+    def start(self) -> int:
+        base = self.now()
+        self._thread.start()
+        return base
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now())
+
+
 def _sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -138,14 +170,17 @@ def measure(args, variant: str, run=None) -> dict:
     device = "cuda" if args.gpu else "cpu"
     run = run or _build(args, device)
     step = (lambda: run._train_step()) if variant == "fused" else (lambda: _hf_step(run))
-    if args.gpu:
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     times, losses = [], None
     for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            # Baseline after warm-up: weights, reference, optimizer state exist; gradients are freed.
+            if args.gpu:
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                rss = _RssPeak()
+                base = rss.start()
         _sync(device)
         t0 = time.perf_counter()
         m = step()
@@ -156,10 +191,7 @@ def measure(args, variant: str, run=None) -> dict:
             # First step's losses (same weights, same batch in both variants): a correctness check.
             losses = {k.replace("loss/", ""): round(float(v), 4) for k, v in m.items()
                       if k.startswith("loss/") or k in ("total",) or k in dict.fromkeys(s[0] for s in STREAMS)}
-    if args.gpu:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = (torch.cuda.max_memory_allocated() if args.gpu else rss.stop()) - base
     tokens = args.length * len(STREAMS)
     return {"variant": variant, "median_s": statistics.median(times), "min_s": min(times),
             "peak_extra_mib": peak / 2**20, "tokens": tokens, "first_step_losses": losses}
@@ -212,7 +244,8 @@ def main(argv=None) -> int:
         # One process per variant: max RSS cannot be reset within a process.
         for v in args.variants.split(","):
             cmd = [sys.executable, __file__, "--child", v] + [a for a in (argv if argv is not None else sys.argv[1:])]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT),
+                                                                            MALLOC_MMAP_THRESHOLD_="65536"))
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
                 print(proc.stderr[-3000:], file=sys.stderr)

@@ -39,7 +39,7 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def provider_task(c: Case, name: str, device: str, repeats: int) -> dict:
+def provider_task(c: Case, name: str, device: str, repeats: int, max_call_s: float | None = None) -> dict:
     prov = by_name()[name]
     # Prime at a small N: kernels loaded, torch.compile and autotuning done before measuring.
     small = make_inputs(c, device, n=min(PRIME_N, c.n))
@@ -70,7 +70,12 @@ def provider_task(c: Case, name: str, device: str, repeats: int) -> dict:
         res["first_call_ms"] = (time.perf_counter() - t0) * 1e3
         res["peak_mib"] = max(measure.peak_rss_bytes() - base, 0) / measure.MIB
         res["mem_method"] = "RSS growth, fresh process" + ("" if exact else " (VmHWM not resettable: upper bound)")
-        times = measure.time_cpu(lambda: run_once(fn, c.mode), lambda: _clear_grads(x), repeats)
+        if max_call_s is not None and res["first_call_ms"] > max_call_s * 1e3:
+            # Too slow to repeat within the run's time: report the one (cold) call, flagged.
+            repeats = 0
+            res["reason"] = f"1 cold call only (it took over --max-call-s {max_call_s:g} s)"
+        times = measure.time_cpu(lambda: run_once(fn, c.mode), lambda: _clear_grads(x), repeats) or [
+            res["first_call_ms"]]
         med, p20, p80 = measure.quantiles(times)
         res.update(median_ms=med, p20_ms=p20, p80_ms=p80, runs=repeats, samples_ms=times)
     res["value"] = float(loss)
@@ -118,7 +123,8 @@ def main(spec_path: str, out_path: str) -> int:
                 if task["kind"] == "gemm":
                     row.update(gemm_task(c, device, repeats), status="ok")
                 else:
-                    row.update(provider_task(c, task["provider"], device, repeats), status="ok")
+                    row.update(provider_task(c, task["provider"], device, repeats, spec.get("max_call_s")),
+                               status="ok")
             except Exception as exc:  # record why, keep measuring the others
                 row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
                 traceback.print_exc()

@@ -87,6 +87,12 @@ class SurgeryObjective(nn.Module):
             elif ref_weight is None:
                 # A frozen head is its own reference (LoRA, or layers-only training with a cache).
                 ref_weight, ref_bias = w, b
+            if ref_hidden.dtype != hk.dtype:
+                # A reference kept in another precision (fp32 copy under mixed precision, a cache).
+                ref_hidden = ref_hidden.to(hk.dtype)
+            if ref_weight.dtype != ref_hidden.dtype:
+                ref_weight = ref_weight.to(ref_hidden.dtype)
+                ref_bias = None if ref_bias is None else ref_bias.to(ref_hidden.dtype)
             v = linear_kl_div(hk, w, ref_hidden, ref_weight, bias=b, ref_bias=ref_bias,
                               mask=target[n_ce_rows:] != IGNORE, token_weight=kl_weight, reduction="none",
                               direction=self.kl_direction, backend=self.backend)

@@ -20,6 +20,7 @@ or KL, before sign and weight), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -164,7 +165,7 @@ class Surgery:
             elif self.reference_mode == "adapter":
                 self._reference = AdapterReference()
         if self.dist.enabled:
-            distributed.shard_objective(self.objective)
+            distributed.shard_objective(self.objective, self._mp_dtype)
         # The optimizer must hold the sharded parameters: create it before any forward (FSDP keeps
         # the root's parameters unsharded after a forward, and they are swapped in as module attributes).
         params = [p for p in self.objective.parameters() if p.requires_grad]
@@ -233,13 +234,14 @@ class Surgery:
         tw = row_w[:, None].expand(-1, L).contiguous()
         tc = row_c[:, None].expand(-1, L)
         ref = (None, None, None)
-        if n_ce < b.input_ids.shape[0]:
-            ref = self._reference_hidden(b, rows, n_ce, L)
-        self.objective.train()
-        total, terms = self.objective("loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce,
-                                      ce_weight=tw[:n_ce], ce_coeff=tc[:n_ce], kl_weight=tw[n_ce:],
-                                      kl_coeff=tc[n_ce:], ref_hidden=ref[0], ref_weight=ref[1], ref_bias=ref[2],
-                                      stream_rows=rows)
+        with self._autocast():
+            if n_ce < b.input_ids.shape[0]:
+                ref = self._reference_hidden(b, rows, n_ce, L)
+            self.objective.train()
+            total, terms = self.objective("loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce,
+                                          ce_weight=tw[:n_ce], ce_coeff=tc[:n_ce], kl_weight=tw[n_ce:],
+                                          kl_coeff=tc[n_ce:], ref_hidden=ref[0], ref_weight=ref[1],
+                                          ref_bias=ref[2], stream_rows=rows)
         # FSDP averages gradients over processes; each process's loss is already a share of the
         # global objective, so scale back up to get its sum.
         (total * self.dist.world_size).backward()
@@ -270,6 +272,16 @@ class Surgery:
         ntok = int(float(self.dist.all_reduce_sum(live.sum().to(torch.float64))))
         m.update({"grad_norm": gn, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt, "time_s": dt})
         return m
+
+    @property
+    def _mp_dtype(self):
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.cfg.mixed_precision)
+
+    def _autocast(self):
+        """One process with mixed_precision: autocast (under FSDP the policy casts the parameters)."""
+        if self._mp_dtype is None or self.dist.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._mp_dtype)
 
     def _reference_hidden(self, b: Batch, rows, n_ce: int, L: int):
         if isinstance(self._reference, AdapterReference):

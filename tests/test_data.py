@@ -124,7 +124,8 @@ def test_config_paper_preset_and_overrides(tmp_path):
     assert [(s.name, s.loss, s.weight) for s in cfg.streams] == [
         ("problematic", "ascent", 0.1), ("outdated", "ascent", 0.1), ("updated", "descent", 2.0), ("retain", "kl", 0.25)]
     assert cfg.train.steps == 7 and cfg.train.lr == 2e-4 and cfg.train.betas == (0.8, 0.9)
-    assert cfg.train.max_length == 4096 and cfg.train.gradient_checkpointing and cfg.model.dtype == "bfloat16"
+    assert cfg.train.max_length == 4096 and cfg.train.gradient_checkpointing
+    assert cfg.model.dtype == "float32" and cfg.train.mixed_precision == "bfloat16"
     assert cfg.streams[0].data == str(tmp_path / "a.jsonl") and cfg.model.path == str(tmp_path / "m")
     assert PRESETS["paper"]["train"]["clip"] == 1.0
 
@@ -161,3 +162,9 @@ def test_example_configs_load(name):
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{name}.yaml")
     assert cfg.streams and cfg.output_dir
+
+
+def test_mixed_answer_types_are_fine(tmp_path):
+    f = _jsonl(tmp_path / "q.jsonl", [json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}),
+                                      json.dumps({"question": "r", "choices": ["a", "b"], "answer": "a"})])
+    assert [r["answer"] for r in read_records(f, "auto")] == [1, "a"]
