@@ -30,6 +30,8 @@ def ce_fwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, pm_ptr, ps_ptr, zt_ptr,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # float32 whatever the caller passed: a float64 scalar would promote the loop-carried statistics.
+    softcap = tl.cast(softcap, tl.float32)
     pid = tl.program_id(0)
     pid_n, pid_s = tile_ids(pid, tl.cdiv(N, BLOCK_N), n_splits, GROUP)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,6 +76,8 @@ def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_hi_ptr, lse_lo_ptr, coeff
                   NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # float32 whatever the caller passed: a float64 scalar would promote the loop-carried statistics.
+    softcap = tl.cast(softcap, tl.float32)
     pid = tl.program_id(0)
     pid_n, pid_v = tile_ids(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,7 +125,7 @@ def forward(hidden, weight, bias, target, ignore_index, softcap):
     zt = torch.empty(n, dtype=torch.float32, device=hidden.device)
     args = (hidden, weight, bias if bias is not None else common.dummy(hidden.device), target, pm, ps, zt,
             n, v, h, split_cols, n_splits, hidden.stride(0), weight.stride(0),
-            1.0 if softcap is None else softcap)
+            1.0 if softcap is None else float(softcap))
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, DOT_FP32=common.INTERPRET,
                  PRECISION=common.dot_precision(hidden.dtype))
     if n > 0:
@@ -150,7 +154,7 @@ def backward(hidden, weight, bias, target, lse, coeff, softcap, needs):
         args = (hidden, weight[v0:v1], d if bias is None else bias[v0:v1], target - v0 if v0 else target, hi, lo,
                 coeff, d if dh is None else dh, d if dw is None else dw, d if db is None else db,
                 n, v1 - v0, h, hidden.stride(0), weight.stride(0), h, h,
-                1.0 if softcap is None else softcap, common.GRAD_FILTER_EPS)
+                1.0 if softcap is None else float(softcap), common.GRAD_FILTER_EPS)
         common.launch(ce_bwd_kernel, ce_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v1 - v0)
 
     return common.chunked_grads(hidden, weight, bias, needs, run)
