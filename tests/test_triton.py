@@ -88,9 +88,12 @@ def _check_ce(device, dtype, h, w, t, *, bias=None, grad=(True, True, True), ups
     """Run ours (backend triton, dtype), plain PyTorch (dtype) and float64; compare value and grads."""
     results = []
     for impl, dt in (("ours", dtype), ("plain", dtype), ("ref", torch.float64)):
-        hh, ww = _leaf(h.to(dt), grad[0]), _leaf(w.to(dt), grad[1])
-        bb = None if bias is None else _leaf(bias.to(dt), grad[2])
-        opts = {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+        # every side sees the same dtype-rounded inputs: the reference upcasts them, it does not
+        # start again from the float32 originals (that would measure input rounding, not the loss)
+        cast = lambda x: x.to(dtype).to(dt)
+        hh, ww = _leaf(cast(h), grad[0]), _leaf(cast(w), grad[1])
+        bb = None if bias is None else _leaf(cast(bias), grad[2])
+        opts = {k: (cast(v) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
         if impl == "ours":
             out = linear_cross_entropy(hh, ww, t, bias=bb, backend="triton", **opts)
         else:
@@ -219,12 +222,13 @@ def _kl_inputs(device, n=N, seed=1, rh=RH, bias=True):
 def _check_kl(device, dtype, h, w, b, rh, rw, rb, *, upstream=None, shared_head=False, **kw):
     results = []
     for impl, dt in (("ours", dtype), ("plain", dtype), ("ref", torch.float64)):
-        hh, ww = _leaf(h.to(dt)), _leaf(w.to(dt))
-        bb = None if b is None else _leaf(b.to(dt))
-        refs = [None if x is None else x.to(dt) for x in (rh, rw, rb)]
+        cast = lambda x: x.to(dtype).to(dt)  # the reference upcasts the same rounded inputs
+        hh, ww = _leaf(cast(h)), _leaf(cast(w))
+        bb = None if b is None else _leaf(cast(b))
+        refs = [None if x is None else cast(x) for x in (rh, rw, rb)]
         if shared_head:
             refs[1] = ww
-        opts = {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+        opts = {k: (cast(v) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
         if impl == "ours":
             out = linear_kl_div(hh, ww, refs[0], refs[1], bias=bb, ref_bias=refs[2], backend="triton", **opts)
         else:
