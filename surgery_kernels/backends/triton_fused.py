@@ -1,7 +1,239 @@
-"""Backend ``triton``: fused Triton kernels (not implemented yet)."""
+"""Backend ``triton``: fused Triton kernels; no logits, no logit chunk, ever reach device memory.
+
+The six primitives of ``surgery_kernels.backends`` over the kernels of ``triton_kernels``:
+
+- ``*_forward``: one kernel computes logit tiles on chip and keeps only per-row statistics
+  (online log-sum-exp, target logit, for KL the expectation of the logit difference), then a
+  few O(N) torch ops merge the vocabulary splits.
+- ``*_backward``: one kernel recomputes each (token block x vocabulary block) tile, forms the
+  logit gradient in registers and adds its share of dH and dW.
+- ``*_forward_backward``: forward kernel, then (the ascent_cap rule needs the finished ce of
+  each token) the O(N) coefficient update, then the backward kernel: 2 + 6 = 8 N*H*V flops
+  for CE against the 6 N*H*V of the three plain GEMMs (KL: see the end of this docstring).
+
+Why float32 atomics for dH and dW rather than a kernel that owns vocabulary blocks: each logit
+tile needs a full reduction over H, and a (BLOCK_V x H) float32 dW accumulator (2 MiB at
+H = 4096) fits neither registers nor shared memory, so an owning kernel would have to recompute
+each tile once per H block it owns (H / BLOCK_K times). Atomics let every tile be recomputed
+exactly once; the price is atomic traffic (the grouped tile order keeps it in L2) and float32
+accumulators: dH as one (N, H) float32 buffer, dW one vocabulary chunk of at most 64 MiB at a
+time (one launch per chunk, ``common.chunked_grads``); for float32 inputs the gradients are the
+accumulators. Beyond inputs and gradients a 16-bit step thus holds 4*N*H bytes + 64 MiB (320 MiB
+at N = 16384, H = 4096), not the issue's 64 MiB: one of dH, dW always spans all its rows while
+it accumulates, so 64 MiB would need it summed in 16 bits (CCE does so), which would likely
+exceed the numerics contract (2x plain PyTorch's error) over 250 vocabulary blocks (not tried). The ``cuda`` and ``torch`` backends keep the other trade-off (a logit
+chunk in memory, cuBLAS GEMMs).
+
+The main performance risk (not yet measured on a GPU): each (BLOCK_N x BLOCK_V) tile adds
+(BLOCK_N + BLOCK_V) x H float32 with atomics, N*H*V * 4 * (1/BLOCK_V + 1/BLOCK_N) bytes in all:
+128 GiB at N=16384, H=4096, V=32000 with 128x128 tiles, against ~1.7e13 flops of tensor-core
+work. If ``benchmarks/triton_gpu.py`` shows the backward atomic-bound, the next step is a
+supertile (several row and vocabulary blocks per program, gradient tiles staged in shared
+memory) that divides that traffic by its side.
+
+Deviation from the primitive contract, on purpose: ``lse``/``ref_lse`` come back in float64
+(ce and kl in float32). The row statistics are a float32 max plus a float32 log-sum-exp of the
+shifted logits; their float32 sum would be off by up to ~5e-4 at |z| ~ 1e4, and the backward's
+softmax exp(z - lse) would carry that error into every gradient. They only travel between this
+backend's own forward and backward (through the autograd layer), so nothing else sees them.
+
+Each primitive is one ``torch.library.custom_op`` (namespace ``surgery_triton``) with a fake
+(meta) implementation, so ``torch.compile(fullgraph=True)`` sees an opaque op instead of tracing
+into the launcher (or the interpreter). Gradients that are not needed come out of the ops as
+empty placeholders and leave the primitives as None.
+
+Gradient filtering (skip a tile whose |softmax - onehot| is below a threshold everywhere) is off
+by default; see ``triton_kernels.common.GRAD_FILTER_EPS``.
+
+KL flops: forward 2 tiles (4 N*H*V when H' = H), backward 2 recomputed tiles + dH + dW (8 N*H*V),
+12 N*H*V in all against the 8 N*H*V of the four plain GEMMs (both logits, dH, dW).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
 
 from . import Availability
 
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 
 def availability(name: str, device_type: str) -> Availability:
-    return Availability(False, "the Triton kernels are not implemented yet")
+    if importlib.util.find_spec("triton") is None:
+        return Availability(False, "triton is not installed (pip install 'surgery-kernels[triton]')")
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return Availability(False, "no CUDA device is visible")
+        return Availability(True)
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+            return Availability(True)
+        return Availability(False, "Triton runs on CUDA tensors (on CPU only under TRITON_INTERPRET=1, for tests)")
+    return Availability(False, f"Triton kernels do not run on {device_type} tensors")
+
+
+def _kernels():
+    from .triton_kernels import ce, kl  # noqa: PLC0415  (triton is imported only when used)
+    return ce, kl
+
+
+def _check(hidden: torch.Tensor) -> None:
+    if hidden.dtype not in _DTYPES:
+        raise TypeError(f"backend='triton' takes hidden/weight in float32, bfloat16 or float16, got {hidden.dtype}; "
+                        f"use backend='torch' for {hidden.dtype}")
+
+
+def _c(*tensors):
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def _placeholders(grads, hidden):
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+def _none_where_unneeded(grads, needs, bias):
+    dh, dw, db = grads
+    return (dh if needs[0] else None, dw if needs[1] else None, db if (needs[2] and bias is not None) else None)
+
+
+def _fake_stats(hidden, *dtypes):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=dt) for dt in dtypes)
+
+
+def _fake_grads(hidden, weight, bias, needs):
+    return (torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
+            torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
+            torch.empty_like(bias) if (needs[2] and bias is not None) else hidden.new_empty(0))
+
+
+@torch.library.custom_op("surgery_triton::ce_forward", mutates_args=())
+def _ce_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+    hidden, weight, bias, target = _c(hidden, weight, bias, target)
+    return _kernels()[0].forward(hidden, weight, bias, target, ignore_index, softcap)
+
+
+@_ce_forward.register_fake
+def _(hidden, weight, bias, target, ignore_index, softcap):
+    return _fake_stats(hidden, torch.float32, torch.float64)
+
+
+@torch.library.custom_op("surgery_triton::ce_backward", mutates_args=())
+def _ce_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor, coeff: Tensor,
+                 softcap: Optional[float], needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    hidden, weight, bias, target = _c(hidden, weight, bias, target)
+    return _placeholders(_kernels()[0].backward(hidden, weight, bias, target, lse, coeff, softcap, needs), hidden)
+
+
+@_ce_backward.register_fake
+def _(hidden, weight, bias, target, lse, coeff, softcap, needs):
+    return _fake_grads(hidden, weight, bias, needs)
+
+
+@torch.library.custom_op("surgery_triton::ce_forward_backward", mutates_args=())
+def _ce_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, coeff: Tensor,
+                         ignore_index: int, softcap: Optional[float], ascent_cap: Optional[float],
+                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    hidden, weight, bias, target = _c(hidden, weight, bias, target)
+    ce_mod = _kernels()[0]
+    ce, lse = ce_mod.forward(hidden, weight, bias, target, ignore_index, softcap)
+    coeff = coeff.float()
+    if ascent_cap is not None:
+        # Bounded ascent: a token pushed past the cap gets no gradient (decided on the device).
+        coeff = torch.where((coeff < 0) & (ce > ascent_cap), torch.zeros_like(coeff), coeff)
+    grads = ce_mod.backward(hidden, weight, bias, target, lse, coeff, softcap, needs)
+    return (ce, lse) + _placeholders(grads, hidden)
+
+
+@_ce_forward_backward.register_fake
+def _(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap, needs):
+    return _fake_stats(hidden, torch.float32, torch.float64) + _fake_grads(hidden, weight, bias, needs)
+
+
+@torch.library.custom_op("surgery_triton::kl_forward", mutates_args=())
+def _kl_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
+                ref_bias: Optional[Tensor], mask: Tensor, direction: str,
+                temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    return _kernels()[1].forward(*args, mask, direction, temperature)
+
+
+@_kl_forward.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature):
+    return _fake_stats(hidden, torch.float32, torch.float64, torch.float64)
+
+
+@torch.library.custom_op("surgery_triton::kl_backward", mutates_args=())
+def _kl_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
+                 ref_bias: Optional[Tensor], lse: Tensor, ref_lse: Tensor, kl: Tensor, coeff: Tensor, direction: str,
+                 temperature: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    grads = _kernels()[1].backward(*args, lse, ref_lse, kl, coeff, direction, temperature, needs)
+    return _placeholders(grads, hidden)
+
+
+@_kl_backward.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature, needs):
+    return _fake_grads(hidden, weight, bias, needs)
+
+
+@torch.library.custom_op("surgery_triton::kl_forward_backward", mutates_args=())
+def _kl_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                         ref_weight: Tensor, ref_bias: Optional[Tensor], mask: Tensor, coeff: Tensor, direction: str,
+                         temperature: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    kl_mod = _kernels()[1]
+    kl, lse, rlse = kl_mod.forward(*args, mask, direction, temperature)
+    grads = kl_mod.backward(*args, lse, rlse, kl, coeff, direction, temperature, needs)
+    return (kl, lse, rlse) + _placeholders(grads, hidden)
+
+
+@_kl_forward_backward.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direction, temperature, needs):
+    return _fake_stats(hidden, torch.float32, torch.float64, torch.float64) + _fake_grads(hidden, weight, bias, needs)
+
+
+def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
+    _check(hidden)
+    return _ce_forward(hidden, weight, bias, target, ignore_index, softcap)
+
+
+def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
+    _check(hidden)
+    grads = _ce_backward(hidden, weight, bias, target, lse, coeff, softcap, list(needs))
+    return _none_where_unneeded(grads, needs, bias)
+
+
+def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
+                        chunk_size):
+    _check(hidden)
+    ce, lse, *grads = _ce_forward_backward(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap,
+                                           list(needs))
+    return (ce, lse) + _none_where_unneeded(grads, needs, bias)
+
+
+def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature,
+               chunk_size):
+    _check(hidden)
+    return _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature)
+
+
+def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
+                temperature, needs, chunk_size):
+    _check(hidden)
+    grads = _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction,
+                         temperature, list(needs))
+    return _none_where_unneeded(grads, needs, bias)
+
+
+def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
+                        temperature, needs, chunk_size):
+    _check(hidden)
+    kl, lse, rlse, *grads = _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff,
+                                                 direction, temperature, list(needs))
+    return (kl, lse, rlse) + _none_where_unneeded(grads, needs, bias)

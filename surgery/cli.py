@@ -1,0 +1,70 @@
+"""``surgery`` command line.
+
+    surgery train CONFIG.yaml [--set key=value ...] [--resume]   train (torchrun for FSDP), write output_dir
+    surgery eval CONFIG.yaml [--set key=value ...]               evaluate the configured model only
+    surgery demo [ARGS ...]                                       the embedded benchmark (surgery.demo)
+
+Errors in the config or the data are printed as one line (``surgery: error: ...``) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="surgery", description="LLM Surgery with fused linear losses")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model on the config's streams")
+    t.add_argument("config", help="YAML config (see examples/configs/)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=10 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
+    e = sub.add_parser("eval", help="evaluate the configured model on the config's eval sets")
+    e.add_argument("config")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_parser("demo", help="the embedded end-to-end benchmark (surgery demo --help)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        try:
+            import surgery.demo as demo
+        except ImportError as exc:
+            print(f"surgery: error: the demo module is not installed in this build ({exc})", file=sys.stderr)
+            return 2
+        return demo.main(argv[1:]) or 0
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from . import from_config, load_config
+    from .trainer import NonFiniteLossError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "eval":
+            run = from_config(cfg)
+            out = run.evaluate()
+            if run.dist.main:
+                print(json.dumps(out, indent=2))
+            return 0
+        run = from_config(cfg)
+        summary = run.run(resume=args.resume)
+    except (ValueError, FileNotFoundError) as exc:
+        # Config and data errors (DataError is a ValueError) name the file and what is wrong.
+        print(f"surgery: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"surgery: stopped: {exc}", file=sys.stderr)
+        return 1
+    if run.dist.main:
+        print(json.dumps({k: summary[k] for k in ("steps", "before", "after", "final")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Run configuration: the dataclasses behind ``Surgery(...)`` and the YAML loader behind the CLI.
+
+A YAML config has the sections ``model``, ``streams``, ``eval``, ``reference``, ``train``,
+``output_dir`` and optionally ``preset`` (a built-in base config, e.g. ``paper``). ``--set
+key=value`` overrides use dotted paths (``train.steps=10``, ``streams.0.weight=0.2``,
+``streams.retain.data=r.jsonl``); values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+LOSSES = ("ascent", "descent", "kl")
+REFERENCES = ("copy", "adapter", "cache")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Stream:
+    """One data stream of a surgery run.
+
+    name: shown in logs and metrics (``loss/<name>``); unique within a run.
+    data: a JSON / JSONL / Parquet file, or an in-memory list of records ``{"text": ...}`` or
+        ``{"prompt": ..., "completion": ...}`` (prompt tokens are masked from the loss).
+    loss: ``"ascent"`` (gradient ascent: forget), ``"descent"`` (learn) or ``"kl"`` (retain: token-level
+        KL to the frozen reference).
+    weight: the stream's coefficient (alpha, beta or gamma of the paper); >= 0, the sign comes from ``loss``.
+    batch_size / max_length: per-stream overrides of ``TrainConfig.batch_size`` / ``max_length``.
+    """
+
+    name: str
+    data: Any
+    loss: str = "descent"
+    weight: float = 1.0
+    batch_size: int | None = None
+    max_length: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Stream name must be a non-empty string, got {self.name!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"Stream {self.name!r}: loss must be one of {LOSSES}, got {self.loss!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:
+            raise ValueError(f"Stream {self.name!r}: weight must be a number >= 0 (the sign comes from loss=), "
+                             f"got {self.weight!r}")
+        self.weight = float(self.weight)
+        _positive_int_or_none(f"Stream {self.name!r}: batch_size", self.batch_size)
+        _positive_int_or_none(f"Stream {self.name!r}: max_length", self.max_length)
+
+
+@dataclass
+class EvalSet:
+    """An evaluation set.
+
+    data: file or list of records. ``{"question", "choices", "answer"}`` records are scored as
+    multiple choice (``answer``: index into ``choices`` or the text of the right choice);
+    ``{"text"}`` / ``{"prompt", "completion"}`` records give a perplexity.
+    kind: ``"auto"`` (from the first record), ``"choice"`` or ``"perplexity"``.
+    """
+
+    name: str
+    data: Any
+    kind: str = "auto"
+    batch_size: int = 16
+    max_length: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"EvalSet name must be a non-empty string, got {self.name!r}")
+        if self.kind not in ("auto", "choice", "perplexity"):
+            raise ValueError(f"EvalSet {self.name!r}: kind must be 'auto', 'choice' or 'perplexity', got {self.kind!r}")
+        _positive_int_or_none(f"EvalSet {self.name!r}: batch_size", self.batch_size)
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and run options (defaults: the paper's values where it has one)."""
+
+    steps: int = 120
+    lr: float = 2.0e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    weight_decay: float = 0.01
+    # Gradient-norm clip; None or 0 disables it.
+    clip: float | None = 1.0
+    # Linear warm-up steps, then constant (the authors' schedule is constant).
+    warmup_steps: int = 0
+    # Records per stream per step (per process under torchrun).
+    batch_size: int = 1
+    max_length: int = 4096
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    # Compute dtype over float32 weights: "bfloat16" | "float16" | None. One process: torch.autocast
+    # around the forward; under torchrun: FSDP MixedPrecisionPolicy(param_dtype, reduce_dtype=float32),
+    # as the authors ran Llama-2-7B (fp32 master weights, bf16 compute).
+    mixed_precision: str | None = None
+    # Evaluate every k steps (0: only before and after); checkpoint every k steps (0: at the end only).
+    eval_every: int = 0
+    save_every: int = 0
+    progress: bool = True
+    # Kernel options passed to surgery_kernels.
+    backend: str = "auto"
+    kl_direction: str = "forward"
+    # Bounded ascent: ascent tokens whose CE exceeds this stop contributing (None: unbounded, as the paper).
+    ascent_cap: float | None = None
+    # "cpu", "cuda", "cuda:1", ... (None: the model's device; under torchrun cuda:LOCAL_RANK when available).
+    device: str | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_length"):
+            _positive_int_or_none(f"train.{name}", getattr(self, name), allow_none=False)
+        for name in ("warmup_steps", "eval_every", "save_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"train.{name} must be an integer >= 0, got {v!r}")
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ValueError(f"train.lr must be a positive number, got {self.lr!r}")
+        if len(tuple(self.betas)) != 2:
+            raise ValueError(f"train.betas must be two numbers, got {self.betas!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.clip is not None and self.clip < 0:
+            raise ValueError(f"train.clip must be >= 0 or null, got {self.clip!r}")
+        if self.mixed_precision not in (None, "bfloat16", "float16"):
+            raise ValueError(f"train.mixed_precision must be null, 'bfloat16' or 'float16', got {self.mixed_precision!r}")
+        if self.kl_direction not in ("forward", "reverse"):
+            raise ValueError(f"train.kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train (used by the CLI and when ``Surgery(model=...)`` gets a dict or a path).
+
+    path: a local directory ``AutoModelForCausalLM.from_pretrained`` reads; or config: a dict with
+    ``model_type`` and config fields for a randomly initialised model (seeded by train.seed).
+    tokenizer: directory of the tokenizer (default: path).
+    dtype: storage dtype of the weights.
+    trainable: "all" | "lora" | list of parameter-name patterns (fnmatch, e.g. ``"*layers.1[01].*"``).
+    lora: {r, alpha, dropout, target_modules} (implies trainable "lora" unless set otherwise).
+    """
+
+    path: str | None = None
+    config: dict | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    trainable: Any = "all"
+    lora: dict | None = None
+
+    def __post_init__(self):
+        if (self.path is None) == (self.config is None):
+            raise ValueError("model: give exactly one of model.path (a local directory) or model.config "
+                             "(a dict with model_type for random init)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config must contain model_type (e.g. llama)")
+
+
+@dataclass
+class SurgeryConfig:
+    """A whole run, as loaded from YAML."""
+
+    model: ModelConfig
+    streams: list[Stream]
+    eval: list[EvalSet] = field(default_factory=list)
+    reference: str = "copy"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str | None = None
+
+
+def _positive_int_or_none(name, v, allow_none=True):
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+PRESETS: dict[str, dict] = {
+    # The authors' setup (arXiv 2409.13054, akshajkumarv/llm_surgery_code config_surgery.yaml):
+    # four streams, AdamW 2e-4 (0.9, 0.95), wd 0.01, clip 1.0, 120 steps, length 4096, batch 1,
+    # constant learning rate, bf16 compute over fp32 weights (their FSDP MixedPrecision: param bf16,
+    # reduce fp32), gradient checkpointing, full fine-tuning. Model and data paths must be given.
+    "paper": {
+        "model": {"dtype": "float32", "trainable": "all"},
+        "streams": [
+            {"name": "problematic", "loss": "ascent", "weight": 0.1},
+            {"name": "outdated", "loss": "ascent", "weight": 0.1},
+            {"name": "updated", "loss": "descent", "weight": 2.0},
+            {"name": "retain", "loss": "kl", "weight": 0.5},
+        ],
+        "reference": "copy",
+        "train": {"steps": 120, "lr": 2.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.01,
+                  "clip": 1.0, "warmup_steps": 0, "batch_size": 1, "max_length": 4096, "seed": 42,
+                  "gradient_checkpointing": True, "mixed_precision": "bfloat16"},
+    },
+}
+
+
+def _merge(base, over):
+    """Deep merge; lists of named streams/eval sets merge by name, other lists are replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if (isinstance(base, list) and isinstance(over, list) and all(isinstance(x, dict) and "name" in x for x in base)
+            and all(isinstance(x, dict) and "name" in x for x in over)):
+        out = [dict(x) for x in base]
+        names = [x["name"] for x in out]
+        for x in over:
+            if x["name"] in names:
+                i = names.index(x["name"])
+                out[i] = _merge(out[i], x)
+            else:
+                out.append(copy.deepcopy(x))
+        return out
+    return copy.deepcopy(over)
+
+
+def apply_override(cfg: dict, assignment: str) -> None:
+    """Apply one ``key.sub=value`` override in place (value parsed as YAML). List items are addressed
+    by index or, for streams and eval sets, by name."""
+    import yaml
+
+    if "=" not in assignment:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw)
+    parts = key.strip().split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, part, key)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ValueError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if part.lstrip("-").isdigit():
+        idx = int(part)
+        if not -len(node) <= idx < len(node):
+            raise ValueError(f"--set {key}: index {idx} out of range (list has {len(node)} items)")
+        return idx
+    for j, item in enumerate(node):
+        if isinstance(item, dict) and item.get("name") == part:
+            return j
+    raise ValueError(f"--set {key}: no item named {part!r}")
+
+
+def config_from_dict(raw: Mapping, base_dir: str | Path | None = None) -> SurgeryConfig:
+    """Build a :class:`SurgeryConfig` from a plain dict (preset merged, paths relative to ``base_dir``)."""
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        raw = _merge(PRESETS[preset], raw)
+    known = {"model", "streams", "eval", "reference", "train", "output_dir"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; expected {sorted(known)}")
+    if "model" not in raw:
+        raise ValueError("config has no model section (model: {path: DIR} or {config: {...}})")
+    if not raw.get("streams"):
+        raise ValueError("config has no streams")
+
+    def rel(p):
+        if p is None or not isinstance(p, (str, Path)) or base_dir is None:
+            return p
+        p = Path(p).expanduser()
+        return str(p if p.is_absolute() else Path(base_dir) / p)
+
+    m = dict(raw["model"])
+    _only(m, ModelConfig, "model")
+    m["path"], m["tokenizer"] = rel(m.get("path")), rel(m.get("tokenizer"))
+    streams = []
+    for i, s in enumerate(raw["streams"]):
+        if not isinstance(s, Mapping):
+            raise ValueError(f"streams[{i}] must be a mapping, got {s!r}")
+        _only(s, Stream, f"streams[{i}]")
+        if "data" not in s or s["data"] is None:
+            raise ValueError(f"streams[{i}] ({s.get('name')!r}) has no data (set streams.{i}.data=FILE)")
+        streams.append(Stream(**{**s, "data": rel(s["data"])}))
+    evals = []
+    for i, e in enumerate(raw.get("eval") or []):
+        _only(e, EvalSet, f"eval[{i}]")
+        evals.append(EvalSet(**{**e, "data": rel(e.get("data"))}))
+    t = dict(raw.get("train") or {})
+    _only(t, TrainConfig, "train")
+    reference = raw.get("reference", "copy")
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    return SurgeryConfig(model=ModelConfig(**m), streams=streams, eval=evals, reference=reference,
+                         train=TrainConfig(**t), output_dir=rel(raw.get("output_dir")))
+
+
+def _only(d: Mapping, cls, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(names)}")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SurgeryConfig:
+    """Read a YAML config, apply ``key=value`` overrides, merge its preset, validate.
+
+    Relative data/model paths are resolved against the config file's directory.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config must be a YAML mapping, got {type(raw).__name__}")
+    preset = raw.get("preset")
+    if preset is not None and preset in PRESETS:
+        # Overrides address the merged config (e.g. streams.retain.data on the paper preset).
+        raw = _merge(PRESETS[preset], {k: v for k, v in raw.items() if k != "preset"})
+    for o in overrides:
+        apply_override(raw, o)
+    return config_from_dict(raw, base_dir=path.parent)
+
+
+def as_dataclass(cls, value, where: str):
+    """``value`` as an instance of ``cls`` (dicts are converted, instances passed through)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        _only(value, cls, where)
+        return cls(**value)
+    raise TypeError(f"{where} must be a {cls.__name__} or a dict, got {type(value).__name__}")

@@ -1,0 +1,239 @@
+"""Data: read and validate records, tokenize them, and draw deterministic, resumable batches.
+
+Records come from local files — Parquet through ``datasets``; JSON arrays and JSON lines parsed
+here, line by line, because only that knows the line of a bad record (``datasets``' JSON loader
+reports Arrow errors without one, and would refuse records whose ``answer`` mixes ints and
+strings) — or from an in-memory list. Every record is checked before any model loads; a bad one
+stops the run with the file, the line (JSON/JSONL) or row (Parquet), and what is wrong.
+
+LM records: ``{"text": str}`` or ``{"prompt": str, "completion": str}`` (prompt tokens get no loss).
+Evaluation records: ``{"question": str, "choices": [str, ...], "answer": int | str}``.
+
+Batches are right-padded; ``target[b, t]`` is the token the model should predict at position ``t``
+(``input_ids[b, t + 1]``) or ``IGNORE`` where there is no loss (padding, prompt, the last position),
+so the hidden states never need shifting.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+IGNORE = -100
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """A data file or record is malformed; the message names the file, the line and the problem."""
+
+
+def _where(source: str, line: int | None, kind: str = "line") -> str:
+    return f"{source}:{kind} {line}" if line is not None else source
+
+
+def _check_lm(rec: Any, where: str) -> None:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    if "text" in rec:
+        if not isinstance(rec["text"], str) or not rec["text"]:
+            raise DataError(f"{where}: 'text' must be a non-empty string, got {rec['text']!r:.80}")
+        return
+    if "prompt" in rec or "completion" in rec:
+        for k in ("prompt", "completion"):
+            if not isinstance(rec.get(k), str):
+                raise DataError(f"{where}: a prompt/completion record needs string 'prompt' and 'completion', "
+                                f"'{k}' is {rec.get(k)!r:.80}")
+        if not rec["completion"]:
+            raise DataError(f"{where}: 'completion' is empty (nothing to train on)")
+        return
+    raise DataError(f"{where}: expected a 'text' field or 'prompt' and 'completion', got keys {sorted(rec)}")
+
+
+def _check_choice(rec: Any, where: str) -> None:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    for k in ("question", "choices", "answer"):
+        if k not in rec:
+            raise DataError(f"{where}: multiple-choice record has no '{k}' (needs question, choices, answer)")
+    if not isinstance(rec["question"], str):
+        raise DataError(f"{where}: 'question' must be a string, got {rec['question']!r:.80}")
+    ch = rec["choices"]
+    if not isinstance(ch, (list, tuple)) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
+        raise DataError(f"{where}: 'choices' must be a list of >= 2 non-empty strings, got {ch!r:.80}")
+    a = rec["answer"]
+    if isinstance(a, bool) or not isinstance(a, (int, str)):
+        raise DataError(f"{where}: 'answer' must be an index into choices or one of the choices, got {a!r}")
+    if isinstance(a, int) and not 0 <= a < len(ch):
+        raise DataError(f"{where}: 'answer' index {a} is outside choices (0..{len(ch) - 1})")
+    if isinstance(a, str) and a not in ch:
+        raise DataError(f"{where}: 'answer' {a!r} is not one of the choices {list(ch)!r:.120}")
+
+
+def _json_records(path: Path) -> list[tuple[Any, int]]:
+    """(record, line) pairs of a JSON array file or a JSONL file, with precise syntax errors."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if path.suffix == ".json" and stripped.startswith("["):
+        dec = json.JSONDecoder()
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        # Walk the array to know which line each record starts on.
+        out, pos = [], text.index("[") + 1
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if text[pos] == "]":
+                return out
+            rec, end = dec.raw_decode(text, pos)
+            out.append((rec, text.count("\n", 0, pos) + 1))
+            pos = end
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((json.loads(line), i))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:line {i}: invalid JSON ({e.msg}, column {e.colno})") from None
+    return out
+
+
+def read_records(data: Any, kind: str = "lm", *, name: str = "data") -> list[dict]:
+    """Read and validate the records of one stream or eval set.
+
+    data: a path (``.json`` array or JSON lines, ``.jsonl``, ``.parquet``) or a list of dicts.
+    kind: ``"lm"`` (text / prompt+completion), ``"choice"`` (multiple choice) or ``"auto"``
+    (decided by the first record). Returns plain dicts; raises :class:`DataError`.
+    """
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise DataError(f"{name}: data file not found: {path}")
+        fmt = FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise DataError(f"{path}: unsupported data format {path.suffix!r}; use .json, .jsonl or .parquet")
+        if fmt == "json":
+            # Syntax and schema errors with line numbers first, then load through datasets.
+            pairs = _json_records(path)
+            unit = "line"
+        else:
+            from datasets import Dataset
+
+            try:
+                ds = Dataset.from_parquet(str(path))
+            except Exception as e:
+                raise DataError(f"{path}: cannot read Parquet file ({type(e).__name__}: {e})") from None
+            pairs = [(r, i) for i, r in enumerate(ds.to_list())]
+            unit = "row"
+        src = str(path)
+    elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        pairs = [(r, i) for i, r in enumerate(data)]
+        src, unit = name, "record"
+    else:
+        raise DataError(f"{name}: data must be a file path or a list of records, got {type(data).__name__}")
+    if not pairs:
+        raise DataError(f"{src}: no records")
+    if kind == "auto":
+        first = pairs[0][0]
+        kind = "choice" if isinstance(first, dict) and "question" in first else "lm"
+    check = _check_choice if kind == "choice" else _check_lm
+    for rec, line in pairs:
+        check(rec, _where(src, line, unit))
+    return [dict(r) for r, _ in pairs]
+
+
+@dataclass
+class Example:
+    """One tokenized LM record: ``ids`` and, per position, whether the *next* token carries loss."""
+
+    ids: list[int]
+    loss_from: int  # first token index that is predicted with loss (1 for plain text)
+
+
+def tokenize_lm(records: list[dict], tokenizer, max_length: int) -> list[Example]:
+    """Tokenize LM records: text as one sequence; prompt + completion tokenized separately and joined
+    (completion without special tokens), so the boundary is exact. Truncated to ``max_length``."""
+    out = []
+    for rec in records:
+        if "text" in rec:
+            ids = list(tokenizer(rec["text"])["input_ids"])
+            start = 1
+        else:
+            p = list(tokenizer(rec["prompt"])["input_ids"])
+            c = list(tokenizer(rec["completion"], add_special_tokens=False)["input_ids"])
+            ids, start = p + c, max(len(p), 1)
+        out.append(Example(ids[:max_length], start))
+    return out
+
+
+@dataclass
+class Batch:
+    """A padded batch. input_ids, attention_mask, target: (B, L); ``target`` is IGNORE where no loss."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target: torch.Tensor
+    index: list[int]  # record indices, for the reference cache
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target.to(device), self.index)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.target != IGNORE
+
+
+def collate(examples: list[Example], pad_id: int, index: list[int] | None = None) -> Batch:
+    n = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    att = torch.zeros((len(examples), n), dtype=torch.long)
+    tgt = torch.full((len(examples), n), IGNORE, dtype=torch.long)
+    for b, e in enumerate(examples):
+        L = len(e.ids)
+        row = torch.tensor(e.ids, dtype=torch.long)
+        ids[b, :L] = row
+        att[b, :L] = 1
+        # Position t predicts token t + 1; loss on tokens loss_from .. L-1.
+        s = max(e.loss_from, 1)
+        if s < L:
+            tgt[b, s - 1:L - 1] = row[s:L]
+    return Batch(ids, att, tgt, list(index) if index is not None else list(range(len(examples))))
+
+
+class StreamSampler:
+    """Deterministic, resumable sampling of one stream.
+
+    Record order is a fresh permutation per epoch drawn from (seed, stream name, epoch) — adding or
+    removing another stream (an ablation) does not change this stream's records. The only
+    state is ``cursor``, the number of records drawn so far across all processes. Step ``k`` of a run
+    with global batch G = batch_size x world_size uses records ``cursor .. cursor + G``; process r
+    takes its slice ``[r * batch_size, (r + 1) * batch_size)``. So one process with batch 2 sees the
+    same records as two processes with batch 1.
+    """
+
+    def __init__(self, n: int, seed: int, name: str, cursor: int = 0):
+        self.n, self.seed, self.cursor = n, seed, cursor
+        self.key = zlib.crc32(name.encode())
+        self._perm_epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.key * 7919 + epoch) % 2**63)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def draw(self, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Record indices for this process's share of the next global batch; advances the cursor."""
+        out = []
+        for j in range(rank * batch_size, (rank + 1) * batch_size):
+            c = self.cursor + j
+            out.append(int(self._order(c // self.n)[c % self.n]))
+        self.cursor += batch_size * world_size
+        return out

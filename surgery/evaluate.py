@@ -1,0 +1,137 @@
+"""Evaluation without logits: multiple-choice accuracy by answer likelihood, and perplexity.
+
+Both score tokens with ``linear_cross_entropy(reduction="none")`` on the final hidden states under
+``torch.no_grad()``, so no ``[tokens, vocab]`` tensor is made. Usable on their own::
+
+    from surgery.evaluate import multiple_choice, perplexity
+    multiple_choice(model, tokenizer, [{"question": "...", "choices": [...], "answer": 0}])
+
+``model`` is a causal LM (peft-wrapped or not) or the trainer's ``SurgeryObjective``.
+
+Multiple choice (the paper's method): each choice is scored by the summed log-likelihood of its
+tokens given the question, ``question`` and ``sep + choice`` tokenized separately and joined (so
+every choice sees the same question tokens). ``accuracy`` uses the summed log-likelihood (favours
+short choices); ``accuracy_per_token`` divides by the number of choice tokens. Ties go to the
+first choice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .data import Example, collate, read_records, tokenize_lm
+
+
+def _scorer(model, backend: str):
+    from .objective import SurgeryObjective
+
+    obj = model if isinstance(model, SurgeryObjective) else SurgeryObjective(model, backend=backend)
+    return obj
+
+
+def _device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def token_nll(model, examples: list[Example], tokenizer, *, batch_size: int = 16, backend: str = "auto",
+              device=None) -> list[torch.Tensor]:
+    """Per example, the NLL (float32, CPU) of each token that carries loss, in order."""
+    obj = _scorer(model, backend)
+    device = device or _device(obj)
+    was_training = obj.training
+    obj.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    try:
+        # Longest first keeps padding low within a batch.
+        order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
+        res: dict[int, torch.Tensor] = {}
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            b = collate([examples[i] for i in idx], pad, idx).to(device)
+            nll = obj("nll", b.input_ids, b.attention_mask, b.target).float().cpu()
+            m = b.mask.cpu()
+            for r, i in enumerate(idx):
+                res[i] = nll[r][m[r]]
+        out = [res[i] for i in range(len(examples))]
+    finally:
+        obj.train(was_training)
+    return out
+
+
+def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: int = 16, max_length: int | None = None,
+                    backend: str = "auto", device=None, details: bool = False) -> dict[str, Any]:
+    """Accuracy of 3-option (or any-option) questions by answer log-likelihood.
+
+    records: list of ``{"question", "choices", "answer"}`` (or a file path). Returns
+    ``{"accuracy", "accuracy_per_token", "n"}`` and, with ``details=True``, ``"questions"``: per
+    question the summed log-likelihood and token count of each choice, the pick and the answer.
+    """
+    records = read_records(records, "choice", name="eval records")
+    examples, owner = [], []
+    for qi, rec in enumerate(records):
+        q = list(tokenizer(rec["question"])["input_ids"])
+        for c in rec["choices"]:
+            c_ids = list(tokenizer(sep + c, add_special_tokens=False)["input_ids"])
+            ids = q + c_ids
+            if max_length is not None:
+                # Keep the answer: drop the start of the question if it must go.
+                ids = ids[-max_length:]
+            examples.append(Example(ids, max(1, len(ids) - len(c_ids))))
+            owner.append(qi)
+    nll = token_nll(model, examples, tokenizer, batch_size=batch_size, backend=backend, device=device)
+    correct = correct_norm = 0
+    per_q = []
+    k = 0
+    for rec in records:
+        n = len(rec["choices"])
+        ll = [-float(nll[k + j].double().sum()) for j in range(n)]
+        ntok = [int(nll[k + j].numel()) for j in range(n)]
+        k += n
+        ans = rec["answer"] if isinstance(rec["answer"], int) else rec["choices"].index(rec["answer"])
+        pick = max(range(n), key=lambda j: (ll[j], -j))
+        pick_norm = max(range(n), key=lambda j: (ll[j] / max(ntok[j], 1), -j))
+        correct += pick == ans
+        correct_norm += pick_norm == ans
+        per_q.append({"loglik": ll, "tokens": ntok, "pick": pick, "pick_per_token": pick_norm, "answer": ans})
+    out = {"accuracy": correct / len(records), "accuracy_per_token": correct_norm / len(records), "n": len(records)}
+    if details:
+        out["questions"] = per_q
+    return out
+
+
+def perplexity(model, tokenizer, records, *, batch_size: int = 16, max_length: int = 4096, backend: str = "auto",
+               device=None) -> dict[str, Any]:
+    """Token-level perplexity ``exp(total NLL / tokens)`` over text records (``{"text"}``,
+    ``{"prompt", "completion"}``, plain strings, or a file path)."""
+    if isinstance(records, (list, tuple)) and records and all(isinstance(r, str) for r in records):
+        records = [{"text": r} for r in records]
+    records = read_records(records, "lm", name="perplexity records")
+    examples = tokenize_lm(records, tokenizer, max_length)
+    nll = token_nll(model, examples, tokenizer, batch_size=batch_size, backend=backend, device=device)
+    total = sum(float(x.double().sum()) for x in nll)
+    n = sum(int(x.numel()) for x in nll)
+    mean = total / max(n, 1)
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": n, "n": len(records)}
+
+
+def evaluate_set(model, tokenizer, eval_set, *, backend: str = "auto", device=None, max_length: int = 4096):
+    """Run one :class:`~surgery.config.EvalSet` (records already validated or a path)."""
+    data = eval_set.data
+    kind = eval_set.kind
+    if kind == "auto":
+        recs = read_records(data, "auto", name=eval_set.name)
+        kind = "choice" if "question" in recs[0] else "perplexity"
+        data = recs
+    ml = eval_set.max_length or max_length
+    if kind == "choice":
+        return multiple_choice(model, tokenizer, data, batch_size=eval_set.batch_size, max_length=ml,
+                               backend=backend, device=device)
+    return perplexity(model, tokenizer, data, batch_size=eval_set.batch_size, max_length=ml, backend=backend,
+                      device=device)

@@ -1,0 +1,158 @@
+"""The one model path: final hidden states from the base model, logits never computed.
+
+Every Hugging Face ``*ForCausalLM`` is ``lm_head(base_model(...).last_hidden_state)``:
+``PreTrainedModel.base_model`` is the attribute named by ``base_model_prefix`` (``model`` for
+Llama, Qwen2, Mistral; ``transformer`` for GPT-2) and its ``last_hidden_state`` is already the
+final-normed state the head consumes. Calling it skips the head, so no ``[tokens, vocab]``
+tensor ever exists; the loss takes ``get_output_embeddings().weight`` (and bias, if any).
+Checked for Llama, Qwen2, Mistral and GPT-2 (logits equal to ``lm_head(hidden)`` exactly) on
+transformers 5.24; the same attributes exist since transformers 4.x, including 5.17.
+
+Why not the alternatives: ``output_hidden_states=True`` still runs the head over every
+position; ``logits_to_keep`` trims the head but which entry of ``hidden_states`` is post-norm
+varies between versions and models.
+
+Models whose head does more than a linear map (Gemma-2's final logit softcap is passed to the
+kernels' ``softcap``; Cohere/Granite-style logit scaling) are detected: scaling is refused with a
+clear error rather than silently trained wrong.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger("surgery")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` inside a peft wrapper (LoRA layers stay injected in it)."""
+    get = getattr(model, "get_base_model", None)
+    if callable(get) and type(model).__name__.startswith("Peft"):
+        return get()
+    return model
+
+
+def head_options(model: nn.Module) -> dict:
+    """Extra kernel options the model's head needs (``softcap``), or an error for heads we do not support."""
+    cfg = getattr(unwrap(model), "config", None)
+    opts = {}
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        opts["softcap"] = float(cap)
+    for attr in ("logit_scale", "logits_scaling"):
+        v = getattr(cfg, attr, None)
+        if v not in (None, 1, 1.0):
+            raise ValueError(f"model config has {attr}={v}: heads that rescale logits are not supported "
+                             f"(the fused losses take lm_head's weight as is)")
+    return opts
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The base model (everything before the head) of a causal LM, peft-wrapped or not."""
+    causal = unwrap(model)
+    base = getattr(causal, "base_model", None)
+    if base is None or base is causal:
+        raise TypeError(f"{type(causal).__name__} has no base model under its head; pass an AutoModelForCausalLM")
+    return base
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    head = unwrap(model).get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"{type(unwrap(model)).__name__} has no output embedding (lm_head) with a weight")
+    return head
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids -> (B, L, H) final hidden states, without computing logits."""
+    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        # Padding positions carry no loss, so any id works; eos is the usual choice.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    return tok
+
+
+def load_model(path: str | None = None, config: dict | None = None, dtype: str = "float32", seed: int = 0):
+    """A causal LM from a local directory, or randomly initialised (seeded) from a config dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import transformers
+
+    dt = DTYPES[dtype]
+    if path is not None:
+        # transformers < 4.56 names the argument torch_dtype (and would ignore dtype=).
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        return AutoModelForCausalLM.from_pretrained(path, **{key: dt})
+    cfg = dict(config)
+    cfg_obj = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg_obj)
+    return model.to(dt)
+
+
+def add_lora(model: nn.Module, lora: dict | None):
+    """Wrap ``model`` with peft LoRA adapters (in place: the model object is modified)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - peft is in the hf extra
+        raise ImportError("LoRA needs peft: pip install 'surgery-kernels[hf]'") from e
+    lora = dict(lora or {})
+    known = {"r", "alpha", "dropout", "target_modules", "modules_to_save"}
+    unknown = set(lora) - known
+    if unknown:
+        raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    cfg = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16)),
+                     lora_dropout=float(lora.get("dropout", 0.0)),
+                     target_modules=lora.get("target_modules", "all-linear"),
+                     modules_to_save=lora.get("modules_to_save"), task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return type(model).__name__.startswith("Peft") and hasattr(model, "disable_adapter")
+
+
+def select_trainable(model: nn.Module, trainable) -> list[str]:
+    """Set ``requires_grad`` by the ``trainable`` option; return the trainable parameter names.
+
+    "all": every parameter. "lora": what peft marked trainable (the adapters). A list of fnmatch
+    patterns: parameters whose name matches one of them (e.g. ``["*layers.1[01].*", "lm_head.*"]``).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if trainable == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif trainable == "lora":
+        if not is_peft(model):
+            raise ValueError("trainable='lora' needs LoRA adapters: give lora={r, alpha, target_modules}")
+    elif isinstance(trainable, (list, tuple)) and trainable and all(isinstance(p, str) for p in trainable):
+        hit = set()
+        for n, p in model.named_parameters():
+            on = any(fnmatch.fnmatchcase(n, pat) for pat in trainable)
+            p.requires_grad_(on)
+            if on:
+                hit.add(n)
+        if not hit:
+            raise ValueError(f"trainable patterns {list(trainable)} match no parameter; names look like "
+                             f"{names[:3]}")
+    else:
+        raise ValueError(f"trainable must be 'all', 'lora' or a list of parameter-name patterns, got {trainable!r}")
+    out = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not out:
+        raise ValueError("no trainable parameters")
+    return out

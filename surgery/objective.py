@@ -1,0 +1,114 @@
+"""The surgery objective as one ``nn.Module`` around the trained model.
+
+    L = sum_s c_s * sign_s * mean_{tokens of s} CE   (ascent: sign -1, descent: +1)
+      + sum_r c_r * mean_{tokens of r} KL(p_ref || p)
+
+All streams of a step are padded to one length and run through the base model in **one** forward
+(rows ordered: CE streams, then KL streams). Ascent and descent rows then go through **one**
+``linear_cross_entropy`` call whose per-token weights carry the sign and the per-stream token mean
+(``sign_s / N_s``, N_s = live tokens of stream s over all processes); ``reduction="none"`` returns
+``sign_s * ce_i / N_s`` per token, so each stream's own mean CE is a sum of its slice, and the
+coefficients ``c_s`` enter as the upstream gradient of that slice. Retain rows go through one
+``linear_kl_div`` call against the reference's final hidden states, padding and prompt tokens
+masked out.
+
+Everything that touches the head weight happens inside ``forward``: under FSDP the weight is
+unsharded only there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from surgery_kernels import linear_cross_entropy, linear_kl_div
+
+from .data import IGNORE
+from .modeling import final_hidden, head_options, is_peft, output_layer
+
+
+class SurgeryObjective(nn.Module):
+    """Wraps the trained model (``self.model``). ``forward(mode=...)``:
+
+    - ``"loss"``: ``(total, terms)`` — the objective (a scalar with gradient) and, per stream,
+      ``terms[s] = sum over this process's tokens of ce_i / N_s`` (or kl_i / N_s): summed over
+      processes that is the stream's own mean CE / KL.
+    - ``"nll"``: per-token negative log-likelihood ``(B, L)`` of ``target`` (0 where IGNORE), no logits.
+    - ``"hidden"``: ``(final hidden (B, L, H), head weight, head bias)`` — the weight as the forward sees it.
+    """
+
+    def __init__(self, model: nn.Module, *, backend: str = "auto", kl_direction: str = "forward",
+                 ascent_cap: float | None = None):
+        super().__init__()
+        self.model = model
+        self.backend, self.kl_direction, self.ascent_cap = backend, kl_direction, ascent_cap
+        self.head_opts = head_options(model)
+
+    def _head(self):
+        head = output_layer(self.model)
+        return head.weight, getattr(head, "bias", None)
+
+    def forward(self, mode: str, input_ids, attention_mask, target=None, *, n_ce_rows: int = 0, ce_weight=None,
+                ce_coeff=None, kl_weight=None, kl_coeff=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+                stream_rows=None):
+        if mode == "hidden":
+            h = final_hidden(self.model, input_ids, attention_mask)
+            w, b = self._head()
+            return h, w.detach().clone(), None if b is None else b.detach().clone()
+        if mode == "nll":
+            h = final_hidden(self.model, input_ids, attention_mask)
+            w, b = self._head()
+            return linear_cross_entropy(h, w, target, bias=b, reduction="none", backend=self.backend, **self.head_opts)
+        if mode != "loss":
+            raise ValueError(f"mode must be 'loss', 'nll' or 'hidden', got {mode!r}")
+        return self._loss(input_ids, attention_mask, target, n_ce_rows, ce_weight, ce_coeff, kl_weight, kl_coeff,
+                          ref_hidden, ref_weight, ref_bias, stream_rows)
+
+    def _loss(self, input_ids, attention_mask, target, n_ce_rows, ce_weight, ce_coeff, kl_weight, kl_coeff,
+              ref_hidden, ref_weight, ref_bias, stream_rows):
+        """ce_weight / ce_coeff: (n_ce_rows, L) per-token sign_s / N_s and c_s; kl_weight / kl_coeff the same
+        for the KL rows (1 / N_r, c_r); stream_rows: per stream, its (start, stop) rows."""
+        h = final_hidden(self.model, input_ids, attention_mask)
+        w, b = self._head()
+        total = h.new_zeros((), dtype=torch.float32)
+        per_token = []
+        if n_ce_rows:
+            # One signed call for every ascent and descent stream.
+            v = linear_cross_entropy(h[:n_ce_rows], w, target[:n_ce_rows], bias=b, token_weight=ce_weight,
+                                     reduction="none", ascent_cap=self.ascent_cap, backend=self.backend,
+                                     **self.head_opts)
+            total = total + (v * ce_coeff).sum()
+            per_token.append(v)
+        if n_ce_rows < h.shape[0]:
+            hk = h[n_ce_rows:]
+            if ref_hidden is None:
+                ref_hidden, ref_weight, ref_bias = self._adapter_reference(input_ids[n_ce_rows:],
+                                                                           attention_mask[n_ce_rows:], w, b)
+            elif ref_weight is None:
+                # A frozen head is its own reference (LoRA, or layers-only training with a cache).
+                ref_weight, ref_bias = w, b
+            if ref_hidden.dtype != hk.dtype:
+                # A reference kept in another precision (fp32 copy under mixed precision, a cache).
+                ref_hidden = ref_hidden.to(hk.dtype)
+            if ref_weight.dtype != ref_hidden.dtype:
+                ref_weight = ref_weight.to(ref_hidden.dtype)
+                ref_bias = None if ref_bias is None else ref_bias.to(ref_hidden.dtype)
+            v = linear_kl_div(hk, w, ref_hidden, ref_weight, bias=b, ref_bias=ref_bias,
+                              mask=target[n_ce_rows:] != IGNORE, token_weight=kl_weight, reduction="none",
+                              direction=self.kl_direction, backend=self.backend)
+            total = total + (v * kl_coeff).sum()
+            per_token.append(v)
+        values = torch.cat(per_token, 0).detach()
+        terms = torch.stack([values[a:z].sum() for a, z in stream_rows]) if stream_rows else values.new_zeros(0)
+        return total, terms
+
+    def _adapter_reference(self, input_ids, attention_mask, w, b):
+        """reference="adapter": the same model with its LoRA adapters switched off."""
+        if not is_peft(self.model):
+            raise ValueError("reference='adapter' needs a LoRA (peft) model")
+        if w.requires_grad:
+            raise ValueError("reference='adapter' needs a frozen lm_head (the head is trained, so the adapters-off "
+                             "model is not the original); use reference='copy' or 'cache'")
+        with torch.no_grad(), self.model.disable_adapter():
+            rh = final_hidden(self.model, input_ids, attention_mask)
+        return rh, w, b

@@ -1,0 +1,137 @@
+"""The frozen reference for the KL (retain) streams: ``copy``, ``adapter`` or ``cache``.
+
+- ``copy``: a frozen deep copy of the model as it was before training (no grad, eval mode), on
+  the same device; its final hidden states and head weight feed ``linear_kl_div``.
+- ``adapter``: nothing is stored; the trained LoRA model runs with its adapters disabled inside
+  the objective (see ``SurgeryObjective._adapter_reference``). No extra weights.
+- ``cache``: before the first step the untrained model computes the final hidden state of every
+  retain record once; they are stored under ``<output_dir>/reference_cache/`` (one safetensors
+  file per record, written atomically) and read back per batch. No reference model is in memory
+  while training; a trained head's original weight is kept (``head.safetensors``).
+
+Each reference answers ``hidden(stream, batch, length) -> (ref_hidden (B, L, H), ref_weight,
+ref_bias)``; ``None`` for ``adapter`` (the objective computes it), and ``ref_weight=None`` means
+"the trained model's own, frozen head".
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import collate
+from .modeling import final_hidden, output_layer
+
+
+class CopyReference:
+    def __init__(self, model, shard=None):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if shard is not None:
+            shard(self.model)
+
+    @torch.no_grad()
+    def hidden(self, stream: str, batch, length: int):
+        h = final_hidden(self.model, batch.input_ids, batch.attention_mask)
+        head = output_layer(self.model)
+        return h, head.weight, getattr(head, "bias", None)
+
+
+class AdapterReference:
+    def hidden(self, stream, batch, length):
+        return None, None, None
+
+
+def _fingerprint(model_config, stream_examples: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(model_config, sort_keys=True, default=str).encode())
+    for name in sorted(stream_examples):
+        h.update(name.encode())
+        for e in stream_examples[name]:
+            h.update(repr((e.ids, e.loss_from)).encode())
+    return h.hexdigest()[:16]
+
+
+class CacheReference:
+    """Reference hidden states computed once by the untrained model and read from disk."""
+
+    def __init__(self, directory: str | Path, objective, stream_examples: dict, *, pad_id: int, device,
+                 head_trainable: bool, batch_size: int = 4, rank: int = 0, world_size: int = 1, barrier=None):
+        from safetensors.torch import load_file, save_file
+
+        self.dir = Path(directory)
+        self.device = device
+        model_config = getattr(getattr(objective.model, "config", None), "to_dict", dict)()
+        fp = _fingerprint(model_config, stream_examples)
+        meta = self.dir / "meta.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
+            raise ValueError(f"{self.dir} holds a reference cache of another model or data; delete it or use another "
+                             f"output_dir")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        was_training = objective.training
+        objective.eval()
+        head = None
+        with torch.no_grad():
+            for name, examples in stream_examples.items():
+                d = self.dir / name
+                d.mkdir(exist_ok=True)
+                todo = [i for i in range(len(examples)) if not (d / f"{i:07d}.safetensors").is_file()]
+                # Under FSDP every process must run the same number of forwards: pad the split.
+                per = -(-len(todo) // world_size) if todo else 0
+                mine = todo[rank::world_size]
+                for s in range(0, per, batch_size):
+                    idx = mine[s:s + batch_size] or todo[:1]
+                    b = collate([examples[i] for i in idx], pad_id, idx).to(device)
+                    h, w, bias = objective("hidden", b.input_ids, b.attention_mask)
+                    if head is None:
+                        head = (w, bias)
+                    if not mine[s:s + batch_size]:
+                        continue
+                    for r, i in enumerate(idx):
+                        n = len(examples[i].ids)
+                        tmp = d / f".{i:07d}.tmp"
+                        save_file({"hidden": h[r, :n].contiguous().cpu()}, str(tmp))
+                        os.replace(tmp, d / f"{i:07d}.safetensors")
+            if head is None:
+                h, w, bias = objective("hidden", *self._dummy(stream_examples, pad_id, device))
+                head = (w, bias)
+        objective.train(was_training)
+        head_file = self.dir / "head.safetensors"
+        if head_trainable:
+            if rank == 0 and not head_file.is_file():
+                t = {"weight": head[0].cpu()}
+                if head[1] is not None:
+                    t["bias"] = head[1].cpu()
+                save_file(t, str(self.dir / ".head.tmp"))
+                os.replace(self.dir / ".head.tmp", head_file)
+        if barrier is not None:
+            barrier()
+        if head_trainable:
+            t = load_file(str(head_file), device=str(device))
+            self.weight, self.bias = t["weight"], t.get("bias")
+        else:
+            self.weight = self.bias = None
+        del head
+        if rank == 0:
+            meta.write_text(json.dumps({"fingerprint": fp, "streams": {k: len(v) for k, v in stream_examples.items()}}))
+
+    @staticmethod
+    def _dummy(stream_examples, pad_id, device):
+        ex = next(iter(stream_examples.values()))[:1]
+        b = collate(ex, pad_id).to(device)
+        return b.input_ids, b.attention_mask
+
+    def hidden(self, stream: str, batch, length: int):
+        from safetensors.torch import load_file
+
+        hs = [load_file(str(self.dir / stream / f"{i:07d}.safetensors"))["hidden"] for i in batch.index]
+        out = hs[0].new_zeros((len(hs), length, hs[0].shape[-1]))
+        for r, h in enumerate(hs):
+            out[r, :h.shape[0]] = h
+        return out.to(self.device), self.weight, self.bias

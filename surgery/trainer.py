@@ -1,0 +1,436 @@
+"""``Surgery``: one run of LLM Surgery — evaluate, train on the streams, evaluate, save.
+
+    from surgery import Surgery, Stream
+    run = Surgery(model=model, tokenizer=tok, streams=[
+        Stream("unlearn", "u.jsonl", loss="ascent", weight=0.1),
+        Stream("update", "p.jsonl", loss="descent", weight=2.0),
+        Stream("retain", "r.jsonl", loss="kl", weight=0.5)],
+        reference="copy", train={"steps": 120}, eval=[EvalSet("facts", "q.jsonl")], output_dir="runs/x")
+    summary = run.run()
+
+``model`` is trained **in place** (LoRA adapters are injected into it): to train several fresh
+copies of one loaded model, pass ``copy.deepcopy(model)`` each time. It may also be a local
+directory, a :class:`~surgery.config.ModelConfig` or its dict.
+
+Each step: one batch per stream (``StreamSampler``), all streams padded to one length and run
+through the model once, the loss of ``SurgeryObjective``, backward, clip, AdamW. Per step one
+line in ``metrics.jsonl``: ``step``, ``loss/total``, ``loss/<stream>`` (that stream's own mean CE
+or KL, before sign and weight), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``, ``time_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed
+from .config import REFERENCES, EvalSet, ModelConfig, Stream, TrainConfig, as_dataclass
+from .data import IGNORE, Batch, StreamSampler, collate, read_records, tokenize_lm
+from .evaluate import evaluate_set
+from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
+from .objective import SurgeryObjective
+from .reference import AdapterReference, CacheReference, CopyReference
+
+log = logging.getLogger("surgery")
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (transformers >= 5.2x renamed the method; 5.17 has the old name)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the weights were not updated."""
+
+
+class Surgery:
+    """A surgery run. See the module docstring.
+
+    model: ``nn.Module`` (a causal LM, trained in place), a local directory, a ModelConfig or dict.
+    streams: list of :class:`Stream` (or dicts). tokenizer: object or directory (default: the model's).
+    reference: "copy" | "adapter" | "cache". train: :class:`TrainConfig` or dict. eval: list of
+    :class:`EvalSet` (or dicts). output_dir: where metrics.jsonl, checkpoint/, final/ and
+    summary.json go (None: nothing is written, no checkpoints).
+    trainable: "all" | "lora" | list of fnmatch patterns over parameter names (default: "lora"
+    when ``lora`` is given or the model is already a peft model, else "all").
+    lora: {r, alpha, dropout, target_modules, modules_to_save} to add LoRA adapters.
+    on_step: called with each step's metrics dict (on rank 0).
+    """
+
+    def __init__(self, model, streams: Sequence[Stream | dict], *, tokenizer=None, reference: str = "copy",
+                 train: TrainConfig | dict | None = None, eval: Sequence[EvalSet | dict] = (),
+                 output_dir: str | os.PathLike | None = None, trainable=None, lora: dict | None = None,
+                 on_step: Callable[[dict], None] | None = None):
+        self.cfg = as_dataclass(TrainConfig, train, "train")
+        if reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+        self.reference_mode = reference
+        self.streams = [s if isinstance(s, Stream) else Stream(**s) for s in streams]
+        if not self.streams:
+            raise ValueError("streams: give at least one Stream")
+        names = [s.name for s in self.streams]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stream names must be unique, got {names}")
+        self.eval_sets = [e if isinstance(e, EvalSet) else EvalSet(**e) for e in eval]
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.on_step = on_step
+        self.dist = distributed.init()
+        self.history: list[dict] = []
+
+        # Data first: a malformed file stops the run before any model loads.
+        self._records = [read_records(s.data, "lm", name=f"stream {s.name!r}") for s in self.streams]
+        self._eval_records = [read_records(e.data, "choice" if e.kind == "choice" else
+                                           ("lm" if e.kind == "perplexity" else "auto"), name=f"eval {e.name!r}")
+                              for e in self.eval_sets]
+        # Validated records replace paths in our own copies (the caller's EvalSets stay as given).
+        self.eval_sets = [dataclasses.replace(e, data=recs) for e, recs in zip(self.eval_sets, self._eval_records)]
+
+        model_cfg = None
+        if isinstance(model, (str, os.PathLike)):
+            model = ModelConfig(path=str(model))
+        if isinstance(model, dict):
+            model = ModelConfig(**model)
+        if isinstance(model, ModelConfig):
+            model_cfg = model
+            if tokenizer is None:
+                tokenizer = model.tokenizer or model.path
+            if lora is None:
+                lora = model.lora
+            if trainable is None and model.trainable != "all":
+                trainable = model.trainable
+            model = load_model(model.path, model.config, model.dtype, seed=self.cfg.seed)
+        if tokenizer is None:
+            raise ValueError("tokenizer: pass a tokenizer object or directory with an nn.Module model")
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer has no pad_token_id (set tokenizer.pad_token)")
+        self.model_config = model_cfg
+        self._examples = [tokenize_lm(r, self.tokenizer, s.max_length or self.cfg.max_length)
+                          for s, r in zip(self.streams, self._records)]
+
+        self.device = self._pick_device(model)
+        if trainable is None:
+            trainable = "lora" if (lora is not None or is_peft(model)) else "all"
+        if lora is not None and not is_peft(model):
+            model = add_lora(model, lora)
+        if reference == "adapter" and not is_peft(model):
+            raise ValueError("reference='adapter' needs LoRA: pass lora={...} or a peft model")
+        self.trainable_names = select_trainable(model, trainable)
+        model.to(self.device)
+        if self.cfg.gradient_checkpointing:
+            enable_checkpointing(unwrap(model))
+        unwrap(model).config.use_cache = False
+        self.model = model
+        self.objective = SurgeryObjective(model, backend=self.cfg.backend, kl_direction=self.cfg.kl_direction,
+                                          ascent_cap=self.cfg.ascent_cap)
+        self._reference = None
+        self.optimizer = None
+        self.step = 0
+        self._before: dict | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _pick_device(self, model) -> torch.device:
+        if self.cfg.device is not None:
+            return torch.device(self.cfg.device)
+        if self.dist.enabled and torch.cuda.is_available():
+            return torch.device("cuda", self.dist.local_rank)
+        for p in model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _setup(self):
+        """Reference, FSDP, optimizer — once, before the first step (the reference sees the untrained model)."""
+        if self.optimizer is not None:
+            return
+        kl = [i for i, s in enumerate(self.streams) if s.loss == "kl"]
+        if kl:
+            if self.reference_mode == "copy":
+                shard = distributed.shard_frozen if self.dist.enabled else None
+                self._reference = CopyReference(self.model, shard=shard)
+            elif self.reference_mode == "adapter":
+                self._reference = AdapterReference()
+        if self.dist.enabled:
+            distributed.shard_objective(self.objective, self._mp_dtype)
+        # The optimizer must hold the sharded parameters: create it before any forward (FSDP keeps
+        # the root's parameters unsharded after a forward, and they are swapped in as module attributes).
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
+                                           weight_decay=self.cfg.weight_decay)
+        if kl and self.reference_mode == "cache":
+            if self.output_dir is None:
+                raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
+            head = output_layer(self.model)
+            self._reference = CacheReference(
+                self.output_dir / "reference_cache", self.objective,
+                {self.streams[i].name: self._examples[i] for i in kl}, pad_id=self.tokenizer.pad_token_id,
+                device=self.device, head_trainable=head.weight.requires_grad, rank=self.dist.rank,
+                world_size=self.dist.world_size, barrier=self.dist.barrier)
+        self._samplers = [StreamSampler(len(ex), self.cfg.seed, s.name) for s, ex in zip(self.streams, self._examples)]
+
+    def _seed(self):
+        s = self.cfg.seed
+        random.seed(s)
+        torch.manual_seed(s)
+        try:
+            import numpy as np
+
+            np.random.seed(s)
+        except ImportError:  # pragma: no cover
+            pass
+
+    # ------------------------------------------------------------------ one step
+    def _batch(self) -> tuple[Batch, list[tuple[int, int]], int]:
+        """This process's rows for the step: CE streams first, then KL streams, padded to one length."""
+        order = [i for i, s in enumerate(self.streams) if s.loss != "kl"] + \
+                [i for i, s in enumerate(self.streams) if s.loss == "kl"]
+        parts = []
+        for i in order:
+            bs = self.streams[i].batch_size or self.cfg.batch_size
+            idx = self._samplers[i].draw(bs, self.dist.rank, self.dist.world_size)
+            parts.append((i, idx))
+        examples, index, rows, r = [], [], {}, 0
+        for i, idx in parts:
+            examples += [self._examples[i][j] for j in idx]
+            index += idx
+            rows[i] = (r, r + len(idx))
+            r += len(idx)
+        b = collate(examples, self.tokenizer.pad_token_id, index)
+        n_ce = sum(len(idx) for i, idx in parts if self.streams[i].loss != "kl")
+        return b, [rows[i] for i in range(len(self.streams))], n_ce
+
+    def _train_step(self) -> dict:
+        t0 = time.perf_counter()
+        lr = self.cfg.lr * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else self.cfg.lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        b, rows, n_ce = self._batch()
+        b = b.to(self.device)
+        live = b.mask
+        # Live tokens per stream over all processes: the per-stream means are global means.
+        counts = torch.stack([live[a:z].sum() for a, z in rows]).to(torch.float64)
+        self.dist.all_reduce_sum(counts)
+        L = b.input_ids.shape[1]
+        # Per row: sign_s / N_s (token weight) and c_s (coefficient), built on the device (no host sync).
+        row_stream = torch.tensor([k for k, (a, z) in enumerate(rows) for _ in range(a, z)], device=self.device)
+        sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device)
+        coef = torch.tensor([s.weight for s in self.streams], device=self.device)
+        row_w = (sign / counts.clamp_min(1).to(torch.float32))[row_stream]
+        row_c = coef[row_stream]
+        tw = row_w[:, None].expand(-1, L).contiguous()
+        tc = row_c[:, None].expand(-1, L)
+        ref = (None, None, None)
+        with self._autocast():
+            if n_ce < b.input_ids.shape[0]:
+                ref = self._reference_hidden(b, rows, n_ce, L)
+            self.objective.train()
+            total, terms = self.objective("loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce,
+                                          ce_weight=tw[:n_ce], ce_coeff=tc[:n_ce], kl_weight=tw[n_ce:],
+                                          kl_coeff=tc[n_ce:], ref_hidden=ref[0], ref_weight=ref[1],
+                                          ref_bias=ref[2], stream_rows=rows)
+        # FSDP averages gradients over processes; each process's loss is already a share of the
+        # global objective, so scale back up to get its sum.
+        (total * self.dist.world_size).backward()
+        clip = self.cfg.clip if self.cfg.clip else float("inf")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        stats = torch.cat([total.detach().reshape(1).to(torch.float64), terms.to(torch.float64)])
+        self.dist.all_reduce_sum(stats)
+        gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        m = {"step": self.step + 1, "loss/total": float(stats[0])}
+        for k, s in enumerate(self.streams):
+            # terms hold sign_s * mean for CE streams: report the plain mean CE / KL.
+            m[f"loss/{s.name}"] = float(stats[1 + k]) * (-1.0 if s.loss == "ascent" else 1.0)
+        bad = [k for k, v in m.items() if k.startswith("loss/") and not math.isfinite(v)]
+        if not math.isfinite(gn):
+            bad.append("grad_norm")
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            last = self._last_checkpoint_note()
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: non-finite {', '.join(bad)} "
+                f"({', '.join(f'{k}={m[k]}' for k in m if k != 'step')}, grad_norm={gn}); stopped before updating "
+                f"the weights. {last}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        ntok = int(float(self.dist.all_reduce_sum(live.sum().to(torch.float64))))
+        m.update({"grad_norm": gn, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt, "time_s": dt})
+        return m
+
+    @property
+    def _mp_dtype(self):
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.cfg.mixed_precision)
+
+    def _autocast(self):
+        """One process with mixed_precision: autocast (under FSDP the policy casts the parameters)."""
+        if self._mp_dtype is None or self.dist.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._mp_dtype)
+
+    def _reference_hidden(self, b: Batch, rows, n_ce: int, L: int):
+        if isinstance(self._reference, AdapterReference):
+            return None, None, None
+        kb = Batch(b.input_ids[n_ce:], b.attention_mask[n_ce:], b.target[n_ce:], b.index[n_ce:])
+        if isinstance(self._reference, CopyReference):
+            return self._reference.hidden("", kb, L)
+        # Cache: per KL stream, its records' stored states, padded to L.
+        outs, w, bias = [], None, None
+        for k, (s, (a, z)) in enumerate(zip(self.streams, rows)):
+            if s.loss != "kl":
+                continue
+            sb = Batch(b.input_ids[a:z], b.attention_mask[a:z], b.target[a:z], b.index[a:z])
+            h, w, bias = self._reference.hidden(s.name, sb, L)
+            outs.append((a, h))
+        outs.sort(key=lambda t: t[0])
+        h = torch.cat([o[1] for o in outs], 0).to(dtype=next(self.model.parameters()).dtype)
+        return h, w, bias
+
+    def _last_checkpoint_note(self) -> str:
+        if self.output_dir is not None and ckpt.exists(self.output_dir / "checkpoint"):
+            try:
+                step = torch.load(self.output_dir / "checkpoint" / ckpt.STATE, map_location="cpu",
+                                  weights_only=False)["step"]
+            except Exception:  # pragma: no cover - the note must not hide the real error
+                step = "?"
+            return f"The last good checkpoint is {self.output_dir / 'checkpoint'} (step {step}), left untouched."
+        return "No checkpoint was written (output_dir unset or save_every not reached)."
+
+    # ------------------------------------------------------------------ public
+    def evaluate(self) -> dict[str, dict]:
+        """Every eval set on the current model: ``{name: {"accuracy", ...} | {"perplexity", ...}}``."""
+        out = {}
+        for e in self.eval_sets:
+            out[e.name] = evaluate_set(self.objective, self.tokenizer, e, backend=self.cfg.backend,
+                                       device=self.device, max_length=self.cfg.max_length)
+        return out
+
+    def save_checkpoint(self) -> Path:
+        if self.output_dir is None:
+            raise ValueError("save_checkpoint needs an output_dir")
+        return ckpt.save(self.output_dir / "checkpoint", self.objective, self.optimizer, step=self.step,
+                         cursors=[s.cursor for s in self._samplers], extra={"before": self._before,
+                                                                             "history": self.history},
+                         dist=self.dist)
+
+    def _resume(self) -> bool:
+        d = self.output_dir / "checkpoint" if self.output_dir is not None else None
+        if d is None or not ckpt.exists(d):
+            log.warning("resume: no checkpoint under %s; starting from step 0", d)
+            return False
+        st = ckpt.load(d, self.objective, self.optimizer, dist=self.dist)
+        self.step = st["step"]
+        for s, c in zip(self._samplers, st["cursors"]):
+            s.cursor = c
+        self._before = st["extra"].get("before")
+        self.history = list(st["extra"].get("history") or [])
+        return True
+
+    def train(self, resume: bool = False) -> list[dict]:
+        """Train up to ``train.steps`` steps (continuing from the checkpoint with ``resume=True``).
+        Returns the per-step metrics of this run (also in ``self.history`` and metrics.jsonl)."""
+        self._seed()
+        self._setup()
+        resumed = resume and self._resume()
+        if not resumed and self.output_dir is not None and self.dist.main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "metrics.jsonl").write_text("")
+        if resumed and self.output_dir is not None and self.dist.main:
+            # Drop lines past the checkpoint (a crash after it) so the log matches the resumed run.
+            (self.output_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.history))
+        bar = None
+        if self.cfg.progress and self.dist.main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.cfg.steps, initial=self.step, desc="surgery", dynamic_ncols=True)
+        new = []
+        try:
+            while self.step < self.cfg.steps:
+                m = self._train_step()
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
+                    for name, res in self.evaluate().items():
+                        for k, v in res.items():
+                            if isinstance(v, (int, float)):
+                                m[f"eval/{name}/{k}"] = v
+                self.history.append(m)
+                new.append(m)
+                if self.dist.main:
+                    if self.output_dir is not None:
+                        with open(self.output_dir / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(m) + "\n")
+                    if self.on_step is not None:
+                        self.on_step(m)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in m.items()
+                                         if k.startswith("loss/") and k != "loss/total"})
+                if self.output_dir is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.output_dir is not None and (not self.cfg.save_every or self.step % self.cfg.save_every):
+            self.save_checkpoint()
+        return new
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Evaluate before, train, evaluate after; write final/ and summary.json. Returns the summary."""
+        t0 = time.perf_counter()
+        if self._before is None and not (resume and self.output_dir is not None
+                                         and ckpt.exists(self.output_dir / "checkpoint")):
+            self._before = self.evaluate()
+        self.train(resume=resume)
+        after = self.evaluate()
+        last = self.history[-1] if self.history else {}
+        summary = {
+            "steps": self.step,
+            "before": self._before,
+            "after": after,
+            "final": {k: v for k, v in last.items() if k.startswith("loss/")},
+            "first": {k: v for k, v in (self.history[0] if self.history else {}).items() if k.startswith("loss/")},
+            "streams": [{"name": s.name, "loss": s.loss, "weight": s.weight} for s in self.streams],
+            "reference": self.reference_mode,
+            "trainable_parameters": len(self.trainable_names),
+            "world_size": self.dist.world_size,
+            "time_s": time.perf_counter() - t0,
+        }
+        if self.output_dir is not None:
+            self.save_final(self.output_dir / "final")
+            if self.dist.main:
+                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def save_final(self, path) -> Path:
+        """The trained model (or LoRA adapter) and tokenizer, loadable with transformers / peft."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        path = Path(path)
+        sd = None
+        if self.dist.enabled:
+            full = get_model_state_dict(self.objective, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+            sd = {k[len("model."):]: v for k, v in full.items()}
+        if self.dist.main:
+            path.mkdir(parents=True, exist_ok=True)
+            if sd is not None:
+                self.model.save_pretrained(path, state_dict=sd)
+            else:
+                self.model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        self.dist.barrier()
+        return path
