@@ -167,14 +167,14 @@ def _sync(device):
 
 
 def measure(args, variant: str, run=None) -> dict:
-    device = "cuda" if args.gpu else "cpu"
+    device = args.device
     run = run or _build(args, device)
     step = (lambda: run._train_step()) if variant == "fused" else (lambda: _hf_step(run))
     times, losses = [], None
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             # Baseline after warm-up: weights, reference, optimizer state exist; gradients are freed.
-            if args.gpu:
+            if device.startswith("cuda"):
                 torch.cuda.empty_cache()
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
@@ -191,7 +191,7 @@ def measure(args, variant: str, run=None) -> dict:
             # First step's losses (same weights, same batch in both variants): a correctness check.
             losses = {k.replace("loss/", ""): round(float(v), 4) for k, v in m.items()
                       if k.startswith("loss/") or k in ("total",) or k in dict.fromkeys(s[0] for s in STREAMS)}
-    peak = (torch.cuda.max_memory_allocated() if args.gpu else rss.stop()) - base
+    peak = (torch.cuda.max_memory_allocated() if device.startswith("cuda") else rss.stop()) - base
     tokens = args.length * len(STREAMS)
     return {"variant": variant, "median_s": statistics.median(times), "min_s": min(times),
             "peak_extra_mib": peak / 2**20, "tokens": tokens, "first_step_losses": losses}
@@ -211,6 +211,8 @@ def main(argv=None) -> int:
     p.add_argument("--length", type=int)
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--device", help="default: cuda with --gpu, else cpu (--gpu --device cpu with small sizes "
+                                    "smoke-tests the GPU recipe on a CPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     big = dict(hidden=4096, intermediate=11008, layers=32, heads=32, length=4096)
@@ -219,6 +221,7 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.steps = args.steps or 3
+    args.device = args.device or ("cuda" if args.gpu else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
 
     rows = []
     if args.gpu:
-        run = _build(args, "cuda")
+        run = _build(args, args.device)
         # Both variants start from the same adapters, optimizer state and records.
         start = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
         for v in args.variants.split(","):
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
             for s in run._samplers:
                 s.cursor = 0
             rows.append(measure(args, v, run))
-        machine = torch.cuda.get_device_name()
+        machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU (GPU recipe smoke test)"
     else:
         # One process per variant: max RSS cannot be reset within a process.
         for v in args.variants.split(","):
