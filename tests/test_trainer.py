@@ -470,12 +470,16 @@ def test_cuda_run_matches_cpu(tok, data):
         # TF32 in a fused kernel's GEMMs is the only expected difference.
         assert gpu.history[0][k] == pytest.approx(cpu.history[0][k], rel=1e-3), k
     assert gpu.history[-1]["loss/retain"] == pytest.approx(cpu.history[-1]["loss/retain"], rel=0.1, abs=1e-3)
-    lora = Surgery(model=_model(tok, "bfloat16"), tokenizer=tok, streams=_streams(data), reference="adapter",
-                   lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
-                   train=_train(steps=8, lr=5e-2, device="cuda", gradient_checkpointing=True))
+    model = _model(tok, "bfloat16").cuda()
+    before = [perplexity(model, tok, data[i])["nll"] for i in (0, 1)]
+    lora = Surgery(model=model, tokenizer=tok, streams=_streams(data), reference="adapter",
+                   lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+                   train=_train(steps=8, lr=1e-1, gradient_checkpointing=True))
     lora.train()
+    after = [perplexity(lora.model, tok, data[i])["nll"] for i in (0, 1)]
+    # On the CPU this run moves unlearn NLL 4.16 -> 4.28 and update NLL 4.26 -> 4.07.
+    assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.1, (before, after)
     h = lora.history
-    assert h[-1]["loss/update"] < h[0]["loss/update"] and h[-1]["loss/unlearn"] > h[0]["loss/unlearn"]
     assert all(m["loss/retain"] >= 0 for m in h) and h[-1]["loss/retain"] > 0
     # The model path on the GPU image's transformers version.
     for arch in sorted(ARCHS):
