@@ -81,7 +81,7 @@ def _build(args, device: str):
                                                       "down_proj"]} if args.gpu else None
     run = Surgery(model=model, tokenizer=tok, streams=streams, reference="adapter" if args.gpu else "copy", lora=lora,
                   train={"steps": 10**6, "lr": 2e-4, "batch_size": 1, "max_length": args.length, "progress": False,
-                         "gradient_checkpointing": args.gpu, "device": device})
+                         "gradient_checkpointing": args.gpu, "device": device, "backend": args.backend})
     run._seed()
     run._setup()
     return run
@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--length", type=int)
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    p.add_argument("--backend", default="auto", help="surgery_kernels backend of the fused variant")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--device", help="default: cuda with --gpu, else cpu (--gpu --device cpu with small sizes "
                                     "smoke-tests the GPU recipe on a CPU)")
@@ -255,7 +256,10 @@ def main(argv=None) -> int:
                 return 1
             rows.append(json.loads(line[0][7:]))
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
-    shape = (f"Llama H={args.hidden} layers={args.layers} V={args.vocab}, 4 streams x {args.length} tokens, "
+    from surgery_kernels.backends import resolve
+
+    backend = resolve(args.backend, torch.device(args.device).type)
+    shape = (f"fused backend {backend!r}; Llama H={args.hidden} layers={args.layers} V={args.vocab}, 4 streams x {args.length} tokens, "
              + ("bf16, LoRA r=16, gradient checkpointing, reference=adapter" if args.gpu else
                 "float32, full fine-tuning, reference=copy"))
     print(f"# one surgery step — {machine} — torch {torch.__version__}")
