@@ -61,7 +61,6 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-# ---------------------------------------------------------------- the objective against a naive one
 
 
 def _naive_objective(model, ref, batch_rows, streams, weights):
@@ -133,7 +132,6 @@ def test_objective_matches_naive_logits(tok, data):
         assert torch.allclose(g_ours[n], p.grad, rtol=1e-7, atol=1e-10), n
 
 
-# ---------------------------------------------------------------- what a run does
 
 
 def test_short_run_unlearns_updates_retains(tok, data, tmp_path):
@@ -362,7 +360,6 @@ def test_checkpoint_write_is_atomic(tok, data, tmp_path, monkeypatch):
     assert again.step == 2
 
 
-# ---------------------------------------------------------------- evaluation
 
 
 def test_multiple_choice_equals_logit_scoring(tok, data):
@@ -399,7 +396,6 @@ def test_perplexity_equals_logits(tok, data):
     assert res["nll"] == pytest.approx(nll / n, rel=1e-5)
 
 
-# ---------------------------------------------------------------- config and CLI
 
 
 def _write_jsonl(path, records):
@@ -453,7 +449,6 @@ def test_demo_subcommand_reports_missing_module(capsys, monkeypatch):
     assert "demo module is not installed" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- on a GPU (benchmarks/gpu_check.sh)
 
 
 @pytest.mark.cuda
