@@ -36,7 +36,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .config import REFERENCES, EvalSet, ModelConfig, Stream, TrainConfig, as_dataclass
-from .data import Batch, StreamSampler, read_records, tokenize_lm
+from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
 from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
 from .objective import SurgeryObjective
