@@ -169,6 +169,8 @@ def _sync(device):
 
 
 def _mem_start(device):
+    if device == "none":
+        return 0, None
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated(), None
@@ -177,6 +179,8 @@ def _mem_start(device):
 
 
 def _mem_peak(device, tracker) -> int:
+    if device == "none":
+        return 0
     return torch.cuda.max_memory_allocated() if device.startswith("cuda") else tracker.stop()
 
 
@@ -209,12 +213,13 @@ def measure(args, run, variants) -> list[dict]:
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
             _sync(device)
-            base, tracker = _mem_start(device)
+            mem = "none" if args.time_only else device
+            base, tracker = _mem_start(mem)
             t0 = time.perf_counter()
             steps[v]()
             _sync(device)
             times[v].append(time.perf_counter() - t0)
-            peaks[v] = max(peaks[v], _mem_peak(device, tracker) - base)
+            peaks[v] = max(peaks[v], _mem_peak(mem, tracker) - base)
     tokens = args.length * len(STREAMS)
     return [{"variant": v, "median_s": statistics.median(times[v]), "min_s": min(times[v]), "times_s": times[v],
              "peak_extra_mib": peaks[v] / 2**20, "tokens": tokens, "first_step_losses": losses.get(v)}
@@ -236,6 +241,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     p.add_argument("--backend", default="auto", help="surgery_kernels backend of the fused variant")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--time-only", action="store_true",
+                   help="CPU: no memory sampling and default malloc (mmap for every large block slows the "
+                        "variant that allocates more, so time and memory are best measured in separate runs)")
     p.add_argument("--device", help="default: cuda with --gpu, else cpu (--gpu --device cpu with small sizes "
                                     "smoke-tests the GPU recipe on a CPU)")
     args = p.parse_args(argv)
@@ -248,7 +256,7 @@ def main(argv=None) -> int:
     args.device = args.device or ("cuda" if args.gpu else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+    if args.device == "cpu" and not args.time_only and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
         # Large blocks through mmap, so a freed tensor leaves the resident size at once and the
         # sampled RSS follows live memory. glibc reads this at start-up: run again with it set.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
