@@ -276,14 +276,16 @@ def main(argv=None) -> int:
                 "float32, full fine-tuning, reference=copy"))
     print(f"# one surgery step — {machine} — torch {torch.__version__}")
     print(f"# {shape}; median of {args.steps} steps per variant, alternating, after {args.warmup} warm-up")
+    mem = not (args.time_only and args.device == "cpu")
     print(f"{'variant':<8} {'step s':>9} {'tokens/s':>10} {'peak extra MiB':>15}  first-step losses")
     for r in rows:
-        print(f"{r['variant']:<8} {r['median_s']:>9.3f} {r['tokens'] / r['median_s']:>10.0f} "
-              f"{r['peak_extra_mib']:>15.0f}  {r['first_step_losses']}")
+        peak = f"{r['peak_extra_mib']:>15.0f}" if mem else f"{'-':>15}"
+        print(f"{r['variant']:<8} {r['median_s']:>9.3f} {r['tokens'] / r['median_s']:>10.0f} {peak}  "
+              f"{r['first_step_losses']}")
     if len(rows) == 2:
         f, h = rows
-        print(f"# hf / fused: time x{h['median_s'] / f['median_s']:.2f}, peak memory x"
-              f"{h['peak_extra_mib'] / max(f['peak_extra_mib'], 1e-9):.2f}")
+        ratio = f", peak memory x{h['peak_extra_mib'] / max(f['peak_extra_mib'], 1e-9):.2f}" if mem else ""
+        print(f"# hf / fused: time x{h['median_s'] / f['median_s']:.2f}{ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "shape": shape, "rows": rows}, indent=2))
     return 0
