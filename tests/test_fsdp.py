@@ -16,7 +16,6 @@ import torch
 from surgery import load_config
 from surgery.testing import all_words, fact_streams, tiny_llama, word_tokenizer
 
-pytestmark = pytest.mark.no_poison
 ROOT = Path(__file__).resolve().parents[1]
 
 

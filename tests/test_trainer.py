@@ -19,7 +19,6 @@ from surgery.modeling import load_model
 from surgery.objective import SurgeryObjective
 from surgery.testing import all_words, fact_streams, tiny_llama, word_tokenizer
 
-pytestmark = pytest.mark.no_poison
 
 
 @pytest.fixture(autouse=True)
