@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     r.add_argument("--time-limit", type=float, help="seconds; tasks not started by then are recorded as skipped")
     r.add_argument("--wheels", help="directory of pure-Python wheels (liger-kernel, cut-cross-entropy) to make "
                                     "importable when not installed; ignored if missing")
-    r.add_argument("--task-timeout", type=float, default=600.0, help="seconds one measurement may take")
+    r.add_argument("--task-timeout", type=float, default=1800.0, help="seconds one case (all its providers) may take")
     rep = sub.add_parser("report", help="rebuild report.md, CSV and plots from DIR/results.json")
     rep.add_argument("dir")
     rep.add_argument("--readme", action="store_true", help="print the README performance section instead")
