@@ -26,7 +26,8 @@ LEGEND = (
     "logits (`surgery_kernels.reference`); `torch-lce` = `torch.nn.functional.linear_cross_entropy` with "
     "`LinearCrossEntropyOptions()`; `cce` = cut-cross-entropy (`torch_compile` impl on CPU, `cce` on GPU); "
     "`liger` = Liger-Kernel (fused linear CE; fused linear JSD with beta=0 for the KL); `floor` = the bare GEMMs "
-    "the loss needs, timed in the same run (CE forward 1 GEMM, forward+backward 3; KL one more). Signed CE: "
+    "the loss needs, timed in the same run (CE forward 1 GEMM, forward+backward 3; KL one more), each writing its full (N, V) "
+    "output to memory: a chunked kernel whose logits stay in cache can beat it (ratio below 1). Signed CE: "
     "half the tokens weighted -0.1 (unlearn), half +2.0 (update), 5% padding; baselines without per-token "
     "weights make one call per stream. `fwd` runs under `torch.no_grad()`; `fwd+bwd` includes the gradients "
     "w.r.t. hidden and weight. Inputs are random (logit std ~2)."
@@ -39,6 +40,8 @@ GOALS = [
     ("sk-torch", "time vs naive", "ratio_to_naive", None, 1.3),
     ("sk-cpu", "time vs naive", "ratio_to_naive", None, 1.0),
     ("sk-cpu", "time vs torch-lce", "median_ms", "torch-lce", 1.0),
+    # not an issue goal: the same op with a sane chunk size, so the verdict is not about a heuristic
+    ("sk-cpu", "time vs torch-lce-tuned", "median_ms", "torch-lce-tuned", 1.0),
     ("sk-cpu", "time vs floor", "ratio_to_floor", None, 1.3),
     ("sk-cpu", "memory vs naive", "mem_ratio_to_naive", None, 0.125),
 ]
@@ -107,7 +110,7 @@ def goal_table(rows: list[dict]) -> str | None:
             continue
         by = {r["provider"]: r for r in group}
         for prov, what, field, other, goal in GOALS:
-            if prov == "sk-cpu" and other == "torch-lce" and op != "ce":
+            if other and other.startswith("torch-lce") and op != "ce":
                 continue
             r = by.get(prov)
             if r is None or r["status"] != "ok" or r.get(field) is None:
@@ -117,11 +120,15 @@ def goal_table(rows: list[dict]) -> str | None:
                 if other:
                     o = by.get(other)
                     if not o or o["status"] != "ok":
-                        lines.append(f"| {op} | {prov} | {what} | – | ≤ {goal:g} | not measured ({other}) |")
+                        why = f"{o['status']}: {o['reason']}" if o else "no row"
+                        lines.append(f"| {op} | {prov} | {what} | – | ≤ {goal:g} | not measured ({other} {why}) |")
                         continue
                     val = val / o[field]
                 got = f"{val:.3f}"
                 verdict = "**met**" if val <= goal else "**missed**"
+                for x in (r, by.get(other) if other else None):
+                    if x and (x.get("reason") or "").startswith("1 cold call"):
+                        verdict += f" ({x['provider']}: {x['reason']})"
             lines.append(f"| {op} | {prov} | {what} | {got} | ≤ {goal:g} | {verdict} |")
     if not lines:
         return None
