@@ -187,6 +187,9 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[str]:
             panels.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), {}).setdefault(r["provider"], []).append(r)
     if not panels:
         return []
+    # One colour per provider across panels and plots.
+    provs_all = sorted({r["provider"] for r in rows})
+    colour = {p: plt.cm.tab10(i % 10) for i, p in enumerate(provs_all)}
     names = []
     for fname, field, ylabel in (("time_vs_n.png", "median_ms", "median time (ms)"),
                                  ("memory_vs_n.png", "peak_mib", "peak memory growth (MiB)")):
@@ -201,8 +204,9 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[str]:
                 if not pts:
                     continue
                 ns.update(n for n, _ in pts)
-                style = "k--" if prov == "floor" else "o-" if prov.startswith("sk-") else "s:"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prov, markersize=5)
+                style = "--" if prov == "floor" else "o-" if prov.startswith("sk-") else "s:"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prov, markersize=5,
+                        color="k" if prov == "floor" else colour[prov])
             ax.set_title(f"{op} {mode} {shape} {dtype}", fontsize=10)
             ax.set_xlabel("tokens N")
             ax.set_ylabel(ylabel)
