@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     rep = sub.add_parser("report", help="rebuild report.md, CSV and plots from DIR/results.json")
     rep.add_argument("dir")
     rep.add_argument("--readme", action="store_true", help="print the README performance section instead")
+    rep.add_argument("--merge", nargs="+", metavar="RUN_DIR",
+                     help="first combine the rows of these runs (same device) into DIR/results.json")
     args = p.parse_args(argv)
     if args.cmd == "run":
         from .runner import run
@@ -49,6 +51,10 @@ def main(argv=None) -> int:
         return run(args)
     from . import report
 
+    if args.merge:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        meta, rows = report.merge([report.load(Path(d)) for d in args.merge])
+        report.write_all(Path(args.dir), meta, rows)
     meta, rows = report.load(Path(args.dir))
     if args.readme:
         print(report.readme_section(meta, rows, args.dir.rstrip("/")))

@@ -10,11 +10,13 @@ import json
 from pathlib import Path
 
 HOW_CPU = (
-    "CPU time: median (and 20th/80th percentiles) of the wall time of several calls after a warm-up call; "
-    "gradients set to None before each call, untimed. CPU memory: growth of the resident set of a fresh "
-    "process per (case, provider) over what it holds with the inputs built, VmHWM reset just before one "
-    "full call (which is the warm-up); it counts the gradients. Cases whose estimated peak exceeds the "
-    "memory budget are skipped, with the reason."
+    "CPU: one fresh process per case; all providers and the floor share its inputs and are run once at "
+    "N=64 first. Memory: per provider, heap trimmed, VmRSS read, VmHWM reset, one full call (the warm-up), "
+    "VmHWM read: peak = resident-set growth over the inputs, gradients included. Time: median (and 20th/80th "
+    "percentiles) of the timed calls, every provider once per round in a rotating order so load changes on "
+    "the shared machine hit all alike; gradients set to None before each call, untimed. A provider whose "
+    "first call exceeds --max-call-s is reported from that one call, flagged. Cases whose estimated peak "
+    "exceeds the memory budget are skipped, with the reason."
 )
 HOW_CUDA = (
     "GPU time: `triton.testing.do_bench` median (20th/80th percentiles) after warm-up, gradients reset "
@@ -58,6 +60,24 @@ def write_all(out_dir: Path, meta: dict, rows: list[dict]) -> None:
 def load(out_dir: Path) -> tuple[dict, list[dict]]:
     data = json.loads((Path(out_dir) / "results.json").read_text())
     return data["meta"], data["rows"]
+
+
+def merge(runs: list[tuple[dict, list[dict]]]) -> tuple[dict, list[dict]]:
+    """One table from several runs on one device (each row keeps its own commit and load)."""
+    metas = [m for m, _ in runs]
+    if len({m["device"] for m in metas}) > 1:
+        raise ValueError(f"--merge: runs from different devices: {sorted({m['device'] for m in metas})}")
+    meta = dict(metas[0])
+    meta.update(command=" ; ".join(m.get("command", "?") for m in metas),
+                commit=", ".join(dict.fromkeys(m["commit"] for m in metas)),
+                date_utc=", ".join(dict.fromkeys(m["date_utc"] for m in metas)),
+                load_start=min(m.get("load_start") or 0 for m in metas),
+                load_end=max(m.get("load_end") or 0 for m in metas),
+                wall_s=round(sum(m.get("wall_s") or 0 for m in metas), 1), preset="merged",
+                repeats=", ".join(dict.fromkeys(str(m.get("repeats")) for m in metas)))
+    rows = [r for _, rs in runs for r in rs]
+    rows.sort(key=lambda r: (r["op"], r["mode"], r["shape"], r["dtype"], r["n"]))
+    return meta, rows
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
