@@ -178,16 +178,43 @@ def markdown(meta: dict, rows: list[dict], plots: list[str]) -> str:
     return "\n".join(out)
 
 
+def summary_table(rows: list[dict]) -> str:
+    """One line per case, one column per provider that ran somewhere: ``ms (x floor) / MiB``."""
+    groups = _groups(rows)
+    provs = []
+    for r in rows:
+        if r["status"] == "ok" and r["provider"] not in provs:
+            provs.append(r["provider"])
+    head = ["| case | " + " | ".join(provs) + " |", "|---|" + "---:|" * len(provs)]
+    lines = []
+    for (op, mode, shape, n, h, v, dtype), group in groups.items():
+        by = {r["provider"]: r for r in group}
+        cells = []
+        for p in provs:
+            r = by.get(p)
+            if r is None or r["status"] != "ok":
+                cells.append("–")
+                continue
+            cell = f"{r['median_ms']:.0f} ms"
+            if p != "floor" and r.get("ratio_to_floor"):
+                cell += f" ({r['ratio_to_floor']:.2f}×)"
+            if r.get("peak_mib") is not None:
+                cell += f" / {r['peak_mib']:.0f} MiB"
+            cells.append(cell)
+        lines.append(f"| {op} {mode} {shape} N={n} {dtype} | " + " | ".join(cells) + " |")
+    return "\n".join(head + lines)
+
+
 def readme_section(meta: dict, rows: list[dict], rel_dir: str) -> str:
-    """Markdown for the README: one table per case, header with machine and versions."""
-    out = [f"Measured {meta['date_utc']} on {meta['device']}, torch {meta['torch']}, commit `{meta['commit']}`, "
-           f"with `{meta.get('command')}`" + (f" (load {meta.get('load_start')}–{meta.get('load_end')})"
-                                              if meta.get("device_type") == "cpu" else "") + ".", ""]
+    """Markdown for the README: machine and versions, the goal table, one summary table, plots."""
+    out = [f"Measured {meta['date_utc']} on {meta['device']}, torch {meta['torch']}, commit `{meta['commit']}`"
+           + (f", 1-minute load {meta.get('load_start')}–{meta.get('load_end')} (shared machine)"
+              if meta.get("device_type") == "cpu" else "") + f"; full tables in `{rel_dir}/report.md`.", ""]
     goals = goal_table(rows)
     if goals:
         out += [goals, ""]
-    for key, group in _groups(rows).items():
-        out += [f"**{_title(key)}**", "", case_table(group), ""]
+    out += ["Median time (ratio to the floor) / peak memory growth; `floor` = the bare GEMMs, `naive` = "
+            "materialized logits, `sk-*` = this package's backends.", "", summary_table(rows), ""]
     for p in ("time_vs_n.png", "memory_vs_n.png"):
         if (Path(rel_dir) / p).exists():
             out.append(f"![{p}]({rel_dir}/{p})")
