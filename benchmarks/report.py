@@ -223,10 +223,14 @@ def readme_section(meta: dict, rows: list[dict], rel_dir: str) -> str:
 
 def write_plots(out_dir: Path, rows: list[dict]) -> list[str]:
     """time_vs_n.png and memory_vs_n.png: one panel per (op, mode, head, dtype), one line per provider."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the GPU image may lack it: tables still get written
+        print("matplotlib is not installed: no plots (python -m benchmarks report DIR makes them later)")
+        return []
 
     panels: dict[tuple, dict[str, list]] = {}
     for r in rows:
