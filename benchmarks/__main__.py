@@ -35,10 +35,12 @@ def main(argv=None) -> int:
     r.add_argument("--time-limit", type=float, help="seconds; tasks not started by then are recorded as skipped")
     r.add_argument("--wheels", help="directory of pure-Python wheels (liger-kernel, cut-cross-entropy) to make "
                                     "importable when not installed; ignored if missing")
-    r.add_argument("--task-timeout", type=float, default=600.0, help="seconds one measurement may take")
+    r.add_argument("--task-timeout", type=float, default=1800.0, help="seconds one case (all its providers) may take")
     rep = sub.add_parser("report", help="rebuild report.md, CSV and plots from DIR/results.json")
     rep.add_argument("dir")
     rep.add_argument("--readme", action="store_true", help="print the README performance section instead")
+    rep.add_argument("--merge", nargs="+", metavar="RUN_DIR",
+                     help="first combine the rows of these runs (same device) into DIR/results.json")
     args = p.parse_args(argv)
     if args.cmd == "run":
         from .runner import run
@@ -49,6 +51,10 @@ def main(argv=None) -> int:
         return run(args)
     from . import report
 
+    if args.merge:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        meta, rows = report.merge([report.load(Path(d)) for d in args.merge])
+        report.write_all(Path(args.dir), meta, rows)
     meta, rows = report.load(Path(args.dir))
     if args.readme:
         print(report.readme_section(meta, rows, args.dir.rstrip("/")))

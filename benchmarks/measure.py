@@ -5,13 +5,17 @@ CPU
   and the 20th/80th percentiles are reported. Gradients are set to None before every call
   (outside the timed region), as ``optimizer.zero_grad(set_to_none=True)`` does, so every call
   allocates its gradients the way a training step would.
-- Peak memory: the growth of the resident set size of a *fresh process per (case, provider)*
-  over what it holds once the inputs exist. The process first runs the provider once at a small
-  N (kernels loaded, ``torch.compile`` done), builds the full-size inputs, reads VmRSS, resets
-  the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``), runs one full call (which is
-  also the warm-up) and reads VmHWM. Growth = VmHWM - VmRSS before the call: it counts the
-  gradients and everything the call allocated and touched at its peak; it is exact to a page
-  and includes nothing the allocator held before the call.
+- Peak memory: the growth of the resident set size over what the process holds once the inputs
+  exist, in a *fresh process per case*. Every provider first runs once at a small N (kernels
+  loaded, ``torch.compile`` done). Then, per provider: free the previous one's gradients,
+  ``malloc_trim``, read VmRSS, reset the kernel's high-water mark
+  (``echo 5 > /proc/self/clear_refs``), run one full call (also the warm-up), read VmHWM.
+  Growth = VmHWM - VmRSS before the call: it counts the gradients and everything the call
+  allocated and touched at its peak. Large blocks (>= 32 MiB: logits, chunks, gradients) are
+  mmapped and go back to the system when freed, the heap is trimmed, so what one provider freed
+  does not hide another's allocations.
+- Providers are timed in rounds, each provider once per round in a rotating order: on a shared
+  machine a change of load then slows all providers alike instead of whichever ran last.
 
 CUDA
 - Time: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, gradients reset
@@ -50,6 +54,17 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def trim_heap() -> None:
+    """Return the C heap's free memory to the system (glibc ``malloc_trim``), so a provider's
+    RSS baseline does not include what an earlier one freed but the allocator kept."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_rss_bytes() -> int:

@@ -7,10 +7,9 @@ relative difference to naive's (every provider computes the same loss on the sam
 1-minute load average when it ran, and the run's device, versions and commit (in ``meta`` and
 repeated on each row of the CSV).
 
-The ``floor`` rows are composed from the worker's GEMM timings of the same run: CE forward =
-logits GEMM; CE forward+backward = logits + dhidden + dweight GEMMs; KL adds one logits GEMM
-(the reference model's). Its p20/p80 are the sums of the parts' p20/p80. It has no memory number:
-it is a time floor (it writes into preallocated outputs).
+The ``floor`` row of a case is timed by the same worker, with the providers: CE forward = the
+logits GEMM; forward+backward adds the dhidden and dweight GEMMs; KL adds the reference model's
+logits GEMM. It has no memory number: it is a time floor (it writes into preallocated outputs).
 """
 
 from __future__ import annotations
@@ -87,16 +86,13 @@ def environment(device: str) -> dict:
 
 def plan(cases: list[Case], device: str, provider_names: list[str] | None, mem_budget_gib: float,
          quick: bool = False):
-    """(tasks for the workers, rows decided without measuring: unavailable / over budget)."""
+    """(one task per case with the providers to measure, rows decided without measuring:
+    unavailable / left out / over the memory budget)."""
     provs = [p for p in registry() if provider_names is None or p.name in provider_names]
     why_not = {p.name: p.unavailable(device) for p in provs}
     tasks, fixed = [], []
-    gemm_done = set()
     for c in cases:
-        gkey = (c.n, c.h, c.v, c.dtype)
-        if gkey not in gemm_done:
-            gemm_done.add(gkey)
-            tasks.append({"kind": "gemm", "case": c.as_dict()})
+        names = []
         for p in provs:
             if c.op not in p.ops:
                 fixed.append(_row(c, p.name, status="unavailable", reason=f"{p.name} has no {c.op} op"))
@@ -110,7 +106,8 @@ def plan(cases: list[Case], device: str, provider_names: list[str] | None, mem_b
                     f"estimated peak {p.est_bytes(c) / 2**30:.1f} GiB > CPU memory budget {mem_budget_gib} GiB "
                     "(--mem-budget-gib)")))
             else:
-                tasks.append({"kind": "provider", "case": c.as_dict(), "provider": p.name})
+                names.append(p.name)
+        tasks.append({"case": c.as_dict(), "providers": names})
     return tasks, fixed
 
 
@@ -122,30 +119,42 @@ def _row(c: Case, provider: str, **kw) -> dict:
 
 
 def _describe(r: dict) -> str:
-    head = f"{r['op']:2} {r['mode']:7} {r['shape']:9} N={r['n']:<6} {r['dtype']:8} {r['provider']:10}"
+    head = f"{r['op']:2} {r['mode']:7} {r['shape']:9} N={r['n']:<6} {r['dtype']:8} {r['provider']:15}"
     if r["status"] != "ok":
         return f"{head} {r['status']}: {r['reason']}"
     mem = "" if r.get("peak_mib") is None else f"  peak {r['peak_mib']:9.1f} MiB"
-    return f"{head} {r['median_ms']:10.2f} ms{mem}  (load {r.get('load1')})"
+    note = f"  [{r['reason']}]" if r.get("reason") else ""
+    return f"{head} {r['median_ms']:10.2f} ms{mem}  (load {r.get('load1')}){note}"
+
+
+def _worker_row(r: dict) -> dict:
+    row = _row(Case(**r["case"]), r["provider"])
+    for k in ("status", "reason", "median_ms", "p20_ms", "p80_ms", "runs", "peak_mib", "value", "load1"):
+        if k in r:
+            row[k] = r[k]
+    return row
 
 
 def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadline: float | None,
             task_timeout: float, max_call_s: float | None = None) -> list[dict]:
-    """Run the tasks in workers: one process per task on the CPU, one for all on CUDA (restarted
-    after a crash for the tasks left). Returns the workers' JSON lines, one per task."""
+    """Run the cases in workers: one process per case on the CPU, one for all on CUDA (restarted
+    past a crash for the cases left). Returns one row per (case, provider), the floor included."""
     paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + _EXTRA_PATHS
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     log = open(out_dir / "worker.log", "a")
     groups = [[t] for t in tasks] if device == "cpu" else [tasks]
-    results: list[dict] = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for gi, group in enumerate(groups):
             pending = list(group)
             while pending:
                 if deadline is not None and time.time() > deadline:
                     # No new worker past the deadline (its start alone costs seconds on a GPU).
-                    results += [{"task": t, "status": "skipped", "reason": "time limit of the run reached"}
-                                for t in pending]
+                    for t in pending:
+                        for name in ["floor"] + t["providers"]:
+                            rows.append(_row(Case(**t["case"]), name, status="skipped",
+                                             reason="time limit of the run reached"))
+                            print(_describe(rows[-1]), flush=True)
                     break
                 spec, out = Path(tmp) / f"spec{gi}.json", Path(tmp) / f"out{gi}.jsonl"
                 out.unlink(missing_ok=True)
@@ -153,7 +162,7 @@ def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadlin
                                             "max_call_s": max_call_s, "tasks": pending}))
                 limit = task_timeout * len(pending)
                 if deadline is not None:
-                    # A task running at the deadline gets a short grace, then the report is written.
+                    # A case running at the deadline gets a short grace, then the report is written.
                     limit = min(limit, max(deadline - time.time(), 0) + 30)
                 try:
                     subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec), str(out)], cwd=ROOT, env=env,
@@ -161,54 +170,32 @@ def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadlin
                     crash = None
                 except subprocess.TimeoutExpired:
                     crash = f"worker timed out after {limit:.0f} s"
-                done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-                for r in done:
-                    results.append(r)
-                    print(_describe(_task_row(r)) if r["task"]["kind"] == "provider" else
-                          f"   gemm N={r['task']['case']['n']} H={r['task']['case']['h']} V={r['task']['case']['v']} "
-                          f"{r['task']['case']['dtype']}: " + (", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in r.items()
-                                                                         if isinstance(v, dict) and "median_ms" in v)
-                                                               or f"{r['status']}: {r.get('reason')}"), flush=True)
-                pending = pending[len(done):]
-                if pending:
-                    # The task after the last line killed or hung the worker: record it, go on.
-                    results.append({"task": pending[0], "status": "failed",
-                                    "reason": crash or "worker died (see worker.log)"})
-                    print(_describe(_task_row(results[-1])) if pending[0]["kind"] == "provider" else
-                          f"   gemm failed: {results[-1]['reason']}", flush=True)
-                    pending = pending[1:]
+                got: dict[str, set] = {}
+                for line in (out.read_text().splitlines() if out.exists() else []):
+                    r = json.loads(line)
+                    rows.append(_worker_row(r))
+                    got.setdefault(Case(**r["case"]).key, set()).add(r["provider"])
+                    print(_describe(rows[-1]), flush=True)
+                # Cases run in order: the first one with rows missing is where the worker died or
+                # hung. Record its missing rows as failed and go on with the cases after it.
+                for i, t in enumerate(pending):
+                    missing = [n for n in ["floor"] + t["providers"] if n not in got.get(Case(**t["case"]).key, ())]
+                    if missing:
+                        for name in missing:
+                            rows.append(_row(Case(**t["case"]), name, status="failed",
+                                             reason=crash or "worker died (see worker.log)"))
+                            print(_describe(rows[-1]), flush=True)
+                        pending = pending[i + 1:]
+                        break
+                else:
+                    pending = []
     log.close()
-    return results
+    return rows
 
 
-def _task_row(r: dict) -> dict:
-    t = r["task"]
-    row = _row(Case(**t["case"]), t.get("provider", "floor"))
-    for k in ("status", "reason", "median_ms", "p20_ms", "p80_ms", "runs", "peak_mib", "value", "load1"):
-        if k in r:
-            row[k] = r[k]
-    return row
-
-
-def compose(cases: list[Case], results: list[dict], fixed: list[dict], meta: dict) -> list[dict]:
-    """Rows for every (case, provider): measured, fixed, and the floor; then the ratios."""
-    gemms = {}
-    for r in results:
-        if r["task"]["kind"] == "gemm":
-            c = r["task"]["case"]
-            gemms[(c["n"], c["h"], c["v"], c["dtype"])] = r
-    rows = [_task_row(r) for r in results if r["task"]["kind"] == "provider"] + list(fixed)
-    for c in cases:
-        g = gemms.get((c.n, c.h, c.v, c.dtype))
-        if g is None or g["status"] != "ok":
-            rows.append(_row(c, "floor", status=(g or {}).get("status", "failed"),
-                             reason=(g or {}).get("reason", "GEMMs not measured")))
-            continue
-        parts = ["logits"] + (["dhidden", "dweight"] if c.mode == "fwd+bwd" else []) + (["logits"] if c.op == "kl"
-                                                                                           else [])
-        rows.append(_row(c, "floor", status="ok", load1=g.get("load1"), runs=g.get("runs"),
-                         reason="bare GEMMs: " + " + ".join(parts),
-                         **{k: sum(g[p][k] for p in parts) for k in ("median_ms", "p20_ms", "p80_ms")}))
+def compose(cases: list[Case], measured: list[dict], fixed: list[dict], meta: dict) -> list[dict]:
+    """All rows of the run, with the ratios to the floor and to naive of the same case."""
+    rows = list(measured) + list(fixed)
     by_case: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_case.setdefault(_ckey(r), {})[r["provider"]] = r
@@ -227,7 +214,9 @@ def compose(cases: list[Case], results: list[dict], fixed: list[dict], meta: dic
             if r["value"] is not None and nv["value"] is not None:
                 r["value_rel_diff"] = abs(r["value"] - nv["value"]) / max(abs(nv["value"]), 1e-30)
     order = {c.key: i for i, c in enumerate(cases)}
-    prov_order = {p: i for i, p in enumerate(["floor", "naive"] + [p.name for p in registry()])}
+    prov_order: dict[str, int] = {}
+    for p in ["floor", "naive"] + [p.name for p in registry()]:
+        prov_order.setdefault(p, len(prov_order))
     rows.sort(key=lambda r: (order.get(_ckey(r), 0), prov_order.get(r["provider"], 99)))
     return rows
 
@@ -284,14 +273,15 @@ def run(args) -> int:
     providers = args.providers.split(",") if args.providers else None
     tasks, fixed = plan(cases, device, providers, args.mem_budget_gib, quick=preset == "quick")
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
-          f"preset {preset}: {len(cases)} cases, {len(tasks)} measurements | load {meta['load_start']}", flush=True)
+          f"preset {preset}: {len(cases)} cases, {sum(len(t['providers']) + 1 for t in tasks)} measurements | "
+          f"load {meta['load_start']}", flush=True)
     for r in fixed:
         print(_describe(r), flush=True)
     t0 = time.time()
     deadline = t0 + args.time_limit if args.time_limit else None
-    results = execute(tasks, device, repeats, out_dir, deadline, args.task_timeout, args.max_call_s)
+    measured = execute(tasks, device, repeats, out_dir, deadline, args.task_timeout, args.max_call_s)
     meta.update(load_end=measure.load_average(), wall_s=round(time.time() - t0, 1))
-    rows = compose(cases, results, fixed, meta)
+    rows = compose(cases, measured, fixed, meta)
     report.write_all(out_dir, meta, rows)
     print(f"wrote {out_dir}/results.json, results.csv, report.md and plots in {meta['wall_s']} s "
           f"(load {meta['load_start']} -> {meta['load_end']})")

@@ -73,19 +73,9 @@ def test_provider(benchmark, prov, op, mode):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("mode", MODES)
 def test_floor(benchmark, op, mode):
-    """The bare GEMMs of the case into preallocated outputs (see benchmarks.worker.gemm_task)."""
+    """The bare GEMMs of the case into preallocated outputs (``benchmarks.worker.floor_fn``)."""
+    from .worker import floor_fn
+
     c = case(op, mode, SHAPE, N, DTYPE)
-    x = make_inputs(c, DEVICE)
-    h, w = x["hidden"].detach(), x["weight"].detach()
-    dz = torch.randn(c.n, c.v, device=DEVICE).to(h.dtype)
-    z, dh, dw = torch.empty_like(dz), torch.empty_like(h), torch.empty_like(w)
-
-    def gemms():
-        torch.mm(h, w.t(), out=z)
-        if op == "kl":
-            torch.mm(h, w.t(), out=z)
-        if mode == "fwd+bwd":
-            torch.mm(dz, w, out=dh)
-            torch.mm(dz.t(), h, out=dw)
-
-    _bench(benchmark, gemms, [], dict(c.as_dict(), provider="floor", device=DEVICE))
+    fn, _ = floor_fn(c, make_inputs(c, DEVICE), DEVICE)
+    _bench(benchmark, fn, [], dict(c.as_dict(), provider="floor", device=DEVICE))
