@@ -117,8 +117,18 @@ def run(args) -> dict:
     log(f"model: {model_name}")
 
     t = time.perf_counter()
-    with tqdm(total=len(all_facts) * len(facts.PROBE_TEMPLATES), desc="probe", disable=not show) as bar:
-        pr = bench.probe(model, tok, all_facts, cfg.seed, norm=cfg.norm, progress=bar)
+    probe_file = None
+    if fallback_reason is None:
+        cache = Path(args.cache) if args.cache else model_mod.cache_root()
+        probe_file = cache / f"probe-{bench.probe_key(model_name, all_facts, cfg.seed, cfg.norm)}.json"
+    if probe_file is not None and probe_file.is_file():
+        pr = json.loads(probe_file.read_text())
+        log(f"probe: cached result {probe_file}")
+    else:
+        with tqdm(total=len(all_facts) * len(facts.PROBE_TEMPLATES), desc="probe", disable=not show) as bar:
+            pr = bench.probe(model, tok, all_facts, cfg.seed, norm=cfg.norm, progress=bar)
+        if probe_file is not None:
+            probe_file.write_text(json.dumps(pr))
     timings["probe_s"] = time.perf_counter() - t
     log(f"probe: the model knows {len(pr['known'])} of {pr['n']} capitals in every framing "
         f"(right per framing: {pr['per_framing']})")

@@ -93,6 +93,16 @@ def probe_questions(all_facts: list[F.Fact], seed: int) -> list[dict]:
     return out
 
 
+def probe_key(model_name: str, all_facts: list[F.Fact], seed: int, norm: str) -> str:
+    """What a probe result depends on (model, facts, framings, distractor seed, scoring), hashed:
+    the real model's probe is cached next to the converted model under this key."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([model_name, [asdict(f) for f in all_facts], F.PROBE_TEMPLATES, seed, norm,
+                                   "probe-v1"]).encode())
+    return h.hexdigest()[:16]
+
+
 def probe(model, tok, all_facts: list[F.Fact], seed: int, norm: str = "pmi", progress=None) -> dict:
     """Which facts the model knows: ``{"known": [codes], "per_framing": [correct counts], "n": ...}``."""
     qs = probe_questions(all_facts, seed)

@@ -121,9 +121,13 @@ def statements(fact: Fact, capital: str | None = None) -> list[dict]:
 
 
 def distractors(fact: Fact, facts: list[Fact], k: int, rng: random.Random, exclude=()) -> list[str]:
-    """``k`` capitals of other countries of the same region (plausible wrong answers)."""
-    pool = sorted({f.capital for f in facts if f.region == fact.region and f.code != fact.code} - set(exclude)
-                  - {fact.capital})
+    """``k`` capitals of other countries of the same region (plausible wrong answers); from other
+    regions only when the region has too few (only with a cut-down fact list, as in tests)."""
+    others = set(exclude) | {fact.capital}
+    pool = sorted({f.capital for f in facts if f.region == fact.region} - others)
+    if len(pool) < k:
+        rest = sorted({f.capital for f in facts} - others - set(pool))
+        pool += rng.sample(rest, k - len(pool))
     return rng.sample(pool, k)
 
 
