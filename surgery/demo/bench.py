@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,10 +67,11 @@ class DemoConfig:
     gamma: float = 1.0
     gamma_text: float = 1.0
     batch_facts: int = 8
-    batch_text: int = 2
-    text_max_tokens: int = 96
+    batch_text: int = 4
+    text_max_tokens: int = 40
     n_text_train: int = 64
     n_text_eval: int = 16
+    ppl_max_tokens: int = 128
     # Parameter-name patterns of what is trained (fnmatch over the model's parameter names).
     trainable: list = field(default_factory=lambda: ["*layers.*"])
     variants: tuple = tuple(VARIANTS)
@@ -120,6 +122,18 @@ def probe(model, tok, all_facts: list[F.Fact], seed: int, norm: str = "pmi", pro
 
 
 # ------------------------------------------------------------------------------------------ sets
+def sentences(paragraph: str, min_chars: int = 40) -> list[str]:
+    """A paragraph split after sentence-ending punctuation; fragments shorter than ``min_chars``
+    stay with the previous sentence."""
+    out: list[str] = []
+    for part in re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph.strip()):
+        if out and len(part) < min_chars:
+            out[-1] += " " + part
+        else:
+            out.append(part)
+    return out
+
+
 def _mentions(text: str, names: set[str]) -> bool:
     return any(n in text for n in names)
 
@@ -168,7 +182,9 @@ def build_sets(all_facts: list[F.Fact], known_codes: list[str], paragraphs: list
             "updated": [r for f, n in zip(edit, new_caps) for r in F.statements(f, n)],
             # KL over whole sentences: the template tokens are where ascent leaks to other facts.
             "retain_facts": [{"text": r["prompt"] + r["completion"]} for f in retain for r in F.statements(f)],
-            "retain_text": [{"text": p} for _, p in text_train],
+            # Sentences, not whole paragraphs: the trainer pads every stream of a step to one
+            # length, and fact statements are ~15 tokens.
+            "retain_text": [{"text": x} for _, p in text_train for x in sentences(p)],
         },
         "questions": {
             "unlearn": [question(f) for f in unlearn],
@@ -205,7 +221,7 @@ def evaluate(model, tok, sets: dict, cfg: DemoConfig, progress=None) -> dict:
             out["outdated"] = {"accuracy": accuracy(qs["outdated"], scores[cfg.norm][k:k + m]),
                                "accuracy_sum": accuracy(qs["outdated"], scores["sum"][k:k + m]), "n": m}
         k += m
-    ppl = perplexity(model, tok, sets["ppl_text"], max_length=cfg.text_max_tokens, batch_size=16)
+    ppl = perplexity(model, tok, sets["ppl_text"], max_length=cfg.ppl_max_tokens, batch_size=16)
     out["ppl"] = ppl["perplexity"]
     return out
 
