@@ -94,6 +94,10 @@ class TrainConfig:
     max_length: int = 4096
     seed: int = 0
     gradient_checkpointing: bool = False
+    # Compute dtype over float32 weights: "bfloat16" | "float16" | None. One process: torch.autocast
+    # around the forward; under torchrun: FSDP MixedPrecisionPolicy(param_dtype, reduce_dtype=float32),
+    # as the authors ran Llama-2-7B (fp32 master weights, bf16 compute).
+    mixed_precision: str | None = None
     # Evaluate every k steps (0: only before and after); checkpoint every k steps (0: at the end only).
     eval_every: int = 0
     save_every: int = 0
@@ -120,6 +124,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         if self.clip is not None and self.clip < 0:
             raise ValueError(f"train.clip must be >= 0 or null, got {self.clip!r}")
+        if self.mixed_precision not in (None, "bfloat16", "float16"):
+            raise ValueError(f"train.mixed_precision must be null, 'bfloat16' or 'float16', got {self.mixed_precision!r}")
         if self.kl_direction not in ("forward", "reverse"):
             raise ValueError(f"train.kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
 
@@ -175,9 +181,10 @@ def _positive_int_or_none(name, v, allow_none=True):
 PRESETS: dict[str, dict] = {
     # The authors' setup (arXiv 2409.13054, akshajkumarv/llm_surgery_code config_surgery.yaml):
     # four streams, AdamW 2e-4 (0.9, 0.95), wd 0.01, clip 1.0, 120 steps, length 4096, batch 1,
-    # constant learning rate, bf16, gradient checkpointing, full fine-tuning. Data paths must be given.
+    # constant learning rate, bf16 compute over fp32 weights (their FSDP MixedPrecision: param bf16,
+    # reduce fp32), gradient checkpointing, full fine-tuning. Model and data paths must be given.
     "paper": {
-        "model": {"dtype": "bfloat16", "trainable": "all"},
+        "model": {"dtype": "float32", "trainable": "all"},
         "streams": [
             {"name": "problematic", "loss": "ascent", "weight": 0.1},
             {"name": "outdated", "loss": "ascent", "weight": 0.1},
@@ -187,7 +194,7 @@ PRESETS: dict[str, dict] = {
         "reference": "copy",
         "train": {"steps": 120, "lr": 2.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.01,
                   "clip": 1.0, "warmup_steps": 0, "batch_size": 1, "max_length": 4096, "seed": 42,
-                  "gradient_checkpointing": True},
+                  "gradient_checkpointing": True, "mixed_precision": "bfloat16"},
     },
 }
 

@@ -1,8 +1,10 @@
 """Data: read and validate records, tokenize them, and draw deterministic, resumable batches.
 
-Records are read through ``datasets`` (JSON, JSONL, Parquet, local files only) or taken from an
-in-memory list. Every record is checked before any model loads; a bad one stops the run with the
-file, the line (JSON/JSONL) or row (Parquet), and what is wrong.
+Records come from local files — Parquet through ``datasets``; JSON arrays and JSON lines parsed
+here, line by line, because only that knows the line of a bad record (``datasets``' JSON loader
+reports Arrow errors without one, and would refuse records whose ``answer`` mixes ints and
+strings) — or from an in-memory list. Every record is checked before any model loads; a bad one
+stops the run with the file, the line (JSON/JSONL) or row (Parquet), and what is wrong.
 
 LM records: ``{"text": str}`` or ``{"prompt": str, "completion": str}`` (prompt tokens get no loss).
 Evaluation records: ``{"question": str, "choices": [str, ...], "answer": int | str}``.
@@ -144,14 +146,7 @@ def read_records(data: Any, kind: str = "lm", *, name: str = "data") -> list[dic
     check = _check_choice if kind == "choice" else _check_lm
     for rec, line in pairs:
         check(rec, _where(src, line, unit))
-    records = [dict(r) for r, _ in pairs]
-    if isinstance(data, (str, Path)) and FORMATS[Path(data).suffix.lower()] == "json":
-        # Keep datasets as the one loader of files: the validated records go through it, which
-        # also normalizes the schema across records (missing keys -> None).
-        from datasets import Dataset
-
-        records = [{k: v for k, v in r.items() if v is not None} for r in Dataset.from_list(records).to_list()]
-    return records
+    return [dict(r) for r, _ in pairs]
 
 
 @dataclass

@@ -89,9 +89,14 @@ def load_model(path: str | None = None, config: dict | None = None, dtype: str =
     """A causal LM from a local directory, or randomly initialised (seeded) from a config dict."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import transformers
+
     dt = DTYPES[dtype]
     if path is not None:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+        # transformers < 4.56 names the argument torch_dtype (and would ignore dtype=).
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        return AutoModelForCausalLM.from_pretrained(path, **{key: dt})
     cfg = dict(config)
     cfg_obj = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.random.fork_rng(devices=[]):

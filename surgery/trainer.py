@@ -20,6 +20,8 @@ or KL, before sign and weight), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -34,13 +36,22 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .config import REFERENCES, EvalSet, ModelConfig, Stream, TrainConfig, as_dataclass
-from .data import IGNORE, Batch, StreamSampler, collate, read_records, tokenize_lm
+from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
 from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
 from .objective import SurgeryObjective
 from .reference import AdapterReference, CacheReference, CopyReference
 
 log = logging.getLogger("surgery")
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (transformers >= 5.2x renamed the method; 5.17 has the old name)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,8 +97,8 @@ class Surgery:
         self._eval_records = [read_records(e.data, "choice" if e.kind == "choice" else
                                            ("lm" if e.kind == "perplexity" else "auto"), name=f"eval {e.name!r}")
                               for e in self.eval_sets]
-        for e, recs in zip(self.eval_sets, self._eval_records):
-            e.data = recs
+        # Validated records replace paths in our own copies (the caller's EvalSets stay as given).
+        self.eval_sets = [dataclasses.replace(e, data=recs) for e, recs in zip(self.eval_sets, self._eval_records)]
 
         model_cfg = None
         if isinstance(model, (str, os.PathLike)):
@@ -122,7 +133,7 @@ class Surgery:
         self.trainable_names = select_trainable(model, trainable)
         model.to(self.device)
         if self.cfg.gradient_checkpointing:
-            unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(unwrap(model))
         unwrap(model).config.use_cache = False
         self.model = model
         self.objective = SurgeryObjective(model, backend=self.cfg.backend, kl_direction=self.cfg.kl_direction,
@@ -132,7 +143,6 @@ class Surgery:
         self.step = 0
         self._before: dict | None = None
 
-    # ------------------------------------------------------------------ setup
     def _pick_device(self, model) -> torch.device:
         if self.cfg.device is not None:
             return torch.device(self.cfg.device)
@@ -154,7 +164,12 @@ class Surgery:
             elif self.reference_mode == "adapter":
                 self._reference = AdapterReference()
         if self.dist.enabled:
-            distributed.shard_objective(self.objective)
+            distributed.shard_objective(self.objective, self._mp_dtype)
+        # The optimizer must hold the sharded parameters: create it before any forward (FSDP keeps
+        # the root's parameters unsharded after a forward, and they are swapped in as module attributes).
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
+                                           weight_decay=self.cfg.weight_decay)
         if kl and self.reference_mode == "cache":
             if self.output_dir is None:
                 raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
@@ -164,9 +179,6 @@ class Surgery:
                 {self.streams[i].name: self._examples[i] for i in kl}, pad_id=self.tokenizer.pad_token_id,
                 device=self.device, head_trainable=head.weight.requires_grad, rank=self.dist.rank,
                 world_size=self.dist.world_size, barrier=self.dist.barrier)
-        params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
-                                           weight_decay=self.cfg.weight_decay)
         self._samplers = [StreamSampler(len(ex), self.cfg.seed, s.name) for s, ex in zip(self.streams, self._examples)]
 
     def _seed(self):
@@ -180,7 +192,6 @@ class Surgery:
         except ImportError:  # pragma: no cover
             pass
 
-    # ------------------------------------------------------------------ one step
     def _batch(self) -> tuple[Batch, list[tuple[int, int]], int]:
         """This process's rows for the step: CE streams first, then KL streams, padded to one length."""
         order = [i for i, s in enumerate(self.streams) if s.loss != "kl"] + \
@@ -212,27 +223,28 @@ class Surgery:
         counts = torch.stack([live[a:z].sum() for a, z in rows]).to(torch.float64)
         self.dist.all_reduce_sum(counts)
         L = b.input_ids.shape[1]
-        row_w = torch.zeros(b.input_ids.shape[0], dtype=torch.float32, device=self.device)
-        row_c = torch.zeros_like(row_w)
-        for k, (s, (a, z)) in enumerate(zip(self.streams, rows)):
-            sign = -1.0 if s.loss == "ascent" else 1.0
-            row_w[a:z] = sign / max(float(counts[k]), 1.0)
-            row_c[a:z] = s.weight
+        # Per row: sign_s / N_s (token weight) and c_s (coefficient), built on the device (no host sync).
+        row_stream = torch.tensor([k for k, (a, z) in enumerate(rows) for _ in range(a, z)], device=self.device)
+        sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device)
+        coef = torch.tensor([s.weight for s in self.streams], device=self.device)
+        row_w = (sign / counts.clamp_min(1).to(torch.float32))[row_stream]
+        row_c = coef[row_stream]
         tw = row_w[:, None].expand(-1, L).contiguous()
         tc = row_c[:, None].expand(-1, L)
         ref = (None, None, None)
-        if n_ce < b.input_ids.shape[0]:
-            ref = self._reference_hidden(b, rows, n_ce, L)
-        self.objective.train()
-        total, terms = self.objective("loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce,
-                                      ce_weight=tw[:n_ce], ce_coeff=tc[:n_ce], kl_weight=tw[n_ce:],
-                                      kl_coeff=tc[n_ce:], ref_hidden=ref[0], ref_weight=ref[1], ref_bias=ref[2],
-                                      stream_rows=rows)
+        with self._autocast():
+            if n_ce < b.input_ids.shape[0]:
+                ref = self._reference_hidden(b, rows, n_ce, L)
+            self.objective.train()
+            total, terms = self.objective("loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce,
+                                          ce_weight=tw[:n_ce], ce_coeff=tc[:n_ce], kl_weight=tw[n_ce:],
+                                          kl_coeff=tc[n_ce:], ref_hidden=ref[0], ref_weight=ref[1],
+                                          ref_bias=ref[2], stream_rows=rows)
         # FSDP averages gradients over processes; each process's loss is already a share of the
         # global objective, so scale back up to get its sum.
         (total * self.dist.world_size).backward()
         clip = self.cfg.clip if self.cfg.clip else float("inf")
-        params = [p for p in self.objective.parameters() if p.requires_grad]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         stats = torch.cat([total.detach().reshape(1).to(torch.float64), terms.to(torch.float64)])
         self.dist.all_reduce_sum(stats)
@@ -258,6 +270,16 @@ class Surgery:
         ntok = int(float(self.dist.all_reduce_sum(live.sum().to(torch.float64))))
         m.update({"grad_norm": gn, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt, "time_s": dt})
         return m
+
+    @property
+    def _mp_dtype(self):
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.cfg.mixed_precision)
+
+    def _autocast(self):
+        """One process with mixed_precision: autocast (under FSDP the policy casts the parameters)."""
+        if self._mp_dtype is None or self.dist.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._mp_dtype)
 
     def _reference_hidden(self, b: Batch, rows, n_ce: int, L: int):
         if isinstance(self._reference, AdapterReference):
@@ -287,7 +309,6 @@ class Surgery:
             return f"The last good checkpoint is {self.output_dir / 'checkpoint'} (step {step}), left untouched."
         return "No checkpoint was written (output_dir unset or save_every not reached)."
 
-    # ------------------------------------------------------------------ public
     def evaluate(self) -> dict[str, dict]:
         """Every eval set on the current model: ``{name: {"accuracy", ...} | {"perplexity", ...}}``."""
         out = {}

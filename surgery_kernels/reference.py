@@ -33,9 +33,7 @@ def linear_cross_entropy_ref(hidden, weight, target, *, bias=None, token_weight=
     if compute_dtype is not None:
         h, weight = h.to(compute_dtype), weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
-    z = h @ weight.t()
-    if bias is not None:
-        z = z + bias
+    z = torch.nn.functional.linear(h, weight, bias)
     stat = torch.promote_types(z.dtype, torch.float32)
     z = z.to(stat)
     if softcap is not None:
@@ -66,12 +64,8 @@ def linear_kl_div_ref(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_
         ref_bias = ref_bias.to(compute_dtype) if ref_bias is not None else None
     ref_weight = ref_weight.detach()
     ref_bias = ref_bias.detach() if ref_bias is not None else None
-    z = h @ weight.t()
-    zr = rh @ ref_weight.t()
-    if bias is not None:
-        z = z + bias
-    if ref_bias is not None:
-        zr = zr + ref_bias
+    z = torch.nn.functional.linear(h, weight, bias)
+    zr = torch.nn.functional.linear(rh, ref_weight, ref_bias)
     stat = torch.promote_types(z.dtype, torch.float32)
     logq = torch.log_softmax(z.to(stat) / temperature, -1)
     logp = torch.log_softmax(zr.to(stat) / temperature, -1)

@@ -70,9 +70,16 @@ class Availability:
     reason: str = ""
 
 
+_loaded: dict[str, ModuleType] = {}
+
+
 def module(name: str) -> ModuleType:
     """The module implementing the primitives of backend ``name``."""
-    return importlib.import_module(_MODULES[name])
+    # Cached so that code traced by torch.compile finds the module with a dict lookup:
+    # dynamo cannot trace importlib.import_module (a graph break on every call).
+    if name not in _loaded:
+        _loaded[name] = importlib.import_module(_MODULES[name])
+    return _loaded[name]
 
 
 def availability(name: str, device_type: str) -> Availability:
@@ -104,6 +111,10 @@ def available_backends(device: str | torch.device | None = None) -> dict[str, st
 _auto_logged: set[tuple[str, str]] = set()
 
 
+# torch.compile runs this at trace time and bakes the (string) result into the graph: it
+# depends only on constant arguments and on what is installed, and tracing it would import
+# modules and log (graph breaks).
+@torch.compiler.assume_constant_result
 def resolve(name: str, device_type: str) -> str:
     """The backend that runs ``name`` (``"auto"`` resolved) on ``device_type`` tensors.
 

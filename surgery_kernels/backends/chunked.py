@@ -41,10 +41,8 @@ def _chunks(n: int, chunk_size: int | None, v: int):
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
-    z = (h @ w.t()).to(acc)
-    if b is not None:
-        z += b.to(acc)
-    return z
+    # F.linear, as the model's own lm_head: for bf16/fp16 the bias is added before the one rounding.
+    return torch.nn.functional.linear(h, w, b).to(acc)
 
 
 def _softcap_(z: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -81,27 +79,31 @@ def _finish(dh, dw, db, weight, bias):
 
 
 def _ce_chunk(h, weight, bias, target, ignore_index, softcap, acc):
-    """Logits (softcapped), lse, ce and the 'live' mask of one chunk."""
+    """Logits of one chunk shifted by their row max (in place), the row max, log-sum-exp of the
+    shifted logits, lse, ce and the clamped targets. Keeping the shifted form makes
+    softmax = exp(z_shifted - s) exact even for logits of +-1e4, where lse itself has lost bits."""
     z = _softcap_(_logits(h, weight, bias, acc), softcap)
-    lse = torch.logsumexp(z, dim=-1)
+    m = z.amax(dim=-1, keepdim=True)
+    z.sub_(m)
+    s = torch.logsumexp(z, dim=-1)
     live = target != ignore_index
     safe_t = torch.where(live, target, torch.zeros_like(target))
-    z_t = z.gather(1, safe_t[:, None]).squeeze(1)
-    ce = torch.where(live, lse - z_t, torch.zeros_like(lse))
-    return z, lse, ce, safe_t
+    zs_t = z.gather(1, safe_t[:, None]).squeeze(1)
+    ce = torch.where(live, s - zs_t, torch.zeros_like(s))
+    return z, m, s, m.squeeze(1) + s, ce, safe_t
 
 
-def _ce_logit_grad_(z, lse, safe_t, coeff, softcap):
-    """In place: z (softcapped logits) -> coeff * d ce / d z_raw."""
+def _ce_logit_grad_(zs, m, s, safe_t, coeff, softcap):
+    """In place: zs (shifted, softcapped logits) -> coeff * d ce / d z_raw."""
     if softcap is not None:
-        # d(softcap * tanh(x / softcap))/dx = 1 - tanh^2; keep it before z is overwritten.
-        dcap = 1 - (z / softcap).square_()
-    z.sub_(lse[:, None]).exp_()
-    z.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-    z.mul_(coeff[:, None])
+        # d(softcap * tanh(x / softcap))/dx = 1 - tanh^2 of the capped logit; taken before zs is overwritten.
+        dcap = 1 - ((zs + m) / softcap).square_()
+    zs.sub_(s[:, None]).exp_()
+    zs.scatter_add_(1, safe_t[:, None], -torch.ones_like(s)[:, None])
+    zs.mul_(coeff[:, None])
     if softcap is not None:
-        z.mul_(dcap)
-    return z
+        zs.mul_(dcap)
+    return zs
 
 
 def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
@@ -110,19 +112,19 @@ def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_siz
     ce = torch.empty(n, dtype=acc, device=hidden.device)
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     for s, e in _chunks(n, chunk_size, weight.shape[0]):
-        _, lse[s:e], ce[s:e], _ = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
+        _, _, _, lse[s:e], ce[s:e], _ = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
     return ce, lse
 
 
 def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
+    # lse is not used: the row statistics are recomputed with the logits (one more pass over the
+    # chunk), because exp(z - lse) with a float32 lse loses precision for very large logits.
     acc = _acc_dtype(hidden.dtype)
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0]):
-        z = _softcap_(_logits(hidden[s:e], weight, bias, acc), softcap)
-        t = target[s:e]
-        safe_t = torch.where(t != ignore_index, t, torch.zeros_like(t))
-        g = _ce_logit_grad_(z, lse[s:e], safe_t, coeff[s:e], softcap)
+        zs, m, lse_s, _, _, safe_t = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
+        g = _ce_logit_grad_(zs, m, lse_s, safe_t, coeff[s:e], softcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
     return _finish(dh, dw, db, weight, bias)
 
@@ -136,18 +138,20 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(n, chunk_size, weight.shape[0]):
-        z, lse_c, ce_c, safe_t = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
-        lse[s:e], ce[s:e] = lse_c, ce_c
+        zs, m, lse_s, lse[s:e], ce_c, safe_t = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index,
+                                                         softcap, acc)
+        ce[s:e] = ce_c
         c = coeff[s:e]
         if ascent_cap is not None:
             c = torch.where((c < 0) & (ce_c > ascent_cap), torch.zeros_like(c), c)
-        g = _ce_logit_grad_(z, lse_c, safe_t, c, softcap)
+        g = _ce_logit_grad_(zs, m, lse_s, safe_t, c, softcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
     return (ce, lse) + _finish(dh, dw, db, weight, bias)
 
 
 def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, acc):
-    """Tempered log-probs of both sides (log q in place of the trained logits), lse's and kl."""
+    """Tempered log-probs of both sides (log_softmax shifts by the row max, so they stay exact for
+    large logits), both lse's and the per-token kl."""
     z = _logits(h, weight, bias, acc)
     zr = _logits(rh, rweight, rbias, acc)
     if temperature != 1.0:
@@ -155,8 +159,10 @@ def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, ac
         zr.div_(temperature)
     lse = torch.logsumexp(z, dim=-1)
     rlse = torch.logsumexp(zr, dim=-1)
-    logq = z.sub_(lse[:, None])
-    logp = zr.sub_(rlse[:, None])
+    logq = torch.log_softmax(z, dim=-1)
+    del z
+    logp = torch.log_softmax(zr, dim=-1)
+    del zr
     # forward: sum p (log p - log q); reverse: sum q (log q - log p)
     if direction == "forward":
         kl = (logp.exp() * (logp - logq)).sum(-1)
@@ -191,24 +197,25 @@ def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, 
     return kl, lse, rlse
 
 
-def _tempered_logprobs(h, weight, bias, lse, temperature, acc):
-    z = _logits(h, weight, bias, acc)
-    if temperature != 1.0:
-        z.div_(temperature)
-    return z.sub_(lse[:, None])
-
-
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
                 temperature, needs, chunk_size):
+    # lse/ref_lse are not used: log-softmax is recomputed with the logits (exact for large logits).
     acc = _acc_dtype(hidden.dtype)
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0]):
-        logq = _tempered_logprobs(hidden[s:e], weight, bias, lse[s:e], temperature, acc)
-        logp = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, ref_lse[s:e], temperature, acc)
+        logq = _tempered_logprobs(hidden[s:e], weight, bias, temperature, acc)
+        logp = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, temperature, acc)
         g = _kl_logit_grad_(logq, logp, kl[s:e], coeff[s:e], direction, temperature)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
     return _finish(dh, dw, db, weight, bias)
+
+
+def _tempered_logprobs(h, weight, bias, temperature, acc):
+    z = _logits(h, weight, bias, acc)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return torch.log_softmax(z, dim=-1)
 
 
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,

@@ -1,0 +1,116 @@
+"""How things are measured (the honest-measurement rules of DESIGN §6 and STYLE.md).
+
+CPU
+- Time: wall clock (``time.perf_counter``) of ``repeats`` calls after a warm-up call; the median
+  and the 20th/80th percentiles are reported. Gradients are set to None before every call
+  (outside the timed region), as ``optimizer.zero_grad(set_to_none=True)`` does, so every call
+  allocates its gradients the way a training step would.
+- Peak memory: the growth of the resident set size of a *fresh process per (case, provider)*
+  over what it holds once the inputs exist. The process first runs the provider once at a small
+  N (kernels loaded, ``torch.compile`` done), builds the full-size inputs, reads VmRSS, resets
+  the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``), runs one full call (which is
+  also the warm-up) and reads VmHWM. Growth = VmHWM - VmRSS before the call: it counts the
+  gradients and everything the call allocated and touched at its peak; it is exact to a page
+  and includes nothing the allocator held before the call.
+
+CUDA
+- Time: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, gradients reset
+  by ``grad_to_none``) after a warm-up call; median and 20th/80th percentiles.
+- Peak memory: ``torch.cuda.max_memory_allocated()`` growth over ``memory_allocated()`` with
+  the inputs alive, for one call after the warm-up (autotuning is over by then).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+MIB = 1 << 20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of the samples, linear interpolation between order statistics."""
+    s = sorted(samples_ms)
+    if len(s) == 1:
+        return s[0], s[0], s[0]
+    q = statistics.quantiles(s, n=10, method="inclusive")
+    return statistics.median(s), q[1], q[7]
+
+
+def time_cpu(call: Callable[[], object], reset: Callable[[], None], repeats: int) -> list[float]:
+    """Milliseconds of ``repeats`` calls, ``reset()`` run untimed before each."""
+    out = []
+    for _ in range(repeats):
+        reset()
+        t0 = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def time_cuda(call: Callable[[], object], grads: list, repeats: int | None = None) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of ``call`` on the GPU by ``triton.testing.do_bench``; CUDA events
+    after a warm-up where triton is missing. The measuring window is at least 20 calls long, so
+    slow calls still give percentiles (do_bench's default 100 ms would be one 150 ms call)."""
+    import torch
+
+    for g in grads:
+        g.grad = None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    torch.cuda.synchronize()
+    est = start.elapsed_time(end)
+
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        med, p20, p80 = do_bench(call, warmup=max(25, 3 * est), rep=max(100, 20 * est), grad_to_none=grads,
+                                 quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80)
+    times = []
+    for _ in range(repeats or 20):
+        for g in grads:
+            g.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return quantiles(times)
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)

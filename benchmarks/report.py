@@ -1,0 +1,213 @@
+"""Outputs of a run: ``results.json`` (meta + rows), ``results.csv`` (one row per case and provider,
+long format), ``report.md`` (tables, goal checks, plots) and PNG plots. ``python -m benchmarks
+report DIR`` rebuilds them from ``DIR/results.json``; ``--readme`` prints the Markdown for the
+README's performance section instead."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+HOW_CPU = (
+    "CPU time: median (and 20th/80th percentiles) of the wall time of several calls after a warm-up call; "
+    "gradients set to None before each call, untimed. CPU memory: growth of the resident set of a fresh "
+    "process per (case, provider) over what it holds with the inputs built, VmHWM reset just before one "
+    "full call (which is the warm-up); it counts the gradients. Cases whose estimated peak exceeds the "
+    "memory budget are skipped, with the reason."
+)
+HOW_CUDA = (
+    "GPU time: `triton.testing.do_bench` median (20th/80th percentiles) after warm-up, gradients reset "
+    "between calls. GPU memory: `torch.cuda.max_memory_allocated()` growth over the inputs for one call "
+    "after warm-up; it counts the gradients."
+)
+LEGEND = (
+    "Providers: `sk-<backend>` = surgery_kernels with that backend; `naive` = plain PyTorch with materialized "
+    "logits (`surgery_kernels.reference`); `torch-lce` = `torch.nn.functional.linear_cross_entropy` with "
+    "`LinearCrossEntropyOptions()`; `cce` = cut-cross-entropy (`torch_compile` impl on CPU, `cce` on GPU); "
+    "`liger` = Liger-Kernel (fused linear CE; fused linear JSD with beta=0 for the KL); `floor` = the bare GEMMs "
+    "the loss needs, timed in the same run (CE forward 1 GEMM, forward+backward 3; KL one more). Signed CE: "
+    "half the tokens weighted -0.1 (unlearn), half +2.0 (update), 5% padding; baselines without per-token "
+    "weights make one call per stream. `fwd` runs under `torch.no_grad()`; `fwd+bwd` includes the gradients "
+    "w.r.t. hidden and weight. Inputs are random (logit std ~2)."
+)
+
+# The issue-2/issue-3 goals, measured at the SmolLM2 head, N=4096, float32, forward+backward on the CPU.
+GOAL_CASE = {"shape": "smollm2", "n": 4096, "dtype": "float32", "mode": "fwd+bwd"}
+GOALS = [
+    ("sk-torch", "memory vs naive", "mem_ratio_to_naive", None, 0.25),
+    ("sk-torch", "time vs naive", "ratio_to_naive", None, 1.3),
+    ("sk-cpu", "time vs naive", "ratio_to_naive", None, 1.0),
+    ("sk-cpu", "time vs torch-lce", "median_ms", "torch-lce", 1.0),
+    ("sk-cpu", "time vs floor", "ratio_to_floor", None, 1.3),
+    ("sk-cpu", "memory vs naive", "mem_ratio_to_naive", None, 0.125),
+]
+
+
+def write_all(out_dir: Path, meta: dict, rows: list[dict]) -> None:
+    out_dir = Path(out_dir)
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_csv(out_dir / "results.csv", rows)
+    plots = write_plots(out_dir, rows)
+    (out_dir / "report.md").write_text(markdown(meta, rows, plots))
+
+
+def load(out_dir: Path) -> tuple[dict, list[dict]]:
+    data = json.loads((Path(out_dir) / "results.json").read_text())
+    return data["meta"], data["rows"]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    from .runner import ROW_FIELDS
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _f(x, fmt="{:.2f}", none="–"):
+    return none if x is None else fmt.format(x)
+
+
+def _groups(rows):
+    """Rows grouped by case, in row order."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["op"], r["mode"], r["shape"], r["n"], r["h"], r["v"], r["dtype"]), []).append(r)
+    return out
+
+
+def _title(key) -> str:
+    op, mode, shape, n, h, v, dtype = key
+    name = {"ce": "signed linear CE", "kl": "linear KL"}[op]
+    return f"{name}, {mode}, {shape} head (H={h}, V={v}), N={n}, {dtype}"
+
+
+def case_table(rows: list[dict]) -> str:
+    lines = ["| provider | median ms | p20–p80 ms | peak MiB | × floor | × naive time | × naive memory | "
+             "loss rel. diff | note |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['provider']} | – | – | – | – | – | – | – | {r['status']}: {r['reason']} |")
+            continue
+        note = r.get("reason") or ""
+        lines.append(
+            f"| {r['provider']} | {_f(r['median_ms'])} | {_f(r['p20_ms'])}–{_f(r['p80_ms'])} | "
+            f"{_f(r['peak_mib'], '{:.0f}')} | {_f(r['ratio_to_floor'])} | {_f(r['ratio_to_naive'])} | "
+            f"{_f(r['mem_ratio_to_naive'], '{:.3f}')} | {_f(r['value_rel_diff'], '{:.1e}')} | {note} |")
+    return "\n".join(lines)
+
+
+def goal_table(rows: list[dict]) -> str | None:
+    lines = []
+    for (op, *_), group in _groups(rows).items():
+        r0 = group[0]
+        if any(r0[k] != v for k, v in GOAL_CASE.items()):
+            continue
+        by = {r["provider"]: r for r in group}
+        for prov, what, field, other, goal in GOALS:
+            if prov == "sk-cpu" and other == "torch-lce" and op != "ce":
+                continue
+            r = by.get(prov)
+            if r is None or r["status"] != "ok" or r.get(field) is None:
+                got, verdict = "–", f"not measured ({r['status'] + ': ' + r['reason'] if r else 'no row'})"
+            else:
+                val = r[field]
+                if other:
+                    o = by.get(other)
+                    if not o or o["status"] != "ok":
+                        lines.append(f"| {op} | {prov} | {what} | – | ≤ {goal:g} | not measured ({other}) |")
+                        continue
+                    val = val / o[field]
+                got = f"{val:.3f}"
+                verdict = "**met**" if val <= goal else "**missed**"
+            lines.append(f"| {op} | {prov} | {what} | {got} | ≤ {goal:g} | {verdict} |")
+    if not lines:
+        return None
+    head = ["| op | provider | ratio | measured | goal | verdict |", "|---|---|---|---:|---:|---|"]
+    return "\n".join(head + lines)
+
+
+def markdown(meta: dict, rows: list[dict], plots: list[str]) -> str:
+    out = [f"# surgery-kernels benchmarks — {meta['device']}", ""]
+    out.append(f"- date: {meta['date_utc']}; commit `{meta['commit']}`; torch {meta['torch']}, triton "
+               f"{meta.get('triton')}, cut-cross-entropy {meta.get('cut_cross_entropy')}, liger-kernel "
+               f"{meta.get('liger_kernel')}, Python {meta.get('python')}")
+    out.append(f"- command: `{meta.get('command')}` (preset `{meta.get('preset')}`, {meta.get('repeats')} timed calls "
+               f"per CPU case); wall time {meta.get('wall_s')} s")
+    if meta.get("device_type") == "cpu":
+        out.append(f"- 1-minute load average at start {meta.get('load_start')}, at end {meta.get('load_end')} "
+                   "(shared machine: other processes add noise; each row has the load when it ran)")
+    out += ["", HOW_CUDA if meta.get("device_type") == "cuda" else HOW_CPU, "", LEGEND, ""]
+    goals = goal_table(rows)
+    if goals:
+        out += ["## Goals (issues 2 and 3): SmolLM2 head, N=4096, float32, forward+backward", "", goals, ""]
+    out += ["## Results", ""]
+    for key, group in _groups(rows).items():
+        out += [f"### {_title(key)}", "", case_table(group), ""]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def readme_section(meta: dict, rows: list[dict], rel_dir: str) -> str:
+    """Markdown for the README: one table per case, header with machine and versions."""
+    out = [f"Measured {meta['date_utc']} on {meta['device']}, torch {meta['torch']}, commit `{meta['commit']}`, "
+           f"with `{meta.get('command')}`" + (f" (load {meta.get('load_start')}–{meta.get('load_end')})"
+                                              if meta.get("device_type") == "cpu" else "") + ".", ""]
+    goals = goal_table(rows)
+    if goals:
+        out += [goals, ""]
+    for key, group in _groups(rows).items():
+        out += [f"**{_title(key)}**", "", case_table(group), ""]
+    for p in ("time_vs_n.png", "memory_vs_n.png"):
+        if (Path(rel_dir) / p).exists():
+            out.append(f"![{p}]({rel_dir}/{p})")
+    return "\n".join(out)
+
+
+def write_plots(out_dir: Path, rows: list[dict]) -> list[str]:
+    """time_vs_n.png and memory_vs_n.png: one panel per (op, mode, head, dtype), one line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple, dict[str, list]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            panels.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), {}).setdefault(r["provider"], []).append(r)
+    if not panels:
+        return []
+    names = []
+    for fname, field, ylabel in (("time_vs_n.png", "median_ms", "median time (ms)"),
+                                 ("memory_vs_n.png", "peak_mib", "peak memory growth (MiB)")):
+        k = len(panels)
+        cols = min(k, 3)
+        nrows = (k + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4 * nrows), squeeze=False)
+        for ax, ((op, mode, shape, dtype), provs) in zip(axes.flat, sorted(panels.items())):
+            ns = set()
+            for prov, rs in sorted(provs.items()):
+                pts = sorted((r["n"], r[field]) for r in rs if r.get(field) is not None)
+                if not pts:
+                    continue
+                ns.update(n for n, _ in pts)
+                style = "k--" if prov == "floor" else "o-" if prov.startswith("sk-") else "s:"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prov, markersize=5)
+            ax.set_title(f"{op} {mode} {shape} {dtype}", fontsize=10)
+            ax.set_xlabel("tokens N")
+            ax.set_ylabel(ylabel)
+            if len(ns) > 1:
+                ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        for ax in list(axes.flat)[k:]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+        names.append(fname)
+    return names

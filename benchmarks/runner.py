@@ -1,0 +1,298 @@
+"""``python -m benchmarks run``: plan the tasks, run the measuring workers, write the rows.
+
+Every row is one (case, provider): op, provider, mode, shape, N, H, V, dtype, status
+(``ok`` | ``unavailable`` | ``skipped`` | ``failed``, with ``reason`` when not ok), median/p20/p80
+ms, peak MiB, ratios to the floor and to naive (time; memory too), the loss value and its
+relative difference to naive's (every provider computes the same loss on the same inputs), the
+1-minute load average when it ran, and the run's device, versions and commit (in ``meta`` and
+repeated on each row of the CSV).
+
+The ``floor`` rows are composed from the worker's GEMM timings of the same run: CE forward =
+logits GEMM; CE forward+backward = logits + dhidden + dweight GEMMs; KL adds one logits GEMM
+(the reference model's). Its p20/p80 are the sums of the parts' p20/p80. It has no memory number:
+it is a time floor (it writes into preallocated outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import measure, report
+from .cases import PRESETS, Case
+from .providers import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+# Directories added by --wheels, passed on to the workers after everything installed.
+_EXTRA_PATHS: list[str] = []
+ROW_FIELDS = ("op", "provider", "mode", "shape", "n", "h", "v", "dtype", "status", "reason", "median_ms", "p20_ms",
+              "p80_ms", "runs", "peak_mib", "ratio_to_floor", "ratio_to_naive", "mem_ratio_to_naive", "value",
+              "value_rel_diff", "load1", "device", "torch", "triton", "commit")
+
+
+def _version(pkg: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"{_cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return {
+        "device": name,
+        "device_type": device,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cut_cross_entropy": _version("cut-cross-entropy"),
+        "liger_kernel": _version("liger-kernel"),
+        "python": platform.python_version(),
+        "commit": commit,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def plan(cases: list[Case], device: str, provider_names: list[str] | None, mem_budget_gib: float,
+         quick: bool = False):
+    """(tasks for the workers, rows decided without measuring: unavailable / over budget)."""
+    provs = [p for p in registry() if provider_names is None or p.name in provider_names]
+    why_not = {p.name: p.unavailable(device) for p in provs}
+    tasks, fixed = [], []
+    gemm_done = set()
+    for c in cases:
+        gkey = (c.n, c.h, c.v, c.dtype)
+        if gkey not in gemm_done:
+            gemm_done.add(gkey)
+            tasks.append({"kind": "gemm", "case": c.as_dict()})
+        for p in provs:
+            if c.op not in p.ops:
+                fixed.append(_row(c, p.name, status="unavailable", reason=f"{p.name} has no {c.op} op"))
+            elif why_not[p.name]:
+                fixed.append(_row(c, p.name, status="unavailable", reason=why_not[p.name]))
+            elif quick and not p.quick:
+                fixed.append(_row(c, p.name, status="skipped", reason=(
+                    "left out of --quick to keep it within 5 minutes; measured by the cpu preset")))
+            elif device == "cpu" and p.est_bytes(c) > mem_budget_gib * 2**30:
+                fixed.append(_row(c, p.name, status="skipped", reason=(
+                    f"estimated peak {p.est_bytes(c) / 2**30:.1f} GiB > CPU memory budget {mem_budget_gib} GiB "
+                    "(--mem-budget-gib)")))
+            else:
+                tasks.append({"kind": "provider", "case": c.as_dict(), "provider": p.name})
+    return tasks, fixed
+
+
+def _row(c: Case, provider: str, **kw) -> dict:
+    row = {k: None for k in ROW_FIELDS}
+    row.update(c.as_dict(), provider=provider)
+    row.update(kw)
+    return row
+
+
+def _describe(r: dict) -> str:
+    head = f"{r['op']:2} {r['mode']:7} {r['shape']:9} N={r['n']:<6} {r['dtype']:8} {r['provider']:10}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}: {r['reason']}"
+    mem = "" if r.get("peak_mib") is None else f"  peak {r['peak_mib']:9.1f} MiB"
+    return f"{head} {r['median_ms']:10.2f} ms{mem}  (load {r.get('load1')})"
+
+
+def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadline: float | None,
+            task_timeout: float, max_call_s: float | None = None) -> list[dict]:
+    """Run the tasks in workers: one process per task on the CPU, one for all on CUDA (restarted
+    after a crash for the tasks left). Returns the workers' JSON lines, one per task."""
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + _EXTRA_PATHS
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    log = open(out_dir / "worker.log", "a")
+    groups = [[t] for t in tasks] if device == "cpu" else [tasks]
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for gi, group in enumerate(groups):
+            pending = list(group)
+            while pending:
+                if deadline is not None and time.time() > deadline:
+                    # No new worker past the deadline (its start alone costs seconds on a GPU).
+                    results += [{"task": t, "status": "skipped", "reason": "time limit of the run reached"}
+                                for t in pending]
+                    break
+                spec, out = Path(tmp) / f"spec{gi}.json", Path(tmp) / f"out{gi}.jsonl"
+                out.unlink(missing_ok=True)
+                spec.write_text(json.dumps({"device": device, "repeats": repeats, "deadline": deadline,
+                                            "max_call_s": max_call_s, "tasks": pending}))
+                limit = task_timeout * len(pending)
+                if deadline is not None:
+                    # A task running at the deadline gets a short grace, then the report is written.
+                    limit = min(limit, max(deadline - time.time(), 0) + 30)
+                try:
+                    subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec), str(out)], cwd=ROOT, env=env,
+                                   stdout=log, stderr=log, timeout=limit)
+                    crash = None
+                except subprocess.TimeoutExpired:
+                    crash = f"worker timed out after {limit:.0f} s"
+                done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+                for r in done:
+                    results.append(r)
+                    print(_describe(_task_row(r)) if r["task"]["kind"] == "provider" else
+                          f"   gemm N={r['task']['case']['n']} H={r['task']['case']['h']} V={r['task']['case']['v']} "
+                          f"{r['task']['case']['dtype']}: " + (", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in r.items()
+                                                                         if isinstance(v, dict) and "median_ms" in v)
+                                                               or f"{r['status']}: {r.get('reason')}"), flush=True)
+                pending = pending[len(done):]
+                if pending:
+                    # The task after the last line killed or hung the worker: record it, go on.
+                    results.append({"task": pending[0], "status": "failed",
+                                    "reason": crash or "worker died (see worker.log)"})
+                    print(_describe(_task_row(results[-1])) if pending[0]["kind"] == "provider" else
+                          f"   gemm failed: {results[-1]['reason']}", flush=True)
+                    pending = pending[1:]
+    log.close()
+    return results
+
+
+def _task_row(r: dict) -> dict:
+    t = r["task"]
+    row = _row(Case(**t["case"]), t.get("provider", "floor"))
+    for k in ("status", "reason", "median_ms", "p20_ms", "p80_ms", "runs", "peak_mib", "value", "load1"):
+        if k in r:
+            row[k] = r[k]
+    return row
+
+
+def compose(cases: list[Case], results: list[dict], fixed: list[dict], meta: dict) -> list[dict]:
+    """Rows for every (case, provider): measured, fixed, and the floor; then the ratios."""
+    gemms = {}
+    for r in results:
+        if r["task"]["kind"] == "gemm":
+            c = r["task"]["case"]
+            gemms[(c["n"], c["h"], c["v"], c["dtype"])] = r
+    rows = [_task_row(r) for r in results if r["task"]["kind"] == "provider"] + list(fixed)
+    for c in cases:
+        g = gemms.get((c.n, c.h, c.v, c.dtype))
+        if g is None or g["status"] != "ok":
+            rows.append(_row(c, "floor", status=(g or {}).get("status", "failed"),
+                             reason=(g or {}).get("reason", "GEMMs not measured")))
+            continue
+        parts = ["logits"] + (["dhidden", "dweight"] if c.mode == "fwd+bwd" else []) + (["logits"] if c.op == "kl"
+                                                                                           else [])
+        rows.append(_row(c, "floor", status="ok", load1=g.get("load1"), runs=g.get("runs"),
+                         reason="bare GEMMs: " + " + ".join(parts),
+                         **{k: sum(g[p][k] for p in parts) for k in ("median_ms", "p20_ms", "p80_ms")}))
+    by_case: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_case.setdefault(_ckey(r), {})[r["provider"]] = r
+    for r in rows:
+        r.update({k: meta.get(k) for k in ("device", "torch", "triton", "commit")})
+        peers = by_case[_ckey(r)]
+        if r["status"] != "ok":
+            continue
+        fl, nv = peers.get("floor"), peers.get("naive")
+        if fl and fl["status"] == "ok":
+            r["ratio_to_floor"] = r["median_ms"] / fl["median_ms"]
+        if nv and nv["status"] == "ok":
+            r["ratio_to_naive"] = r["median_ms"] / nv["median_ms"]
+            if r["peak_mib"] is not None and nv["peak_mib"]:
+                r["mem_ratio_to_naive"] = r["peak_mib"] / nv["peak_mib"]
+            if r["value"] is not None and nv["value"] is not None:
+                r["value_rel_diff"] = abs(r["value"] - nv["value"]) / max(abs(nv["value"]), 1e-30)
+    order = {c.key: i for i, c in enumerate(cases)}
+    prov_order = {p: i for i, p in enumerate(["floor", "naive"] + [p.name for p in registry()])}
+    rows.sort(key=lambda r: (order.get(_ckey(r), 0), prov_order.get(r["provider"], 99)))
+    return rows
+
+
+def _ckey(r: dict) -> str:
+    return Case(r["op"], r["mode"], r["shape"], r["n"], r["h"], r["v"], r["dtype"]).key
+
+
+def add_wheels(wheel_dir: str | None) -> list[str]:
+    """Make pure-Python wheels in ``wheel_dir`` importable (appended to sys.path, so installed
+    packages win): how liger-kernel and cut-cross-entropy reach a GPU machine without internet.
+    Returns the wheels used."""
+    import zipfile
+
+    if not wheel_dir or not Path(wheel_dir).is_dir():
+        return []
+    wheels = sorted(Path(wheel_dir).glob("*-py3-none-any.whl"))
+    if not wheels:
+        return []
+    target = Path(tempfile.mkdtemp(prefix="bench_wheels_"))
+    for whl in wheels:
+        with zipfile.ZipFile(whl) as z:
+            z.extractall(target)
+    sys.path.append(str(target))
+    _EXTRA_PATHS.append(str(target))
+    return [w.name for w in wheels]
+
+
+def run(args) -> int:
+    device = args.device
+    wheels = add_wheels(args.wheels)
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device visible", file=sys.stderr)
+        return 2
+    preset = "quick" if args.quick else "gpu-check" if args.gpu_check else args.preset or (
+        "gpu" if device == "cuda" else "cpu")
+    cases = PRESETS[preset]()
+    for attr, field in (("ops", "op"), ("modes", "mode"), ("shapes", "shape"), ("dtypes", "dtype")):
+        want = getattr(args, attr)
+        if want:
+            cases = [c for c in cases if getattr(c, field) in want.split(",")]
+    if args.n:
+        ns = {int(x) for x in args.n.split(",")}
+        cases = [c for c in cases if c.n in ns]
+    if not cases:
+        print("no case left after the filters", file=sys.stderr)
+        return 2
+    repeats = args.repeats or (2 if preset == "quick" else 3 if device == "cpu" else 5)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = environment(device)
+    meta.update(preset=preset, repeats=repeats, wheels=wheels, mem_budget_gib=args.mem_budget_gib, max_call_s=args.max_call_s,
+                command=" ".join(["python -m benchmarks"] + sys.argv[1:]), load_start=measure.load_average())
+    providers = args.providers.split(",") if args.providers else None
+    tasks, fixed = plan(cases, device, providers, args.mem_budget_gib, quick=preset == "quick")
+    print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
+          f"preset {preset}: {len(cases)} cases, {len(tasks)} measurements | load {meta['load_start']}", flush=True)
+    for r in fixed:
+        print(_describe(r), flush=True)
+    t0 = time.time()
+    deadline = t0 + args.time_limit if args.time_limit else None
+    results = execute(tasks, device, repeats, out_dir, deadline, args.task_timeout, args.max_call_s)
+    meta.update(load_end=measure.load_average(), wall_s=round(time.time() - t0, 1))
+    rows = compose(cases, results, fixed, meta)
+    report.write_all(out_dir, meta, rows)
+    print(f"wrote {out_dir}/results.json, results.csv, report.md and plots in {meta['wall_s']} s "
+          f"(load {meta['load_start']} -> {meta['load_end']})")
+    return 0

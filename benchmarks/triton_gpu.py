@@ -1,0 +1,228 @@
+"""Quick GPU table for the fused Triton kernels (issue 4, "Done when").
+
+Llama-2-7B head by default: N = 16384 tokens, H = 4096, V = 32000, bf16, forward + backward.
+
+- signed CE (token weights +1 / -0.5, mean) of backend ``triton`` and ``torch``, against the
+  floor (the three plain cuBLAS GEMMs z = h W^T, dH = z W, dW = z^T h), Liger-Kernel's
+  ``LigerFusedLinearCrossEntropyFunction`` and cut-cross-entropy's ``linear_cross_entropy``
+  (``impl="cce"``, its default gradient filter, and with ``filter_eps=None``, exact). Liger and
+  cce compute the plain (unsigned) mean CE: the same work, one fewer feature.
+- forward KL(p_ref || p) of ``triton`` and ``torch`` against its floor (four GEMMs: both
+  logits, dH, dW) and Liger's fused linear JSD with beta = 0 (its forward-KL setting).
+
+Times: ``triton.testing.do_bench`` median (ms) after a first untimed call (compilation and
+autotuning happen there). Memory: peak allocated during one forward+backward minus what was
+allocated before (inputs) minus the gradients' own size, in MiB. A provider that cannot run
+prints why. Usage::
+
+    python benchmarks/triton_gpu.py [--n 16384 --h 4096 --v 32000] [--dtype bf16] [--output DIR]
+
+``SURGERY_TRITON_AUTOTUNE=0`` skips autotuning (first config of each list). Must finish in < 2
+minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BUDGET_S = 110.0
+
+
+def _median_ms(fn, rep_ms, device):
+    if device == "cpu":  # smoke runs only (TRITON_INTERPRET=1): wall clock of a few calls
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1]
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def _extra_mib(fn, grad_bytes, device):
+    if device == "cpu":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return (peak - base - grad_bytes) / 2**20
+
+
+def _ce_providers(h, w, t, tw):
+    from surgery_kernels import linear_cross_entropy
+
+    hd, wd = h.detach(), w.detach()
+
+    def floor():
+        z = hd @ wd.t()
+        return z @ wd, z.t() @ hd
+
+    def ours(backend):
+        def run():
+            loss = linear_cross_entropy(h, w, t, token_weight=tw, backend=backend)
+            return torch.autograd.grad(loss, (h, w))
+        return run
+
+    def liger():
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        def run():
+            loss = LigerFusedLinearCrossEntropyFunction.apply(h, w, t)
+            loss = loss[0] if isinstance(loss, tuple) else loss
+            return torch.autograd.grad(loss, (h, w))
+        return run
+
+    def cce(filter_eps):
+        from cut_cross_entropy import linear_cross_entropy as cce_lce
+
+        kw = {} if filter_eps == "default" else {"filter_eps": filter_eps}
+
+        def run():
+            return torch.autograd.grad(cce_lce(h, w, t, impl="cce", **kw), (h, w))
+        return run
+
+    return [("floor (3 GEMMs)", lambda: floor), ("triton", lambda: ours("triton")), ("torch", lambda: ours("torch")),
+            ("liger (unsigned)", liger), ("cce default filter (unsigned)", lambda: cce("default")),
+            ("cce exact (unsigned)", lambda: cce(None))]
+
+
+def _kl_providers(h, w, hr, wr):
+    from surgery_kernels import linear_kl_div
+
+    hd, wd = h.detach(), w.detach()
+
+    def floor():
+        z = hd @ wd.t()
+        zr = hr @ wr.t()
+        return z @ wd, z.t() @ hd, zr
+
+    def ours(backend):
+        def run():
+            loss = linear_kl_div(h, w, hr, wr, direction="forward", backend=backend)
+            return torch.autograd.grad(loss, (h, w))
+        return run
+
+    def liger():
+        from liger_kernel.ops.fused_linear_jsd import LigerFusedLinearJSDFunction
+
+        def run():
+            loss = LigerFusedLinearJSDFunction.apply(h, w, hr, wr, None, 0.0)
+            return torch.autograd.grad(loss, (h, w))
+        return run
+
+    return [("floor (4 GEMMs)", lambda: floor), ("triton", lambda: ours("triton")), ("torch", lambda: ours("torch")),
+            ("liger JSD beta=0", liger)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--h", type=int, default=4096)
+    ap.add_argument("--v", type=int, default=32000)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--rep-ms", type=int, default=200)
+    ap.add_argument("--output", help="directory for triton_gpu.json and triton_gpu.md")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu: a smoke run of this script under TRITON_INTERPRET=1 with tiny shapes, no real numbers")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU")
+        return 1
+    import triton
+
+    start = time.time()
+    dev, dt = args.device, DTYPES[args.dtype]
+    n, hdim, v = args.n, args.h, args.v
+    g = torch.Generator(device=dev).manual_seed(0)
+    # LLM-like scales: unit hidden states, 0.02-initialized head, logits of std ~1.3
+    h = torch.randn(n, hdim, device=dev, generator=g).to(dt).requires_grad_()
+    w = (torch.randn(v, hdim, device=dev, generator=g) * 0.02).to(dt).requires_grad_()
+    t = torch.randint(0, v, (n,), device=dev, generator=g)
+    tw = torch.where(torch.rand(n, device=dev, generator=g) < 0.75, 1.0, -0.5)
+    hr = (h.detach() + 0.1 * torch.randn(n, hdim, device=dev, generator=g).to(dt))
+    wr = (w.detach() + 0.002 * torch.randn(v, hdim, device=dev, generator=g).to(dt))
+    grad_bytes = (h.numel() + w.numel()) * h.element_size()
+
+    card = torch.cuda.get_device_name() if dev == "cuda" else f"CPU smoke run ({platform.processor() or 'cpu'})"
+    head = (f"{card} | torch {torch.__version__} | triton {triton.__version__} | "
+            f"N={n} H={hdim} V={v} {args.dtype} | forward+backward | do_bench median | "
+            f"autotune={'off' if os.environ.get('SURGERY_TRITON_AUTOTUNE') == '0' else 'on'} | "
+            f"{time.strftime('%Y-%m-%d', time.gmtime())}")
+    rows = []
+    for op, providers in (("signed CE", _ce_providers(h, w, t, tw)), ("forward KL", _kl_providers(h, w, hr, wr))):
+        floor_ms = None
+        for name, make in providers:
+            row = dict(op=op, provider=name, ms=None, x_floor=None, extra_mib=None, note="")
+            if time.time() - start > BUDGET_S:
+                row["note"] = f"skipped: the {BUDGET_S:.0f} s budget of this script is spent"
+                rows.append(row)
+                continue
+            try:
+                fn = make()
+                t0 = time.time()
+                fn()  # compile / autotune outside the timing
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                first = time.time() - t0
+                row["ms"] = _median_ms(fn, args.rep_ms, dev)
+                row["extra_mib"] = _extra_mib(fn, 0 if name.startswith("floor") else grad_bytes, dev)
+                if name.startswith("floor"):
+                    floor_ms = row["ms"]
+                    row["note"] = "materializes the logits; memory column includes them"
+                elif first > 2.0:
+                    row["note"] = f"first call {first:.1f} s (compile/autotune)"
+                if floor_ms:
+                    row["x_floor"] = row["ms"] / floor_ms
+            except Exception as exc:  # a provider that cannot run says why, the others go on
+                row["note"] = f"cannot run: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append(row)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+
+    lines = [head, "", "| op | provider | median ms | x floor | MiB beyond inputs+grads | note |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
+        lines.append(f"| {r['op']} | {r['provider']} | {fmt(r['ms'], '.2f')} | {fmt(r['x_floor'], '.2f')} | "
+                     f"{fmt(r['extra_mib'], '.0f')} | {r['note']} |")
+    ours = {r["op"]: r for r in rows if r["provider"] == "triton"}
+    try:
+        from surgery_kernels.backends.triton_kernels import ce as ce_k, kl as kl_k
+
+        for label, kern in (("ce fwd", ce_k.ce_fwd_tuned), ("ce bwd", ce_k.ce_bwd_tuned),
+                            ("kl fwd", kl_k.kl_fwd_tuned), ("kl bwd", kl_k.kl_bwd_tuned)):
+            cfg = getattr(kern[dt == torch.float32], "best_config", None)
+            lines.append(f"\n{label} config: {cfg}")
+    except Exception as exc:
+        lines.append(f"\n(configs unavailable: {exc})")
+    lines.append(f"\ntotal {time.time() - start:.0f} s on {platform.node()}")
+    text = "\n".join(lines)
+    print(text)
+    if args.output:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "triton_gpu.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.output, "triton_gpu.json"), "w") as f:
+            json.dump(dict(header=head, rows=rows), f, indent=1)
+    return 0 if all(r["ms"] is not None for r in ours.values()) and ours else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""``python -m surgery_kernels build``: build the C++/CUDA extension now and print what was built
+and where. ``python -m surgery_kernels info``: print ``available_backends()`` for each device type."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _build(args) -> int:
+    from . import _build as build
+    from .backends import extension
+
+    result = build.load(verbose=args.verbose)
+    if not result.ok:
+        print(f"build failed: {result.reason}", file=sys.stderr)
+        return 1
+    extension.load()
+    print(f"built {'CPU + CUDA' if result.cuda else 'CPU only'} extension: {result.library}")
+    print(f"build directory: {result.directory}")
+    print("sources:")
+    for s in result.sources:
+        print(f"  {s}")
+    print("ops: " + ", ".join(f"torch.ops.surgery.{n}" for n in ("ce_forward", "ce_backward", "kl_forward",
+                                                                 "kl_backward")))
+    return 0
+
+
+def _info(args) -> int:
+    from . import __version__
+    from .backends import available_backends
+
+    print(f"surgery_kernels {__version__}, torch {torch.__version__}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        print(f"{dev}:")
+        for name, state in available_backends(dev).items():
+            print(f"  {name:7s} {state}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m surgery_kernels")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build the C++/CUDA extension and print what was built and where")
+    b.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")
+    b.set_defaults(func=_build)
+    i = sub.add_parser("info", help="print which backends are available and why the others are not")
+    i.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

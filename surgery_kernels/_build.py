@@ -1,0 +1,146 @@
+"""Build and load the C++/CUDA extension in ``csrc/`` (once per process, lazily).
+
+Sources are found at ``<repo>/csrc``: the package is meant to be used from a source checkout or an
+editable install (``pip install -e .``), where ``csrc/`` sits next to the ``surgery_kernels``
+package. ``torch.utils.cpp_extension.load`` compiles them with ninja into a cache directory
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); an unchanged source tree is not
+recompiled. The CUDA sources (``csrc/cuda/*.cu`` and ``csrc/cuda/*.cpp``) are added only when torch
+was built with CUDA and a CUDA toolkit (nvcc) is found; otherwise only ``csrc/*.cpp`` is built.
+
+A failed build is remembered with the compiler's error as its reason: ``availability()`` reports
+it, it is not retried in this process, and the ``torch`` backend keeps working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("surgery_kernels")
+
+NAME = "surgery_kernels_ext"
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+# The GPUs the CUDA build always targets (H100/H200), besides the one present at build time.
+CUDA_ARCHS = ("90",)
+
+
+@dataclass
+class BuildResult:
+    ok: bool
+    cuda: bool = False
+    library: str = ""
+    directory: str = ""
+    sources: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+_lock = threading.Lock()
+_result: BuildResult | None = None
+
+
+def cuda_toolkit() -> str | None:
+    """The CUDA toolkit root when torch has CUDA and nvcc exists, else None."""
+    if torch.version.cuda is None:
+        return None
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home is None or not (Path(home) / "bin" / "nvcc").exists():
+        return None
+    return home
+
+
+def sources(source_dir: Path, with_cuda: bool) -> list[Path]:
+    found = sorted(source_dir.glob("*.cpp"))
+    if with_cuda:
+        found += sorted((source_dir / "cuda").glob("*.cpp")) + sorted((source_dir / "cuda").glob("*.cu"))
+    return found
+
+
+def _gencode_flags() -> list[str]:
+    archs = list(CUDA_ARCHS)
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        archs.append(f"{major}{minor}")
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in dict.fromkeys(archs)]
+
+
+def _openmp_flags() -> tuple[list[str], list[str]]:
+    # ATen's at::parallel_for is an inline OpenMP region: without -fopenmp it would run on one
+    # thread. torch ships libgomp.so.1, which the extension then shares (same soname).
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"], ["-fopenmp"]
+    return [], []
+
+
+def _build(source_dir: Path, verbose: bool) -> BuildResult:
+    from torch.utils import cpp_extension
+
+    if not source_dir.is_dir():
+        return BuildResult(False, reason=f"extension sources not found at {source_dir} (the cpu/cuda backends need "
+                                         "a source checkout or an editable install of surgery-kernels)")
+    with_cuda = cuda_toolkit() is not None and any((source_dir / "cuda").glob("*.cu"))
+    srcs = sources(source_dir, with_cuda)
+    if not srcs:
+        return BuildResult(False, reason=f"no C++ sources in {source_dir}")
+    # One cache entry per source checkout: two checkouts sharing TORCH_EXTENSIONS_DIR would otherwise
+    # rebuild over each other's library.
+    tag = hashlib.sha1(str(source_dir.resolve()).encode()).hexdigest()[:8]
+    name = f"{NAME}_{'cuda' if with_cuda else 'cpu'}_{tag}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose))
+    omp_c, omp_l = _openmp_flags()
+    kwargs = dict(
+        name=name,
+        sources=[str(s) for s in srcs],
+        extra_cflags=["-O3"] + omp_c,
+        extra_ldflags=omp_l,
+        extra_include_paths=[str(source_dir)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    if with_cuda:
+        kwargs.update(with_cuda=True, extra_cuda_cflags=["-O3"] + _gencode_flags())
+    try:
+        cpp_extension.load(**kwargs)
+    except Exception as exc:  # compiler errors come as RuntimeError/CalledProcessError with the log
+        detail = str(exc).strip()
+        out = getattr(exc, "output", None)
+        if out:
+            detail += "\n" + (out.decode(errors="replace") if isinstance(out, bytes) else str(out))
+        return BuildResult(False, cuda=with_cuda, directory=str(build_dir), sources=[str(s) for s in srcs],
+                           reason=f"building the extension in {build_dir} failed: {detail}")
+    library = build_dir / f"{name}.so"
+    return BuildResult(True, cuda=with_cuda, library=str(library), directory=str(build_dir),
+                       sources=[str(s) for s in srcs])
+
+
+def load(source_dir: Path | None = None, verbose: bool = False) -> BuildResult:
+    """Build (or reuse the cached build of) the extension and load its ops into ``torch.ops.surgery``.
+
+    Runs once per process: later calls return the first result, success or failure.
+    """
+    global _result
+    if _result is not None:
+        return _result
+    with _lock:
+        if _result is None:
+            log.debug("building the surgery_kernels extension from %s", source_dir or SOURCE_DIR)
+            _result = _build(Path(source_dir) if source_dir is not None else SOURCE_DIR,
+                             verbose or bool(os.environ.get("SURGERY_KERNELS_VERBOSE_BUILD")))
+            if not _result.ok:
+                log.warning("surgery_kernels: the C++ extension is unavailable: %s", _result.reason)
+    return _result
+
+
+def reset() -> None:
+    """Forget the build result (tests only: the ops of a loaded library stay registered)."""
+    global _result
+    _result = None

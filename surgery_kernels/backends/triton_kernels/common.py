@@ -1,0 +1,226 @@
+"""Pieces shared by the CE and KL kernels: tile scheduling, the on-chip logit tile, the gradient
+accumulation, softcap's tanh, the launch configurations.
+
+Index arithmetic is 64-bit: row and column offsets are int64 before they meet a stride, so
+N * H, V * H and splits * N above 2**31 are safe.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# TRITON_INTERPRET must be set before triton is imported; read it the same way triton does.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+# Gradient filtering (skip the dH/dW update of a logit tile whose |softmax - onehot| (CE) or
+# |dKL/dz| (KL) is below this everywhere, tested before the token weight is applied).
+# 0 = exact: only tiles that are exactly zero (all tokens ignored/capped/masked) are skipped.
+# Set with SURGERY_TRITON_GRAD_FILTER=2e-5 or by assigning this attribute before a call.
+GRAD_FILTER_EPS = float(os.environ.get("SURGERY_TRITON_GRAD_FILTER", "0"))
+
+# SURGERY_TRITON_AUTOTUNE=0 uses the first config of each list (no tuning runs).
+AUTOTUNE = os.environ.get("SURGERY_TRITON_AUTOTUNE", "1") != "0"
+
+# Upper bound on the number of vocabulary splits of a forward pass: each split of each row
+# block is one program; partial statistics cost splits * N float32 per statistic (64 splits
+# at N = 16384: 4 MiB). Under the interpreter keep programs few.
+MAX_SPLITS = 2 if INTERPRET else 64
+# A split covers a multiple of this many columns, so every BLOCK_V of the configs divides it.
+SPLIT_QUANTUM = 256
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get IEEE products (the fp32 contract is 1e-5 relative; TF32 is ~1e-3)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def vocab_splits(v: int) -> tuple[int, int]:
+    """(columns per split, number of splits) for the forward kernels; every split is non-empty."""
+    quanta = triton.cdiv(v, SPLIT_QUANTUM)
+    split_cols = SPLIT_QUANTUM * triton.cdiv(quanta, MAX_SPLITS)
+    return split_cols, triton.cdiv(v, split_cols)
+
+
+@triton.jit
+def tanh(x):
+    # tanh from exp: libdevice's tanh does not run under the interpreter. e = exp(-2|x|) lies in
+    # (0, 1], so nothing overflows for large |x|; the absolute error near 0 is ~1 ulp of 1.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def tile_ids(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
+    """Grouped ordering (as in the Triton matmul tutorial): GROUP row blocks sweep the columns
+    together, so programs running at the same time share hidden rows and weight rows in L2."""
+    per_group = GROUP * n_col_blocks
+    group = pid // per_group
+    first = group * GROUP
+    size = tl.minimum(n_row_blocks - first, GROUP)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@triton.jit
+def logit_tile(x_ptr, w_ptr, offs_n, offs_v, N, V, K, stride_x, stride_w,
+               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """x[offs_n, :K] @ w[offs_v, :K].T as a float32 (BLOCK_N, BLOCK_V) tile; out-of-range rows and
+    columns come out 0. offs_n, offs_v: int64."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    p_x = x_ptr + offs_n[:, None] * stride_x + offs_k[None, :]
+    p_w = w_ptr + offs_v[None, :] * stride_w + offs_k[:, None]
+    b_z = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k
+        b_x = tl.load(p_x, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        b_w = tl.load(p_w, mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        if DOT_FP32:
+            b_x = b_x.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        b_z = tl.dot(b_x, b_w, b_z, input_precision=PRECISION)
+        p_x += BLOCK_K
+        p_w += BLOCK_K
+    return b_z
+
+
+@triton.jit
+def accumulate_grads(b_g, x_ptr, w_ptr, dx_ptr, dw_ptr, offs_n, offs_v, N, V, K,
+                     stride_x, stride_w, stride_dx, stride_dw,
+                     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, BLOCK_K: tl.constexpr,
+                     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """dx[offs_n] += g @ w[offs_v]; dw[offs_v] += g.T @ x[offs_n] for a float32 logit-gradient tile
+    g (BLOCK_N, BLOCK_V), with float32 atomics into float32 buffers.
+
+    g is rounded to the input dtype first, as a plain PyTorch backward in that dtype would do
+    (the products then accumulate in float32 inside tl.dot)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    b_gc = b_g.to(x_ptr.dtype.element_ty)
+    if DOT_FP32:
+        b_gc = b_gc.to(tl.float32)
+    for k in range(0, K, BLOCK_K):
+        cols = k + offs_k
+        mask_k = cols < K
+        if NEED_DX:
+            b_w = tl.load(w_ptr + offs_v[:, None] * stride_w + cols[None, :],
+                          mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            if DOT_FP32:
+                b_w = b_w.to(tl.float32)
+            b_dx = tl.dot(b_gc, b_w, input_precision=PRECISION)
+            tl.atomic_add(dx_ptr + offs_n[:, None] * stride_dx + cols[None, :], b_dx,
+                          mask=mask_n[:, None] & mask_k[None, :], sem="relaxed")
+        if NEED_DW:
+            b_x = tl.load(x_ptr + offs_n[:, None] * stride_x + cols[None, :],
+                          mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            if DOT_FP32:
+                b_x = b_x.to(tl.float32)
+            b_dw = tl.dot(tl.trans(b_gc), b_x, input_precision=PRECISION)
+            tl.atomic_add(dw_ptr + offs_v[:, None] * stride_dw + cols[None, :], b_dw,
+                          mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")
+
+
+def merge_splits(pm: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """Per-split row max ``pm`` and log-sum-exp of the shifted logits ``ps`` (splits, N) float32 ->
+    the row's log-sum-exp (N,) in float64.
+
+    float64 on purpose: at |z| ~ 1e4 a float32 lse is off by up to half an ulp (~5e-4), which
+    would scale every softmax value of the row by ~1 +- 5e-4 in the backward; m + s in float64 is
+    exact, and ``hi_lo`` hands it to the backward kernels as two float32 parts."""
+    return torch.logsumexp(pm.double() + ps.double(), dim=0)
+
+
+def hi_lo(lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lse (N,) float64 (or float32) -> (hi, lo) float32 with hi + lo = lse to ~2**-48 relative;
+    the kernels compute (z - hi) - lo, exact where z is close to hi."""
+    hi = lse.float()
+    lo = (lse.double() - hi.double()).float()
+    return hi.contiguous(), lo.contiguous()
+
+
+def grad_buffers(hidden, weight, bias, needs):
+    """float32 accumulators (zeroed) for the atomics; None where not needed. For float32 inputs
+    they are the gradients themselves."""
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    dh = torch.zeros(hidden.shape, **f32) if needs[0] else None
+    dw = torch.zeros(weight.shape, **f32) if needs[1] else None
+    db = torch.zeros(weight.shape[0], **f32) if (needs[2] and bias is not None) else None
+    return dh, dw, db
+
+
+def finish_grads(dh, dw, db, hidden, weight, bias):
+    return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
+
+
+def dummy(device) -> torch.Tensor:
+    """Stands in for an absent tensor argument (never dereferenced: its constexpr flag is off)."""
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+# Interpreter: one fixed config with big blocks (cost grows with programs x ops); BLOCK_N = 32
+# still gives odd N several row blocks, so the row masking and grouping are exercised.
+INTERPRET_META = dict(BLOCK_N=32, BLOCK_V=128, BLOCK_K=32, GROUP=4)
+
+
+def _cfg(bn, bv, bk, warps, stages, group=8):
+    return triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, GROUP=group), num_warps=warps, num_stages=stages)
+
+
+# GPU configs (H100 first guesses; the first of each list is used when SURGERY_TRITON_AUTOTUNE=0).
+# Checked by compiling for sm_90 here (no GPU): all software-pipelined (cp.async + wgmma), float32
+# atomics vectorized (red.v4.f32); ptxas register use and spills noted per line.
+# CE forward: a GEMM main loop with a light epilogue.
+CE_FWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),  # 255 regs, no spill
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 256, 64, 8, 3),  # 232 B spilled
+]
+# KL forward holds two logit tiles: 128x256 spills 1.7 KB, so smaller tiles.
+KL_FWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),  # 80 B spilled
+    _cfg(64, 128, 64, 4, 3),
+    _cfg(128, 64, 64, 4, 3),
+]
+# Backward: the recomputed tile stays in registers through the dH/dW loop, so 128x128 at most;
+# BLOCK_K is also the width of each atomic update. (CE and KL: ~250 regs, no spill.)
+BWD_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 32, 8, 4),
+    _cfg(64, 128, 64, 4, 3),
+]
+# float32 inputs: IEEE dots run on FMA units, not tensor cores (the 1e-5 contract rules out
+# TF32); large tiles make ptxas spill kilobytes and compile for 30 s, so one small tile. This
+# path is for exactness, not speed: use bf16/fp16 for speed.
+FP32_CONFIGS = [_cfg(64, 64, 32, 4, 2)]
+
+
+def configs(which):
+    return which if AUTOTUNE else which[:1]
+
+
+def autotuned(kernel, lists, key, reset_to_zero=None):
+    """{is_float32: autotuned kernel}: float32 inputs get FP32_CONFIGS, 16-bit ones ``lists``."""
+    return {fp32: triton.autotune(configs(FP32_CONFIGS if fp32 else lists), key=key,
+                                  reset_to_zero=reset_to_zero)(kernel) for fp32 in (False, True)}
+
+
+def launch(kernel, tuned, args, flags, *, n, fp32, n_splits=None, v=None):
+    """Run ``kernel`` over row blocks x (``n_splits`` vocabulary splits, or the vocabulary blocks
+    of ``v`` columns): the fixed interpreter config, or the autotuned one on a GPU."""
+    def grid(meta):
+        cols = n_splits if n_splits is not None else triton.cdiv(v, meta["BLOCK_V"])
+        return (triton.cdiv(n, meta["BLOCK_N"]) * cols,)
+
+    if INTERPRET:
+        kernel[grid(INTERPRET_META)](*args, **flags, **INTERPRET_META)
+    else:
+        tuned[fp32][grid](*args, **flags)

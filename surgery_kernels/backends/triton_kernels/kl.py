@@ -1,0 +1,194 @@
+"""Fused linear KL: q = softmax(z / T), z = hidden @ weight.T + bias (trained side),
+p = softmax(zr / T), zr = ref_hidden @ ref_weight.T + ref_bias (reference, a constant).
+
+Forward (``kl_fwd_kernel``): one program per (row block, vocabulary split) computes both
+models' tiles on chip and keeps, per row, the online max / sum-exp of each side and the
+running expectation of d = (zr - z) / T under the weighting side (p for forward KL, q for
+reverse), rescaled whenever that side's max moves. With lse = lse(z / T), rlse = lse(zr / T):
+
+    forward  KL(p || q) = E_p[d] + lse - rlse
+    reverse  KL(q || p) = -E_q[d] + rlse - lse
+
+exactly, in one pass. Per split the kernel stores each side's row max and log-sum-exp of the
+shifted logits, and E[d] under the split's own weighting distribution; ``_combine`` weights the
+splits by exp(partial lse - lse), in float64.
+
+Backward (``kl_bwd_kernel``): recompute both tiles, form coeff / T * (q - p) (forward) or
+coeff / T * q * (log q - log p - kl) (reverse) in registers, then the same dH/dW atomics as CE.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common
+from .common import accumulate_grads, logit_tile, tile_ids
+
+
+# The token count varies call to call: no recompilation for its divisibility.
+@triton.jit(do_not_specialize=["N", "n_splits"])
+def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr, pmp_ptr, psp_ptr, pd_ptr,
+                  N, V, H, RH, split_cols, n_splits, stride_h, stride_w, stride_rh, stride_rw, inv_t,
+                  HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                  DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n, pid_s = tile_ids(pid, tl.cdiv(N, BLOCK_N), n_splits, GROUP)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    v_start = pid_s.to(tl.int64) * split_cols
+    v_end = tl.minimum(v_start + split_cols, V)
+
+    b_mq = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    b_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    b_mp = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    b_sp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # sum over columns of exp(a - m_a) * d, a = the weighting side's tempered logits
+    b_e = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        mask_v = offs_v < V
+        b_z = logit_tile(h_ptr, w_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w,
+                         BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
+        b_zr = logit_tile(rh_ptr, rw_ptr, offs_n, offs_v, N, V, RH, stride_rh, stride_rw,
+                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
+        if HAS_BIAS:
+            b_z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        if HAS_REF_BIAS:
+            b_zr += tl.load(rb_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        b_d = tl.where(mask_v[None, :], (b_zr - b_z) * inv_t, 0.0)
+        b_z = tl.where(mask_v[None, :], b_z * inv_t, float("-inf"))
+        b_zr = tl.where(mask_v[None, :], b_zr * inv_t, float("-inf"))
+
+        b_mq_new = tl.maximum(b_mq, tl.max(b_z, axis=1))
+        b_eq = tl.exp(b_z - b_mq_new[:, None])
+        b_aq = tl.exp(b_mq - b_mq_new)
+        b_sq = b_sq * b_aq + tl.sum(b_eq, axis=1)
+        b_mp_new = tl.maximum(b_mp, tl.max(b_zr, axis=1))
+        b_ep = tl.exp(b_zr - b_mp_new[:, None])
+        b_ap = tl.exp(b_mp - b_mp_new)
+        b_sp = b_sp * b_ap + tl.sum(b_ep, axis=1)
+        if REVERSE:
+            b_e = b_e * b_aq + tl.sum(b_eq * b_d, axis=1)
+        else:
+            b_e = b_e * b_ap + tl.sum(b_ep * b_d, axis=1)
+        b_mq = b_mq_new
+        b_mp = b_mp_new
+
+    offs = pid_s.to(tl.int64) * N + offs_n
+    tl.store(pmq_ptr + offs, b_mq, mask=mask_n)
+    tl.store(psq_ptr + offs, tl.log(b_sq), mask=mask_n)
+    tl.store(pmp_ptr + offs, b_mp, mask=mask_n)
+    tl.store(psp_ptr + offs, tl.log(b_sp), mask=mask_n)
+    # Every split is non-empty, so its weighting sum is >= 1.
+    if REVERSE:
+        b_e = b_e / b_sq
+    else:
+        b_e = b_e / b_sp
+    tl.store(pd_ptr + offs, b_e, mask=mask_n)
+
+
+# The token count varies call to call: no recompilation for its divisibility.
+@triton.jit(do_not_specialize=["N"])
+def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_lo_ptr, rlse_hi_ptr, rlse_lo_ptr,
+                  kl_ptr, coeff_ptr,
+                  dh_ptr, dw_ptr, db_ptr,
+                  N, V, H, RH, stride_h, stride_w, stride_rh, stride_rw, stride_dh, stride_dw, inv_t, filter_eps,
+                  HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
+                  NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                  DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_n, pid_v = tile_ids(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    # coeff is 0 for padding rows and masked tokens: a tile of such rows adds nothing.
+    b_c = tl.load(coeff_ptr + offs_n, mask=mask_n, other=0.0)
+    live = b_c != 0.0
+    if tl.max(live.to(tl.int32), axis=0) > 0:
+        b_z = logit_tile(h_ptr, w_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w,
+                         BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
+        b_zr = logit_tile(rh_ptr, rw_ptr, offs_n, offs_v, N, V, RH, stride_rh, stride_rw,
+                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
+        if HAS_BIAS:
+            b_z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        if HAS_REF_BIAS:
+            b_zr += tl.load(rb_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        b_logq = (b_z * inv_t - tl.load(lse_hi_ptr + offs_n, mask=mask_n, other=0.0)[:, None]) \
+            - tl.load(lse_lo_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+        b_logp = (b_zr * inv_t - tl.load(rlse_hi_ptr + offs_n, mask=mask_n, other=0.0)[:, None]) \
+            - tl.load(rlse_lo_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+        b_q = tl.exp(b_logq)
+        if REVERSE:
+            b_kl = tl.load(kl_ptr + offs_n, mask=mask_n, other=0.0)
+            b_g = b_q * (b_logq - b_logp - b_kl[:, None])
+        else:
+            b_g = b_q - tl.exp(b_logp)
+        b_g = tl.where(live[:, None] & mask_v[None, :], b_g, 0.0)
+        if tl.max(tl.max(tl.abs(b_g), axis=1), axis=0) > filter_eps:
+            b_g = b_g * (b_c * inv_t)[:, None]
+            if NEED_DB:
+                tl.atomic_add(db_ptr + offs_v, tl.sum(b_g, axis=0), mask=mask_v, sem="relaxed")
+            accumulate_grads(b_g, h_ptr, w_ptr, dh_ptr, dw_ptr, offs_n, offs_v, N, V, H,
+                             stride_h, stride_w, stride_dh, stride_dw, NEED_DH, NEED_DW, BLOCK_K,
+                             DOT_FP32, PRECISION)
+
+
+kl_fwd_tuned = common.autotuned(kl_fwd_kernel, common.KL_FWD_CONFIGS, key=["V", "H", "RH"])
+kl_bwd_tuned = common.autotuned(kl_bwd_kernel, common.BWD_CONFIGS, key=["V", "H", "RH"],
+                                reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
+
+
+def _combine(pmq, psq, pmp, psp, pd, mask, reverse):
+    """Merge per-split statistics (float64, see ``common.merge_splits``): (kl float32, lse float64,
+    rlse float64), kl = 0 where mask is False."""
+    plse, prlse = pmq.double() + psq.double(), pmp.double() + psp.double()
+    lse, rlse = torch.logsumexp(plse, dim=0), torch.logsumexp(prlse, dim=0)
+    if reverse:
+        kl = -(torch.exp(plse - lse) * pd.double()).sum(0) + rlse - lse
+    else:
+        kl = (torch.exp(prlse - rlse) * pd.double()).sum(0) + lse - rlse
+    return torch.where(mask, kl, torch.zeros_like(kl)).float(), lse, rlse
+
+
+def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature):
+    """-> (kl float32, lse float64, ref_lse float64), (N,); lse's of the tempered logits."""
+    n, h = hidden.shape
+    v, rh = weight.shape[0], ref_weight.shape[1]
+    split_cols, n_splits = common.vocab_splits(v)
+    stats = [torch.empty((n_splits, n), dtype=torch.float32, device=hidden.device) for _ in range(5)]
+    d = common.dummy(hidden.device)
+    args = (hidden, weight, d if bias is None else bias, ref_hidden, ref_weight, d if ref_bias is None else ref_bias,
+            *stats, n, v, h, rh, split_cols, n_splits, hidden.stride(0), weight.stride(0), ref_hidden.stride(0),
+            ref_weight.stride(0), 1.0 / temperature)
+    flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=direction == "reverse",
+                 DOT_FP32=common.INTERPRET, PRECISION=common.dot_precision(hidden.dtype))
+    if n > 0:
+        common.launch(kl_fwd_kernel, kl_fwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32,
+                      n_splits=n_splits)
+    return _combine(*stats, mask, direction == "reverse")
+
+
+def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature,
+             needs):
+    """Gradient of sum_i coeff_i * kl_i w.r.t. the trained side: (dhidden, dweight, dbias)."""
+    n, h = hidden.shape
+    v, rh = weight.shape[0], ref_weight.shape[1]
+    dh, dw, db = common.grad_buffers(hidden, weight, bias, needs)
+    if n == 0 or not any(x is not None for x in (dh, dw, db)):
+        return common.finish_grads(dh, dw, db, hidden, weight, bias)
+    d = common.dummy(hidden.device)
+    args = (hidden, weight, d if bias is None else bias, ref_hidden, ref_weight, d if ref_bias is None else ref_bias,
+            *common.hi_lo(lse), *common.hi_lo(ref_lse), kl.float().contiguous(), coeff.float().contiguous(),
+            d if dh is None else dh, d if dw is None else dw, d if db is None else db,
+            n, v, h, rh, hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), h, h,
+            1.0 / temperature, common.GRAD_FILTER_EPS)
+    flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=direction == "reverse",
+                 NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
+                 DOT_FP32=common.INTERPRET, PRECISION=common.dot_precision(hidden.dtype))
+    common.launch(kl_bwd_kernel, kl_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v)
+    return common.finish_grads(dh, dw, db, hidden, weight, bias)

@@ -1,0 +1,345 @@
+"""Hugging Face integration: ``patch(model)`` makes ``model(input_ids=..., labels=...)`` compute its
+loss with :func:`surgery_kernels.linear_cross_entropy`, never materializing the ``(B, T, V)`` logits.
+
+One mechanism for every causal LM, no copied ``forward``. ``patch`` sets two instance attributes:
+
+1. ``model.forward``: without ``labels`` it calls the model's own forward untouched. With
+   ``labels`` it takes the loss-only arguments out (``labels``, ``num_items_in_batch``,
+   ``shift_labels``, ``ignore_index``), arms the output embeddings, runs the model's own forward
+   (which, given no labels, computes no loss), then computes the loss from what the output
+   embeddings received and returns the output with ``loss`` set and ``logits=None``.
+2. ``model.get_output_embeddings().forward`` (an ``nn.Linear``): while armed, it records its input
+   hidden states and returns a zero-width placeholder ``(B, T, 0)`` instead of logits. Whatever the
+   architecture does to its logits afterwards (Gemma's softcapping, Granite's scaling) is applied to
+   the placeholder, recorded, and folded into the loss (scalar scales into the hidden states and
+   bias, ``c * tanh(x / c)`` into ``softcap``); anything else is refused with NotImplementedError
+   rather than silently computing a different loss.
+
+Why these hooks and not others:
+
+- ``model.loss_function`` receives logits that were already materialized: too late.
+- ``logits_to_keep`` slices the hidden states *before* the head; with it we would have to fetch
+  the last hidden state some other way (``output_hidden_states`` keeps every layer's states, and
+  whether its last entry is after the final norm differs between architectures).
+- The output embeddings see exactly the hidden states the logits are made of (after the final
+  norm and any model-specific projection) and hold the weight and bias actually used (tied or
+  not), for every architecture; wrapping their ``forward`` is the narrowest cut.
+- Instance attributes rather than module hooks: a forward hook cannot stop ``nn.Linear`` from
+  computing the logits, and peft's ``LoraModel`` calls ``self.model.forward(...)`` directly,
+  bypassing ``__call__`` hooks on the inner model. Both wrappers are methods bound to their module
+  and keep their state on it, so ``copy.deepcopy`` of a patched model gives a patched copy that
+  runs the copy, and ``inspect.signature(model.forward)`` is the model's own (the Trainer reads it
+  to choose dataset columns and to decide whether to pass ``num_items_in_batch``).
+
+The loss is Hugging Face's ``ForCausalLMLoss``: labels shifted left by one (``shift_labels``
+used as given when passed), tokens equal to ``ignore_index`` (-100) skipped, the mean over the
+remaining tokens, or their sum divided by ``num_items_in_batch`` when the trainer passes it;
+plus ``router_aux_loss_coef * aux_loss`` for mixture-of-experts models that return an
+``aux_loss``, as they do themselves. Models whose loss is something else (another
+``loss_function``, a z-loss) are refused at patch time; a model that adds some other
+label-dependent term inside its own forward cannot be detected. One difference: a batch with no
+live token gives 0 here and NaN in Hugging Face.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import numbers
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checks
+from .backends import BACKENDS
+from .functional import linear_cross_entropy
+
+_ATTR = "_surgery_kernels_patch"
+# Keyword arguments that only the loss uses: taken out of a labelled call.
+_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+
+
+@dataclass
+class _Call:
+    """What the output embeddings recorded during one labelled forward."""
+
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    placeholder: torch.Tensor | None = None
+    tape: list = field(default_factory=list)
+
+
+@dataclass
+class _Patch:
+    backend: str
+    chunk_size: int | None
+    head: torch.nn.Module
+    prev_forward: object  # the model's instance-level forward before patching, if any
+    prev_head_forward: object
+    labels_position: int | None  # index of ``labels`` among the positional parameters
+    active: bool = True
+    call: _Call | None = None  # set while a labelled forward is in flight
+
+
+class _Placeholder(torch.Tensor):
+    """Zero-width stand-in for the logits. Every torch function applied to it is recorded on
+    the tape of the call in flight, and its result is a placeholder too, so the chain of
+    operations an architecture applies to its logits can be read back afterwards."""
+
+    _tape: list | None = None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = super().__torch_function__(func, types, args, kwargs)
+        # Attribute reads (shape, dtype, device) go through here as property getters.
+        if getattr(func, "__name__", "") != "__get__":
+            tape = next((a._tape for a in args if isinstance(a, _Placeholder) and a._tape is not None), None)
+            if tape is not None:
+                tape.append((func, args, kwargs, out))
+                if isinstance(out, _Placeholder):
+                    out._tape = tape
+        return out
+
+
+def _is_func(func, *names) -> bool:
+    return getattr(func, "__name__", None) in names
+
+
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) else None
+
+
+def _interpret(call: _Call, logits) -> tuple[float, float | None]:
+    """Read the chain of operations applied to the placeholder into ``(scale, softcap)`` such that
+    the model's logits are ``softcap * tanh(scale * z / softcap)`` (or ``scale * z`` when softcap
+    is None), z = hidden @ weight.T + bias. Refuses anything else."""
+    pre, post, tanh = 1.0, 1.0, False
+    current = call.placeholder
+    for func, args, kwargs, out in call.tape:
+        if not args or args[0] is not current:
+            if len(args) == 2 and args[1] is current and _is_func(func, "__rmul__", "mul") and \
+                    _number(args[0]) is not None:
+                args = (args[1], args[0])
+            else:
+                raise NotImplementedError(
+                    f"surgery_kernels.hf.patch: this model combines its logits with something else after the output "
+                    f"embeddings ({getattr(func, '__name__', func)!r}); the patched loss would differ, so it is refused")
+        other = _number(args[1]) if len(args) > 1 else None
+        name = getattr(func, "__name__", repr(func))
+        if name in ("float", "contiguous") and len(args) == 1 and not kwargs:
+            pass
+        elif name == "to" and len(args) == 2 and args[1] in (torch.float32, torch.float64) and not kwargs:
+            pass
+        elif name in ("mul", "__mul__", "__rmul__") and other is not None and not kwargs:
+            if tanh:
+                post *= other
+            else:
+                pre *= other
+        elif name in ("div", "__truediv__", "true_divide") and other not in (None, 0.0) and not kwargs:
+            if tanh:
+                post /= other
+            else:
+                pre /= other
+        elif name == "tanh" and len(args) == 1 and not kwargs and not tanh and post == 1.0:
+            tanh = True
+        else:
+            raise NotImplementedError(
+                f"surgery_kernels.hf.patch: this model applies {name!r} to its logits after the output embeddings; "
+                f"only scalar scaling and tanh softcapping (c * tanh(x / c)) can be folded into the fused loss")
+        current = out
+    if logits is not current:
+        raise NotImplementedError("surgery_kernels.hf.patch: the logits this model returns are not the output "
+                                  "embeddings' result (or a scaled/softcapped version of it); refusing to patch")
+    if not tanh:
+        return pre, None
+    if post <= 0:
+        raise NotImplementedError(f"surgery_kernels.hf.patch: softcapping with a non-positive cap ({post}) is not "
+                                  f"supported")
+    # post * tanh(pre * z) = c * tanh((pre * c) * z / c) with c = post.
+    return pre * post, post
+
+
+def _head_forward(self, hidden, *args, **kwargs):
+    state: _Patch = getattr(self, _ATTR)
+    call = state.call
+    if not state.active or call is None:
+        if state.prev_head_forward is not None:
+            return state.prev_head_forward(hidden, *args, **kwargs)
+        return type(self).forward(self, hidden, *args, **kwargs)
+    if call.hidden is not None:
+        raise NotImplementedError("surgery_kernels.hf.patch: the output embeddings were called twice in one forward")
+    call.hidden, call.weight, call.bias = hidden, self.weight, self.bias
+    ph = hidden.new_empty(*hidden.shape[:-1], 0).as_subclass(_Placeholder)
+    ph._tape = call.tape
+    call.placeholder = ph
+    return ph
+
+
+def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs):
+    if call.hidden is None:
+        raise NotImplementedError("surgery_kernels.hf.patch: the model's forward did not call its output embeddings")
+    scale, softcap = _interpret(call, logits)
+    hidden, weight, bias = call.hidden, call.weight, call.bias
+    ignore_index = loss_kwargs.get("ignore_index", -100)
+    shift_labels = loss_kwargs.get("shift_labels")
+    if shift_labels is None:
+        # Position t predicts label t + 1; the last position has nothing to predict.
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(hidden.device)
+    if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have the shape of the tokens that reach the output embeddings "
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)} (logits_to_keep with labels?)")
+    if scale != 1.0:
+        hidden = hidden * scale
+        bias = bias * scale if bias is not None else None
+    num_items = loss_kwargs.get("num_items_in_batch")
+    loss = linear_cross_entropy(hidden, weight, shift_labels, bias=bias, ignore_index=ignore_index,
+                                reduction="mean" if num_items is None else "sum", softcap=softcap,
+                                backend=state.backend, chunk_size=state.chunk_size)
+    if num_items is not None:
+        loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    return loss
+
+
+def _model_forward(self, *args, **kwargs):
+    state: _Patch = getattr(self, _ATTR)
+
+    def original(*a, **k):
+        if state.prev_forward is not None:
+            return state.prev_forward(*a, **k)
+        return type(self).forward(self, *a, **k)
+
+    labels = kwargs.pop("labels", None)
+    if labels is None and state.labels_position is not None and len(args) > state.labels_position:
+        args = list(args)
+        labels, args[state.labels_position] = args[state.labels_position], None
+    if not state.active or labels is None:
+        if labels is not None:
+            kwargs["labels"] = labels
+        return original(*args, **kwargs)
+    loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(getattr(self, "config", None), "return_dict", True)
+    call = state.call = _Call()
+    try:
+        out = original(*args, return_dict=True, **kwargs)
+    finally:
+        state.call = None
+    loss = _causal_lm_loss(state, call, out.get("logits"), labels, loss_kwargs)
+    aux = out.get("aux_loss")
+    if aux is not None:
+        # Mixture-of-experts models (Mixtral, Qwen2-MoE, ... 30+ in transformers) add the router's
+        # load-balancing loss to the loss when labels are given (output_router_logits=True).
+        coef = getattr(self, "router_aux_loss_coef", getattr(self, "aux_loss_coef", None))
+        if coef is None:
+            raise NotImplementedError("surgery_kernels.hf.patch: this model returns an aux_loss but has no "
+                                      "router_aux_loss_coef; the patched loss would differ, so it is refused")
+        loss = loss + coef * aux.to(loss.device)
+    # Rebuild the output so that `loss` comes first (as Hugging Face orders it) and logits is None.
+    fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+    out = type(out)(loss=loss, **fields)
+    return out if return_dict else out.to_tuple()
+
+
+def _output_embeddings(model) -> torch.nn.Linear:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise TypeError(f"model must be a causal LM with output embeddings (get_output_embeddings()), "
+                        f"got {type(model).__name__}")
+    if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        raise TypeError(f"model's output embeddings must be a plain torch.nn.Linear (the loss reads its weight and "
+                        f"bias), got {type(head).__name__}")
+    return head
+
+
+def _check_loss_function(model) -> None:
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except ImportError:  # transformers without a loss registry: nothing to compare against
+        return
+    fn = getattr(model, "loss_function", None)
+    if fn is not None and fn is not LOSS_MAPPING.get("ForCausalLM"):
+        raise ValueError(f"model's loss_function must be transformers' ForCausalLMLoss (the loss patch reproduces), "
+                         f"got {getattr(fn, '__name__', fn)!r}")
+
+
+def _check_extra_loss_terms(model) -> None:
+    # Label-dependent terms computed from the logits themselves cannot be reproduced without them.
+    z = getattr(getattr(model, "config", None), "z_loss_coefficient", None)
+    if z:
+        raise ValueError(f"model adds a z-loss to its loss (config.z_loss_coefficient={z}), which the patched loss "
+                         f"does not compute; set it to 0 to patch")
+
+
+def patch(model, backend: str = "auto", *, chunk_size: int | None = None):
+    """Make ``model(..., labels=...)`` compute Hugging Face's causal-LM loss with
+    :func:`surgery_kernels.linear_cross_entropy`, returning ``loss`` and ``logits=None``; without
+    ``labels`` the model behaves as before. Returns ``model`` itself (changed in place).
+
+    model: a Hugging Face causal LM (``*ForCausalLM``, or a peft model wrapping one) whose output
+    embeddings are an ``nn.Linear``. backend, chunk_size: as in ``linear_cross_entropy``.
+    Patching a patched model replaces the options. Undo with :func:`unpatch`.
+    """
+    checks.choice("backend", backend, ("auto",) + BACKENDS)
+    checks.common("mean", backend, chunk_size)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, _ATTR, None) is not None:
+        unpatch(model)
+    head = _output_embeddings(model)
+    _check_loss_function(model)
+    _check_extra_loss_terms(model)
+    cls_forward = type(model).forward
+    positional = [p.name for p in inspect.signature(cls_forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    state = _Patch(backend=backend, chunk_size=chunk_size, head=head,
+                   prev_forward=model.__dict__.get("forward"), prev_head_forward=head.__dict__.get("forward"),
+                   labels_position=positional.index("labels") if "labels" in positional else None)
+
+    # A fresh function per patch so that functools.wraps can give it the model's own signature.
+    @functools.wraps(cls_forward)
+    def forward(self, *args, **kwargs):
+        return _model_forward(self, *args, **kwargs)
+
+    @functools.wraps(type(head).forward)
+    def head_forward(self, hidden, *args, **kwargs):
+        return _head_forward(self, hidden, *args, **kwargs)
+
+    forward._surgery_kernels_wrapper = head_forward._surgery_kernels_wrapper = True
+    # Plain object attributes (not submodules), so state_dict, parameters and repr are unchanged.
+    object.__setattr__(model, _ATTR, state)
+    object.__setattr__(head, _ATTR, state)
+    model.forward = types.MethodType(forward, model)
+    head.forward = types.MethodType(head_forward, head)
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch`: the model and its output embeddings get back the ``forward`` they had.
+    A model that is not patched is returned unchanged. Returns ``model``."""
+    state: _Patch | None = getattr(model, _ATTR, None)
+    if state is None:
+        return model
+    state.active = False
+    for module, prev in ((model, state.prev_forward), (state.head, state.prev_head_forward)):
+        fwd = module.__dict__.get("forward")
+        # Only remove our own wrapper; if something wrapped it again since, ours stays as a
+        # pass-through (state.active is False) so that wrapper keeps working.
+        if isinstance(fwd, types.MethodType) and getattr(fwd.__func__, "_surgery_kernels_wrapper", False):
+            if prev is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = prev
+            module.__dict__.pop(_ATTR, None)
+    return model
+
+
+def is_patched(model) -> bool:
+    """Whether :func:`patch` is in effect on ``model``."""
+    state = getattr(model, _ATTR, None)
+    return state is not None and state.active

@@ -1,0 +1,235 @@
+"""The API contract beyond numerics: bad input, backend choice, modules, memory structure, and
+equality with a Hugging Face model's own loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import surgery_kernels as sk
+from surgery_kernels import LinearCrossEntropy, LinearKLDiv, linear_cross_entropy, linear_kl_div
+from surgery_kernels.backends import resolve
+from surgery_kernels.backends.chunked import default_chunk_size
+from surgery_kernels.reference import linear_cross_entropy_ref, linear_kl_div_ref
+
+
+def ce_args(n=8, h=4, v=10, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, h, generator=g, dtype=dtype), torch.randn(v, h, generator=g, dtype=dtype), \
+        torch.randint(0, v, (n,), generator=g)
+
+
+BAD_CE = [
+    # (what, kwargs override, exception, words the message must contain)
+    ("hidden-not-tensor", dict(hidden=[[1.0]]), TypeError, ["hidden", "Tensor"]),
+    ("hidden-int", dict(hidden=torch.ones(8, 4, dtype=torch.int64)), TypeError, ["hidden", "float32"]),
+    ("weight-1d", dict(weight=torch.randn(40)), ValueError, ["weight", "2 dimension"]),
+    ("weight-wrong-H", dict(weight=torch.randn(10, 5)), ValueError, ["weight", "(V, H)", "4"]),
+    ("weight-dtype", dict(weight=torch.randn(10, 4, dtype=torch.float64)), TypeError, ["weight", "dtype", "autocast"]),
+    ("bias-wrong-V", dict(bias=torch.randn(9)), ValueError, ["bias", "(10,)"]),
+    ("target-float", dict(target=torch.zeros(8)), TypeError, ["target", "integer"]),
+    ("target-wrong-shape", dict(target=torch.zeros(7, dtype=torch.int64)), ValueError, ["target", "(8,)"]),
+    ("target-too-big", dict(target=torch.full((8,), 10)), ValueError, ["target", "[0, 10)", "found 10"]),
+    ("target-negative", dict(target=torch.full((8,), -1)), ValueError, ["target", "ignore_index=-100"]),
+    ("token-weight-int", dict(token_weight=torch.ones(8, dtype=torch.int64)), TypeError, ["token_weight"]),
+    ("token-weight-shape", dict(token_weight=torch.ones(3)), ValueError, ["token_weight", "(8,)"]),
+    ("reduction", dict(reduction="avg"), ValueError, ["reduction", "'avg'"]),
+    ("backend", dict(backend="fast"), ValueError, ["backend", "'fast'"]),
+    ("ascent-cap-zero", dict(ascent_cap=0.0), ValueError, ["ascent_cap", "positive"]),
+    ("ascent-cap-negative", dict(ascent_cap=-1), ValueError, ["ascent_cap"]),
+    ("softcap-zero", dict(softcap=0), ValueError, ["softcap"]),
+    ("chunk-size", dict(chunk_size=0), ValueError, ["chunk_size"]),
+    ("ignore-index-float", dict(ignore_index=-100.0), TypeError, ["ignore_index"]),
+]
+
+
+@pytest.mark.parametrize("what,override,exc,words", BAD_CE, ids=[b[0] for b in BAD_CE])
+def test_bad_ce_input(what, override, exc, words):
+    h, w, t = ce_args()
+    kw = dict(hidden=h, weight=w, target=t)
+    kw.update(override)
+    with pytest.raises(exc) as info:
+        linear_cross_entropy(kw.pop("hidden"), kw.pop("weight"), kw.pop("target"), **kw)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+def kl_args():
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden=torch.randn(6, 4, generator=g), weight=torch.randn(10, 4, generator=g),
+                ref_hidden=torch.randn(6, 3, generator=g), ref_weight=torch.randn(10, 3, generator=g))
+
+
+BAD_KL = [
+    ("ref-vocab", dict(ref_weight=torch.randn(11, 3)), ValueError, ["ref_weight", "V = 10"]),
+    ("ref-H", dict(ref_weight=torch.randn(10, 5)), ValueError, ["ref_weight", "(V, H)"]),
+    ("ref-tokens", dict(ref_hidden=torch.randn(5, 3)), ValueError, ["ref_hidden", "(6,)"]),
+    ("ref-dtype", dict(ref_hidden=torch.randn(6, 3).double(), ref_weight=torch.randn(10, 3).double()), TypeError,
+     ["ref_hidden", "dtype"]),
+    ("mask-not-bool", dict(mask=torch.ones(6)), TypeError, ["mask", "bool"]),
+    ("mask-shape", dict(mask=torch.ones(5, dtype=torch.bool)), ValueError, ["mask"]),
+    ("direction", dict(direction="backward"), ValueError, ["direction", "'backward'"]),
+    ("temperature", dict(temperature=0.0), ValueError, ["temperature"]),
+    ("reduction", dict(reduction="max"), ValueError, ["reduction"]),
+]
+
+
+@pytest.mark.parametrize("what,override,exc,words", BAD_KL, ids=[b[0] for b in BAD_KL])
+def test_bad_kl_input(what, override, exc, words):
+    kw = kl_args()
+    kw.update(override)
+    args = [kw.pop(k) for k in ("hidden", "weight", "ref_hidden", "ref_weight")]
+    with pytest.raises(exc) as info:
+        linear_kl_div(*args, **kw)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_unavailable_backend_says_why():
+    h, w, t = ce_args()
+    with pytest.raises(ValueError) as info:
+        linear_cross_entropy(h, w, t, backend="cuda")
+    assert "backend='cuda' is not available for cpu tensors" in str(info.value)
+    assert sk.available_backends("cpu")["torch"] == "available"
+    assert all(isinstance(v, str) and v for v in sk.available_backends("cpu").values())
+
+
+def test_auto_picks_by_device_order():
+    name = resolve("auto", "cpu")
+    order = ["cpu", "torch"]
+    avail = sk.available_backends("cpu")
+    assert name == next(b for b in order if avail[b] == "available")
+
+
+def test_modules_hold_options():
+    h, w, t = ce_args()
+    tw = torch.linspace(-1, 1, 8)
+    m = LinearCrossEntropy(reduction="sum", softcap=3.0, ascent_cap=5.0, backend="torch")
+    assert "softcap=3.0" in repr(m)
+    expect = linear_cross_entropy(h, w, t, token_weight=tw, reduction="sum", softcap=3.0, ascent_cap=5.0,
+                                  backend="torch")
+    assert torch.equal(m(h, w, t, token_weight=tw), expect)
+    kw = kl_args()
+    mk = LinearKLDiv(direction="reverse", temperature=2.0, reduction="none", backend="torch")
+    out = mk(kw["hidden"], kw["weight"], kw["ref_hidden"], kw["ref_weight"])
+    assert out.shape == (6,)
+    assert torch.equal(out, linear_kl_div(kw["hidden"], kw["weight"], kw["ref_hidden"], kw["ref_weight"],
+                                          direction="reverse", temperature=2.0, reduction="none", backend="torch"))
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(10**6, 32000) == (1 << 24) // 32000
+    assert default_chunk_size(5, 32000) == 5
+    assert default_chunk_size(10**6, 10**9) == 1
+
+
+class RecordCreated(TorchDispatchMode):
+    """Records the element count of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                self.numels.append((o.numel(), str(func)))
+        return out
+
+
+@pytest.mark.parametrize("op", ["ce", "ce-none", "kl", "kl-none"])
+def test_never_creates_an_n_by_v_tensor(op):
+    """Forward+backward with chunk_size < N never creates a tensor of N x V elements (the naive
+    computation does, which shows the recorder sees them)."""
+    n, h, v = 96, 8, 500  # N > H so that (V, H) weight gradients stay below N x V
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    target = torch.randint(0, v, (n,), generator=g)
+    ref_h, ref_w = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    red = "none" if op.endswith("none") else "mean"
+
+    def run(fn):
+        with RecordCreated() as rec:
+            out = fn()
+            out.backward(torch.ones_like(out))
+        return max(rec.numels)
+
+    if op.startswith("ce"):
+        ours = lambda: linear_cross_entropy(hidden, weight, target, reduction=red, backend="torch", chunk_size=32)
+        naive = lambda: linear_cross_entropy_ref(hidden, weight, target, reduction=red)
+    else:
+        ours = lambda: linear_kl_div(hidden, weight, ref_h, ref_w, reduction=red, backend="torch", chunk_size=32)
+        naive = lambda: linear_kl_div_ref(hidden, weight, ref_h, ref_w, reduction=red)
+    assert run(naive)[0] >= n * v
+    biggest = run(ours)
+    assert biggest[0] <= 32 * v, f"created a tensor of {biggest[0]} elements in {biggest[1]}"
+
+
+def test_no_grad_requested_computes_no_gradient(monkeypatch):
+    """Inputs that need no gradient take the values-only path (no wasted backward GEMMs)."""
+    from surgery_kernels.backends import chunked
+
+    called = []
+    monkeypatch.setattr(chunked, "ce_forward_backward", lambda *a, **k: called.append(1))
+    h, w, t = ce_args()
+    out = linear_cross_entropy(h, w, t, backend="torch")
+    assert not called and out.requires_grad is False
+
+
+def test_matches_hugging_face_llama_loss():
+    """model(ids, labels=labels).loss == our loss on the last hidden state, lm_head.weight and shifted labels."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=211, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).float()
+    ids = torch.randint(0, 211, (3, 17))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    hf = model(input_ids=ids, labels=labels).loss
+    hidden = model.model(input_ids=ids).last_hidden_state
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    ours = linear_cross_entropy(hidden, model.lm_head.weight, shifted)
+    assert torch.allclose(ours, hf, rtol=1e-5, atol=0)
+    g_hf = torch.autograd.grad(hf, [model.lm_head.weight, model.model.embed_tokens.weight])
+    g_ours = torch.autograd.grad(ours, [model.lm_head.weight, model.model.embed_tokens.weight])
+    for a, b in zip(g_ours, g_hf):
+        assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+@pytest.mark.slow
+def test_int64_indexing_beyond_2_31():
+    """N x V > 2^31 logit elements (processed chunk by chunk): every hidden row is the same, so the
+    exact per-token values and gradients are known in closed form, and a 32-bit offset anywhere
+    would show as wrong rows past the 2^31-th element."""
+    n, h, v = (1 << 16) + 3, 4, (1 << 15) + 5
+    assert n * v > 2**31
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64).float().requires_grad_()
+    hidden = row.float().expand(n, h).contiguous().requires_grad_()
+    target = torch.randint(0, v, (n,), generator=g)
+    out = linear_cross_entropy(hidden, weight, target, reduction="none", backend="auto", chunk_size=8192)
+    # Upstream gradient only on the last 64 tokens, whose logits lie past element 2^31: their
+    # d_weight contributions are then not drowned in float32 summation noise of 65k others.
+    up = torch.zeros(n)
+    up[-64:] = torch.rand(64, generator=g) + 0.5
+    assert (n - 64) * v < 2**31
+    gh, gw = torch.autograd.grad(out, [hidden, weight], up)
+    z = weight.detach().double() @ row.float().double()
+    logp = torch.log_softmax(z, 0)
+    assert torch.allclose(out.double(), -logp[target], rtol=1e-5, atol=1e-5)
+    assert torch.equal(gh[:-64], torch.zeros_like(gh[:-64]))
+    # The last 64 tokens against float64, with plain float32 PyTorch's own error as the yardstick
+    # (a V = 32773-term float32 reduction is itself ~1e-5 off).
+    tail_h = hidden.detach()[-64:].clone().requires_grad_()
+    tail = lambda dt: linear_cross_entropy_ref(tail_h, weight, target[-64:], reduction="none", compute_dtype=dt)
+    ref_g = torch.autograd.grad(tail(torch.float64), [tail_h, weight], up[-64:].double())
+    naive_g = torch.autograd.grad(tail(None), [tail_h, weight], up[-64:])
+    for name, ours_g, r, nv in [("d_hidden", gh[-64:], ref_g[0], naive_g[0]), ("d_weight", gw, ref_g[1], naive_g[1])]:
+        err = (ours_g.double() - r).norm() / r.norm()
+        assert err <= 2 * (nv.double() - r).norm() / r.norm() + 1e-6, f"{name}: {err:.3g}"

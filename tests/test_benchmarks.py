@@ -1,0 +1,153 @@
+"""The benchmark harness itself: every provider computes the same loss and gradients (else its
+timings compare different work), the floor and ratios are composed right, and the one command
+writes JSON, CSV, Markdown and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import report, runner
+from benchmarks.cases import Case, make_inputs
+from benchmarks.providers import registry, run_once
+from surgery_kernels import reference as ref
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Odd N (an odd split into the two streams) and V, small H: seconds per provider.
+TINY = {"n": 37, "h": 16, "v": 101}
+
+
+def _provider_params():
+    out = []
+    for p in registry():
+        for op in p.ops:
+            marks = []
+            why = p.unavailable("cpu")
+            if why:
+                marks.append(pytest.mark.skip(reason=why))
+            if p.name == "cce":
+                # impl="torch_compile": ~25 s of compilation on the 2-core machine.
+                marks.append(pytest.mark.slow)
+            out.append(pytest.param(p, op, id=f"{p.name}-{op}", marks=marks))
+    return out
+
+
+def _rel(a, b):
+    return float((a.detach().double() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("prov,op", _provider_params())
+def test_provider_matches_float64_reference(prov, op):
+    c = Case(op, "fwd+bwd", "tiny", TINY["n"], TINY["h"], TINY["v"], "float32")
+    x = make_inputs(c, "cpu")
+    value = run_once(prov.build(c, x, "cpu"), c.mode)
+    h = x["hidden"].detach().double().requires_grad_()
+    w = x["weight"].detach().double().requires_grad_()
+    if op == "ce":
+        want = ref.linear_cross_entropy_ref(h, w, x["target"], token_weight=x["token_weight"].double())
+    else:
+        want = ref.linear_kl_div_ref(h, w, x["ref_hidden"].double(), x["ref_weight"].double())
+    want.backward()
+    # The KL of two close distributions is small, which inflates its float32 relative error;
+    # the gradients are the check that matters there.
+    assert _rel(value, want.detach()) <= (1e-5 if op == "ce" else 1e-4)
+    assert _rel(x["hidden"].grad, h.grad) <= 1e-5
+    assert _rel(x["weight"].grad, w.grad) <= 1e-5
+
+
+def test_signed_ce_inputs_are_the_two_streams():
+    c = Case("ce", "fwd", "tiny", 100, 16, 101, "float32")
+    x = make_inputs(c, "cpu")
+    assert x["half"] == 50
+    assert torch.all(x["token_weight"][:50] == -0.1) and torch.all(x["token_weight"][50:] == 2.0)
+    assert (x["target"] == -100).any() and (x["target"] != -100).any()
+    # Same seed, same inputs: providers in separate processes see the same tensors.
+    assert torch.equal(make_inputs(c, "cpu")["hidden"], x["hidden"])
+
+
+def _worker_result(c: Case, provider: str, ms: float, mib: float | None, value: float) -> dict:
+    task = {"kind": "provider", "case": c.as_dict(), "provider": provider}
+    return {"task": task, "status": "ok", "median_ms": ms, "p20_ms": ms * 0.9, "p80_ms": ms * 1.1, "runs": 3,
+            "peak_mib": mib, "value": value, "load1": 0.5}
+
+
+def _synthetic_rows():
+    ce = Case("ce", "fwd+bwd", "smollm2", 4096, 576, 49152, "float32")
+    kl = Case("kl", "fwd+bwd", "smollm2", 4096, 576, 49152, "float32")
+    gemm = {"task": {"kind": "gemm", "case": ce.as_dict()}, "status": "ok", "runs": 3, "load1": 0.5,
+            "logits": {"median_ms": 100.0, "p20_ms": 90.0, "p80_ms": 110.0},
+            "dhidden": {"median_ms": 120.0, "p20_ms": 110.0, "p80_ms": 130.0},
+            "dweight": {"median_ms": 80.0, "p20_ms": 70.0, "p80_ms": 90.0}}
+    results = [gemm,
+               _worker_result(ce, "naive", 400.0, 2000.0, 12.0),
+               _worker_result(ce, "sk-torch", 440.0, 300.0, 12.0 * (1 + 1e-7)),
+               _worker_result(kl, "naive", 500.0, 4000.0, 0.01),
+               {"task": {"kind": "provider", "case": kl.as_dict(), "provider": "sk-torch"}, "status": "failed",
+                "reason": "RuntimeError: boom"}]
+    fixed = [runner._row(ce, "liger", status="unavailable", reason="CUDA only")]
+    meta = {"device": "test cpu", "device_type": "cpu", "torch": "x", "triton": None, "commit": "abc",
+            "date_utc": "today", "command": "python -m benchmarks run --quick", "preset": "quick", "repeats": 3,
+            "load_start": 0.1, "load_end": 0.2, "wall_s": 1.0}
+    return [ce, kl], runner.compose([ce, kl], results, fixed, meta), meta
+
+
+def test_floor_and_ratios_are_composed_from_the_same_run():
+    _, rows, _ = _synthetic_rows()
+    by = {(r["op"], r["provider"]): r for r in rows}
+    # CE fwd+bwd floor = logits + dhidden + dweight; KL adds the reference's logits GEMM.
+    assert by["ce", "floor"]["median_ms"] == pytest.approx(300.0)
+    assert by["ce", "floor"]["p20_ms"] == pytest.approx(270.0)
+    assert by["kl", "floor"]["median_ms"] == pytest.approx(400.0)
+    t = by["ce", "sk-torch"]
+    assert t["ratio_to_floor"] == pytest.approx(440 / 300)
+    assert t["ratio_to_naive"] == pytest.approx(1.1)
+    assert t["mem_ratio_to_naive"] == pytest.approx(0.15)
+    assert t["value_rel_diff"] == pytest.approx(1e-7)
+    assert by["kl", "naive"]["ratio_to_floor"] == pytest.approx(1.25)
+    assert by["kl", "sk-torch"]["status"] == "failed" and by["kl", "sk-torch"]["ratio_to_naive"] is None
+    assert by["ce", "liger"]["reason"] == "CUDA only"
+    assert all(r["commit"] == "abc" for r in rows)
+
+
+def test_report_files_and_goal_verdicts(tmp_path):
+    _, rows, meta = _synthetic_rows()
+    report.write_all(tmp_path, meta, rows)
+    for name in ("results.json", "results.csv", "report.md", "time_vs_n.png", "memory_vs_n.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "time_vs_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    md = (tmp_path / "report.md").read_text()
+    # sk-torch memory 300/2000 = 0.15 <= 1/4 met; time 1.1 <= 1.3 met; sk-cpu has no row.
+    assert "| ce | sk-torch | memory vs naive | 0.150 | ≤ 0.25 | **met** |" in md
+    assert "| ce | sk-torch | time vs naive | 1.100 | ≤ 1.3 | **met** |" in md
+    assert "| ce | sk-cpu | time vs naive | – | ≤ 1 | not measured (no row) |" in md
+    assert "failed: RuntimeError: boom" in md
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["commit"] == "abc"
+
+
+@pytest.mark.no_poison
+def test_one_command_end_to_end(tmp_path):
+    """The real command on the smoke preset: workers, floor, naive, report, plots."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "benchmarks", "run", "--preset", "smoke", "--ops", "ce", "--n", "64", "--providers",
+           "naive,sk-torch", "--repeats", "2", "--output", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    got = {(r["mode"], r["provider"]): r for r in rows}
+    assert set(got) == {(m, p) for m in ("fwd", "fwd+bwd") for p in ("floor", "naive", "sk-torch")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["ratio_to_floor"] > 0 and r["ratio_to_naive"] > 0
+        if r["provider"] != "floor":
+            assert r["peak_mib"] is not None and r["value_rel_diff"] < 1e-5
+    for name in ("results.csv", "report.md", "time_vs_n.png", "memory_vs_n.png"):
+        assert (out / name).exists()

@@ -1,0 +1,170 @@
+"""Data and config: records are validated with file + line + problem before any model loads;
+batches mask padding and prompts; sampling is deterministic, resumable and rank-consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from surgery import DataError, Stream, Surgery, load_config
+from surgery.config import PRESETS, TrainConfig, apply_override
+from surgery.data import IGNORE, StreamSampler, collate, read_records, tokenize_lm
+from surgery.testing import all_words, word_tokenizer
+
+pytestmark = pytest.mark.no_poison
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer(all_words())
+
+
+def _jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("lines, where, what", [
+    (['{"text": "a b"}', '{"text": "c"', '{"text": "d"}'], "line 2", "invalid JSON"),
+    (['{"text": "a b"}', '', '{"txt": "c"}'], "line 3", "expected a 'text' field"),
+    (['{"text": ""}'], "line 1", "non-empty string"),
+    (['{"prompt": "q", "completion": 3}'], "line 1", "'completion' is 3"),
+    (['["a"]'], "line 1", "JSON object"),
+], ids=["syntax", "missing-text", "empty-text", "bad-completion", "not-object"])
+def test_jsonl_errors_name_file_and_line(tmp_path, lines, where, what):
+    f = _jsonl(tmp_path / "s.jsonl", lines)
+    with pytest.raises(DataError) as e:
+        read_records(f, "lm")
+    assert f"s.jsonl:{where}" in str(e.value) and what in str(e.value)
+
+
+def test_json_array_error_line(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text('[\n  {"text": "a"},\n  {"text": "b"},\n  {"prompt": "x"}\n]\n')
+    with pytest.raises(DataError, match=r"s\.json:line 4: .*'completion'"):
+        read_records(f, "lm")
+    f.write_text('[\n  {"text": "a"},\n  {"text": "b",}\n]\n')
+    with pytest.raises(DataError, match=r"s\.json:line 3: invalid JSON"):
+        read_records(f, "lm")
+
+
+@pytest.mark.parametrize("rec, what", [
+    ({"question": "q", "choices": ["a", "b"], "answer": 2}, "outside choices"),
+    ({"question": "q", "choices": ["a"], "answer": 0}, ">= 2 non-empty"),
+    ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "not one of the choices"),
+    ({"question": "q", "choices": ["a", "b"]}, "no 'answer'"),
+])
+def test_choice_record_errors(tmp_path, rec, what):
+    f = _jsonl(tmp_path / "q.jsonl", [json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}),
+                                      json.dumps(rec)])
+    with pytest.raises(DataError, match=rf"q\.jsonl:line 2: .*{what}"):
+        read_records(f, "choice")
+
+
+def test_parquet_through_datasets(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"text": "a b"}, {"text": ""}]).to_parquet(str(tmp_path / "s.parquet"))
+    with pytest.raises(DataError, match=r"s\.parquet:row 1: 'text' must be a non-empty string"):
+        read_records(tmp_path / "s.parquet", "lm")
+    Dataset.from_list([{"prompt": "p", "completion": " c"}]).to_parquet(str(tmp_path / "ok.parquet"))
+    assert read_records(tmp_path / "ok.parquet", "lm") == [{"prompt": "p", "completion": " c"}]
+
+
+def test_missing_file_and_format(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_records(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("text\n")
+    with pytest.raises(DataError, match="unsupported data format '.csv'"):
+        read_records(tmp_path / "x.csv")
+
+
+def test_bad_data_stops_before_the_model_loads(tmp_path):
+    """The model directory does not exist: the data error must come first."""
+    f = _jsonl(tmp_path / "u.jsonl", ['{"text": "ok"}', '{"text": 5}'])
+    with pytest.raises(DataError, match=r"u\.jsonl:line 2"):
+        Surgery(model=str(tmp_path / "no-model-here"), streams=[Stream("u", str(f), "ascent", 0.1)])
+
+
+def test_collate_masks_padding_prompt_and_last(tok):
+    recs = [{"text": "alba borin cadra"}, {"prompt": "the capital of", "completion": " alba is amber"}]
+    ex = tokenize_lm(recs, tok, max_length=64)
+    b = collate(ex, tok.pad_token_id)
+    ids0 = tok("alba borin cadra")["input_ids"]  # <s> alba borin cadra
+    assert b.input_ids[0, :4].tolist() == ids0 and b.attention_mask[0].tolist() == [1] * 4 + [0] * 3
+    # Text: every position predicts the next token; the last real and the pad positions do not.
+    assert b.target[0].tolist() == ids0[1:] + [IGNORE] * 4
+    p = tok("the capital of")["input_ids"]
+    c = tok(" alba is amber", add_special_tokens=False)["input_ids"]
+    # Prompt+completion: only completion tokens are targets, predicted from the position before each.
+    assert b.target[1].tolist() == [IGNORE] * (len(p) - 1) + c + [IGNORE]
+    tr = tokenize_lm(recs, tok, max_length=3)
+    assert [len(e.ids) for e in tr] == [3, 3]
+
+
+def test_sampler_resumes_and_splits_like_one_process():
+    one = StreamSampler(5, seed=3, name="u")
+    seq = [one.draw(2) for _ in range(6)]  # crosses epochs: 12 draws of 5 records
+    assert sorted(sum(seq[:2], []) + seq[2][:1]) == [0, 1, 2, 3, 4]
+    resumed = StreamSampler(5, seed=3, name="u", cursor=6)
+    assert [resumed.draw(2) for _ in range(3)] == seq[3:]
+    r0, r1 = StreamSampler(5, seed=3, name="u"), StreamSampler(5, seed=3, name="u")
+    for k in range(6):
+        assert r0.draw(1, rank=0, world_size=2) + r1.draw(1, rank=1, world_size=2) == seq[k]
+    assert StreamSampler(5, seed=3, name="v").draw(5) != StreamSampler(5, seed=3, name="u").draw(5)
+
+
+def test_config_paper_preset_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "preset: paper\nmodel: {path: m}\nstreams:\n"
+        "  - {name: problematic, data: a.jsonl}\n  - {name: outdated, data: b.jsonl}\n"
+        "  - {name: updated, data: c.jsonl}\n  - {name: retain, data: d.jsonl}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.steps=7", "streams.retain.weight=0.25", "train.betas=[0.8, 0.9]"])
+    assert [(s.name, s.loss, s.weight) for s in cfg.streams] == [
+        ("problematic", "ascent", 0.1), ("outdated", "ascent", 0.1), ("updated", "descent", 2.0), ("retain", "kl", 0.25)]
+    assert cfg.train.steps == 7 and cfg.train.lr == 2e-4 and cfg.train.betas == (0.8, 0.9)
+    assert cfg.train.max_length == 4096 and cfg.train.gradient_checkpointing
+    assert cfg.model.dtype == "float32" and cfg.train.mixed_precision == "bfloat16"
+    assert cfg.streams[0].data == str(tmp_path / "a.jsonl") and cfg.model.path == str(tmp_path / "m")
+    assert PRESETS["paper"]["train"]["clip"] == 1.0
+
+
+@pytest.mark.parametrize("text, what", [
+    ("model: {path: m}\nstreams: [{name: a, data: a.jsonl, loss: up}]\n", "loss must be one of"),
+    ("model: {path: m}\nstreams: [{name: a, data: a.jsonl, weight: -1}]\n", "weight must be a number >= 0"),
+    ("model: {path: m}\nstreams: [{name: a, data: a.jsonl}]\ntrain: {stpes: 3}\n", r"train: unknown key\(s\) \['stpes'\]"),
+    ("model: {path: m}\nstreams: [{name: a}]\n", "has no data"),
+    ("streams: [{name: a, data: a.jsonl}]\n", "no model section"),
+    ("model: {path: m}\nstreams: [{name: a, data: a.jsonl}]\nreference: twin\n", "reference must be one of"),
+])
+def test_config_errors(tmp_path, text, what):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=what):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_override_errors():
+    cfg = {"streams": [{"name": "a"}], "train": {}}
+    apply_override(cfg, "streams.0.weight=3")
+    assert cfg["streams"][0]["weight"] == 3
+    with pytest.raises(ValueError, match="no item named 'b'"):
+        apply_override(cfg, "streams.b.weight=1")
+    with pytest.raises(ValueError, match="key=value"):
+        apply_override(cfg, "train.steps")
+    with pytest.raises(ValueError, match="train.lr must be a positive number"):
+        TrainConfig(lr=0)
+
+
+@pytest.mark.parametrize("name", ["paper", "lora", "layers"])
+def test_example_configs_load(name):
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{name}.yaml")
+    assert cfg.streams and cfg.output_dir
+
+
+def test_mixed_answer_types_are_fine(tmp_path):
+    f = _jsonl(tmp_path / "q.jsonl", [json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}),
+                                      json.dumps({"question": "r", "choices": ["a", "b"], "answer": "a"})])
+    assert [r["answer"] for r in read_records(f, "auto")] == [1, "a"]

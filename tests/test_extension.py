@@ -1,0 +1,221 @@
+"""The C++ extension itself: build, op registration (opcheck), torch.compile, the failed-build path.
+
+The numerics of the ``cpu`` backend are in test_numerics.py (parametrized over every available
+backend). The extension is built once per test session (and cached on disk across sessions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgery_kernels import _build, linear_cross_entropy, linear_kl_div
+from surgery_kernels.backends import availability, extension, resolve
+
+needs_ext = pytest.mark.skipif(not availability("cpu", "cpu").ok,
+                               reason=f"extension not built: {availability('cpu', 'cpu').reason}")
+
+
+@needs_ext
+def test_build_registers_the_four_ops():
+    result = _build.load()
+    assert result.ok and Path(result.library).is_file()
+    assert result.cuda == (_build.cuda_toolkit() is not None)
+    assert any(s.endswith("ops.cpp") for s in result.sources)
+    for name in ("ce_forward", "ce_backward", "kl_forward", "kl_backward"):
+        assert hasattr(torch.ops.surgery, name)
+    # a second call does not rebuild: it is the same result object
+    assert _build.load() is result
+
+
+@needs_ext
+def test_availability_and_auto():
+    assert availability("cpu", "cpu").ok
+    assert not availability("cpu", "cuda").ok
+    assert "cuda" in availability("cuda", "cpu").reason
+    assert resolve("auto", "cpu") == "cpu"
+
+
+@needs_ext
+def test_cli_build_and_info(capsys):
+    from surgery_kernels.__main__ import main
+
+    assert main(["build"]) == 0
+    out = capsys.readouterr().out
+    assert _build.load().library in out and "ops.cpp" in out
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu     available" in out
+
+
+def _ce_inputs(n=37, h=24, v=203, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) / h**0.5
+    b = torch.randn(v, generator=g) if bias else None
+    target = torch.randint(0, v, (n,), generator=g)
+    target[::5] = -100
+    coeff = torch.randn(n, generator=g)
+    coeff[::5] = 0
+    return hidden, weight, b, target, coeff
+
+
+def _grad_outs(hidden, weight, bias, needs):
+    dh = torch.zeros_like(hidden) if needs[0] else None
+    dw = torch.zeros(weight.shape) if needs[1] else None
+    db = torch.zeros(weight.shape[0]) if needs[2] and bias is not None else None
+    return dh, dw, db
+
+
+NEEDS = {"none": (False, False, False), "all": (True, True, True), "dhidden": (True, False, False),
+         "dweight-dbias": (False, True, True)}
+
+
+# (gradient outputs, bias, softcap): every option on and off at least once, without the full product
+# (each opcheck traces the op several times).
+CE_OPCHECK = [("none", False, None), ("none", True, 3.0), ("all", True, 3.0), ("all", False, None),
+              ("dhidden", False, 3.0), ("dweight-dbias", True, None)]
+
+
+@needs_ext
+@pytest.mark.parametrize("needs,bias,softcap", CE_OPCHECK,
+                         ids=[f"{n}-{'bias' if b else 'nobias'}-{'softcap' if s else 'plain'}" for n, b, s in CE_OPCHECK])
+def test_opcheck_ce(needs, bias, softcap):
+    hidden, weight, b, target, coeff = _ce_inputs(bias=bias)
+    grads = _grad_outs(hidden, weight, b, NEEDS[needs])
+    use_coeff = needs != "none"
+    torch.library.opcheck(torch.ops.surgery.ce_forward.default,
+                          (hidden, weight, b, target, coeff if use_coeff else None, -100, softcap,
+                           2.0 if use_coeff else None, 8, *grads))
+    if use_coeff:
+        _, lse = torch.ops.surgery.ce_forward(hidden, weight, b, target, None, -100, softcap, None, 8, None, None,
+                                              None)
+        grads = _grad_outs(hidden, weight, b, NEEDS[needs])
+        torch.library.opcheck(torch.ops.surgery.ce_backward.default,
+                              (hidden, weight, b, target, lse, coeff, -100, softcap, 8, *grads))
+
+
+def _kl_inputs(n=29, h=24, h_ref=16, v=151, bias=True, seed=0):
+    hidden, weight, b, _, coeff = _ce_inputs(n, h, v, bias, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ref_hidden = torch.randn(n, h_ref, generator=g)
+    ref_weight = torch.randn(v, h_ref, generator=g) / h_ref**0.5
+    rb = torch.randn(v, generator=g) if bias else None
+    mask = torch.rand(n, generator=g) > 0.2
+    return hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff * mask
+
+
+KL_OPCHECK = [("none", True, False), ("none", False, True), ("all", True, True), ("all", False, False),
+              ("dhidden", False, True), ("dweight-dbias", True, False)]
+
+
+@needs_ext
+@pytest.mark.parametrize("needs,bias,reverse", KL_OPCHECK,
+                         ids=[f"{n}-{'bias' if b else 'nobias'}-{'reverse' if r else 'forward'}" for n, b, r in KL_OPCHECK])
+def test_opcheck_kl(needs, bias, reverse):
+    hidden, weight, b, rh, rw, rb, mask, coeff = _kl_inputs(bias=bias)
+    grads = _grad_outs(hidden, weight, b, NEEDS[needs])
+    use_coeff = needs != "none"
+    torch.library.opcheck(torch.ops.surgery.kl_forward.default,
+                          (hidden, weight, b, rh, rw, rb, mask, coeff if use_coeff else None, reverse, 1.5, 7,
+                           *grads))
+    if use_coeff:
+        kl, lse, rlse = torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, None, reverse, 1.5, 7,
+                                                     None, None, None)
+        grads = _grad_outs(hidden, weight, b, NEEDS[needs])
+        torch.library.opcheck(torch.ops.surgery.kl_backward.default,
+                              (hidden, weight, b, rh, rw, rb, lse, rlse, kl, coeff, reverse, 1.5, 7, *grads))
+
+
+@needs_ext
+def test_ops_overwrite_every_gradient_element():
+    """Gradient outputs are overwritten, not accumulated into: NaN-filled outputs come back finite
+    and equal to the ones computed into zeros."""
+    hidden, weight, b, target, coeff = _ce_inputs()
+    outs = []
+    for fill in (0.0, float("nan")):
+        dh, dw, db = (torch.full_like(x, fill) for x in (hidden, weight.float(), b.float()))
+        torch.ops.surgery.ce_forward(hidden, weight, b, target, coeff, -100, None, None, 8, dh, dw, db)
+        outs.append((dh, dw, db))
+    for x, y in zip(*outs):
+        assert torch.isfinite(y).all() and torch.equal(x, y)
+
+
+def _compile_check(fn, *args):
+    explain = torch._dynamo.explain(fn)(*args)
+    assert explain.graph_break_count == 0, [r.reason for r in explain.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    params = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    got = compiled(*args)
+    g_got = torch.autograd.grad(got.sum(), params)
+    want = fn(*args)
+    g_want = torch.autograd.grad(want.sum(), params)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph_ce(reduction):
+    hidden, weight, b, target, coeff = _ce_inputs()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    b.requires_grad_()
+
+    def fn(hidden, weight, bias, target, token_weight):
+        return linear_cross_entropy(hidden, weight, target, bias=bias, token_weight=token_weight, softcap=4.0,
+                                    ascent_cap=3.0, reduction=reduction, backend="cpu", chunk_size=8)
+
+    _compile_check(fn, hidden, weight, b, target, coeff)
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph_kl(reduction):
+    hidden, weight, b, rh, rw, rb, mask, coeff = _kl_inputs()
+    hidden.requires_grad_()
+    weight.requires_grad_()
+
+    def fn(hidden, weight, ref_hidden, ref_weight, mask):
+        return linear_kl_div(hidden, weight, ref_hidden, ref_weight, mask=mask, direction="reverse",
+                             temperature=1.3, reduction=reduction, backend="cpu", chunk_size=8)
+
+    _compile_check(fn, hidden, weight, rh, rw, mask)
+
+
+@pytest.mark.no_poison
+def test_failed_build_reports_the_compiler_error_and_torch_keeps_working(tmp_path, monkeypatch):
+    bad = tmp_path / "csrc"
+    bad.mkdir()
+    (bad / "broken.cpp").write_text("int surgery_broken( { return 0 }\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_build, "SOURCE_DIR", bad)
+    monkeypatch.setattr(_build, "_result", None)
+    calls = []
+    real_build = _build._build
+    monkeypatch.setattr(_build, "_build", lambda *a, **k: calls.append(1) or real_build(*a, **k))
+
+    a = availability("cpu", "cpu")
+    assert not a.ok
+    assert "broken.cpp" in a.reason and "error" in a.reason
+    # the failure is remembered, not retried on every call
+    assert not availability("cpu", "cpu").ok
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="backend='cpu' is not available"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, 2, 3, 4]), backend="cpu")
+    assert resolve("auto", "cpu") == "torch"
+    h = torch.randn(4, 8, requires_grad=True)
+    out = linear_cross_entropy(h, torch.randn(10, 8), torch.tensor([1, 2, 3, 4]), backend="auto")
+    out.backward()
+    assert torch.isfinite(h.grad).all()
+
+
+def test_missing_source_dir_is_a_reason_not_an_exception(tmp_path, monkeypatch):
+    monkeypatch.setattr(_build, "SOURCE_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(_build, "_result", None)
+    a = extension.availability("cpu", "cpu")
+    assert not a.ok and "source checkout" in a.reason

@@ -1,0 +1,84 @@
+"""FSDP (``fully_shard``) on the CPU: ``torchrun`` with 2 gloo ranks, batch 1 each, through the real CLI,
+against one process with batch 2 — the same records, so the same loss trajectory and parameters
+within float tolerance (only the padding length of each rank's batch differs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgery import load_config
+from surgery.testing import all_words, fact_streams, tiny_llama, word_tokenizer
+
+pytestmark = pytest.mark.no_poison
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str) -> Path:
+    import yaml
+
+    u, p, r, q = fact_streams()
+    for name, recs in (("u", u), ("p", p), ("r", r), ("q", q)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in recs))
+    cfg = {
+        "model": {"config": tiny_llama(len(tok)), "tokenizer": "tok"},
+        "streams": [{"name": "unlearn", "data": "u.jsonl", "loss": "ascent", "weight": 0.1},
+                    {"name": "update", "data": "p.jsonl", "loss": "descent", "weight": 2.0},
+                    {"name": "retain", "data": "r.jsonl", "loss": "kl", "weight": 0.5}],
+        "eval": [{"name": "qa", "data": "q.jsonl"}, {"name": "ppl", "data": "r.jsonl"}],
+        "reference": reference,
+        "train": {"steps": 4, "lr": 1e-2, "batch_size": batch_size, "progress": False, "device": "cpu"},
+        "output_dir": out,
+    }
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("reference", ["copy", "cache"])
+def test_fsdp_two_ranks_match_one(tmp_path, reference):
+    tok = word_tokenizer(all_words(), save_dir=tmp_path / "tok")
+    two = _config(tmp_path, tok, reference=reference, batch_size=1, out="two")
+    one = _config(tmp_path, tok, reference=reference, batch_size=2, out="one")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "surgery.cli",
+           "train", str(two)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from surgery import from_config
+
+        single = from_config(load_config(one))
+        single_summary = single.run()
+    finally:
+        torch.set_num_threads(n)
+    dist_lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(dist_lines) == 4
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # Evaluation on the sharded model (after) and the unsharded one (before) agree with one process.
+    for when in ("before", "after"):
+        assert summary[when]["qa"]["accuracy"] == single_summary[when]["qa"]["accuracy"]
+        assert summary[when]["ppl"]["perplexity"] == pytest.approx(single_summary[when]["ppl"]["perplexity"], rel=1e-4)
+    for a, b in zip(single.history, dist_lines):
+        for k in ("loss/total", "loss/unlearn", "loss/update", "loss/retain", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+        assert a["tokens"] == b["tokens"]
+    assert dist_lines[-1]["loss/retain"] > 0
+    # final/ written by rank 0 from the gathered FSDP state: same weights as the single process.
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
+    ref = dict(single.model.named_parameters())
+    for name, p in back.named_parameters():
+        assert torch.allclose(p, ref[name], rtol=1e-4, atol=1e-5), name

@@ -1,0 +1,346 @@
+"""surgery_kernels.hf.patch against Hugging Face's own loss, on tiny random models.
+
+Shapes: batch 2 x 13 tokens, vocab 97 (odd, prime: no power-of-two luck), hidden 32; patched
+models use chunk_size=5 so the chunked path runs several (and a ragged last) chunk.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from surgery_kernels import hf
+from surgery_kernels.backends import BACKENDS, availability
+
+tf = pytest.importorskip("transformers")
+
+B, T, V, H = 2, 13, 97, 32
+CHUNK = 5
+
+
+def _config(arch: str, vocab=V, **extra):
+    common = dict(vocab_size=vocab, hidden_size=H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "gpt2":
+        # Dropout off: the comparison needs two identical forwards.
+        return tf.GPT2Config(vocab_size=vocab, n_embd=H, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **extra)
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig,
+           "gemma2": tf.Gemma2Config, "granite": tf.GraniteConfig, "mixtral": tf.MixtralConfig}[arch]
+    if arch == "gemma2":
+        common["head_dim"] = 8
+    return cls(**common, **extra)
+
+
+def _model(arch: str, dtype=torch.float32, seed=0, **extra):
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(_config(arch, **extra)).to(dtype)
+
+
+def _batch(seed=1, tokens=T, vocab=V):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, tokens), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt that is not trained on
+    labels[1, -3:] = -100  # right padding
+    return ids, labels
+
+
+def _loss_and_grads(model, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _assert_same_loss_and_grads(ours, ref):
+    (o, og), (r, rg) = ours, ref
+    assert o.logits is None
+    assert _rel(o.loss.detach(), r.loss.detach()) <= 1e-5, (o.loss.item(), r.loss.item())
+    assert og.keys() == rg.keys()
+    for name in rg:
+        assert _rel(og[name], rg[name]) <= 1e-5, name
+
+
+# Llama, Qwen2, Mistral, GPT-2 (the issue's four), Gemma2 (logits softcapped after the head),
+# Granite (logits divided by a scale): one mechanism, the last two folded from what it records;
+# Mixtral with output_router_logits (the router's aux loss is part of HF's loss).
+ARCHS = ["llama", "qwen2", "mistral", "gpt2", "gemma2", "granite", "mixtral"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("num_items", [None, 7], ids=["mean", "num_items_in_batch"])
+def test_patched_loss_and_grads_equal_huggingface(arch, num_items):
+    extra = {}
+    if arch == "gemma2":
+        extra["final_logit_softcapping"] = 2.0  # small cap: tanh is far from linear at these logits
+    if arch == "granite":
+        extra["logits_scaling"] = 4.0
+    if arch == "mixtral":
+        extra.update(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+    model = _model(arch, **extra)
+    ids, labels = _batch()
+    kwargs = dict(input_ids=ids, labels=labels)
+    if num_items is not None:
+        kwargs["num_items_in_batch"] = torch.tensor(num_items)
+    ref = _loss_and_grads(model, **kwargs)
+    assert ref[0].logits.shape == (B, T, V)
+    hf.patch(model, backend="torch", chunk_size=CHUNK)
+    _assert_same_loss_and_grads(_loss_and_grads(model, **kwargs), ref)
+
+
+def _backend_cases():
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [pytest.param(b, dev, id=f"{b}-{dev}", marks=[pytest.mark.cuda] if dev == "cuda" else [])
+            for dev in devices for b in BACKENDS if availability(b, dev).ok]
+
+
+@pytest.mark.parametrize("backend,device", _backend_cases())
+def test_every_available_backend(backend, device):
+    model = _model("llama").to(device)
+    ids, labels = (t.to(device) for t in _batch())
+    ref = _loss_and_grads(model, input_ids=ids, labels=labels)
+    hf.patch(model, backend=backend)
+    _assert_same_loss_and_grads(_loss_and_grads(model, input_ids=ids, labels=labels), ref)
+
+
+def test_without_labels_and_after_unpatch_the_model_is_unchanged():
+    model = _model("llama")
+    ids, labels = _batch()
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        ref_loss = model(input_ids=ids, labels=labels).loss
+        generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert hf.patch(model) is model and hf.is_patched(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+        assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False), generated)
+    hf.unpatch(model)
+    assert not hf.is_patched(model)
+    # Nothing of the patch is left on the instances: the class forwards run again.
+    assert "forward" not in vars(model) and "forward" not in vars(head)
+    assert not hasattr(model, hf._ATTR) and not hasattr(head, hf._ATTR)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    assert torch.equal(out.logits, logits) and torch.equal(out.loss, ref_loss)
+    assert hf.unpatch(model) is model  # unpatching twice is harmless
+
+
+def test_patch_twice_replaces_the_options_and_unpatch_still_restores():
+    model = _model("llama")
+    hf.patch(model, chunk_size=3)
+    hf.patch(model, backend="torch", chunk_size=CHUNK)
+    assert getattr(model, hf._ATTR).chunk_size == CHUNK
+    hf.unpatch(model)
+    assert "forward" not in vars(model) and "forward" not in vars(model.get_output_embeddings())
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the number of elements of every tensor any aten op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numels += [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_no_logits_sized_tensor_in_a_patched_forward_and_backward(arch):
+    # More tokens (B*T = 58 > H) and a larger vocabulary than elsewhere, so that the logits
+    # (B*T*V = 59,798 elements) are bigger than any weight (V*H = 32,992) or attention matrix.
+    tokens, vocab = 29, 1031
+    model = _model(arch, vocab=vocab)
+    ids, labels = _batch(tokens=tokens, vocab=vocab)
+
+    def biggest():
+        model.zero_grad(set_to_none=True)
+        with _Recorder() as rec:
+            model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+        return max(rec.numels)
+
+    # The detector sees the logits of the plain model...
+    assert biggest() >= B * tokens * vocab
+    hf.patch(model, backend="torch", chunk_size=CHUNK)
+    # ...and none in the patched one: the largest is a weight or its gradient (V x H); a chunk of
+    # logits (CHUNK x V) is smaller still.
+    assert biggest() <= vocab * H < B * tokens * vocab
+
+
+def test_return_dict_false_gives_the_loss_first():
+    model = _model("llama")
+    ids, labels = _batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
+        hf.patch(model, backend="torch")
+        out = model(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
+    assert isinstance(out, tuple) and isinstance(ref, tuple)
+    assert len(out) == len(ref) - 1  # no logits
+    assert _rel(out[0], ref[0]) <= 1e-5
+
+
+def test_positional_labels_and_shift_labels():
+    model = _model("llama")
+    ids, labels = _batch()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    shift[0, 5] = -100
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels).loss
+        ref_shift = model(input_ids=ids, labels=labels, shift_labels=shift).loss
+        hf.patch(model, backend="torch")
+        # LlamaForCausalLM.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds, labels)
+        positional = model(ids, None, None, None, None, labels).loss
+        shifted = model(input_ids=ids, labels=labels, shift_labels=shift).loss
+    assert _rel(positional, ref) <= 1e-5
+    assert _rel(shifted, ref_shift) <= 1e-5 and _rel(shifted, ref) > 1e-4
+
+
+def test_bf16_error_no_worse_than_huggingface():
+    """bf16 model: both losses against float64 CE of the same hidden states that reach the head."""
+    model = _model("llama", dtype=torch.bfloat16)
+    ids, labels = _batch()
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    with torch.no_grad():
+        theirs = model(input_ids=ids, labels=labels).loss
+    hook.remove()
+    z = seen[0].double() @ model.get_output_embeddings().weight.double().t()
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    exact = torch.nn.functional.cross_entropy(z.reshape(-1, V), shift.reshape(-1), ignore_index=-100)
+    hf.patch(model, backend="torch", chunk_size=CHUNK)
+    with torch.no_grad():
+        ours = model(input_ids=ids, labels=labels).loss
+    assert abs(ours.double() - exact) <= 2 * abs(theirs.double() - exact) + 1e-6
+
+
+def test_gradient_checkpointing():
+    model = _model("llama")
+    # Renamed activation_checkpointing_enable in transformers 5.2x; the GPU image has 5.17.
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()
+    ids, labels = _batch()
+    ref = _loss_and_grads(model, input_ids=ids, labels=labels, use_cache=False)
+    hf.patch(model, backend="torch", chunk_size=CHUNK)
+    _assert_same_loss_and_grads(_loss_and_grads(model, input_ids=ids, labels=labels, use_cache=False), ref)
+
+
+def test_deepcopy_of_a_patched_model_runs_the_copy():
+    model = hf.patch(_model("llama"), backend="torch")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.mul_(3)
+        ids, labels = _batch()
+        a = model(input_ids=ids, labels=labels)
+        b = twin(input_ids=ids, labels=labels)
+    assert a.logits is None and b.logits is None
+    assert _rel(a.loss, b.loss) > 1e-3
+    assert hf.is_patched(twin)
+
+
+def test_peft_lora_patched_before_or_after_wrapping():
+    peft = pytest.importorskip("peft")
+    ids, labels = _batch()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ref_model = peft.get_peft_model(_model("llama"), lora)
+    ref = _loss_and_grads(ref_model, input_ids=ids, labels=labels)
+    # After wrapping: the PeftModel's forward is patched.
+    after = hf.patch(peft.get_peft_model(_model("llama"), copy.deepcopy(lora)), backend="torch", chunk_size=CHUNK)
+    # Before wrapping: peft calls the inner model's forward directly, which is the patched one.
+    before = peft.get_peft_model(hf.patch(_model("llama"), backend="torch", chunk_size=CHUNK), copy.deepcopy(lora))
+    for m in (after, before):
+        torch.manual_seed(0)
+        # init_lora_weights=False draws random adapters: give all three the same ones.
+        m.load_state_dict(ref_model.state_dict())
+        _assert_same_loss_and_grads(_loss_and_grads(m, input_ids=ids, labels=labels), ref)
+
+
+class _ToyLM(torch.nn.Module):
+    """A minimal causal LM: any module with get_output_embeddings() and a labels argument works."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, H)
+        self.head = torch.nn.Linear(H, V)
+        self.transform = transform
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, labels=None, return_dict=True):
+        logits = self.transform(self.head(self.embed(input_ids)))
+        loss = None
+        if labels is not None:
+            shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), shift.reshape(-1))
+        return tf.modeling_outputs.CausalLMOutput(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("transform", [
+    pytest.param(lambda z: z, id="identity"),
+    pytest.param(lambda z: 2.5 * z.float(), id="rmul-float"),
+    pytest.param(lambda z: torch.tanh(z / 0.7 * 2) * 0.7, id="scaled-softcap"),
+])
+def test_toy_model_with_bias_and_folded_transforms(transform):
+    torch.manual_seed(0)
+    model = _ToyLM(transform)
+    ids, labels = _batch()
+    ref = _loss_and_grads(model, input_ids=ids, labels=labels)
+    hf.patch(model, backend="torch", chunk_size=CHUNK)
+    _assert_same_loss_and_grads(_loss_and_grads(model, input_ids=ids, labels=labels), ref)
+
+
+@pytest.mark.parametrize("transform", [
+    pytest.param(lambda z: z[..., :50], id="slice"),
+    pytest.param(lambda z: z + 1.0, id="shift"),
+    pytest.param(lambda z: torch.tanh(z) * torch.ones(()), id="tensor-scale"),
+    pytest.param(lambda z: torch.tanh(torch.tanh(z)), id="double-tanh"),
+    pytest.param(lambda z: z.detach().new_zeros(B, T, V), id="replaced"),
+])
+def test_unknown_logit_transforms_are_refused(transform):
+    model = hf.patch(_ToyLM(transform), backend="torch")
+    ids, labels = _batch()
+    with pytest.raises(NotImplementedError, match="surgery_kernels.hf.patch"):
+        model(input_ids=ids, labels=labels)
+    # Without labels nothing is intercepted.
+    if transform(torch.zeros(B, T, V)).shape == (B, T, V):
+        assert model(input_ids=ids).logits.shape == (B, T, V)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        hf.patch(_model("llama"), backend="fast")
+    with pytest.raises(ValueError, match="chunk_size"):
+        hf.patch(_model("llama"), chunk_size=0)
+    with pytest.raises(TypeError, match="model"):
+        hf.patch(torch.nn.Linear(2, 2))
+    toy = _ToyLM(lambda z: z)
+    toy.head = torch.nn.Sequential(torch.nn.Linear(H, V))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        hf.patch(toy)
+    model = _model("llama")
+    model.loss_function = lambda *a, **k: 0
+    with pytest.raises(ValueError, match="loss_function"):
+        hf.patch(model)
+    model = _model("llama")
+    model.config.z_loss_coefficient = 1e-4  # as Bamba's: computed from the logits
+    with pytest.raises(ValueError, match="z_loss"):
+        hf.patch(model)
+
+
+def test_labels_not_matching_the_tokens_at_the_head():
+    model = hf.patch(_model("llama"), backend="torch")
+    ids, labels = _batch()
+    with pytest.raises(ValueError, match="labels"):
+        model(input_ids=ids, labels=labels, logits_to_keep=1)

@@ -1,0 +1,339 @@
+"""Numerics of both losses on every backend that runs here, against the naive reference in float64.
+
+float32: relative error (Frobenius norm) of loss and every gradient <= 1e-5.
+bf16/fp16: error <= 2 x (plain PyTorch's error computing the naive loss in that dtype) + 1e-6.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import BACKEND_CASES
+from surgery_kernels import linear_cross_entropy, linear_kl_div
+from surgery_kernels.reference import linear_cross_entropy_ref, linear_kl_div_ref
+
+F32_TOL = 1e-5
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(x).all(), "non-finite values"
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def make_ce_inputs(n, h, v, *, device, dtype, bias=False, ignore_frac=0.0, signed=False, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g) * scale
+    weight = torch.randn(v, h, generator=g) / h**0.5
+    b = torch.randn(v, generator=g) if bias else None
+    target = torch.randint(0, v, (n,), generator=g)
+    if ignore_frac:
+        target[torch.rand(n, generator=g) < ignore_frac] = -100
+    tw = (torch.rand(n, generator=g) * 2 - 1) * 2 if signed else None
+    to = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()
+    return dict(hidden=to(hidden), weight=to(weight), bias=to(b), target=target.to(device),
+                token_weight=None if tw is None else tw.to(device))
+
+
+def grads_of(out, tensors, upstream=None):
+    live = [t for t in tensors if t is not None]
+    gs = torch.autograd.grad(out, live, grad_outputs=upstream)
+    return list(gs)
+
+
+def ce_results(backend, device, inp, reduction="mean", chunk_size=None, upstream_seed=1, **opts):
+    """(ours, float64 reference, naive in the input dtype), each as [value, *grads]."""
+    params = [inp["hidden"], inp["weight"], inp["bias"]]
+    common = dict(bias=inp["bias"], token_weight=inp["token_weight"], reduction=reduction, **opts)
+    ours = linear_cross_entropy(inp["hidden"], inp["weight"], inp["target"], backend=backend, chunk_size=chunk_size,
+                                **common)
+    up = None
+    if reduction == "none":
+        up = torch.randn(ours.shape, generator=torch.Generator().manual_seed(upstream_seed)).to(device)
+    res = [ours.detach()] + grads_of(ours, params, up.to(ours.dtype) if up is not None else None)
+    ref = linear_cross_entropy_ref(inp["hidden"], inp["weight"], inp["target"], compute_dtype=torch.float64,
+                                   **common)
+    refs = [ref.detach()] + grads_of(ref, params, up.double() if up is not None else None)
+    naive = linear_cross_entropy_ref(inp["hidden"], inp["weight"], inp["target"], **common)
+    naives = [naive.detach()] + grads_of(naive, params, up.to(naive.dtype) if up is not None else None)
+    return res, refs, naives
+
+
+def assert_close(res, refs, naives, dtype, what=""):
+    names = ["value", "d_hidden", "d_weight", "d_bias"]
+    for name, x, r, nv in zip(names, res, refs, naives):
+        err = rel_err(x, r)
+        if dtype in (torch.float32, torch.float64):
+            tol = F32_TOL
+        else:
+            tol = 2 * rel_err(nv, r) + 1e-6
+        assert err <= tol, f"{what} {name}: relative error {err:.3g} > {tol:.3g}"
+
+
+CE_CASES = {
+    # odd, non-power-of-two sizes; chunk_size that does not divide N
+    "odd-shapes": dict(n=123, h=64, v=507, opts={}),
+    "bias": dict(n=77, h=32, v=301, bias=True, opts={}),
+    "ignore-some": dict(n=64, h=32, v=257, ignore_frac=0.3, opts={}),
+    "signed-weights": dict(n=96, h=32, v=300, signed=True, ignore_frac=0.1, opts={}),
+    "ascent-cap": dict(n=96, h=32, v=300, signed=True, scale=3.0, opts=dict(ascent_cap=6.0)),
+    "softcap": dict(n=80, h=48, v=333, bias=True, scale=4.0, opts=dict(softcap=5.0)),
+    "softcap-ascent-cap": dict(n=80, h=48, v=333, signed=True, scale=4.0, opts=dict(softcap=3.0, ascent_cap=2.0)),
+    "one-token": dict(n=1, h=16, v=129, opts={}),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(CE_CASES), ids=list(CE_CASES))
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_ce_float32(bd, case, reduction):
+    backend, device = bd
+    c = dict(CE_CASES[case])
+    opts = c.pop("opts")
+    inp = make_ce_inputs(**c, device=device, dtype=torch.float32)
+    res, refs, naives = ce_results(backend, device, inp, reduction, chunk_size=17, **opts)
+    assert_close(res, refs, naives, torch.float32, f"{backend}/{case}/{reduction}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["bias", "signed-weights", "softcap"])
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_ce_low_precision(bd, case, dtype):
+    backend, device = bd
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly; low precision is tested on the GPU")
+    c = dict(CE_CASES[case])
+    opts = c.pop("opts")
+    c.update(n=256, h=128, v=1000)
+    inp = make_ce_inputs(**c, device=device, dtype=dtype)
+    res, refs, naives = ce_results(backend, device, inp, "mean", chunk_size=100, **opts)
+    assert_close(res, refs, naives, dtype, f"{backend}/{case}/{dtype}")
+
+
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_ce_extreme_logits(bd):
+    """Logits of about +-1e4 and one-hot-peaked rows: finite, and as accurate as plain float32 PyTorch."""
+    backend, device = bd
+    inp = make_ce_inputs(50, 32, 200, device=device, dtype=torch.float32, scale=1e4 / 3, signed=True)
+    with torch.no_grad():
+        z = inp["hidden"] @ inp["weight"].t()
+    assert z.abs().max() > 5e3
+    for reduction in ["mean", "none"]:
+        res, refs, naives = ce_results(backend, device, inp, reduction, chunk_size=16)
+        names = ["value", "d_hidden", "d_weight"]
+        for name, x, r, nv in zip(names, res, refs, naives):
+            assert rel_err(x, r) <= 2 * rel_err(nv, r) + 1e-6, f"{name} ({reduction})"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_ce_all_ignored(bd, reduction):
+    """No live token: loss 0 and zero gradients, never NaN."""
+    backend, device = bd
+    inp = make_ce_inputs(33, 16, 100, device=device, dtype=torch.float32, bias=True)
+    inp["target"].fill_(-100)
+    out = linear_cross_entropy(inp["hidden"], inp["weight"], inp["target"], bias=inp["bias"], reduction=reduction,
+                               backend=backend)
+    assert torch.equal(out.detach().cpu(), torch.zeros_like(out).cpu())
+    for g in grads_of(out, [inp["hidden"], inp["weight"], inp["bias"]], torch.ones_like(out) if out.dim() else None):
+        assert torch.equal(g.cpu(), torch.zeros_like(g).cpu())
+
+
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_ce_custom_ignore_index_and_leading_dims(bd):
+    """(B, T, H) hidden with (B, T) targets, ignore_index=0: values come back shaped (B, T)."""
+    backend, device = bd
+    inp = make_ce_inputs(2 * 19, 24, 150, device=device, dtype=torch.float32)
+    h3 = inp["hidden"].detach().reshape(2, 19, 24).requires_grad_()
+    t2 = inp["target"].reshape(2, 19)
+    t2[:, :3] = 0
+    out = linear_cross_entropy(h3, inp["weight"], t2, ignore_index=0, reduction="none", backend=backend)
+    assert out.shape == (2, 19)
+    ref = linear_cross_entropy_ref(h3, inp["weight"], t2, ignore_index=0, reduction="none",
+                                   compute_dtype=torch.float64)
+    assert rel_err(out.detach(), ref.detach()) <= F32_TOL
+    assert torch.all(out[:, :3] == 0)
+
+
+def make_kl_inputs(n, h, h_ref, v, *, device, dtype, bias=False, mask_frac=0.0, weighted=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    to = lambda t, grad=True: None if t is None else t.to(device=device, dtype=dtype).requires_grad_(grad)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) / h**0.5
+    ref_hidden = torch.randn(n, h_ref, generator=g)
+    ref_weight = torch.randn(v, h_ref, generator=g) / h_ref**0.5
+    b = torch.randn(v, generator=g) if bias else None
+    rb = torch.randn(v, generator=g) if bias else None
+    mask = (torch.rand(n, generator=g) >= mask_frac) if mask_frac else None
+    tw = torch.rand(n, generator=g) * 2 if weighted else None
+    return dict(hidden=to(hidden), weight=to(weight), bias=to(b), ref_hidden=to(ref_hidden, False),
+                ref_weight=to(ref_weight, False), ref_bias=to(rb, False),
+                mask=None if mask is None else mask.to(device), token_weight=None if tw is None else tw.to(device))
+
+
+def kl_results(backend, device, inp, reduction="mean", chunk_size=None, **opts):
+    params = [inp["hidden"], inp["weight"], inp["bias"]]
+    args = (inp["hidden"], inp["weight"], inp["ref_hidden"], inp["ref_weight"])
+    common = dict(bias=inp["bias"], ref_bias=inp["ref_bias"], mask=inp["mask"], token_weight=inp["token_weight"],
+                  reduction=reduction, **opts)
+    ours = linear_kl_div(*args, backend=backend, chunk_size=chunk_size, **common)
+    up = None
+    if reduction == "none":
+        up = torch.randn(ours.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    res = [ours.detach()] + grads_of(ours, params, up.to(ours.dtype) if up is not None else None)
+    ref = linear_kl_div_ref(*args, compute_dtype=torch.float64, **common)
+    refs = [ref.detach()] + grads_of(ref, params, up.double() if up is not None else None)
+    naive = linear_kl_div_ref(*args, **common)
+    naives = [naive.detach()] + grads_of(naive, params, up.to(naive.dtype) if up is not None else None)
+    return res, refs, naives
+
+
+KL_CASES = {
+    "forward": dict(n=97, h=32, h_ref=32, v=301, opts=dict(direction="forward")),
+    "reverse": dict(n=97, h=32, h_ref=32, v=301, opts=dict(direction="reverse")),
+    # the reference model has another hidden size (distillation), bias on both sides, a mask
+    "forward-T2-mask-bias-Href": dict(n=70, h=32, h_ref=48, v=257, bias=True, mask_frac=0.3,
+                                      opts=dict(direction="forward", temperature=2.0)),
+    "reverse-T0.7-weighted": dict(n=70, h=40, h_ref=24, v=257, weighted=True, mask_frac=0.2,
+                                  opts=dict(direction="reverse", temperature=0.7)),
+    "one-token": dict(n=1, h=16, h_ref=16, v=129, opts=dict(direction="reverse")),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(KL_CASES), ids=list(KL_CASES))
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_kl_float32(bd, case, reduction):
+    backend, device = bd
+    c = dict(KL_CASES[case])
+    opts = c.pop("opts")
+    inp = make_kl_inputs(**c, device=device, dtype=torch.float32)
+    res, refs, naives = kl_results(backend, device, inp, reduction, chunk_size=19, **opts)
+    assert_close(res, refs, naives, torch.float32, f"{backend}/{case}/{reduction}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_kl_low_precision(bd, direction, dtype):
+    backend, device = bd
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly; low precision is tested on the GPU")
+    inp = make_kl_inputs(256, 128, 96, 1000, device=device, dtype=dtype, bias=True, mask_frac=0.2)
+    res, refs, naives = kl_results(backend, device, inp, "mean", chunk_size=100, direction=direction,
+                                   temperature=1.5)
+    assert_close(res, refs, naives, dtype, f"{backend}/{direction}/{dtype}")
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_kl_zero_when_models_agree_and_shared_weight(bd, direction):
+    """ref_weight may be the very tensor passed as weight: KL is 0 where the models agree, the
+    gradient flows only through the trained side, and it matches the reference."""
+    backend, device = bd
+    inp = make_kl_inputs(40, 32, 32, 200, device=device, dtype=torch.float32)
+    w = inp["weight"]
+    same = linear_kl_div(inp["hidden"], w, inp["hidden"].detach(), w, direction=direction, reduction="none",
+                         backend=backend)
+    assert same.detach().abs().max().item() < 1e-6
+    g = torch.autograd.grad(same.sum(), [inp["hidden"], w])
+    assert max(x.abs().max().item() for x in g) < 1e-6
+    out = linear_kl_div(inp["hidden"], w, inp["ref_hidden"], w, direction=direction, backend=backend)
+    ref = linear_kl_div_ref(inp["hidden"], w, inp["ref_hidden"], w, direction=direction, compute_dtype=torch.float64)
+    assert out.item() > 0
+    for x, r in zip([out] + list(torch.autograd.grad(out, [inp["hidden"], w])),
+                    [ref] + list(torch.autograd.grad(ref, [inp["hidden"], w]))):
+        assert rel_err(x.detach(), r.detach()) <= F32_TOL
+
+
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_kl_all_masked(bd):
+    backend, device = bd
+    inp = make_kl_inputs(20, 16, 16, 64, device=device, dtype=torch.float32, bias=True)
+    mask = torch.zeros(20, dtype=torch.bool, device=device)
+    out = linear_kl_div(inp["hidden"], inp["weight"], inp["ref_hidden"], inp["ref_weight"], bias=inp["bias"],
+                        mask=mask, backend=backend)
+    assert out.item() == 0.0
+    for g in torch.autograd.grad(out, [inp["hidden"], inp["weight"], inp["bias"]]):
+        assert torch.equal(g.cpu(), torch.zeros_like(g).cpu())
+
+
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_values_only_under_no_grad(bd):
+    """Under no_grad the functions compute values only (evaluation log-likelihoods without logits)."""
+    backend, device = bd
+    inp = make_ce_inputs(31, 16, 90, device=device, dtype=torch.float32, ignore_frac=0.2)
+    with torch.no_grad():
+        out = linear_cross_entropy(inp["hidden"], inp["weight"], inp["target"], reduction="none", backend=backend)
+    assert not out.requires_grad
+    ref = linear_cross_entropy_ref(inp["hidden"], inp["weight"], inp["target"], reduction="none",
+                                   compute_dtype=torch.float64)
+    assert rel_err(out, ref.detach()) <= F32_TOL
+
+
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_frozen_weight_only_hidden_grad(bd):
+    """LoRA-style: a frozen head (no grad on weight) still gives the right d_hidden."""
+    backend, device = bd
+    inp = make_ce_inputs(45, 16, 120, device=device, dtype=torch.float32, signed=True)
+    w = inp["weight"].detach()
+    out = linear_cross_entropy(inp["hidden"], w, inp["target"], token_weight=inp["token_weight"], backend=backend)
+    ref = linear_cross_entropy_ref(inp["hidden"], w, inp["target"], token_weight=inp["token_weight"],
+                                   compute_dtype=torch.float64)
+    (g,) = torch.autograd.grad(out, [inp["hidden"]])
+    (gr,) = torch.autograd.grad(ref, [inp["hidden"]])
+    assert rel_err(g, gr) <= F32_TOL
+
+
+def test_gradcheck_float64():
+    """torch.autograd.gradcheck of both losses, every reduction, on a tiny float64 case."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 11, (7,), generator=g)
+    t[2] = -100
+    tw = torch.randn(7, dtype=torch.float64, generator=g)
+    rh = torch.randn(7, 3, dtype=torch.float64, generator=g)
+    rw = torch.randn(11, 3, dtype=torch.float64, generator=g)
+    mask = torch.tensor([1, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    for red in ["mean", "sum", "none"]:
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: linear_cross_entropy(h, w, t, bias=b, token_weight=tw, softcap=2.5, reduction=red,
+                                                 backend="torch", chunk_size=3), (h, w, b))
+        for direction in ["forward", "reverse"]:
+            assert torch.autograd.gradcheck(
+                lambda h, w, b: linear_kl_div(h, w, rh, rw, bias=b, mask=mask, token_weight=tw, direction=direction,
+                                              temperature=1.3, reduction=red, backend="torch", chunk_size=3),
+                (h, w, b))
+
+
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_autocast(bd):
+    """Under torch.autocast the GEMMs run in the autocast dtype, as nn.Linear would; float32
+    parameters receive float32 gradients."""
+    backend, device = bd
+    inp = make_ce_inputs(64, 32, 200, device=device, dtype=torch.float32, bias=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = linear_cross_entropy(inp["hidden"], inp["weight"], inp["target"], bias=inp["bias"], backend=backend)
+    grads = torch.autograd.grad(out, [inp["hidden"], inp["weight"], inp["bias"]])
+    assert all(g.dtype == torch.float32 for g in grads)
+    cast = [x.detach().bfloat16().requires_grad_() for x in (inp["hidden"], inp["weight"], inp["bias"])]
+    expect = linear_cross_entropy(cast[0], cast[1], inp["target"], bias=cast[2], backend=backend)
+    assert torch.equal(out.detach(), expect.detach())
+    for g, e in zip(grads, torch.autograd.grad(expect, cast)):
+        assert torch.equal(g, e.float())
+
+
+def test_chunk_size_does_not_change_the_result():
+    inp = make_ce_inputs(100, 16, 300, device="cpu", dtype=torch.float64, signed=True, bias=True)
+    outs = []
+    for cs in [1, 7, 100, None]:
+        out = linear_cross_entropy(inp["hidden"], inp["weight"], inp["target"], bias=inp["bias"],
+                                   token_weight=inp["token_weight"], backend="torch", chunk_size=cs)
+        outs.append([out.detach()] + list(torch.autograd.grad(out, [inp["hidden"], inp["weight"], inp["bias"]])))
+    for o in outs[1:]:
+        for a, b in zip(o, outs[0]):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
