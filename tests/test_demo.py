@@ -123,7 +123,9 @@ def test_demo_tiny_pipeline_writes_tables(tmp_path, capsys):
     from surgery.cli import main
 
     out = tmp_path / "demo"
-    rc = main(["demo", "--tiny", "--max-facts", "20", "--steps", "3", "--out", str(out), "--no-progress"])
+    # backend torch: the test must not wait for the C++ extension's first build.
+    rc = main(["demo", "--tiny", "--max-facts", "20", "--steps", "3", "--out", str(out), "--no-progress",
+               "--backend", "torch"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["sets"]) == set(bench.SETS)

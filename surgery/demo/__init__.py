@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="model cache directory (default: $SURGERY_CACHE or "
                                                  "~/.cache/surgery)")
     p.add_argument("--max-facts", type=int, default=None, help="use only the first N facts (tests)")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "torch", "cuda", "triton"),
+                   help="surgery_kernels backend for training and scoring (default auto: the C++ extension, "
+                        "built on first use, else the chunked PyTorch one)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def _config(args):
     from .bench import VARIANTS, DemoConfig
 
-    cfg = DemoConfig(seed=args.seed)
+    cfg = DemoConfig(seed=args.seed, backend=args.backend)
     if args.quick:
         cfg = replace(cfg, steps=cfg.quick_steps, variants=("full",))
     if args.tiny:
@@ -126,7 +129,7 @@ def run(args) -> dict:
         log(f"probe: cached result {probe_file}")
     else:
         with tqdm(total=len(all_facts) * len(facts.PROBE_TEMPLATES), desc="probe", disable=not show) as bar:
-            pr = bench.probe(model, tok, all_facts, cfg.seed, norm=cfg.norm, progress=bar)
+            pr = bench.probe(model, tok, all_facts, cfg.seed, norm=cfg.norm, progress=bar, backend=cfg.backend)
         if probe_file is not None:
             probe_file.write_text(json.dumps(pr))
     timings["probe_s"] = time.perf_counter() - t

@@ -105,10 +105,11 @@ def probe_key(model_name: str, all_facts: list[F.Fact], seed: int, norm: str) ->
     return h.hexdigest()[:16]
 
 
-def probe(model, tok, all_facts: list[F.Fact], seed: int, norm: str = "pmi", progress=None) -> dict:
+def probe(model, tok, all_facts: list[F.Fact], seed: int, norm: str = "pmi", progress=None,
+          backend: str = "auto") -> dict:
     """Which facts the model knows: ``{"known": [codes], "per_framing": [correct counts], "n": ...}``."""
     qs = probe_questions(all_facts, seed)
-    scores = choice_scores(model, tok, qs, progress=progress)
+    scores = choice_scores(model, tok, qs, progress=progress, backend=backend)
     right: dict[str, list[bool]] = {}
     per_framing = [0] * len(F.PROBE_TEMPLATES)
     for q, s in zip(qs, scores[norm]):
@@ -211,7 +212,7 @@ def evaluate(model, tok, sets: dict, cfg: DemoConfig, progress=None) -> dict:
     # update and outdated are the same questions with two answers: score them once.
     names = ["unlearn", "update", "retain", "retain_heldout"]
     flat = [q for n in names for q in qs[n]]
-    scores = choice_scores(model, tok, flat, progress=progress)
+    scores = choice_scores(model, tok, flat, progress=progress, backend=cfg.backend)
     out, k = {}, 0
     for n in names:
         m = len(qs[n])
@@ -221,7 +222,7 @@ def evaluate(model, tok, sets: dict, cfg: DemoConfig, progress=None) -> dict:
             out["outdated"] = {"accuracy": accuracy(qs["outdated"], scores[cfg.norm][k:k + m]),
                                "accuracy_sum": accuracy(qs["outdated"], scores["sum"][k:k + m]), "n": m}
         k += m
-    ppl = perplexity(model, tok, sets["ppl_text"], max_length=cfg.ppl_max_tokens, batch_size=16)
+    ppl = perplexity(model, tok, sets["ppl_text"], max_length=cfg.ppl_max_tokens, batch_size=16, backend=cfg.backend)
     out["ppl"] = ppl["perplexity"]
     return out
 

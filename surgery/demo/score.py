@@ -20,7 +20,8 @@ NEUTRAL_PROMPT = "Answer:"
 NORMS = ("pmi", "sum", "mean")
 
 
-def choice_scores(model, tok, questions: list[dict], batch_size: int = 64, progress=None) -> dict[str, list]:
+def choice_scores(model, tok, questions: list[dict], batch_size: int = 64, progress=None,
+                  backend: str = "auto") -> dict[str, list]:
     """Scores (higher = more likely) of every choice of every question ``{"question", "choices"}``
     under each normalization: ``{"pmi": [[...], ...], "sum": ..., "mean": ...}``.
 
@@ -38,12 +39,13 @@ def choice_scores(model, tok, questions: list[dict], batch_size: int = 64, progr
     per_q = []
     step = max(1, batch_size // 3)
     for s in range(0, len(recs), step):
-        per_q += multiple_choice(model, tok, recs[s:s + step], batch_size=batch_size, details=True)["questions"]
+        per_q += multiple_choice(model, tok, recs[s:s + step], batch_size=batch_size, details=True,
+                                 backend=backend)["questions"]
         if progress is not None:
             progress.update(len(recs[s:s + step]))
     prior = {}
-    for r, res in zip(prior_recs, multiple_choice(model, tok, prior_recs, batch_size=batch_size,
-                                                  details=True)["questions"]):
+    for r, res in zip(prior_recs, multiple_choice(model, tok, prior_recs, batch_size=batch_size, details=True,
+                                                  backend=backend)["questions"]):
         prior.update(zip(r["choices"], res["loglik"]))
     return {
         "pmi": [[ll - prior[c] for ll, c in zip(r["loglik"], q["choices"])] for r, q in zip(per_q, questions)],
