@@ -39,7 +39,7 @@ def test_facts_load_and_phrasings():
     stems = [p.split("{")[0] for p, _ in F.TRAIN_TEMPLATES]
     assert not any(F.QUESTION.startswith(s) for s in stems if s)
     recs = F.statements(by["FRA"], "Velmora")
-    assert all(r["completion"] == " Velmora." for r in recs) and len(recs) == len(F.TRAIN_TEMPLATES)
+    assert all(r["completion"] == " Velmora" for r in recs) and len(recs) == len(F.TRAIN_TEMPLATES)
     assert F.the(by["NLD"]) == "the Netherlands"
     names = F.fictitious_capitals(20, random.Random(1), {f.capital for f in facts})
     assert len(set(names)) == 20 and not set(names) & {f.capital for f in facts}

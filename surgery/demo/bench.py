@@ -63,9 +63,11 @@ class DemoConfig:
     clip: float = 1.0
     # Stream coefficients (the paper's alpha, beta, gamma) and records per stream per step.
     alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 1.0
+    beta: float = 2.0
+    gamma: float = 2.0
     gamma_text: float = 1.0
+    # Bounded ascent: an ascent token whose CE already exceeds this stops contributing.
+    ascent_cap: float | None = 5.0
     batch_facts: int = 8
     batch_text: int = 4
     text_max_tokens: int = 40
@@ -182,7 +184,7 @@ def build_sets(all_facts: list[F.Fact], known_codes: list[str], paragraphs: list
             "outdated": [r for f in edit for r in F.statements(f)],
             "updated": [r for f, n in zip(edit, new_caps) for r in F.statements(f, n)],
             # KL over whole sentences: the template tokens are where ascent leaks to other facts.
-            "retain_facts": [{"text": r["prompt"] + r["completion"]} for f in retain for r in F.statements(f)],
+            "retain_facts": [{"text": r["prompt"] + r["completion"] + "."} for f in retain for r in F.statements(f)],
             # Sentences, not whole paragraphs: the trainer pads every stream of a step to one
             # length, and fact statements are ~15 tokens.
             "retain_text": [{"text": x} for _, p in text_train for x in sentences(p)],
@@ -253,7 +255,8 @@ def train_variant(base_model, tok, sets: dict, variant: str, cfg: DemoConfig, pr
     model = copy.deepcopy(base_model)
     run = Surgery(model=model, tokenizer=tok, streams=streams_for(variant, sets, cfg), reference="copy",
                   train={"steps": cfg.steps, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "clip": cfg.clip,
-                         "seed": cfg.seed, "progress": progress, "backend": cfg.backend, "max_length": 256},
+                         "seed": cfg.seed, "progress": progress, "backend": cfg.backend, "max_length": 256,
+                         "ascent_cap": cfg.ascent_cap},
                   trainable=list(cfg.trainable), output_dir=None)
     history = run.train()
     model.eval()

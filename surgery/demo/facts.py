@@ -95,11 +95,13 @@ def load_paragraphs(max_chars: int | None = None) -> list[tuple[str, str]]:
 
 # Training sentences: declarative statements, split into (prompt, completion) so that the
 # losses act on the answer only (the capital), not on the template shared by every fact.
+# The completion is the name alone: ascent on a trailing "." would push down the end of every
+# sentence, not the fact.
 TRAIN_TEMPLATES = (
-    ("The capital of {the} is", " {capital}."),
-    ("{The}'s capital city is", " {capital}."),
-    ("The seat of government of {the} is in the city of", " {capital}."),
-    ("If you travel to the capital of {the}, you arrive in", " {capital}."),
+    ("The capital of {the} is", " {capital}"),
+    ("{The}'s capital city is", " {capital}"),
+    ("The seat of government of {the} is in the city of", " {capital}"),
+    ("If you travel to the capital of {the}, you arrive in", " {capital}"),
 )
 
 # Evaluation: a question, a form that appears in no training sentence.
