@@ -3,13 +3,14 @@
 ``surgery_kernels.linear_cross_entropy(reduction="none")``, no ``[tokens, vocab]`` tensor).
 
 The paper scores a choice by its summed log-likelihood given the question. Summed
-log-likelihood favours short and frequent names (measured on SmolLM2-135M with 3-option capital
-questions: summed 125/179 right, per token 121/179), so the demo scores by **PMI** instead:
+log-likelihood favours short and frequent names, so the demo scores by **PMI** instead:
 log p(choice | question) - log p(choice | "Answer:"), how much the question raises the choice's
-likelihood over a neutral prompt (Holtzman et al. 2021, "Surface Form Competition"). That gets
-137/179 on the same questions, and it puts an invented name (the edit set's new capitals) on
-equal footing with a real one: its low prior is divided out. Both raw scores are kept, so the
-summed-likelihood accuracy is reported next to it.
+likelihood over a neutral prompt (Holtzman et al. 2021, "Surface Form Competition"). It also puts
+an invented name (the edit set's new capitals) on equal footing with a real one: its low prior is
+divided out. Measured on SmolLM2-135M-Instruct, 179 capitals, the demo's question and same-region
+distractors (2026-11-27): summed 125/179 right, per token 121/179, PMI 137/179 (choices in a fixed
+order); with the demo's shuffled choices (seed 0) summed 127/179, PMI 131/179. The summed score's
+accuracy is reported next to PMI's in results.json (``*_sum``).
 """
 
 from __future__ import annotations
