@@ -52,8 +52,11 @@ import torch
 log = logging.getLogger("surgery_kernels")
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-# Preference order of backend="auto" per device type.
-AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+# Preference order of backend="auto" per device type, fastest first by measurement. On an H100
+# (benchmarks/results/2026-11-27-h100, Llama-2-7B head, N=16384, bf16, forward+backward) the cuda
+# backend ran the signed CE at 1.16x the GEMM floor and the triton one at 3.7x (its backward is
+# bound by float32 atomics), so cuda comes first; triton holds the least memory and follows.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 # name -> module implementing the primitives above and ``availability(device_type)``.
 _MODULES = {
