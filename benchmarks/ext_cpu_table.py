@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -108,9 +107,12 @@ def step_fn(loss, provider, x):
     return run
 
 
-def rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_child(loss, provider, n, h, v):
@@ -118,13 +120,12 @@ def memory_child(loss, provider, n, h, v):
     step_fn(loss, provider, make_inputs(loss, 64, h, 512))()  # load libraries, warm allocators
     x = make_inputs(loss, n, h, v)
     run = step_fn(loss, provider, x)
-    before_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    before = rss_mib()
-    # ru_maxrss is a high-water mark: the growth is only measurable once we are above it.
-    assert before >= before_peak - 64, (before, before_peak)
+    # Reset the peak-RSS mark (VmHWM) to the current RSS, then read it after the step.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_mib("VmRSS")
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return max(0.0, peak - max(before, before_peak))
+    return _status_mib("VmHWM") - before
 
 
 def measure_memory(loss, provider, n, h, v):

@@ -12,17 +12,19 @@ Streams: problematic (ascent 0.1), outdated (ascent 0.1), updated (descent 2.0),
 batch 1 each, every record ``--length`` tokens of random words.
 
 CPU (default): a small Llama with a Llama-2 vocabulary (V = 32000), full fine-tuning, reference =
-frozen copy, float32. Each variant runs in its own process (glibc told to return freed blocks at
-once); peak memory is the highest resident size sampled during the timed steps minus the size
-after the warm-up step (weights, reference copy and optimizer state are in the baseline).
+frozen copy, float32. GPU (``--gpu``): Llama-2-7B shape (H 4096, 32 layers, V 32000) with random
+weights made on the GPU, bf16, LoRA r=16 on q/k/v/o/gate/up/down, gradient checkpointing,
+reference = adapters off.
+
+Both variants run in one process on one model: the warm-up step of each starts from the same
+parameters, optimizer state and records (their first-step losses are printed and must agree), then
+the timed steps alternate between the variants so changes in machine load hit both alike. Peak
+memory of a step is measured over what is held just before it (weights, reference, optimizer
+state): ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the resident size sampled every
+millisecond, with glibc told to return freed blocks at once (``MALLOC_MMAP_THRESHOLD_``).
 
     python benchmarks/train_step.py                     # CPU table
-    python benchmarks/train_step.py --gpu               # Llama-2-7B shape, bf16, LoRA, length 4096
-
-GPU (``--gpu``): Llama-2-7B shape (H 4096, 32 layers, V 32000) with random weights made on the GPU,
-bf16, LoRA r=16 on q/k/v/o/gate/up/down, gradient checkpointing, reference = adapters off; both
-variants in one process from the same starting adapters, peak = ``torch.cuda.max_memory_allocated``
-during the timed steps minus the memory held after the warm-up step. Prints one table; ``--json FILE`` writes the rows.
+    python benchmarks/train_step.py --gpu --json out.json   # the H100 row (about a minute)
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def _build(args, device: str):
                                                       "down_proj"]} if args.gpu else None
     run = Surgery(model=model, tokenizer=tok, streams=streams, reference="adapter" if args.gpu else "copy", lora=lora,
                   train={"steps": 10**6, "lr": 2e-4, "batch_size": 1, "max_length": args.length, "progress": False,
-                         "gradient_checkpointing": args.gpu, "device": device})
+                         "gradient_checkpointing": args.gpu, "device": device, "backend": args.backend})
     run._seed()
     run._setup()
     return run
@@ -130,8 +132,8 @@ def _hf_step(run):
 
 
 class _RssPeak:
-    """Peak resident memory of this process, sampled every millisecond by a thread. The parent
-    runs children with MALLOC_MMAP_THRESHOLD_ so that freed tensors leave the RSS at once."""
+    """Peak resident memory of this process, sampled every millisecond by a thread (main() runs the
+    benchmark with MALLOC_MMAP_THRESHOLD_ set so that freed tensors leave the RSS at once)."""
 
     def __init__(self):
         import threading
@@ -166,35 +168,62 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(args, variant: str, run=None) -> dict:
-    device = "cuda" if args.gpu else "cpu"
-    run = run or _build(args, device)
-    step = (lambda: run._train_step()) if variant == "fused" else (lambda: _hf_step(run))
-    times, losses = [], None
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            # Baseline after warm-up: weights, reference, optimizer state exist; gradients are freed.
-            if args.gpu:
+def _mem_start(device):
+    if device == "none":
+        return 0, None
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated(), None
+    rss = _RssPeak()
+    return rss.start(), rss
+
+
+def _mem_peak(device, tracker) -> int:
+    if device == "none":
+        return 0
+    return torch.cuda.max_memory_allocated() if device.startswith("cuda") else tracker.stop()
+
+
+def measure(args, run, variants) -> list[dict]:
+    """Warm-up: each variant's first step from the same parameters, optimizer state and records
+    (their losses must agree). Then the timed steps alternate between the variants, so a change in
+    machine load hits both alike. Peak memory per step is over the memory held just before it
+    (weights, reference, optimizer state; gradients are freed between steps)."""
+    device = args.device
+    steps = {"fused": lambda: run._train_step(), "hf": lambda: _hf_step(run)}
+    start = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    losses = {}
+    for v in variants:
+        with torch.no_grad():
+            for n, p in run.model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        run.optimizer.state.clear()
+        for smp in run._samplers:
+            smp.cursor = 0
+        for _ in range(args.warmup):
+            m = steps[v]()
+            losses.setdefault(v, {k.replace("loss/", ""): round(float(x), 4) for k, x in m.items()
+                                  if k.startswith("loss/") or k == "total" or k in {s[0] for s in STREAMS}})
+    del start
+    times = {v: [] for v in variants}
+    peaks = {v: 0 for v in variants}
+    for _ in range(args.steps):
+        for v in variants:
+            if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            else:
-                rss = _RssPeak()
-                base = rss.start()
-        _sync(device)
-        t0 = time.perf_counter()
-        m = step()
-        _sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        if losses is None:
-            # First step's losses (same weights, same batch in both variants): a correctness check.
-            losses = {k.replace("loss/", ""): round(float(v), 4) for k, v in m.items()
-                      if k.startswith("loss/") or k in ("total",) or k in dict.fromkeys(s[0] for s in STREAMS)}
-    peak = (torch.cuda.max_memory_allocated() if args.gpu else rss.stop()) - base
+            _sync(device)
+            mem = "none" if args.time_only else device
+            base, tracker = _mem_start(mem)
+            t0 = time.perf_counter()
+            steps[v]()
+            _sync(device)
+            times[v].append(time.perf_counter() - t0)
+            peaks[v] = max(peaks[v], _mem_peak(mem, tracker) - base)
     tokens = args.length * len(STREAMS)
-    return {"variant": variant, "median_s": statistics.median(times), "min_s": min(times),
-            "peak_extra_mib": peak / 2**20, "tokens": tokens, "first_step_losses": losses}
+    return [{"variant": v, "median_s": statistics.median(times[v]), "min_s": min(times[v]), "times_s": times[v],
+             "peak_extra_mib": peaks[v] / 2**20, "tokens": tokens, "first_step_losses": losses.get(v)}
+            for v in variants]
 
 
 def main(argv=None) -> int:
@@ -210,8 +239,13 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--length", type=int)
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    p.add_argument("--backend", default="auto", help="surgery_kernels backend of the fused variant")
     p.add_argument("--json", help="write the rows here")
-    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--time-only", action="store_true",
+                   help="CPU: no memory sampling and default malloc (mmap for every large block slows the "
+                        "variant that allocates more, so time and memory are best measured in separate runs)")
+    p.add_argument("--device", help="default: cuda with --gpu, else cpu (--gpu --device cpu with small sizes "
+                                    "smoke-tests the GPU recipe on a CPU)")
     args = p.parse_args(argv)
     big = dict(hidden=4096, intermediate=11008, layers=32, heads=32, length=4096)
     small = dict(hidden=512, intermediate=1376, layers=4, heads=8, length=256)
@@ -219,52 +253,39 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.steps = args.steps or 3
+    args.device = args.device or ("cuda" if args.gpu else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.child:
-        print("RESULT " + json.dumps(measure(args, args.child)))
-        return 0
-
-    rows = []
-    if args.gpu:
-        run = _build(args, "cuda")
-        # Both variants start from the same adapters, optimizer state and records.
-        start = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
-        for v in args.variants.split(","):
-            with torch.no_grad():
-                for n, p in run.model.named_parameters():
-                    if n in start:
-                        p.copy_(start[n])
-            run.optimizer.state.clear()
-            for s in run._samplers:
-                s.cursor = 0
-            rows.append(measure(args, v, run))
+    if args.device == "cpu" and not args.time_only and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        # Large blocks through mmap, so a freed tensor leaves the resident size at once and the
+        # sampled RSS follows live memory. glibc reads this at start-up: run again with it set.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+        return subprocess.run([sys.executable, __file__] + list(argv if argv is not None else sys.argv[1:]),
+                              env=env).returncode
+    run = _build(args, args.device)
+    rows = measure(args, run, args.variants.split(","))
+    if args.device.startswith("cuda"):
         machine = torch.cuda.get_device_name()
     else:
-        # One process per variant: max RSS cannot be reset within a process.
-        for v in args.variants.split(","):
-            cmd = [sys.executable, __file__, "--child", v] + [a for a in (argv if argv is not None else sys.argv[1:])]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT),
-                                                                            MALLOC_MMAP_THRESHOLD_="65536"))
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            rows.append(json.loads(line[0][7:]))
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
-    shape = (f"Llama H={args.hidden} layers={args.layers} V={args.vocab}, 4 streams x {args.length} tokens, "
+    from surgery_kernels.backends import resolve
+
+    backend = resolve(args.backend, torch.device(args.device).type)
+    shape = (f"fused backend {backend!r}; Llama H={args.hidden} layers={args.layers} V={args.vocab}, 4 streams x {args.length} tokens, "
              + ("bf16, LoRA r=16, gradient checkpointing, reference=adapter" if args.gpu else
                 "float32, full fine-tuning, reference=copy"))
     print(f"# one surgery step — {machine} — torch {torch.__version__}")
-    print(f"# {shape}; median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"# {shape}; median of {args.steps} steps per variant, alternating, after {args.warmup} warm-up")
+    mem = not (args.time_only and args.device == "cpu")
     print(f"{'variant':<8} {'step s':>9} {'tokens/s':>10} {'peak extra MiB':>15}  first-step losses")
     for r in rows:
-        print(f"{r['variant']:<8} {r['median_s']:>9.3f} {r['tokens'] / r['median_s']:>10.0f} "
-              f"{r['peak_extra_mib']:>15.0f}  {r['first_step_losses']}")
+        peak = f"{r['peak_extra_mib']:>15.0f}" if mem else f"{'-':>15}"
+        print(f"{r['variant']:<8} {r['median_s']:>9.3f} {r['tokens'] / r['median_s']:>10.0f} {peak}  "
+              f"{r['first_step_losses']}")
     if len(rows) == 2:
         f, h = rows
-        print(f"# hf / fused: time x{h['median_s'] / f['median_s']:.2f}, peak memory x"
-              f"{h['peak_extra_mib'] / max(f['peak_extra_mib'], 1e-9):.2f}")
+        ratio = f", peak memory x{h['peak_extra_mib'] / max(f['peak_extra_mib'], 1e-9):.2f}" if mem else ""
+        print(f"# hf / fused: time x{h['median_s'] / f['median_s']:.2f}{ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "shape": shape, "rows": rows}, indent=2))
     return 0

@@ -286,15 +286,15 @@ void dispatch_dtype(at::ScalarType t, const char* op, F&& f) {
     case at::kFloat: f(float{}); break;
     case at::kBFloat16: f(c10::BFloat16{}); break;
     case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK(false, op, ": hidden must be float32, bfloat16 or float16, got ", t);
+    default: TORCH_CHECK_TYPE(false, op, ": hidden must be float32, bfloat16 or float16, got ", t);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Input checks.
 
-#define SK_CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor")
-#define SK_CHECK_CONTIG(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
+#define SK_CHECK_CPU(x) TORCH_CHECK_VALUE((x).device().is_cpu(), #x " must be a CPU tensor")
+#define SK_CHECK_CONTIG(x) TORCH_CHECK_VALUE((x).is_contiguous(), #x " must be contiguous")
 
 void check_side(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, const char* side) {
@@ -302,23 +302,24 @@ void check_side(const char* op, const at::Tensor& hidden, const at::Tensor& weig
   SK_CHECK_CPU(weight);
   SK_CHECK_CONTIG(hidden);
   SK_CHECK_CONTIG(weight);
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), op, ": ", side,
-              "hidden (N, H) and ", side, "weight (V, H) must agree, got ", hidden.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), op, ": ", side, "weight dtype ", weight.scalar_type(),
-              " != ", side, "hidden dtype ", hidden.scalar_type());
+  TORCH_CHECK_VALUE(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), op, ": ", side,
+                    "hidden (N, H) and ", side, "weight (V, H) must agree, got ", hidden.sizes(), " and ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), op, ": ", side, "weight dtype ", weight.scalar_type(),
+                   " != ", side, "hidden dtype ", hidden.scalar_type());
   if (bias.has_value()) {
     SK_CHECK_CPU(*bias);
     SK_CHECK_CONTIG(*bias);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": ", side, "bias must have shape (V,)");
-    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), op, ": ", side, "bias dtype must match hidden");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": ", side, "bias must have shape (V,)");
+    TORCH_CHECK_TYPE(bias->scalar_type() == hidden.scalar_type(), op, ": ", side, "bias dtype must match hidden");
   }
 }
 
 void check_per_token(const char* op, const at::Tensor& x, int64_t n, at::ScalarType dtype, const char* name) {
   SK_CHECK_CPU(x);
   SK_CHECK_CONTIG(x);
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == n, op, ": ", name, " must have shape (", n, ",), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 1 && x.size(0) == n, op, ": ", name, " must have shape (", n, ",), got ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", x.scalar_type());
 }
 
 // The three optional gradient outputs, checked, plus the per-chunk GEMMs that fill them.
@@ -332,22 +333,23 @@ struct Grads {
     if (dhidden.has_value()) {
       dh = *dhidden;
       SK_CHECK_CONTIG(dh);
-      TORCH_CHECK(dh.sizes() == hidden.sizes() && dh.scalar_type() == hidden.scalar_type() && dh.device().is_cpu(),
-                  op, ": dhidden must be a contiguous CPU tensor shaped and typed like hidden");
+      TORCH_CHECK_VALUE(
+          dh.sizes() == hidden.sizes() && dh.scalar_type() == hidden.scalar_type() && dh.device().is_cpu(), op,
+          ": dhidden must be a contiguous CPU tensor shaped and typed like hidden");
     }
     if (dweight.has_value()) {
       dw = *dweight;
       SK_CHECK_CONTIG(dw);
-      TORCH_CHECK(dw.sizes() == weight.sizes() && dw.scalar_type() == at::kFloat && dw.device().is_cpu(), op,
-                  ": dweight must be a contiguous float32 CPU tensor shaped like weight");
+      TORCH_CHECK_VALUE(dw.sizes() == weight.sizes() && dw.scalar_type() == at::kFloat && dw.device().is_cpu(), op,
+                        ": dweight must be a contiguous float32 CPU tensor shaped like weight");
     }
     if (dbias.has_value()) {
-      TORCH_CHECK(bias.has_value(), op, ": dbias given without bias");
+      TORCH_CHECK_VALUE(bias.has_value(), op, ": dbias given without bias");
       db = *dbias;
       SK_CHECK_CONTIG(db);
-      TORCH_CHECK(db.dim() == 1 && db.size(0) == weight.size(0) && db.scalar_type() == at::kFloat &&
-                      db.device().is_cpu(),
-                  op, ": dbias must be a contiguous float32 CPU tensor of shape (V,)");
+      TORCH_CHECK_VALUE(
+          db.dim() == 1 && db.size(0) == weight.size(0) && db.scalar_type() == at::kFloat && db.device().is_cpu(), op,
+          ": dbias must be a contiguous float32 CPU tensor of shape (V,)");
     }
   }
 
@@ -403,7 +405,7 @@ const T* row_bias(const std::optional<at::Tensor>& bias) {
 }
 
 int64_t resolve_chunk(const char* op, int64_t chunk_size, int64_t n) {
-  TORCH_CHECK(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
+  TORCH_CHECK_VALUE(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
   return std::max<int64_t>(1, std::min(chunk_size, n));
 }
 
@@ -413,8 +415,8 @@ at::Tensor float_buffer(const at::Tensor& zbuf) {
 }
 
 void check_target(int64_t t, int64_t V, int64_t ignore_index) {
-  TORCH_CHECK(t == ignore_index || (t >= 0 && t < V), "target must hold class ids in [0, ", V,
-              ") or ignore_index=", ignore_index, ", got ", t);
+  TORCH_CHECK_VALUE(t == ignore_index || (t >= 0 && t < V), "target must hold class ids in [0, ", V,
+                    ") or ignore_index=", ignore_index, ", got ", t);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,8 +466,8 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
   check_per_token(op, target, N, at::kLong, "target");
   if (coeff.has_value()) check_per_token(op, *coeff, N, at::kFloat, "coeff");
   Grads grads(op, hidden, weight, bias, dhidden, dweight, dbias);
-  TORCH_CHECK(coeff.has_value() || !grads.any(), op, ": gradient outputs need coeff");
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0");
+  TORCH_CHECK_VALUE(coeff.has_value() || !grads.any(), op, ": gradient outputs need coeff");
+  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0");
   const int64_t C = resolve_chunk(op, chunk_size, N);
 
   auto f32 = hidden.options().dtype(at::kFloat);
@@ -525,7 +527,7 @@ void ce_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
   check_per_token(op, lse, N, at::kFloat, "lse");
   check_per_token(op, coeff, N, at::kFloat, "coeff");
   Grads grads(op, hidden, weight, bias, dhidden, dweight, dbias);
-  TORCH_CHECK(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0");
+  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0");
   const int64_t C = resolve_chunk(op, chunk_size, N);
   if (N == 0 || !grads.any()) {
     grads.finish(0);
@@ -575,10 +577,10 @@ void check_kl(const char* op, const at::Tensor& hidden, const at::Tensor& weight
               const std::optional<at::Tensor>& ref_bias, double temperature) {
   check_side(op, hidden, weight, bias, "");
   check_side(op, ref_hidden, ref_weight, ref_bias, "ref_");
-  TORCH_CHECK(ref_hidden.size(0) == hidden.size(0) && ref_weight.size(0) == weight.size(0), op,
+  TORCH_CHECK_VALUE(ref_hidden.size(0) == hidden.size(0) && ref_weight.size(0) == weight.size(0), op,
               ": ref_hidden/ref_weight must have hidden's N and weight's V");
-  TORCH_CHECK(ref_hidden.scalar_type() == hidden.scalar_type(), op, ": ref_hidden dtype must match hidden");
-  TORCH_CHECK(temperature > 0, op, ": temperature must be > 0");
+  TORCH_CHECK_TYPE(ref_hidden.scalar_type() == hidden.scalar_type(), op, ": ref_hidden dtype must match hidden");
+  TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
@@ -593,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
   check_per_token(op, mask, N, at::kBool, "mask");
   if (coeff.has_value()) check_per_token(op, *coeff, N, at::kFloat, "coeff");
   Grads grads(op, hidden, weight, bias, dhidden, dweight, dbias);
-  TORCH_CHECK(coeff.has_value() || !grads.any(), op, ": gradient outputs need coeff");
+  TORCH_CHECK_VALUE(coeff.has_value() || !grads.any(), op, ": gradient outputs need coeff");
   const int64_t C = resolve_chunk(op, chunk_size, N);
 
   auto f32 = hidden.options().dtype(at::kFloat);

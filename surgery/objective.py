@@ -34,7 +34,8 @@ class SurgeryObjective(nn.Module):
       ``terms[s] = sum over this process's tokens of ce_i / N_s`` (or kl_i / N_s): summed over
       processes that is the stream's own mean CE / KL.
     - ``"nll"``: per-token negative log-likelihood ``(B, L)`` of ``target`` (0 where IGNORE), no logits.
-    - ``"hidden"``: ``(final hidden (B, L, H), head weight, head bias)`` — the weight as the forward sees it.
+    - ``"hidden"``: ``(final hidden (B, L, H), head weight, head bias)`` — copies of the weight as the
+      forward sees it (``with_head=False``: ``(hidden, None, None)``).
     """
 
     def __init__(self, model: nn.Module, *, backend: str = "auto", kl_direction: str = "forward",
@@ -50,9 +51,12 @@ class SurgeryObjective(nn.Module):
 
     def forward(self, mode: str, input_ids, attention_mask, target=None, *, n_ce_rows: int = 0, ce_weight=None,
                 ce_coeff=None, kl_weight=None, kl_coeff=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                stream_rows=None):
+                stream_rows=None, with_head=True):
         if mode == "hidden":
             h = final_hidden(self.model, input_ids, attention_mask)
+            if not with_head:
+                return h, None, None
+            # A copy: under FSDP the gathered weight is freed after the forward.
             w, b = self._head()
             return h, w.detach().clone(), None if b is None else b.detach().clone()
         if mode == "nll":

@@ -88,7 +88,7 @@ class CacheReference:
                 for s in range(0, per, batch_size):
                     idx = mine[s:s + batch_size] or todo[:1]
                     b = collate([examples[i] for i in idx], pad_id, idx).to(device)
-                    h, w, bias = objective("hidden", b.input_ids, b.attention_mask)
+                    h, w, bias = objective("hidden", b.input_ids, b.attention_mask, with_head=head is None)
                     if head is None:
                         head = (w, bias)
                     if not mine[s:s + batch_size]:

@@ -36,7 +36,7 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .config import REFERENCES, EvalSet, ModelConfig, Stream, TrainConfig, as_dataclass
-from .data import IGNORE, Batch, StreamSampler, collate, read_records, tokenize_lm
+from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
 from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
 from .objective import SurgeryObjective
@@ -143,7 +143,6 @@ class Surgery:
         self.step = 0
         self._before: dict | None = None
 
-    # ------------------------------------------------------------------ setup
     def _pick_device(self, model) -> torch.device:
         if self.cfg.device is not None:
             return torch.device(self.cfg.device)
@@ -193,7 +192,6 @@ class Surgery:
         except ImportError:  # pragma: no cover
             pass
 
-    # ------------------------------------------------------------------ one step
     def _batch(self) -> tuple[Batch, list[tuple[int, int]], int]:
         """This process's rows for the step: CE streams first, then KL streams, padded to one length."""
         order = [i for i, s in enumerate(self.streams) if s.loss != "kl"] + \
@@ -311,7 +309,6 @@ class Surgery:
             return f"The last good checkpoint is {self.output_dir / 'checkpoint'} (step {step}), left untouched."
         return "No checkpoint was written (output_dir unset or save_every not reached)."
 
-    # ------------------------------------------------------------------ public
     def evaluate(self) -> dict[str, dict]:
         """Every eval set on the current model: ``{name: {"accuracy", ...} | {"perplexity", ...}}``."""
         out = {}

@@ -47,6 +47,7 @@ import functools
 import inspect
 import numbers
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,7 @@ class _Patch:
     prev_forward: object  # the model's instance-level forward before patching, if any
     prev_head_forward: object
     labels_position: int | None  # index of ``labels`` among the positional parameters
+    takes_return_dict: bool  # whether forward accepts return_dict (by name or **kwargs)
     active: bool = True
     call: _Call | None = None  # set while a labelled forward is in flight
 
@@ -143,7 +145,7 @@ def _interpret(call: _Call, logits) -> tuple[float, float | None]:
                 post /= other
             else:
                 pre /= other
-        elif name == "tanh" and len(args) == 1 and not kwargs and not tanh and post == 1.0:
+        elif name == "tanh" and len(args) == 1 and not kwargs and not tanh:
             tanh = True
         else:
             raise NotImplementedError(
@@ -224,11 +226,16 @@ def _model_forward(self, *args, **kwargs):
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(getattr(self, "config", None), "return_dict", True)
+    if state.takes_return_dict:
+        kwargs["return_dict"] = True
     call = state.call = _Call()
     try:
-        out = original(*args, return_dict=True, **kwargs)
+        out = original(*args, **kwargs)
     finally:
         state.call = None
+    if not isinstance(out, Mapping):
+        raise NotImplementedError(f"surgery_kernels.hf.patch: the model returned a {type(out).__name__}; a "
+                                  f"labelled call needs a ModelOutput (a mapping with 'logits')")
     loss = _causal_lm_loss(state, call, out.get("logits"), labels, loss_kwargs)
     aux = out.get("aux_loss")
     if aux is not None:
@@ -295,11 +302,12 @@ def patch(model, backend: str = "auto", *, chunk_size: int | None = None):
     _check_loss_function(model)
     _check_extra_loss_terms(model)
     cls_forward = type(model).forward
-    positional = [p.name for p in inspect.signature(cls_forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    params = inspect.signature(cls_forward).parameters.values()
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
     state = _Patch(backend=backend, chunk_size=chunk_size, head=head,
                    prev_forward=model.__dict__.get("forward"), prev_head_forward=head.__dict__.get("forward"),
-                   labels_position=positional.index("labels") if "labels" in positional else None)
+                   labels_position=positional.index("labels") if "labels" in positional else None,
+                   takes_return_dict=any(p.name == "return_dict" or p.kind == p.VAR_KEYWORD for p in params))
 
     # A fresh function per patch so that functools.wraps can give it the model's own signature.
     @functools.wraps(cls_forward)

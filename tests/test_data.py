@@ -12,7 +12,6 @@ from surgery.config import PRESETS, TrainConfig, apply_override
 from surgery.data import IGNORE, StreamSampler, collate, read_records, tokenize_lm
 from surgery.testing import all_words, word_tokenizer
 
-pytestmark = pytest.mark.no_poison
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,8 @@ CE_OPCHECK = [("none", False, None), ("none", True, 3.0), ("all", True, 3.0), ("
 
 @needs_ext
 @pytest.mark.parametrize("needs,bias,softcap", CE_OPCHECK,
-                         ids=[f"{n}-{'bias' if b else 'nobias'}-{'softcap' if s else 'plain'}" for n, b, s in CE_OPCHECK])
+                         ids=[f"{n}-{'bias' if b else 'nobias'}-{'softcap' if s else 'plain'}"
+                              for n, b, s in CE_OPCHECK])
 def test_opcheck_ce(needs, bias, softcap):
     hidden, weight, b, target, coeff = _ce_inputs(bias=bias)
     grads = _grad_outs(hidden, weight, b, NEEDS[needs])
@@ -113,7 +114,8 @@ KL_OPCHECK = [("none", True, False), ("none", False, True), ("all", True, True),
 
 @needs_ext
 @pytest.mark.parametrize("needs,bias,reverse", KL_OPCHECK,
-                         ids=[f"{n}-{'bias' if b else 'nobias'}-{'reverse' if r else 'forward'}" for n, b, r in KL_OPCHECK])
+                         ids=[f"{n}-{'bias' if b else 'nobias'}-{'reverse' if r else 'forward'}"
+                              for n, b, r in KL_OPCHECK])
 def test_opcheck_kl(needs, bias, reverse):
     hidden, weight, b, rh, rw, rb, mask, coeff = _kl_inputs(bias=bias)
     grads = _grad_outs(hidden, weight, b, NEEDS[needs])
@@ -219,3 +221,20 @@ def test_missing_source_dir_is_a_reason_not_an_exception(tmp_path, monkeypatch):
     monkeypatch.setattr(_build, "_result", None)
     a = extension.availability("cpu", "cpu")
     assert not a.ok and "source checkout" in a.reason
+
+
+@needs_ext
+def test_ops_reject_bad_input_with_value_and_type_errors():
+    """Called directly (bypassing the Python checks), the ops still name what is wrong."""
+    hidden, weight, b, target, coeff = _ce_inputs()
+    bad_target = target.clone()
+    bad_target[3] = weight.shape[0]
+    with pytest.raises(ValueError, match="target must hold class ids"):
+        torch.ops.surgery.ce_forward(hidden, weight, b, bad_target, None, -100, None, None, 8, None, None, None)
+    with pytest.raises(TypeError, match="coeff"):
+        torch.ops.surgery.ce_forward(hidden, weight, b, target, coeff.double(), -100, None, None, 8, None, None, None)
+    with pytest.raises(ValueError, match="weight"):
+        torch.ops.surgery.ce_forward(hidden, weight[:, :5], None, target, None, -100, None, None, 8, None, None, None)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.surgery.ce_forward(hidden.t().contiguous().t(), weight, None, target, None, -100, None, None, 8,
+                                     None, None, None)

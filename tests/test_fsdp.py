@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery import Surgery, load_config
+from surgery import load_config
 from surgery.testing import all_words, fact_streams, tiny_llama, word_tokenizer
 
-pytestmark = pytest.mark.no_poison
 ROOT = Path(__file__).resolve().parents[1]
 
 

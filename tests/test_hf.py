@@ -135,6 +135,39 @@ def test_without_labels_and_after_unpatch_the_model_is_unchanged():
     assert hf.unpatch(model) is model  # unpatching twice is harmless
 
 
+def test_forward_wrapped_by_others_before_and_after_patching():
+    """Tools such as accelerate replace model.forward on the instance: patch wraps what is there,
+    and unpatch after a later wrap leaves that wrap working (ours becomes a pass-through)."""
+    model = _model("llama")
+    ids, labels = _batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=labels)
+    calls = []
+
+    def wrap(fwd):
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            return fwd(*args, **kwargs)
+        return wrapped
+
+    model.forward = before = wrap(model.forward)
+    hf.patch(model, backend="torch")
+    model.forward = wrap(model.forward)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    assert len(calls) == 2 and out.logits is None and _rel(out.loss, ref.loss) <= 1e-5
+    hf.unpatch(model)
+    assert not hf.is_patched(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    assert len(calls) == 4 and torch.equal(out.logits, ref.logits) and torch.equal(out.loss, ref.loss)
+    # Patched again and unpatched while ours is on top: the earlier wrap is what remains.
+    model = _model("llama")
+    model.forward = before = wrap(model.forward)
+    hf.unpatch(hf.patch(model))
+    assert vars(model)["forward"] is before
+
+
 def test_patch_twice_replaces_the_options_and_unpatch_still_restores():
     model = _model("llama")
     hf.patch(model, chunk_size=3)
@@ -278,7 +311,8 @@ class _ToyLM(torch.nn.Module):
     def get_output_embeddings(self):
         return self.head
 
-    def forward(self, input_ids, labels=None, return_dict=True):
+    # No return_dict argument, no **kwargs: patch must not pass it either.
+    def forward(self, input_ids, labels=None):
         logits = self.transform(self.head(self.embed(input_ids)))
         loss = None
         if labels is not None:

@@ -19,7 +19,6 @@ from surgery.modeling import load_model
 from surgery.objective import SurgeryObjective
 from surgery.testing import all_words, fact_streams, tiny_llama, word_tokenizer
 
-pytestmark = pytest.mark.no_poison
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +60,6 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-# ---------------------------------------------------------------- the objective against a naive one
 
 
 def _naive_objective(model, ref, batch_rows, streams, weights):
@@ -133,7 +131,6 @@ def test_objective_matches_naive_logits(tok, data):
         assert torch.allclose(g_ours[n], p.grad, rtol=1e-7, atol=1e-10), n
 
 
-# ---------------------------------------------------------------- what a run does
 
 
 def test_short_run_unlearns_updates_retains(tok, data, tmp_path):
@@ -362,7 +359,6 @@ def test_checkpoint_write_is_atomic(tok, data, tmp_path, monkeypatch):
     assert again.step == 2
 
 
-# ---------------------------------------------------------------- evaluation
 
 
 def test_multiple_choice_equals_logit_scoring(tok, data):
@@ -399,7 +395,6 @@ def test_perplexity_equals_logits(tok, data):
     assert res["nll"] == pytest.approx(nll / n, rel=1e-5)
 
 
-# ---------------------------------------------------------------- config and CLI
 
 
 def _write_jsonl(path, records):
@@ -453,14 +448,13 @@ def test_demo_subcommand_reports_missing_module(capsys, monkeypatch):
     assert "demo module is not installed" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- on a GPU (benchmarks/gpu_check.sh)
 
 
 @pytest.mark.cuda
 def test_cuda_run_matches_cpu(tok, data):
     """The trainer on CUDA with backend='auto' (triton / cuda / torch, whichever loads) gives the CPU
-    run's first-step losses (same weights, same records), and a bf16 LoRA run with the adapter
-    reference trains in the right directions."""
+    run's first-step losses (same weights, same records); the hidden-state path holds for every
+    architecture family on the GPU image's transformers."""
     cpu = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=3, backend="torch"))
     cpu.train()
     gpu = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
@@ -470,13 +464,23 @@ def test_cuda_run_matches_cpu(tok, data):
         # TF32 in a fused kernel's GEMMs is the only expected difference.
         assert gpu.history[0][k] == pytest.approx(cpu.history[0][k], rel=1e-3), k
     assert gpu.history[-1]["loss/retain"] == pytest.approx(cpu.history[-1]["loss/retain"], rel=0.1, abs=1e-3)
-    lora = Surgery(model=_model(tok, "bfloat16"), tokenizer=tok, streams=_streams(data), reference="adapter",
-                   lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
-                   train=_train(steps=8, lr=5e-2, device="cuda", gradient_checkpointing=True))
-    lora.train()
-    h = lora.history
-    assert h[-1]["loss/update"] < h[0]["loss/update"] and h[-1]["loss/unlearn"] > h[0]["loss/unlearn"]
-    assert all(m["loss/retain"] >= 0 for m in h) and h[-1]["loss/retain"] > 0
     # The model path on the GPU image's transformers version.
     for arch in sorted(ARCHS):
         _check_arch(tok, data, arch, "cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_lora_adapter_run(tok, data):
+    """bf16 LoRA with the adapters-off reference and gradient checkpointing on the GPU."""
+    pytest.importorskip("peft")
+    model = _model(tok, "bfloat16").cuda()
+    before = [perplexity(model, tok, data[i])["nll"] for i in (0, 1)]
+    lora = Surgery(model=model, tokenizer=tok, streams=_streams(data), reference="adapter",
+                   lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+                   train=_train(steps=8, lr=1e-1, gradient_checkpointing=True))
+    lora.train()
+    after = [perplexity(lora.model, tok, data[i])["nll"] for i in (0, 1)]
+    # On the CPU this run moves unlearn NLL 4.16 -> 4.28 and update NLL 4.26 -> 4.07.
+    assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.1, (before, after)
+    h = lora.history
+    assert all(m["loss/retain"] >= 0 for m in h) and h[-1]["loss/retain"] > 0

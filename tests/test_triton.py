@@ -3,9 +3,11 @@
 On the CPU this runs under the Triton interpreter (CI: ``TRITON_INTERPRET=1 python -m pytest
 tests/test_triton.py``; the variable must be set before triton is imported). The interpreter's
 cost grows with programs x ops, so shapes stay tiny; they are chosen so that every masked path
-runs: N = 37 gives two row blocks of 32 (the second ragged), H = 40 is not a multiple of the
+runs: N = 37 gives two row blocks of 32 (the second ragged), H = 48 is not a multiple of the
 k-block (32), V = 300 gives two vocabulary splits (256 + 44 columns) and three vocabulary
-blocks of 128 (the last ragged), H' = 24 makes the reference side's width differ.
+blocks of 128 (the last ragged), H' = 80 makes the reference side's width differ. H and H' are
+multiples of 16 like the numerics suite's, so on the GPU both files share compiled variants
+(Triton specializes on divisibility by 16).
 
 With a GPU the same cases run on CUDA (marked ``cuda``) in float32 and bfloat16, plus a case
 with N*H above 2**31 for the 64-bit offsets.
@@ -23,7 +25,7 @@ from surgery_kernels import linear_cross_entropy, linear_kl_div
 from surgery_kernels.backends import availability
 from surgery_kernels.reference import linear_cross_entropy_ref, linear_kl_div_ref
 
-N, H, V, RH = 37, 40, 300, 24
+N, H, V, RH = 37, 48, 300, 80
 
 
 def _device_params():
@@ -86,9 +88,12 @@ def _check_ce(device, dtype, h, w, t, *, bias=None, grad=(True, True, True), ups
     """Run ours (backend triton, dtype), plain PyTorch (dtype) and float64; compare value and grads."""
     results = []
     for impl, dt in (("ours", dtype), ("plain", dtype), ("ref", torch.float64)):
-        hh, ww = _leaf(h.to(dt), grad[0]), _leaf(w.to(dt), grad[1])
-        bb = None if bias is None else _leaf(bias.to(dt), grad[2])
-        opts = {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+        # every side sees the same dtype-rounded inputs: the reference upcasts them, it does not
+        # start again from the float32 originals (that would measure input rounding, not the loss)
+        cast = lambda x: x.to(dtype).to(dt)
+        hh, ww = _leaf(cast(h), grad[0]), _leaf(cast(w), grad[1])
+        bb = None if bias is None else _leaf(cast(bias), grad[2])
+        opts = {k: (cast(v) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
         if impl == "ours":
             out = linear_cross_entropy(hh, ww, t, bias=bb, backend="triton", **opts)
         else:
@@ -217,12 +222,13 @@ def _kl_inputs(device, n=N, seed=1, rh=RH, bias=True):
 def _check_kl(device, dtype, h, w, b, rh, rw, rb, *, upstream=None, shared_head=False, **kw):
     results = []
     for impl, dt in (("ours", dtype), ("plain", dtype), ("ref", torch.float64)):
-        hh, ww = _leaf(h.to(dt)), _leaf(w.to(dt))
-        bb = None if b is None else _leaf(b.to(dt))
-        refs = [None if x is None else x.to(dt) for x in (rh, rw, rb)]
+        cast = lambda x: x.to(dtype).to(dt)  # the reference upcasts the same rounded inputs
+        hh, ww = _leaf(cast(h)), _leaf(cast(w))
+        bb = None if b is None else _leaf(cast(b))
+        refs = [None if x is None else cast(x) for x in (rh, rw, rb)]
         if shared_head:
             refs[1] = ww
-        opts = {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+        opts = {k: (cast(v) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
         if impl == "ours":
             out = linear_kl_div(hh, ww, refs[0], refs[1], bias=bb, ref_bias=refs[2], backend="triton", **opts)
         else:
@@ -364,17 +370,17 @@ def test_gpu_launch_path_under_interpreter(monkeypatch):
     from surgery_kernels.backends.triton_kernels import common
     from surgery_kernels.backends.triton_kernels import kl as kl_k
 
-    def one(kernel, cfg, reset=None):
-        tuned = triton.autotune([cfg], key=["V", "H"], reset_to_zero=reset)(kernel)
+    def one(kernel, cfg, acc=None):
+        tuned = triton.autotune([cfg], key=["V", "H"], restore_value=acc)(kernel)
         return {True: tuned, False: tuned}
 
-    reset = ["dh_ptr", "dw_ptr", "db_ptr"]
+    acc = ["dh_ptr", "dw_ptr", "db_ptr"]
     monkeypatch.setattr(common, "INTERPRET", False)
     cfg = common.FP32_CONFIGS[0]
     monkeypatch.setattr(ce_k, "ce_fwd_tuned", one(ce_k.ce_fwd_kernel, cfg))
-    monkeypatch.setattr(ce_k, "ce_bwd_tuned", one(ce_k.ce_bwd_kernel, cfg, reset))
+    monkeypatch.setattr(ce_k, "ce_bwd_tuned", one(ce_k.ce_bwd_kernel, cfg, acc))
     monkeypatch.setattr(kl_k, "kl_fwd_tuned", one(kl_k.kl_fwd_kernel, cfg))
-    monkeypatch.setattr(kl_k, "kl_bwd_tuned", one(kl_k.kl_bwd_kernel, cfg, reset))
+    monkeypatch.setattr(kl_k, "kl_bwd_tuned", one(kl_k.kl_bwd_kernel, cfg, acc))
     h, w, b, t = _ce_inputs("cpu", torch.float32, bias=True)
     _check_ce("cpu", torch.float32, h, w, t, bias=b, softcap=3.0, token_weight=torch.linspace(-1, 1, N))
     h, w, b, rh, rw, rb = _kl_inputs("cpu")
@@ -416,3 +422,116 @@ def test_never_creates_an_n_by_v_tensor(device, op):
         out.backward(torch.ones_like(out))
     biggest = max(rec.sizes)
     assert biggest[0] <= 4 * max(n * h, v * h, 64 * n) < 4 * n * v, f"created {biggest[0]} bytes in {biggest[1]}"
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+def test_opcheck(device):
+    """Each primitive is a torch.library custom op: schema, fake (meta) implementation and
+    dispatch agree (torch.library.opcheck), so torch.compile sees opaque ops."""
+    from surgery_kernels.backends import triton_fused as tf
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 19, 16, 150
+    hid, w, b = (torch.randn(*s, generator=g).to(device) for s in ((n, h), (v, h), (v,)))
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    coeff = torch.randn(n, generator=g).to(device)
+    mask = (torch.arange(n) % 3 != 0).to(device)
+    rh, rw = torch.randn(n, 8, generator=g).to(device), torch.randn(v, 8, generator=g).to(device)
+    ce, lse = tf._ce_forward(hid, w, b, t, -100, 3.0)
+    kl, qlse, plse = tf._kl_forward(hid, w, b, rh, rw, None, mask, "reverse", 1.5)
+    cases = [
+        (tf._ce_forward, (hid, w, b, t, -100, 3.0)),
+        (tf._ce_backward, (hid, w, b, t, lse, coeff, 3.0, [True, True, True])),
+        (tf._ce_forward_backward, (hid, w, None, t, coeff, -100, None, 2.0, [True, False, False])),
+        (tf._kl_forward, (hid, w, b, rh, rw, None, mask, "reverse", 1.5)),
+        (tf._kl_backward, (hid, w, b, rh, rw, None, qlse, plse, kl, coeff, "reverse", 1.5, [False, True, True])),
+        (tf._kl_forward_backward, (hid, w, None, rh, rw, None, mask, coeff, "forward", 1.0, [True, True, False])),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+def test_vocab_chunked_dweight(device, monkeypatch):
+    """16-bit weights: dW accumulates in float32 one vocabulary chunk at a time. With chunks of
+    256 rows (V = 300: two chunks, the second ragged) CE and KL gradients equal the one-chunk ones
+    and stay within the bf16 bound against float64."""
+    from surgery_kernels.backends.triton_kernels import common
+
+    dt = torch.bfloat16
+    h, w, b, t = _ce_inputs(device, dt, bias=True)
+    tw = torch.linspace(-1, 1, N, device=device)
+    hk, wk, bk_, rhk, rwk, rbk = _kl_inputs(device)
+
+    def grads():
+        hh, ww, bb = _leaf(h.to(dt)), _leaf(w.to(dt)), _leaf(b.to(dt))
+        ce = torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, softcap=4.0,
+                                                      backend="triton"), (hh, ww, bb))
+        hh, ww, bb = _leaf(hk.to(dt)), _leaf(wk.to(dt)), _leaf(bk_.to(dt))
+        kl = torch.autograd.grad(linear_kl_div(hh, ww, rhk.to(dt), rwk.to(dt), bias=bb, ref_bias=rbk.to(dt),
+                                               direction="reverse", backend="triton"), (hh, ww, bb))
+        return ce + kl
+
+    whole = grads()
+    monkeypatch.setattr(common, "DW_CHUNK_ELEMENTS", 256 * max(H, RH))
+    assert len(common.vocab_chunks(V, H)) == 2
+    chunked = grads()
+    # The interpreter adds in a fixed order: bit-for-bit. A GPU's atomics add in a varying order,
+    # which can flip the bf16 rounding of an element by one ulp (2**-8): compare loosely there
+    # and rely on the float64 checks below.
+    tol = 1e-6 if device == "cpu" else 1e-2
+    for a, c in zip(whole, chunked):
+        assert torch.isfinite(c).all() and _rel(c, a) <= tol
+    _check_ce(device, dt, h, w, t, bias=b, token_weight=tw, softcap=4.0)
+    _check_kl(device, dt, hk, wk, bk_, rhk, rwk, rbk, direction="reverse")
+
+
+def test_autotuning_keeps_accumulated_sums(monkeypatch):
+    """Autotuning the backward in the middle of a call (the last dW chunk has a new width, so a new
+    tuning key) must leave the dH sums of the earlier chunks alone. Runs the GPU launch path under
+    the interpreter with two configs per kernel and a CPU stand-in for do_bench."""
+    if not availability("triton", "cpu").ok:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    import time
+
+    import triton
+
+    from surgery_kernels.backends.triton_kernels import ce as ce_k
+    from surgery_kernels.backends.triton_kernels import common
+
+    def cpu_bench(fn, quantiles=None, **kw):
+        t0 = time.perf_counter()
+        fn()
+        fn()  # twice: a config that accumulated into unrestored buffers would show
+        t = (time.perf_counter() - t0) * 1e3
+        return [t, t, t] if quantiles else t
+
+    two = [common.FP32_CONFIGS[0], triton.Config(dict(BLOCK_N=32, BLOCK_V=128, BLOCK_K=32, GROUP=4))]
+    dt = torch.bfloat16
+    h, w, b, t = _ce_inputs("cpu", dt, bias=True)
+    tw = torch.linspace(-1, 1, N)
+
+    def grads():
+        hh, ww, bb = _leaf(h.to(dt)), _leaf(w.to(dt)), _leaf(b.to(dt))
+        return torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, backend="triton"),
+                                   (hh, ww, bb))
+
+    exact = grads()
+    monkeypatch.setattr(common, "DW_CHUNK_ELEMENTS", 256 * H)  # chunks of 256 and 44 rows: two tuning keys
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "FP32_CONFIGS", two)
+    monkeypatch.setattr(ce_k, "ce_fwd_tuned", common.autotuned(ce_k.ce_fwd_kernel, two, ["V", "H"],
+                                                               do_bench=cpu_bench))
+    monkeypatch.setattr(ce_k, "ce_bwd_tuned", common.autotuned(ce_k.ce_bwd_kernel, two, ["V", "H"],
+                                                               ["dh_ptr", "dw_ptr", "db_ptr"], do_bench=cpu_bench))
+    # DOT_FP32 follows INTERPRET: keep the interpreter's float32 dots for bf16
+    monkeypatch.setattr(common, "dot_precision", lambda dtype: "ieee")
+    real_launch = common.launch
+
+    def launch(kernel, tuned, args, flags, **kw):
+        return real_launch(kernel, tuned, args, dict(flags, DOT_FP32=True), **kw)
+
+    monkeypatch.setattr(common, "launch", launch)
+    tuned = grads()
+    for a, c in zip(exact, tuned):
+        assert _rel(c, a) <= 1e-6

@@ -16,26 +16,30 @@ import torch
 
 from . import Availability
 
-# Logit elements per chunk when chunk_size is None: 2**24 floats = 64 MiB in float32, whatever V.
-# Large enough that each chunk's GEMMs run near peak, small enough to bound memory.
-CHUNK_ELEMENTS = 1 << 24
+# Logit elements per chunk when chunk_size is None, by device type. CPU: 2**24 (64 MiB of float32
+# logits) keeps the chunk's row pass close to cache-friendly while the GEMMs run near peak. CUDA:
+# 2**27 (256 MiB in bf16): every chunk reads and writes the whole float32 weight gradient (500 MiB
+# for a Llama-2-7B head), so chunks of a few hundred tokens would spend more time there than in
+# the GEMMs; 4096 tokens at V = 32000 make that traffic a few percent.
+CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
 
 
 def availability(name: str, device_type: str) -> Availability:
     return Availability(True)
 
 
-def default_chunk_size(n: int, v: int) -> int:
-    """Tokens per chunk: ``2**24 // V`` (64 MiB of float32 logits), at least 1, at most N."""
-    return max(1, min(n, CHUNK_ELEMENTS // max(v, 1)))
+def default_chunk_size(n: int, v: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk: ``CHUNK_ELEMENTS[device_type] // V`` (CPU: 2**24, CUDA: 2**27 logits),
+    at least 1, at most N."""
+    return max(1, min(n, CHUNK_ELEMENTS.get(device_type, 1 << 24) // max(v, 1)))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(n: int, chunk_size: int | None, v: int):
-    step = chunk_size or default_chunk_size(n, v)
+def _chunks(n: int, chunk_size: int | None, v: int, device_type: str = "cpu"):
+    step = chunk_size or default_chunk_size(n, v, device_type)
     for start in range(0, n, step):
         yield start, min(start + step, n)
 
@@ -111,7 +115,7 @@ def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_siz
     n = hidden.shape[0]
     ce = torch.empty(n, dtype=acc, device=hidden.device)
     lse = torch.empty(n, dtype=acc, device=hidden.device)
-    for s, e in _chunks(n, chunk_size, weight.shape[0]):
+    for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
         _, _, _, lse[s:e], ce[s:e], _ = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
     return ce, lse
 
@@ -122,7 +126,7 @@ def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softc
     acc = _acc_dtype(hidden.dtype)
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
-    for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0]):
+    for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0], hidden.device.type):
         zs, m, lse_s, _, _, safe_t = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
         g = _ce_logit_grad_(zs, m, lse_s, safe_t, coeff[s:e], softcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
@@ -137,7 +141,7 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
-    for s, e in _chunks(n, chunk_size, weight.shape[0]):
+    for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
         zs, m, lse_s, lse[s:e], ce_c, safe_t = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index,
                                                          softcap, acc)
         ce[s:e] = ce_c
@@ -191,7 +195,7 @@ def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, 
     kl = torch.empty(n, dtype=acc, device=hidden.device)
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     rlse = torch.empty(n, dtype=acc, device=hidden.device)
-    for s, e in _chunks(n, chunk_size, weight.shape[0]):
+    for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
         _, _, lse[s:e], rlse[s:e], kl[s:e] = _kl_chunk(
             hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature, acc)
     return kl, lse, rlse
@@ -203,7 +207,7 @@ def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref
     acc = _acc_dtype(hidden.dtype)
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
-    for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0]):
+    for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0], hidden.device.type):
         logq = _tempered_logprobs(hidden[s:e], weight, bias, temperature, acc)
         logp = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, temperature, acc)
         g = _kl_logit_grad_(logq, logp, kl[s:e], coeff[s:e], direction, temperature)
@@ -227,7 +231,7 @@ def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
     rlse = torch.empty(n, dtype=acc, device=hidden.device)
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
-    for s, e in _chunks(n, chunk_size, weight.shape[0]):
+    for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
         logq, logp, lse[s:e], rlse[s:e], kl_c = _kl_chunk(
             hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature, acc)
         kl[s:e] = kl_c

@@ -80,8 +80,8 @@ def availability(name: str, device_type: str) -> Availability:
     return Availability(True)
 
 
-def _chunk(chunk_size, n: int, v: int) -> int:
-    return chunk_size if chunk_size is not None else chunked.default_chunk_size(n, v)
+def _chunk(chunk_size, n: int, v: int, device_type: str) -> int:
+    return chunk_size if chunk_size is not None else chunked.default_chunk_size(n, v, device_type)
 
 
 def _c(x):
@@ -106,7 +106,7 @@ def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_siz
                                   chunk_size=chunk_size)
     n, v = hidden.shape[0], weight.shape[0]
     return torch.ops.surgery.ce_forward(_c(hidden), _c(weight), _c(bias), _c(target), None, ignore_index, softcap,
-                                        None, _chunk(chunk_size, n, v), None, None, None)
+                                        None, _chunk(chunk_size, n, v, hidden.device.type), None, None, None)
 
 
 def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
@@ -117,7 +117,7 @@ def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softc
     dh, dw, db = _grad_outputs(hidden, weight, bias, needs)
     n, v = hidden.shape[0], weight.shape[0]
     torch.ops.surgery.ce_backward(hidden, weight, bias, _c(target), _c(lse), coeff.to(torch.float32).contiguous(),
-                                  ignore_index, softcap, _chunk(chunk_size, n, v), dh, dw, db)
+                                  ignore_index, softcap, _chunk(chunk_size, n, v, hidden.device.type), dh, dw, db)
     return _cast_back(dh, dw, db, weight, bias)
 
 
@@ -130,7 +130,7 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
     dh, dw, db = _grad_outputs(hidden, weight, bias, needs)
     n, v = hidden.shape[0], weight.shape[0]
     ce, lse = torch.ops.surgery.ce_forward(hidden, weight, bias, _c(target), coeff.to(torch.float32).contiguous(),
-                                           ignore_index, softcap, ascent_cap, _chunk(chunk_size, n, v), dh, dw, db)
+                                           ignore_index, softcap, ascent_cap, _chunk(chunk_size, n, v, hidden.device.type), dh, dw, db)
     return (ce, lse) + _cast_back(dh, dw, db, weight, bias)
 
 
@@ -141,7 +141,7 @@ def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, 
     n, v = hidden.shape[0], weight.shape[0]
     return torch.ops.surgery.kl_forward(_c(hidden), _c(weight), _c(bias), _c(ref_hidden), _c(ref_weight),
                                         _c(ref_bias), _c(mask), None, direction == "reverse", float(temperature),
-                                        _chunk(chunk_size, n, v), None, None, None)
+                                        _chunk(chunk_size, n, v, hidden.device.type), None, None, None)
 
 
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
@@ -154,7 +154,7 @@ def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref
     n, v = hidden.shape[0], weight.shape[0]
     torch.ops.surgery.kl_backward(hidden, weight, bias, _c(ref_hidden), _c(ref_weight), _c(ref_bias), _c(lse),
                                   _c(ref_lse), _c(kl), coeff.to(torch.float32).contiguous(), direction == "reverse",
-                                  float(temperature), _chunk(chunk_size, n, v), dh, dw, db)
+                                  float(temperature), _chunk(chunk_size, n, v, hidden.device.type), dh, dw, db)
     return _cast_back(dh, dw, db, weight, bias)
 
 
@@ -170,5 +170,5 @@ def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
     kl, lse, rlse = torch.ops.surgery.kl_forward(hidden, weight, bias, _c(ref_hidden), _c(ref_weight), _c(ref_bias),
                                                  _c(mask), coeff.to(torch.float32).contiguous(),
                                                  direction == "reverse", float(temperature),
-                                                 _chunk(chunk_size, n, v), dh, dw, db)
+                                                 _chunk(chunk_size, n, v, hidden.device.type), dh, dw, db)
     return (kl, lse, rlse) + _cast_back(dh, dw, db, weight, bias)

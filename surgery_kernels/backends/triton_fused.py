@@ -15,9 +15,13 @@ Why float32 atomics for dH and dW rather than a kernel that owns vocabulary bloc
 tile needs a full reduction over H, and a (BLOCK_V x H) float32 dW accumulator (2 MiB at
 H = 4096) fits neither registers nor shared memory, so an owning kernel would have to recompute
 each tile once per H block it owns (H / BLOCK_K times). Atomics let every tile be recomputed
-exactly once; the price is the float32 accumulators (N*H and V*H float32 until the final cast;
-for float32 inputs they are the gradients themselves) and atomic traffic, which the grouped
-tile order keeps in L2. The ``cuda`` and ``torch`` backends keep the other trade-off (a logit
+exactly once; the price is atomic traffic (the grouped tile order keeps it in L2) and float32
+accumulators: dH as one (N, H) float32 buffer, dW one vocabulary chunk of at most 64 MiB at a
+time (one launch per chunk, ``common.chunked_grads``); for float32 inputs the gradients are the
+accumulators. Beyond inputs and gradients a 16-bit step thus holds 4*N*H bytes + 64 MiB (320 MiB
+at N = 16384, H = 4096), not the issue's 64 MiB: one of dH, dW always spans all its rows while
+it accumulates, so 64 MiB would need it summed in 16 bits (CCE does so), which would likely
+exceed the numerics contract (2x plain PyTorch's error) over 250 vocabulary blocks (not tried). The ``cuda`` and ``torch`` backends keep the other trade-off (a logit
 chunk in memory, cuBLAS GEMMs).
 
 The main performance risk (not yet measured on a GPU): each (BLOCK_N x BLOCK_V) tile adds
@@ -33,6 +37,11 @@ shifted logits; their float32 sum would be off by up to ~5e-4 at |z| ~ 1e4, and 
 softmax exp(z - lse) would carry that error into every gradient. They only travel between this
 backend's own forward and backward (through the autograd layer), so nothing else sees them.
 
+Each primitive is one ``torch.library.custom_op`` (namespace ``surgery_triton``) with a fake
+(meta) implementation, so ``torch.compile(fullgraph=True)`` sees an opaque op instead of tracing
+into the launcher (or the interpreter). Gradients that are not needed come out of the ops as
+empty placeholders and leave the primitives as None.
+
 Gradient filtering (skip a tile whose |softmax - onehot| is below a threshold everywhere) is off
 by default; see ``triton_kernels.common.GRAD_FILTER_EPS``.
 
@@ -44,8 +53,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from . import Availability
 
@@ -81,21 +92,53 @@ def _c(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
-def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
-    _check(hidden)
+def _placeholders(grads, hidden):
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+def _none_where_unneeded(grads, needs, bias):
+    dh, dw, db = grads
+    return (dh if needs[0] else None, dw if needs[1] else None, db if (needs[2] and bias is not None) else None)
+
+
+def _fake_stats(hidden, *dtypes):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=dt) for dt in dtypes)
+
+
+def _fake_grads(hidden, weight, bias, needs):
+    return (torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
+            torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
+            torch.empty_like(bias) if (needs[2] and bias is not None) else hidden.new_empty(0))
+
+
+@torch.library.custom_op("surgery_triton::ce_forward", mutates_args=())
+def _ce_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                softcap: Optional[float]) -> tuple[Tensor, Tensor]:
     hidden, weight, bias, target = _c(hidden, weight, bias, target)
     return _kernels()[0].forward(hidden, weight, bias, target, ignore_index, softcap)
 
 
-def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
-    _check(hidden)
+@_ce_forward.register_fake
+def _(hidden, weight, bias, target, ignore_index, softcap):
+    return _fake_stats(hidden, torch.float32, torch.float64)
+
+
+@torch.library.custom_op("surgery_triton::ce_backward", mutates_args=())
+def _ce_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor, coeff: Tensor,
+                 softcap: Optional[float], needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     hidden, weight, bias, target = _c(hidden, weight, bias, target)
-    return _kernels()[0].backward(hidden, weight, bias, target, lse, coeff, softcap, needs)
+    return _placeholders(_kernels()[0].backward(hidden, weight, bias, target, lse, coeff, softcap, needs), hidden)
 
 
-def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
-                        chunk_size):
-    _check(hidden)
+@_ce_backward.register_fake
+def _(hidden, weight, bias, target, lse, coeff, softcap, needs):
+    return _fake_grads(hidden, weight, bias, needs)
+
+
+@torch.library.custom_op("surgery_triton::ce_forward_backward", mutates_args=())
+def _ce_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, coeff: Tensor,
+                         ignore_index: int, softcap: Optional[float], ascent_cap: Optional[float],
+                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     hidden, weight, bias, target = _c(hidden, weight, bias, target)
     ce_mod = _kernels()[0]
     ce, lse = ce_mod.forward(hidden, weight, bias, target, ignore_index, softcap)
@@ -103,27 +146,94 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
     if ascent_cap is not None:
         # Bounded ascent: a token pushed past the cap gets no gradient (decided on the device).
         coeff = torch.where((coeff < 0) & (ce > ascent_cap), torch.zeros_like(coeff), coeff)
-    return (ce, lse) + ce_mod.backward(hidden, weight, bias, target, lse, coeff, softcap, needs)
+    grads = ce_mod.backward(hidden, weight, bias, target, lse, coeff, softcap, needs)
+    return (ce, lse) + _placeholders(grads, hidden)
+
+
+@_ce_forward_backward.register_fake
+def _(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap, needs):
+    return _fake_stats(hidden, torch.float32, torch.float64) + _fake_grads(hidden, weight, bias, needs)
+
+
+@torch.library.custom_op("surgery_triton::kl_forward", mutates_args=())
+def _kl_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
+                ref_bias: Optional[Tensor], mask: Tensor, direction: str,
+                temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    return _kernels()[1].forward(*args, mask, direction, temperature)
+
+
+@_kl_forward.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature):
+    return _fake_stats(hidden, torch.float32, torch.float64, torch.float64)
+
+
+@torch.library.custom_op("surgery_triton::kl_backward", mutates_args=())
+def _kl_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
+                 ref_bias: Optional[Tensor], lse: Tensor, ref_lse: Tensor, kl: Tensor, coeff: Tensor, direction: str,
+                 temperature: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    grads = _kernels()[1].backward(*args, lse, ref_lse, kl, coeff, direction, temperature, needs)
+    return _placeholders(grads, hidden)
+
+
+@_kl_backward.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature, needs):
+    return _fake_grads(hidden, weight, bias, needs)
+
+
+@torch.library.custom_op("surgery_triton::kl_forward_backward", mutates_args=())
+def _kl_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                         ref_weight: Tensor, ref_bias: Optional[Tensor], mask: Tensor, coeff: Tensor, direction: str,
+                         temperature: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    kl_mod = _kernels()[1]
+    kl, lse, rlse = kl_mod.forward(*args, mask, direction, temperature)
+    grads = kl_mod.backward(*args, lse, rlse, kl, coeff, direction, temperature, needs)
+    return (kl, lse, rlse) + _placeholders(grads, hidden)
+
+
+@_kl_forward_backward.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direction, temperature, needs):
+    return _fake_stats(hidden, torch.float32, torch.float64, torch.float64) + _fake_grads(hidden, weight, bias, needs)
+
+
+def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
+    _check(hidden)
+    return _ce_forward(hidden, weight, bias, target, ignore_index, softcap)
+
+
+def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
+    _check(hidden)
+    grads = _ce_backward(hidden, weight, bias, target, lse, coeff, softcap, list(needs))
+    return _none_where_unneeded(grads, needs, bias)
+
+
+def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
+                        chunk_size):
+    _check(hidden)
+    ce, lse, *grads = _ce_forward_backward(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap,
+                                           list(needs))
+    return (ce, lse) + _none_where_unneeded(grads, needs, bias)
 
 
 def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature,
                chunk_size):
     _check(hidden)
-    args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    return _kernels()[1].forward(*args, mask, direction, temperature)
+    return _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature)
 
 
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
                 temperature, needs, chunk_size):
     _check(hidden)
-    args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    return _kernels()[1].backward(*args, lse, ref_lse, kl, coeff, direction, temperature, needs)
+    grads = _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction,
+                         temperature, list(needs))
+    return _none_where_unneeded(grads, needs, bias)
 
 
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
                         temperature, needs, chunk_size):
     _check(hidden)
-    args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    kl_mod = _kernels()[1]
-    kl, lse, rlse = kl_mod.forward(*args, mask, direction, temperature)
-    return (kl, lse, rlse) + kl_mod.backward(*args, lse, rlse, kl, coeff, direction, temperature, needs)
+    kl, lse, rlse, *grads = _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff,
+                                                 direction, temperature, list(needs))
+    return (kl, lse, rlse) + _none_where_unneeded(grads, needs, bias)

@@ -30,6 +30,8 @@ def ce_fwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, pm_ptr, ps_ptr, zt_ptr,
                   HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # float32 whatever the caller passed: a float64 scalar would promote the loop-carried statistics.
+    softcap = tl.cast(softcap, tl.float32)
     pid = tl.program_id(0)
     pid_n, pid_s = tile_ids(pid, tl.cdiv(N, BLOCK_N), n_splits, GROUP)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,6 +76,8 @@ def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_hi_ptr, lse_lo_ptr, coeff
                   NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # float32 whatever the caller passed: a float64 scalar would promote the loop-carried statistics.
+    softcap = tl.cast(softcap, tl.float32)
     pid = tl.program_id(0)
     pid_n, pid_v = tile_ids(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,7 +113,7 @@ def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_hi_ptr, lse_lo_ptr, coeff
 
 ce_fwd_tuned = common.autotuned(ce_fwd_kernel, common.CE_FWD_CONFIGS, key=["V", "H"])
 ce_bwd_tuned = common.autotuned(ce_bwd_kernel, common.BWD_CONFIGS, key=["V", "H"],
-                                reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
+                                accumulators=["dh_ptr", "dw_ptr", "db_ptr"])
 
 
 def forward(hidden, weight, bias, target, ignore_index, softcap):
@@ -121,7 +125,7 @@ def forward(hidden, weight, bias, target, ignore_index, softcap):
     zt = torch.empty(n, dtype=torch.float32, device=hidden.device)
     args = (hidden, weight, bias if bias is not None else common.dummy(hidden.device), target, pm, ps, zt,
             n, v, h, split_cols, n_splits, hidden.stride(0), weight.stride(0),
-            1.0 if softcap is None else softcap)
+            1.0 if softcap is None else float(softcap))
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, DOT_FP32=common.INTERPRET,
                  PRECISION=common.dot_precision(hidden.dtype))
     if n > 0:
@@ -136,17 +140,21 @@ def forward(hidden, weight, bias, target, ignore_index, softcap):
 def backward(hidden, weight, bias, target, lse, coeff, softcap, needs):
     """Gradient of sum_i coeff_i * ce_i: (dhidden, dweight, dbias), None where needs is False."""
     n, h = hidden.shape
-    v = weight.shape[0]
-    dh, dw, db = common.grad_buffers(hidden, weight, bias, needs)
-    if n == 0 or not any(x is not None for x in (dh, dw, db)):
-        return common.finish_grads(dh, dw, db, hidden, weight, bias)
     d = common.dummy(hidden.device)
-    args = (hidden, weight, bias if bias is not None else d, target, *common.hi_lo(lse),
-            coeff.float().contiguous(), d if dh is None else dh, d if dw is None else dw, d if db is None else db,
-            n, v, h, hidden.stride(0), weight.stride(0), h, h,
-            1.0 if softcap is None else softcap, common.GRAD_FILTER_EPS)
-    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, NEED_DH=dh is not None,
-                 NEED_DW=dw is not None, NEED_DB=db is not None, DOT_FP32=common.INTERPRET,
+    hi, lo = common.hi_lo(lse)
+    coeff = coeff.float().contiguous()
+    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, NEED_DH=bool(needs[0]),
+                 NEED_DW=bool(needs[1]), NEED_DB=bool(needs[2]) and bias is not None, DOT_FP32=common.INTERPRET,
                  PRECISION=common.dot_precision(hidden.dtype))
-    common.launch(ce_bwd_kernel, ce_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v)
-    return common.finish_grads(dh, dw, db, hidden, weight, bias)
+
+    def run(v0, v1, dh, dw, db):
+        if n == 0 or not (flags["NEED_DH"] or flags["NEED_DW"] or flags["NEED_DB"]):
+            return
+        # Weight rows [v0, v1): a view; targets shifted to the chunk's columns (others match none).
+        args = (hidden, weight[v0:v1], d if bias is None else bias[v0:v1], target - v0 if v0 else target, hi, lo,
+                coeff, d if dh is None else dh, d if dw is None else dw, d if db is None else db,
+                n, v1 - v0, h, hidden.stride(0), weight.stride(0), h, h,
+                1.0 if softcap is None else float(softcap), common.GRAD_FILTER_EPS)
+        common.launch(ce_bwd_kernel, ce_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v1 - v0)
+
+    return common.chunked_grads(hidden, weight, bias, needs, run)

@@ -146,19 +146,38 @@ def hi_lo(lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi.contiguous(), lo.contiguous()
 
 
-def grad_buffers(hidden, weight, bias, needs):
-    """float32 accumulators (zeroed) for the atomics; None where not needed. For float32 inputs
-    they are the gradients themselves."""
+# The backward of 16-bit weights accumulates dW in float32 for at most this many elements at a
+# time (2**24 = 64 MiB), one vocabulary chunk per launch, each chunk written into the 16-bit
+# gradient once it is complete; dH accumulates in one float32 (N, H) buffer over all chunks.
+DW_CHUNK_ELEMENTS = 1 << 24
+
+
+def vocab_chunks(v: int, h: int) -> list[tuple[int, int]]:
+    """[(v0, v1)): row ranges of the weight, DW_CHUNK_ELEMENTS // H rows each (a multiple of 256)."""
+    step = max(SPLIT_QUANTUM, DW_CHUNK_ELEMENTS // max(h, 1) // SPLIT_QUANTUM * SPLIT_QUANTUM)
+    return [(v0, min(v0 + step, v)) for v0 in range(0, v, step)]
+
+
+def chunked_grads(hidden, weight, bias, needs, run):
+    """The gradients (dhidden, dweight, dbias), None where not needed, from float32 accumulators
+    that ``run(v0, v1, dh, dw, db)`` fills with atomics for weight rows [v0, v1) (dw and db are
+    that chunk's buffers). float32 weights are their own accumulator, in one chunk."""
+    v, h = weight.shape
     f32 = dict(dtype=torch.float32, device=hidden.device)
     dh = torch.zeros(hidden.shape, **f32) if needs[0] else None
-    dw = torch.zeros(weight.shape, **f32) if needs[1] else None
-    db = torch.zeros(weight.shape[0], **f32) if (needs[2] and bias is not None) else None
-    return dh, dw, db
-
-
-def finish_grads(dh, dw, db, hidden, weight, bias):
-    return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-            None if db is None else db.to(bias.dtype))
+    db = torch.zeros(v, **f32) if (needs[2] and bias is not None) else None
+    dw = None
+    if needs[1]:
+        dw = torch.zeros(weight.shape, **f32) if weight.dtype == torch.float32 else \
+            torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    in_place = dw is None or dw.dtype == torch.float32
+    for v0, v1 in ([(0, v)] if in_place else vocab_chunks(v, h)):
+        acc = dw[v0:v1] if in_place and dw is not None else (None if dw is None else torch.zeros((v1 - v0, h), **f32))
+        run(v0, v1, dh, acc, None if db is None else db[v0:v1])
+        if not in_place:
+            dw[v0:v1].copy_(acc)
+            del acc
+    return (None if dh is None else dh.to(hidden.dtype), dw, None if db is None else db.to(bias.dtype))
 
 
 def dummy(device) -> torch.Tensor:
@@ -178,24 +197,26 @@ def _cfg(bn, bv, bk, warps, stages, group=8):
 # GPU configs (H100 first guesses; the first of each list is used when SURGERY_TRITON_AUTOTUNE=0).
 # Checked by compiling for sm_90 here (no GPU): all software-pipelined (cp.async + wgmma), float32
 # atomics vectorized (red.v4.f32); ptxas register use and spills noted per line.
+# Lists kept short: every config is one more compile (~2-5 s) on the first call of each variant.
 # CE forward: a GEMM main loop with a light epilogue.
 CE_FWD_CONFIGS = [
     _cfg(128, 128, 64, 8, 3),  # 255 regs, no spill
-    _cfg(128, 128, 64, 8, 4),
-    _cfg(128, 256, 64, 8, 3),  # 232 B spilled
+    _cfg(128, 256, 64, 8, 3),  # ~300 B spilled
 ]
 # KL forward holds two logit tiles: 128x256 spills 1.7 KB, so smaller tiles.
 KL_FWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),  # 80 B spilled
+    _cfg(128, 128, 64, 8, 3),  # ~100 B spilled
     _cfg(64, 128, 64, 4, 3),
-    _cfg(128, 64, 64, 4, 3),
 ]
-# Backward: the recomputed tile stays in registers through the dH/dW loop, so 128x128 at most;
-# BLOCK_K is also the width of each atomic update. (CE and KL: ~250 regs, no spill.)
+# Backward: the recomputed tile stays in registers through the dH/dW loop. BLOCK_K is also the
+# width of each atomic update. The atomic traffic is proportional to 1/BLOCK_N + 1/BLOCK_V, so
+# the 256-row tile (16 warps, 168 KiB shared memory, ~300 B spilled for CE and ~700 B for KL
+# with bias and softcap) cuts it by a quarter;
+# 128x256 would need 232 KiB of shared memory, over the H100's 227.
 BWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 3),  # ~250 regs, no spill
     _cfg(128, 128, 32, 8, 4),
-    _cfg(64, 128, 64, 4, 3),
+    _cfg(256, 128, 32, 16, 3),
 ]
 # float32 inputs: IEEE dots run on FMA units, not tensor cores (the 1e-5 contract rules out
 # TF32); large tiles make ptxas spill kilobytes and compile for 30 s, so one small tile. This
@@ -207,10 +228,15 @@ def configs(which):
     return which if AUTOTUNE else which[:1]
 
 
-def autotuned(kernel, lists, key, reset_to_zero=None):
-    """{is_float32: autotuned kernel}: float32 inputs get FP32_CONFIGS, 16-bit ones ``lists``."""
-    return {fp32: triton.autotune(configs(FP32_CONFIGS if fp32 else lists), key=key,
-                                  reset_to_zero=reset_to_zero)(kernel) for fp32 in (False, True)}
+def autotuned(kernel, lists, key, accumulators=None, do_bench=None):
+    """{is_float32: autotuned kernel}: float32 inputs get FP32_CONFIGS, 16-bit ones ``lists``.
+
+    ``accumulators``: arguments the kernel adds into. The tuning runs must leave them as they
+    were (restore_value, not reset_to_zero): the dW chunks of one backward call share the dH
+    buffer, and a chunk of a new width is tuned while dH holds the earlier chunks' sums."""
+    extra = {} if do_bench is None else {"do_bench": do_bench}
+    return {fp32: triton.autotune(configs(FP32_CONFIGS if fp32 else lists), key=key, restore_value=accumulators,
+                                  **extra)(kernel) for fp32 in (False, True)}
 
 
 def launch(kernel, tuned, args, flags, *, n, fp32, n_splits=None, v=None):

@@ -34,6 +34,9 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr,
                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # Scalars in float32 whatever the caller passed (a float64 scalar would turn the loop-carried
+    # statistics into float64, which Triton rejects).
+    inv_t = tl.cast(inv_t, tl.float32)
     pid = tl.program_id(0)
     pid_n, pid_s = tile_ids(pid, tl.cdiv(N, BLOCK_N), n_splits, GROUP)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,6 +103,9 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
                   NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # Scalars in float32 whatever the caller passed (a float64 scalar would turn the loop-carried
+    # statistics into float64, which Triton rejects).
+    inv_t = tl.cast(inv_t, tl.float32)
     pid = tl.program_id(0)
     pid_n, pid_v = tile_ids(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,7 +146,7 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
 
 kl_fwd_tuned = common.autotuned(kl_fwd_kernel, common.KL_FWD_CONFIGS, key=["V", "H", "RH"])
 kl_bwd_tuned = common.autotuned(kl_bwd_kernel, common.BWD_CONFIGS, key=["V", "H", "RH"],
-                                reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
+                                accumulators=["dh_ptr", "dw_ptr", "db_ptr"])
 
 
 def _combine(pmq, psq, pmp, psp, pd, mask, reverse):
@@ -164,7 +170,7 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direct
     d = common.dummy(hidden.device)
     args = (hidden, weight, d if bias is None else bias, ref_hidden, ref_weight, d if ref_bias is None else ref_bias,
             *stats, n, v, h, rh, split_cols, n_splits, hidden.stride(0), weight.stride(0), ref_hidden.stride(0),
-            ref_weight.stride(0), 1.0 / temperature)
+            ref_weight.stride(0), 1.0 / float(temperature))
     flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=direction == "reverse",
                  DOT_FP32=common.INTERPRET, PRECISION=common.dot_precision(hidden.dtype))
     if n > 0:
@@ -177,18 +183,22 @@ def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_ls
              needs):
     """Gradient of sum_i coeff_i * kl_i w.r.t. the trained side: (dhidden, dweight, dbias)."""
     n, h = hidden.shape
-    v, rh = weight.shape[0], ref_weight.shape[1]
-    dh, dw, db = common.grad_buffers(hidden, weight, bias, needs)
-    if n == 0 or not any(x is not None for x in (dh, dw, db)):
-        return common.finish_grads(dh, dw, db, hidden, weight, bias)
+    rh = ref_weight.shape[1]
     d = common.dummy(hidden.device)
-    args = (hidden, weight, d if bias is None else bias, ref_hidden, ref_weight, d if ref_bias is None else ref_bias,
-            *common.hi_lo(lse), *common.hi_lo(ref_lse), kl.float().contiguous(), coeff.float().contiguous(),
-            d if dh is None else dh, d if dw is None else dw, d if db is None else db,
-            n, v, h, rh, hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), h, h,
-            1.0 / temperature, common.GRAD_FILTER_EPS)
+    stats = (*common.hi_lo(lse), *common.hi_lo(ref_lse), kl.float().contiguous(), coeff.float().contiguous())
     flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=direction == "reverse",
-                 NEED_DH=dh is not None, NEED_DW=dw is not None, NEED_DB=db is not None,
+                 NEED_DH=bool(needs[0]), NEED_DW=bool(needs[1]), NEED_DB=bool(needs[2]) and bias is not None,
                  DOT_FP32=common.INTERPRET, PRECISION=common.dot_precision(hidden.dtype))
-    common.launch(kl_bwd_kernel, kl_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v)
-    return common.finish_grads(dh, dw, db, hidden, weight, bias)
+
+    def run(v0, v1, dh, dw, db):
+        if n == 0 or not (flags["NEED_DH"] or flags["NEED_DW"] or flags["NEED_DB"]):
+            return
+        # Both models' weight rows [v0, v1): views.
+        args = (hidden, weight[v0:v1], d if bias is None else bias[v0:v1], ref_hidden, ref_weight[v0:v1],
+                d if ref_bias is None else ref_bias[v0:v1], *stats,
+                d if dh is None else dh, d if dw is None else dw, d if db is None else db,
+                n, v1 - v0, h, rh, hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), h, h,
+                1.0 / float(temperature), common.GRAD_FILTER_EPS)
+        common.launch(kl_bwd_kernel, kl_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v1 - v0)
+
+    return common.chunked_grads(hidden, weight, bias, needs, run)

