@@ -255,7 +255,7 @@ def write_plots(out_dir: Path, rows: list[dict]) -> list[str]:
                 if not pts:
                     continue
                 ns.update(n for n, _ in pts)
-                style = "--" if prov == "floor" else "o-" if prov.startswith("sk-") else "s:"
+                style = "x--" if prov == "floor" else "o-" if prov.startswith("sk-") else "s:"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=prov, markersize=5,
                         color="k" if prov == "floor" else colour[prov])
             ax.set_title(f"{op} {mode} {shape} {dtype}", fontsize=10)

@@ -136,7 +136,7 @@ def _worker_row(r: dict) -> dict:
 
 
 def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadline: float | None,
-            task_timeout: float, max_call_s: float | None = None) -> list[dict]:
+            task_timeout: float, max_call_s: float | None = None, hard_stop: float | None = None) -> list[dict]:
     """Run the cases in workers: one process per case on the CPU, one for all on CUDA (restarted
     past a crash for the cases left). Returns one row per (case, provider), the floor included."""
     paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + _EXTRA_PATHS
@@ -161,9 +161,9 @@ def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadlin
                 spec.write_text(json.dumps({"device": device, "repeats": repeats, "deadline": deadline,
                                             "max_call_s": max_call_s, "tasks": pending}))
                 limit = task_timeout * len(pending)
-                if deadline is not None:
-                    # A case running at the deadline gets a short grace, then the report is written.
-                    limit = min(limit, max(deadline - time.time(), 0) + 30)
+                if hard_stop is not None:
+                    # A case still running at the hard stop is killed, so the report gets written in time.
+                    limit = min(limit, max(hard_stop - time.time(), 1))
                 try:
                     subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec), str(out)], cwd=ROOT, env=env,
                                    stdout=log, stderr=log, timeout=limit)
@@ -265,6 +265,10 @@ def run(args) -> int:
         print("no case left after the filters", file=sys.stderr)
         return 2
     repeats = args.repeats or (2 if preset == "quick" else 3 if device == "cpu" else 5)
+    if args.max_call_s is None:
+        # quick: torch-lce's default chunking takes ~30 s a call on 2 idle cores; one call is enough
+        # to see it, and keeps the run near 5 minutes.
+        args.max_call_s = 30.0 if preset == "quick" else 60.0
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = environment(device)
@@ -278,8 +282,11 @@ def run(args) -> int:
     for r in fixed:
         print(_describe(r), flush=True)
     t0 = time.time()
-    deadline = t0 + args.time_limit if args.time_limit else None
-    measured = execute(tasks, device, repeats, out_dir, deadline, args.task_timeout, args.max_call_s)
+    # --time-limit is the whole run: no case starts after 85% of it, a case still running 5 s
+    # before its end is killed, and the last seconds write the report.
+    deadline = t0 + 0.85 * args.time_limit if args.time_limit else None
+    hard_stop = t0 + args.time_limit - 5 if args.time_limit else None
+    measured = execute(tasks, device, repeats, out_dir, deadline, args.task_timeout, args.max_call_s, hard_stop)
     meta.update(load_end=measure.load_average(), wall_s=round(time.time() - t0, 1))
     rows = compose(cases, measured, fixed, meta)
     report.write_all(out_dir, meta, rows)
