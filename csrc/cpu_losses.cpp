@@ -36,7 +36,8 @@
 namespace surgery {
 namespace {
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+// GCC >= 11 knows the x86-64-v3/v4 levels; elsewhere the loops get the baseline vectorization only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
 #define SK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SK_MULTIVERSION
