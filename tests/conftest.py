@@ -5,14 +5,22 @@
 - ``BACKEND_CASES``: every (backend, device) pair that can run here. The numerics suite is
   parametrized over it, so a new backend is tested as soon as ``available_backends`` reports it.
 - ``--runslow`` runs tests marked ``slow``; tests marked ``cuda`` skip without a GPU.
+- Without a GPU, ``TRITON_INTERPRET=1`` is set, so the triton backend runs (slowly) on the CPU.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from surgery_kernels.backends import BACKENDS, availability
+# Without a GPU the Triton kernels run under Triton's CPU interpreter (set before any kernel module
+# is imported: triton.jit reads it when a kernel is defined), so the whole suite covers them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from surgery_kernels.backends import BACKENDS, availability  # noqa: E402
 
 _real_empty, _real_empty_like = torch.empty, torch.empty_like
 
