@@ -56,7 +56,7 @@ class DemoConfig:
     seed: int = 0
     n_unlearn: int = 10
     n_edit: int = 10
-    steps: int = 30
+    steps: int = 20
     quick_steps: int = 20
     lr: float = 3.0e-5
     weight_decay: float = 0.01
@@ -64,11 +64,13 @@ class DemoConfig:
     # Stream coefficients (the paper's alpha, beta, gamma) and records per stream per step.
     alpha: float = 1.0
     beta: float = 2.0
-    gamma: float = 2.0
+    gamma: float = 4.0
     gamma_text: float = 1.0
     # Bounded ascent: an ascent token whose CE already exceeds this stops contributing.
     ascent_cap: float | None = 5.0
     batch_facts: int = 8
+    # Retain statements per step: more than the other streams, retention is the hard part.
+    batch_retain: int = 16
     batch_text: int = 4
     text_max_tokens: int = 40
     n_text_train: int = 64
@@ -237,7 +239,7 @@ def streams_for(variant: str, sets: dict, cfg: DemoConfig):
         "unlearn": ("ascent", cfg.alpha, cfg.batch_facts, None),
         "outdated": ("ascent", cfg.alpha, cfg.batch_facts, None),
         "updated": ("descent", cfg.beta, cfg.batch_facts, None),
-        "retain_facts": ("kl", cfg.gamma, cfg.batch_facts, None),
+        "retain_facts": ("kl", cfg.gamma, cfg.batch_retain, None),
         "retain_text": ("kl", cfg.gamma_text, cfg.batch_text, cfg.text_max_tokens),
     }
     out = []
