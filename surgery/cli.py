@@ -41,6 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         return demo.main(argv[1:]) or 0
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .distributed import shutdown
+
+    try:
+        return _run(args)
+    finally:
+        shutdown()
+
+
+def _run(args) -> int:
     from . import from_config, load_config
     from .trainer import NonFiniteLossError
 

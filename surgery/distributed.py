@@ -64,6 +64,15 @@ def init() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local)
 
 
+def shutdown() -> None:
+    """Leave the process group, if any, before the interpreter exits: a gloo group torn down by the
+    interpreter's exit races its own threads ('terminate called without an active exception',
+    seen on a CPU run of 2 ranks). No barrier: a run ends with one, and on an error path a rank
+    must not wait for a peer that may never come."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks: modules whose class the model lists in ``_no_split_modules``."""
     from .modeling import unwrap
