@@ -14,6 +14,8 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # Without a GPU the Triton kernels run under Triton's CPU interpreter (set before any kernel module
 # is imported: triton.jit reads it when a kernel is defined), so the whole suite covers them.
@@ -77,3 +79,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+class RecordCreated(TorchDispatchMode):
+    """Records every tensor an aten op returns while active, as (numel, bytes, op name): the
+    structural tests use it to show that no [tokens x vocab] tensor is ever created."""
+
+    def __init__(self):
+        super().__init__()
+        self.created: list[tuple[int, int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.created.append((t.numel(), t.numel() * t.element_size(), str(func)))
+        return out
+
+    def largest(self) -> tuple[int, str]:
+        """(element count, op) of the largest tensor created."""
+        numel, _, name = max(self.created)
+        return numel, name
+
+    def largest_bytes(self) -> tuple[int, str]:
+        nbytes, name = max((b, n) for _, b, n in self.created)
+        return nbytes, name

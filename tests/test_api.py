@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import surgery_kernels as sk
+from conftest import RecordCreated
 from surgery_kernels import LinearCrossEntropy, LinearKLDiv, linear_cross_entropy, linear_kl_div
 from surgery_kernels.backends import resolve
 from surgery_kernels.backends.chunked import default_chunk_size
@@ -125,21 +125,6 @@ def test_default_chunk_size():
     assert default_chunk_size(10**6, 10**9) == 1
 
 
-class RecordCreated(TorchDispatchMode):
-    """Records the element count of every tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in torch.utils._pytree.tree_leaves(out):
-            if isinstance(o, torch.Tensor):
-                self.numels.append((o.numel(), str(func)))
-        return out
-
-
 @pytest.mark.parametrize("op", ["ce", "ce-none", "kl", "kl-none"])
 def test_never_creates_an_n_by_v_tensor(op):
     """Forward+backward with chunk_size < N never creates a tensor of N x V elements (the naive
@@ -156,7 +141,7 @@ def test_never_creates_an_n_by_v_tensor(op):
         with RecordCreated() as rec:
             out = fn()
             out.backward(torch.ones_like(out))
-        return max(rec.numels)
+        return rec.largest()
 
     if op.startswith("ce"):
         ours = lambda: linear_cross_entropy(hidden, weight, target, reduction=red, backend="torch", chunk_size=32)

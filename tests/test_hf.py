@@ -10,9 +10,8 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from conftest import RecordCreated
 from surgery_kernels import hf
 from surgery_kernels.backends import BACKENDS, availability
 
@@ -177,19 +176,6 @@ def test_patch_twice_replaces_the_options_and_unpatch_still_restores():
     assert "forward" not in vars(model) and "forward" not in vars(model.get_output_embeddings())
 
 
-class _Recorder(TorchDispatchMode):
-    """Records the number of elements of every tensor any aten op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.numels += [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return out
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_no_logits_sized_tensor_in_a_patched_forward_and_backward(arch):
     # More tokens (B*T = 58 > H) and a larger vocabulary than elsewhere, so that the logits
@@ -200,9 +186,9 @@ def test_no_logits_sized_tensor_in_a_patched_forward_and_backward(arch):
 
     def biggest():
         model.zero_grad(set_to_none=True)
-        with _Recorder() as rec:
+        with RecordCreated() as rec:
             model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
-        return max(rec.numels)
+        return rec.largest()[0]
 
     # The detector sees the logits of the plain model...
     assert biggest() >= B * tokens * vocab

@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import RecordCreated
 from surgery_kernels import linear_cross_entropy, linear_kl_div
 from surgery_kernels.backends import availability
 from surgery_kernels.reference import linear_cross_entropy_ref, linear_kl_div_ref
@@ -393,20 +394,6 @@ def test_never_creates_an_n_by_v_tensor(device, op):
     """The fused path holds no logits at all: every tensor an aten op creates is at most the bytes
     of a float32 input, gradient or (64 splits, N) statistic, below the N x V float32 logits.
     Counted in bytes because the interpreter copies arguments as byte tensors."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class RecordBytes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.sizes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for o in torch.utils._pytree.tree_leaves(out):
-                if isinstance(o, torch.Tensor):
-                    self.sizes.append((o.numel() * o.element_size(), str(func)))
-            return out
-
     n, h, v = 40, 8, 300
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, h, generator=g).to(device).requires_grad_()
@@ -414,13 +401,13 @@ def test_never_creates_an_n_by_v_tensor(device, op):
     target = torch.randint(0, v, (n,), generator=g).to(device)
     ref_h, ref_w = torch.randn(n, h, generator=g).to(device), torch.randn(v, h, generator=g).to(device)
     red = "none" if op.endswith("none") else "mean"
-    with RecordBytes() as rec:
+    with RecordCreated() as rec:
         if op.startswith("ce"):
             out = linear_cross_entropy(hidden, weight, target, reduction=red, backend="triton")
         else:
             out = linear_kl_div(hidden, weight, ref_h, ref_w, reduction=red, backend="triton")
         out.backward(torch.ones_like(out))
-    biggest = max(rec.sizes)
+    biggest = rec.largest_bytes()
     assert biggest[0] <= 4 * max(n * h, v * h, 64 * n) < 4 * n * v, f"created {biggest[0]} bytes in {biggest[1]}"
 
 
