@@ -154,19 +154,9 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
 
 
 def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, acc):
-    """Tempered log-probs of both sides (log_softmax shifts by the row max, so they stay exact for
-    large logits), both lse's and the per-token kl."""
-    z = _logits(h, weight, bias, acc)
-    zr = _logits(rh, rweight, rbias, acc)
-    if temperature != 1.0:
-        z.div_(temperature)
-        zr.div_(temperature)
-    lse = torch.logsumexp(z, dim=-1)
-    rlse = torch.logsumexp(zr, dim=-1)
-    logq = torch.log_softmax(z, dim=-1)
-    del z
-    logp = torch.log_softmax(zr, dim=-1)
-    del zr
+    """Tempered log-probs of both sides, both lse's and the per-token kl."""
+    logq, lse = _tempered_logprobs(h, weight, bias, temperature, acc)
+    logp, rlse = _tempered_logprobs(rh, rweight, rbias, temperature, acc)
     # forward: sum p (log p - log q); reverse: sum q (log q - log p)
     if direction == "forward":
         kl = (logp.exp() * (logp - logq)).sum(-1)
@@ -208,18 +198,22 @@ def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0], hidden.device.type):
-        logq = _tempered_logprobs(hidden[s:e], weight, bias, temperature, acc)
-        logp = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, temperature, acc)
+        logq, _ = _tempered_logprobs(hidden[s:e], weight, bias, temperature, acc)
+        logp, _ = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, temperature, acc)
         g = _kl_logit_grad_(logq, logp, kl[s:e], coeff[s:e], direction, temperature)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
     return _finish(dh, dw, db, weight, bias)
 
 
 def _tempered_logprobs(h, weight, bias, temperature, acc):
+    """log_softmax(z / T) of one chunk (it shifts by the row max: exact for large logits) and the
+    row lse, read off it at the row max (lse = max z - max log p, exact there) instead of a second
+    pass of exponentials."""
     z = _logits(h, weight, bias, acc)
     if temperature != 1.0:
         z.div_(temperature)
-    return torch.log_softmax(z, dim=-1)
+    logp = torch.log_softmax(z, dim=-1)
+    return logp, z.amax(dim=-1) - logp.amax(dim=-1)
 
 
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
