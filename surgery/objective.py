@@ -9,8 +9,12 @@ All streams of a step are padded to one length and run through the base model in
 (``sign_s / N_s``, N_s = live tokens of stream s over all processes); ``reduction="none"`` returns
 ``sign_s * ce_i / N_s`` per token, so each stream's own mean CE is a sum of its slice, and the
 coefficients ``c_s`` enter as the upstream gradient of that slice. Retain rows go through one
-``linear_kl_div`` call against the reference's final hidden states, padding and prompt tokens
-masked out.
+``linear_kl_div`` call against the reference's final hidden states.
+
+Only **live** tokens (``target != IGNORE``) reach the loss kernels: padding, prompt tokens and
+each row's last position are dropped before the head, so the ``tokens x vocab`` work is
+proportional to the tokens that carry a loss (a fact statement trains on its ~3 answer tokens
+out of ~15; a batch padded to its longest row is mostly padding).
 
 Everything that touches the head weight happens inside ``forward``: under FSDP the weight is
 unsharded only there.
@@ -62,7 +66,10 @@ class SurgeryObjective(nn.Module):
         if mode == "nll":
             h = final_hidden(self.model, input_ids, attention_mask)
             w, b = self._head()
-            return linear_cross_entropy(h, w, target, bias=b, reduction="none", backend=self.backend, **self.head_opts)
+            live = target != IGNORE
+            v = linear_cross_entropy(h[live], w, target[live], bias=b, reduction="none", backend=self.backend,
+                                     **self.head_opts)
+            return _scatter(v, live)
         if mode != "loss":
             raise ValueError(f"mode must be 'loss', 'nll' or 'hidden', got {mode!r}")
         return self._loss(input_ids, attention_mask, target, n_ce_rows, ce_weight, ce_coeff, kl_weight, kl_coeff,
@@ -74,17 +81,20 @@ class SurgeryObjective(nn.Module):
         for the KL rows (1 / N_r, c_r); stream_rows: per stream, its (start, stop) rows."""
         h = final_hidden(self.model, input_ids, attention_mask)
         w, b = self._head()
+        live = target != IGNORE
         total = h.new_zeros((), dtype=torch.float32)
         per_token = []
         if n_ce_rows:
-            # One signed call for every ascent and descent stream.
-            v = linear_cross_entropy(h[:n_ce_rows], w, target[:n_ce_rows], bias=b, token_weight=ce_weight,
-                                     reduction="none", ascent_cap=self.ascent_cap, backend=self.backend,
-                                     **self.head_opts)
-            total = total + (v * ce_coeff).sum()
-            per_token.append(v)
+            # One signed call for every ascent and descent stream, over the live tokens only.
+            sel = live[:n_ce_rows]
+            v = linear_cross_entropy(h[:n_ce_rows][sel], w, target[:n_ce_rows][sel], bias=b,
+                                     token_weight=ce_weight[sel], reduction="none", ascent_cap=self.ascent_cap,
+                                     backend=self.backend, **self.head_opts)
+            total = total + (v * ce_coeff[sel]).sum()
+            per_token.append(_scatter(v.detach(), sel))
         if n_ce_rows < h.shape[0]:
-            hk = h[n_ce_rows:]
+            sel = live[n_ce_rows:]
+            hk = h[n_ce_rows:][sel]
             if ref_hidden is None:
                 ref_hidden, ref_weight, ref_bias = self._adapter_reference(input_ids[n_ce_rows:],
                                                                            attention_mask[n_ce_rows:], w, b)
@@ -97,11 +107,11 @@ class SurgeryObjective(nn.Module):
             if ref_weight.dtype != ref_hidden.dtype:
                 ref_weight = ref_weight.to(ref_hidden.dtype)
                 ref_bias = None if ref_bias is None else ref_bias.to(ref_hidden.dtype)
-            v = linear_kl_div(hk, w, ref_hidden, ref_weight, bias=b, ref_bias=ref_bias,
-                              mask=target[n_ce_rows:] != IGNORE, token_weight=kl_weight, reduction="none",
-                              direction=self.kl_direction, backend=self.backend)
-            total = total + (v * kl_coeff).sum()
-            per_token.append(v)
+            v = linear_kl_div(hk, w, ref_hidden[sel], ref_weight, bias=b, ref_bias=ref_bias,
+                              token_weight=kl_weight[sel], reduction="none", direction=self.kl_direction,
+                              backend=self.backend)
+            total = total + (v * kl_coeff[sel]).sum()
+            per_token.append(_scatter(v.detach(), sel))
         values = torch.cat(per_token, 0).detach()
         terms = torch.stack([values[a:z].sum() for a, z in stream_rows]) if stream_rows else values.new_zeros(0)
         return total, terms
@@ -116,3 +126,10 @@ class SurgeryObjective(nn.Module):
         with torch.no_grad(), self.model.disable_adapter():
             rh = final_hidden(self.model, input_ids, attention_mask)
         return rh, w, b
+
+
+def _scatter(values: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Per-live-token ``values`` back at their (B, L) positions, 0 elsewhere."""
+    out = values.new_zeros(live.shape)
+    out[live] = values
+    return out
