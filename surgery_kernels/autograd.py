@@ -5,8 +5,8 @@ mask, the token weight (any sign) and, for ``reduction="mean"``, ``1 / sum(mask)
 the device, so nothing here synchronizes with the host.
 
 - ``mean``/``sum`` with a gradient wanted: the backend's ``*_forward_backward`` computes values
-  and gradients in one pass over the logits; ``backward`` only scales them by the (scalar)
-  upstream gradient.
+  and gradients in one pass over the logits; ``backward`` only scales them, in place, by
+  the (scalar) upstream gradient (``_scaled``).
 - ``none`` (or no gradient wanted): ``*_forward`` keeps per-token statistics; ``backward``
   recomputes the logits with ``coeff_i = grad_out_i * weight_i``, so any upstream gradient,
   a per-token one included, is honoured.
@@ -31,8 +31,28 @@ def _coefficients(live: torch.Tensor, token_weight: torch.Tensor | None, reducti
     return w, w
 
 
-def _scaled(grads, grad_out):
-    return tuple(None if g is None else g * grad_out.to(g.dtype) for g in grads)
+def _scaled(ctx, grad_out):
+    """The gradients computed in the forward, times the scalar upstream gradient.
+
+    The first backward scales them **in place** (an out-of-place product would hold a second
+    weight-sized and hidden-sized tensor at the peak of the backward), through ``.data`` so the
+    saved tensors' version counters stay valid: with ``retain_graph=True`` a later backward
+    (``gradcheck`` does several) unpacks them, already scaled by the first upstream gradient, and
+    rescales out of place by the ratio. Without ``retain_graph`` autograd frees the saved
+    tensors right after this call and the returned ones become ``.grad`` without a copy."""
+    grads = ctx.saved_tensors
+    if ctx.scale is None:
+        ctx.scale = grad_out.detach().clone()
+        for g in grads:
+            if g is not None:
+                g.data.mul_(grad_out.to(g.dtype))
+        return grads
+    if bool(ctx.scale == 0):
+        raise RuntimeError(f"backward through a reduction={ctx.reduction!r} loss a second time after a first "
+                           "backward with upstream gradient 0, which consumed its in-place gradients; use "
+                           "reduction='none' (the backward recomputes) to backpropagate through it this way")
+    ratio = grad_out / ctx.scale
+    return tuple(None if g is None else g * ratio.to(g.dtype) for g in grads)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -44,7 +64,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         live = target != ignore_index
         w, coeff = _coefficients(live, token_weight, reduction, acc)
         opts = dict(ignore_index=ignore_index, softcap=softcap, chunk_size=chunk_size)
-        ctx.reduction, ctx.backend, ctx.needs, ctx.opts = reduction, backend, needs, opts
+        ctx.reduction, ctx.backend, ctx.needs, ctx.opts, ctx.scale = reduction, backend, needs, opts, None
         fused = reduction != "none" and any(needs)
         if fused:
             ce, lse, dh, dw, db = impl.ce_forward_backward(hidden, weight, bias, target, coeff, ascent_cap=ascent_cap,
@@ -68,7 +88,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         # Gradients are only wanted when some input needs one, so mean/sum took the fused path.
         if ctx.reduction != "none":
-            dh, dw, db = _scaled(ctx.saved_tensors, grad_out)
+            dh, dw, db = _scaled(ctx, grad_out)
         else:
             hidden, weight, bias, target, lse, w = ctx.saved_tensors
             dh, dw, db = _impl(ctx.backend).ce_backward(hidden, weight, bias, target, lse, grad_out.to(w.dtype) * w,
@@ -84,7 +104,7 @@ class LinearKLDivFunction(torch.autograd.Function):
         acc = _acc(hidden.dtype)
         w, coeff = _coefficients(mask, token_weight, reduction, acc)
         opts = dict(direction=direction, temperature=temperature, chunk_size=chunk_size)
-        ctx.reduction, ctx.backend, ctx.needs, ctx.opts = reduction, backend, needs, opts
+        ctx.reduction, ctx.backend, ctx.needs, ctx.opts, ctx.scale = reduction, backend, needs, opts, None
         refs = (ref_hidden, ref_weight, ref_bias)
         if reduction != "none" and any(needs):
             kl, lse, rlse, dh, dw, db = impl.kl_forward_backward(hidden, weight, bias, *refs, mask, coeff,
@@ -100,7 +120,7 @@ class LinearKLDivFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.reduction != "none":
-            dh, dw, db = _scaled(ctx.saved_tensors, grad_out)
+            dh, dw, db = _scaled(ctx, grad_out)
         else:
             hidden, weight, bias, rh, rw, rb, lse, rlse, kl, w = ctx.saved_tensors
             dh, dw, db = _impl(ctx.backend).kl_backward(hidden, weight, bias, rh, rw, rb, lse, rlse, kl,

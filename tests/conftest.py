@@ -85,15 +85,23 @@ class RecordCreated(TorchDispatchMode):
     """Records every tensor an aten op returns while active, as (numel, bytes, op name): the
     structural tests use it to show that no [tokens x vocab] tensor is ever created."""
 
-    def __init__(self):
+    def __init__(self, storage: bool = False):
         super().__init__()
-        self.created: list[tuple[int, int, str]] = []
+        # storage=True: entries get a 4th field, whether the tensor has new memory (not a view or
+        # the in-place result of one of the op's inputs).
+        self.storage = storage
+        self.created: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.storage:
+            seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self.created.append((t.numel(), t.numel() * t.element_size(), str(func)))
+                entry = (t.numel(), t.numel() * t.element_size(), str(func))
+                if self.storage:
+                    entry += (t.untyped_storage().data_ptr() not in seen,)
+                self.created.append(entry)
         return out
 
     def largest(self) -> tuple[int, str]:

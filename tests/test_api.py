@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import surgery_kernels as sk
-from conftest import RecordCreated
+from conftest import BACKEND_CASES, RecordCreated
 from surgery_kernels import LinearCrossEntropy, LinearKLDiv, linear_cross_entropy, linear_kl_div
 from surgery_kernels.backends import resolve
 from surgery_kernels.backends.chunked import default_chunk_size
@@ -152,6 +152,46 @@ def test_never_creates_an_n_by_v_tensor(op):
     assert run(naive)[0] >= n * v
     biggest = run(ours)
     assert biggest[0] <= 32 * v, f"created a tensor of {biggest[0]} elements in {biggest[1]}"
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@pytest.mark.parametrize("op", ["ce", "kl"])
+def test_mean_backward_scales_in_place_and_only_once(case, op):
+    """reduction="mean": the gradients computed in the forward are multiplied by a non-unit upstream
+    gradient correctly (float64 reference) and in place (the backward allocates no weight-sized
+    tensor); a retained graph backpropagated again gives each call its own scale."""
+    backend, device = case
+    n, h, v = 24, 32, 128
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g).to(device).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.3).to(device).requires_grad_()
+    target = torch.randint(0, v, (n,), generator=g).to(device)
+    ref_h, ref_w = torch.randn(n, h, generator=g).to(device), (torch.randn(v, h, generator=g) * 0.3).to(device)
+    if op == "ce":
+        loss_fn = lambda hh, ww, **k: linear_cross_entropy(hh, ww, target, **k)
+        ref_fn = lambda hh, ww: linear_cross_entropy_ref(hh, ww, target, compute_dtype=torch.float64)
+    else:
+        loss_fn = lambda hh, ww, **k: linear_kl_div(hh, ww, ref_h, ref_w, **k)
+        ref_fn = lambda hh, ww: linear_kl_div_ref(hh, ww, ref_h, ref_w, compute_dtype=torch.float64)
+    loss = loss_fn(hidden, weight, backend=backend)
+    with RecordCreated(storage=True) as rec:
+        (2.5 * loss).backward()
+    fresh = [name for numel, _, name, new in rec.created if numel == v * h and new]
+    assert fresh == [], f"the backward allocated weight-sized tensors: {fresh}"
+    expect = torch.autograd.grad(2.5 * ref_fn(hidden, weight), [hidden, weight])
+    for got, want in zip([hidden.grad, weight.grad], expect):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # A retained graph: later backwards (other upstream gradients) still get the right gradients.
+    loss = loss_fn(hidden, weight, backend=backend)
+    for scale in (2.5, -0.5, 3.0):
+        got = torch.autograd.grad(scale * loss, [hidden, weight], retain_graph=True)
+        for g_, want in zip(got, expect):
+            torch.testing.assert_close(g_, want * (scale / 2.5), rtol=1e-5, atol=1e-6)
+    # ... except after a first upstream gradient of 0, which leaves nothing to rescale: a clear error.
+    loss = loss_fn(hidden, weight, backend=backend)
+    torch.autograd.grad(0 * loss, [hidden, weight], retain_graph=True)
+    with pytest.raises(RuntimeError, match="reduction='none'"):
+        torch.autograd.grad(loss, [hidden, weight])
 
 
 def test_no_grad_requested_computes_no_gradient(monkeypatch):
