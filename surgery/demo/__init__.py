@@ -161,7 +161,8 @@ def run(args) -> dict:
         del trained
 
     timings["total_s"] = time.perf_counter() - t_start
-    trained_desc = {("*",): "all weights", ("*layers.*",): "all transformer blocks (embedding and tied head frozen)"}.get(
+    trained_desc = {("*",): "all weights", ("*layers.*",): "all transformer blocks (embedding and tied head frozen)",
+                    ("*mlp*",): "the MLP of every block (attention, norms, embedding and tied head frozen)"}.get(
         tuple(cfg.trainable), f"parameters matching {list(cfg.trainable)}")
     meta = {
         "model": model_name,

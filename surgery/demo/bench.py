@@ -62,9 +62,12 @@ class DemoConfig:
     weight_decay: float = 0.01
     clip: float = 1.0
     # Stream coefficients (the paper's alpha, beta, gamma) and records per stream per step.
+    # Chosen on seed 0 with the MLP-only training below (2026-11-27, one run each, PMI accuracy
+    # retain / retain_heldout / unlearn after): gamma 4 -> 90 / 98 / 70, gamma 10 -> 94 / 100 /
+    # 70, gamma 20 -> 98 / 100 / 70; beta 2 -> 1 then took unlearn to 60 at the same retention.
     alpha: float = 1.0
-    beta: float = 2.0
-    gamma: float = 4.0
+    beta: float = 1.0
+    gamma: float = 20.0
     gamma_text: float = 1.0
     # Bounded ascent: an ascent token whose CE already exceeds this stops contributing.
     ascent_cap: float | None = 5.0
@@ -72,12 +75,18 @@ class DemoConfig:
     # Retain statements per step: more than the other streams, retention is the hard part.
     batch_retain: int = 16
     batch_text: int = 4
-    text_max_tokens: int = 40
+    # The trainer pads every row of a step to the longest: fact statements are ~15 tokens, so
+    # text pieces of 40 tokens made most of each step padding (20 steps: 161 s -> 100 s at 20,
+    # same accuracies).
+    text_max_tokens: int = 20
     n_text_train: int = 64
     n_text_eval: int = 16
     ppl_max_tokens: int = 128
-    # Parameter-name patterns of what is trained (fnmatch over the model's parameter names).
-    trainable: list = field(default_factory=lambda: ["*layers.*"])
+    # Parameter-name patterns of what is trained (fnmatch over the model's parameter names): the
+    # MLPs of all 30 blocks (attention, norms, embedding and tied head frozen). Training every
+    # block (gamma 4) cost retain / retain_heldout 12 / 6 points; its MLPs alone 10 / 2, at
+    # unchanged unlearn/update accuracy and a 40% shorter step.
+    trainable: list = field(default_factory=lambda: ["*mlp*"])
     variants: tuple = tuple(VARIANTS)
     norm: str = "pmi"
     backend: str = "auto"
