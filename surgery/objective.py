@@ -34,9 +34,10 @@ from .modeling import final_hidden, head_options, is_peft, output_layer
 class SurgeryObjective(nn.Module):
     """Wraps the trained model (``self.model``). ``forward(mode=...)``:
 
-    - ``"loss"``: ``(total, terms)`` — the objective (a scalar with gradient) and, per stream,
-      ``terms[s] = sum over this process's tokens of ce_i / N_s`` (or kl_i / N_s): summed over
-      processes that is the stream's own mean CE / KL.
+    - ``"loss"``: ``(total, terms, capped)`` — the objective (a scalar with gradient) and, per
+      stream, ``terms[s] = sum over this process's tokens of ce_i / N_s`` (or kl_i / N_s): summed
+      over processes that is the stream's own mean CE / KL (capped ascent tokens included at their
+      real CE), and ``capped[s]``, how many of this process's tokens ``ascent_cap`` switched off.
     - ``"nll"``: per-token negative log-likelihood ``(B, L)`` of ``target`` (0 where IGNORE), no logits.
     - ``"hidden"``: ``(final hidden (B, L, H), head weight, head bias)`` — copies of the weight as the
       forward sees it (``with_head=False``: ``(hidden, None, None)``).
@@ -83,14 +84,22 @@ class SurgeryObjective(nn.Module):
         w, b = self._head()
         live = target != IGNORE
         total = h.new_zeros((), dtype=torch.float32)
-        per_token = []
+        per_token, capped = [], []
         if n_ce_rows:
             # One signed call for every ascent and descent stream, over the live tokens only.
             sel = live[:n_ce_rows]
-            v = linear_cross_entropy(h[:n_ce_rows][sel], w, target[:n_ce_rows][sel], bias=b,
-                                     token_weight=ce_weight[sel], reduction="none", ascent_cap=self.ascent_cap,
-                                     backend=self.backend, **self.head_opts)
-            total = total + (v * ce_coeff[sel]).sum()
+            tw = ce_weight[sel]
+            v = linear_cross_entropy(h[:n_ce_rows][sel], w, target[:n_ce_rows][sel], bias=b, token_weight=tw,
+                                     reduction="none", backend=self.backend, **self.head_opts)
+            loss_v = v
+            if self.ascent_cap is not None:
+                # Bounded ascent, applied here rather than inside the kernel (its ascent_cap) so that
+                # the stream's logged mean stays its real CE: a capped token keeps its value in the
+                # metrics, its loss and gradient are 0 (v / tw is the token's CE; tw = sign_s / N_s).
+                cap = (tw < 0) & (v.detach() / tw > self.ascent_cap)
+                loss_v = torch.where(cap, 0.0, v)
+                capped.append(_scatter(cap.to(torch.float32), sel))
+            total = total + (loss_v * ce_coeff[sel]).sum()
             per_token.append(_scatter(v.detach(), sel))
         if n_ce_rows < h.shape[0]:
             sel = live[n_ce_rows:]
@@ -114,7 +123,11 @@ class SurgeryObjective(nn.Module):
             per_token.append(_scatter(v.detach(), sel))
         values = torch.cat(per_token, 0).detach()
         terms = torch.stack([values[a:z].sum() for a, z in stream_rows]) if stream_rows else values.new_zeros(0)
-        return total, terms
+        n_capped = torch.zeros_like(terms)
+        if capped:
+            c = capped[0]
+            n_capped = torch.stack([c[a:z].sum() if a < c.shape[0] else c.new_zeros(()) for a, z in stream_rows])
+        return total, terms, n_capped
 
     def _adapter_reference(self, input_ids, attention_mask, w, b):
         """reference="adapter": the same model with its LoRA adapters switched off."""

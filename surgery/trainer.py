@@ -15,7 +15,9 @@ directory, a :class:`~surgery.config.ModelConfig` or its dict.
 Each step: one batch per stream (``StreamSampler``), all streams padded to one length and run
 through the model once, the loss of ``SurgeryObjective``, backward, clip, AdamW. Per step one
 line in ``metrics.jsonl``: ``step``, ``loss/total``, ``loss/<stream>`` (that stream's own mean CE
-or KL, before sign and weight), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``, ``time_s``.
+or KL, before sign and weight; with ``ascent_cap``, capped tokens count at their real CE), with
+``ascent_cap`` ``capped/<stream>`` (the fraction of an ascent stream's tokens past the cap, which
+no longer train), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``, ``time_s``.
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ class Surgery:
             if n_ce < b.input_ids.shape[0]:
                 ref = self._reference_hidden(b, rows, n_ce, L)
             self.objective.train()
-            total, terms = self.objective("loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce,
+            total, terms, capped = self.objective("loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce,
                                           ce_weight=tw[:n_ce], ce_coeff=tc[:n_ce], kl_weight=tw[n_ce:],
                                           kl_coeff=tc[n_ce:], ref_hidden=ref[0], ref_weight=ref[1],
                                           ref_bias=ref[2], stream_rows=rows)
@@ -246,13 +248,19 @@ class Surgery:
         clip = self.cfg.clip if self.cfg.clip else float("inf")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        stats = torch.cat([total.detach().reshape(1).to(torch.float64), terms.to(torch.float64)])
+        stats = torch.cat([total.detach().reshape(1).to(torch.float64), terms.to(torch.float64),
+                           capped.to(torch.float64)])
         self.dist.all_reduce_sum(stats)
         gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         m = {"step": self.step + 1, "loss/total": float(stats[0])}
         for k, s in enumerate(self.streams):
             # terms hold sign_s * mean for CE streams: report the plain mean CE / KL.
             m[f"loss/{s.name}"] = float(stats[1 + k]) * (-1.0 if s.loss == "ascent" else 1.0)
+        if self.cfg.ascent_cap is not None:
+            n = len(self.streams)
+            for k, s in enumerate(self.streams):
+                if s.loss == "ascent":
+                    m[f"capped/{s.name}"] = float(stats[1 + n + k]) / max(float(counts[k]), 1.0)
         bad = [k for k, v in m.items() if k.startswith("loss/") and not math.isfinite(v)]
         if not math.isfinite(gn):
             bad.append("grad_norm")

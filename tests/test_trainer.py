@@ -62,9 +62,11 @@ def _params(model):
 
 
 
-def _naive_objective(model, ref, batch_rows, streams, weights):
-    """Per-stream mean CE / KL from materialized logits (float64), signed and weighted as the paper."""
-    total, means = 0.0, []
+def _naive_objective(model, ref, batch_rows, streams, weights, ascent_cap=None):
+    """Per-stream mean CE / KL from materialized logits (float64), signed and weighted as the paper;
+    with ``ascent_cap`` an ascent token whose CE exceeds it adds nothing to the loss but still counts
+    in its stream's mean. Returns (total, means, capped token counts)."""
+    total, means, n_capped = 0.0, [], []
     for (b, kind), c in zip(batch_rows, weights):
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double()
         m = b.target != IGNORE
@@ -77,13 +79,18 @@ def _naive_objective(model, ref, batch_rows, streams, weights):
             per = -logq.gather(-1, b.target.clamp_min(0)[..., None]).squeeze(-1)
         mean = per[m].mean()
         means.append(mean)
-        total = total + (-c if kind == "ascent" else c) * mean
-    return total, means
+        capped = (per > ascent_cap) & m if (kind == "ascent" and ascent_cap is not None) else torch.zeros_like(m)
+        n_capped.append(int(capped.sum()))
+        total = total + (-c if kind == "ascent" else c) * torch.where(capped, 0.0, per)[m].sum() / m.sum()
+    return total, means, n_capped
 
 
-def test_objective_matches_naive_logits(tok, data):
+@pytest.mark.parametrize("cap", [None, "median"])
+def test_objective_matches_naive_logits(tok, data, cap):
     """One step's loss, per-stream means and gradients equal the materialized-logits computation:
-    signs, per-stream token means, coefficients, padding and prompt masks are all in the right place."""
+    signs, per-stream token means, coefficients, padding and prompt masks are all in the right place.
+    cap="median": ascent_cap at the median CE of the ascent tokens, so about half of them stop
+    training while the logged mean still counts them."""
     model = _model(tok, "float32").double()
     ref = copy.deepcopy(model)
     with torch.no_grad():  # make the reference differ so the KL is not zero
@@ -111,18 +118,27 @@ def test_objective_matches_naive_logits(tok, data):
         c[a:z] = cw
     tw, tc = w[:, None].expand(-1, L).contiguous(), c[:, None].expand(-1, L)
     n_ce = rows[1][1]
-    obj = SurgeryObjective(model, backend="torch")
+    ascent_cap = None
+    if cap == "median":
+        with torch.no_grad():
+            b, _ = batches[0]
+            logq = torch.log_softmax(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, -1)
+            ce = -logq.gather(-1, b.target.clamp_min(0)[..., None]).squeeze(-1)[b.target != IGNORE]
+            ascent_cap = float(ce.median())
+            assert (ce > ascent_cap).any() and (ce < ascent_cap).any()
+    obj = SurgeryObjective(model, backend="torch", ascent_cap=ascent_cap)
     with torch.no_grad():
         from surgery.modeling import final_hidden, output_layer
         rh = final_hidden(ref, ids[n_ce:], att[n_ce:])
         rw = output_layer(ref).weight
-    total, terms = obj("loss", ids, att, tgt, n_ce_rows=n_ce, ce_weight=tw[:n_ce], ce_coeff=tc[:n_ce],
+    total, terms, capped = obj("loss", ids, att, tgt, n_ce_rows=n_ce, ce_weight=tw[:n_ce], ce_coeff=tc[:n_ce],
                        kl_weight=tw[n_ce:], kl_coeff=tc[n_ce:], ref_hidden=rh, ref_weight=rw, stream_rows=rows)
     total.backward()
     g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ref_total, means = _naive_objective(model, ref, batches, None, weights)
+    ref_total, means, ref_capped = _naive_objective(model, ref, batches, None, weights, ascent_cap)
     ref_total.backward()
+    assert capped.tolist() == ref_capped and (cap is None or ref_capped[0] > 0)
     assert abs(total.item() - ref_total.item()) <= 1e-9 * abs(ref_total.item())
     signs = [-1.0, 1.0, 1.0]
     for t, m, s in zip(terms, means, signs):
@@ -294,6 +310,23 @@ def test_zero_weight_stream_is_measured_but_does_not_train(tok, data):
         r.train()
         runs.append(r)
     assert runs[0].history[-1]["loss/unlearn"] > 0
+    a, b = _params(runs[0].model), _params(runs[1].model)
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=0, atol=1e-12), (n, (a[n] - b[n]).abs().max())
+
+
+def test_ascent_cap_stops_training_but_not_the_metrics(tok, data):
+    """ascent_cap=0: every ascent token is past the cap, so the stream trains nothing (the run equals
+    the run without it, in float64 as above) while its logged mean is still its real CE and
+    capped/<stream> says all of it was switched off."""
+    runs = []
+    for streams in (_streams(data), _streams(data)[1:]):
+        r = Surgery(model=_model(tok).double(), tokenizer=tok, streams=streams, train=_train(steps=3, ascent_cap=0.0))
+        r.train()
+        runs.append(r)
+    last = runs[0].history[-1]
+    assert last["loss/unlearn"] > 1.0 and last["capped/unlearn"] == 1.0
+    assert "capped/update" not in last and "capped/unlearn" not in runs[1].history[-1]
     a, b = _params(runs[0].model), _params(runs[1].model)
     for n in a:
         assert torch.allclose(a[n], b[n], rtol=0, atol=1e-12), (n, (a[n] - b[n]).abs().max())
