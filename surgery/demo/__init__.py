@@ -156,7 +156,7 @@ def run(args) -> dict:
         t = time.perf_counter()
         with tqdm(total=n_q, desc=f"evaluate {v}", disable=not show) as bar:
             after[v] = bench.evaluate(trained, tok, sets, cfg, progress=bar)
-        after[v]["final_losses"] = {k: v_ for k, v_ in history[-1].items() if k.startswith("loss/")}
+        after[v]["final_losses"] = {k: v_ for k, v_ in history[-1].items() if k.startswith(("loss/", "capped/"))}
         timings[f"eval_{v}_s"] = time.perf_counter() - t
         del trained
 
