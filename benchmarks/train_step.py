@@ -94,14 +94,17 @@ def _hf_step(run):
     from surgery.data import IGNORE
     from surgery.modeling import is_peft
 
-    b, rows, n_ce = run._batch()
+    b, kb, rows, n_ce = run._batch()
     b = b.to(run.device)
+    kb = None if kb is None else kb.to(run.device)
     model = run.model
     model.train()
     total = 0.0
     out = {}
     for s, (a, z) in zip(run.streams, rows):
-        ids, att, tgt = b.input_ids[a:z], b.attention_mask[a:z], b.target[a:z]
+        # KL rows live in kb when the trainer split the step into CE and KL batches.
+        src, a, z = (b, a, z) if kb is None or z <= n_ce else (kb, a - n_ce, z - n_ce)
+        ids, att, tgt = src.input_ids[a:z], src.attention_mask[a:z], src.target[a:z]
         if s.loss != "kl":
             # HF shifts labels itself: label at t is the token at t, predicted from t - 1.
             labels = torch.full_like(tgt, IGNORE)

@@ -4,7 +4,8 @@
       + sum_r c_r * mean_{tokens of r} KL(p_ref || p)
 
 All streams of a step are padded to one length and run through the base model in **one** forward
-(rows ordered: CE streams, then KL streams). Ascent and descent rows then go through **one**
+(rows ordered: CE streams, then KL streams), or as two (``kl_batch``: the KL rows at their own
+length, when padding short CE rows to long KL rows would waste more than it saves). Ascent and descent rows then go through **one**
 ``linear_cross_entropy`` call whose per-token weights carry the sign and the per-stream token mean
 (``sign_s / N_s``, N_s = live tokens of stream s over all processes); ``reduction="none"`` returns
 ``sign_s * ce_i / N_s`` per token, so each stream's own mean CE is a sum of its slice, and the
@@ -56,7 +57,7 @@ class SurgeryObjective(nn.Module):
 
     def forward(self, mode: str, input_ids, attention_mask, target=None, *, n_ce_rows: int = 0, ce_weight=None,
                 ce_coeff=None, kl_weight=None, kl_coeff=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                stream_rows=None, with_head=True):
+                stream_rows=None, with_head=True, kl_batch=None):
         if mode == "hidden":
             h = final_hidden(self.model, input_ids, attention_mask)
             if not with_head:
@@ -74,22 +75,35 @@ class SurgeryObjective(nn.Module):
         if mode != "loss":
             raise ValueError(f"mode must be 'loss', 'nll' or 'hidden', got {mode!r}")
         return self._loss(input_ids, attention_mask, target, n_ce_rows, ce_weight, ce_coeff, kl_weight, kl_coeff,
-                          ref_hidden, ref_weight, ref_bias, stream_rows)
+                          ref_hidden, ref_weight, ref_bias, stream_rows, kl_batch)
 
     def _loss(self, input_ids, attention_mask, target, n_ce_rows, ce_weight, ce_coeff, kl_weight, kl_coeff,
-              ref_hidden, ref_weight, ref_bias, stream_rows):
+              ref_hidden, ref_weight, ref_bias, stream_rows, kl_batch=None):
         """ce_weight / ce_coeff: (n_ce_rows, L) per-token sign_s / N_s and c_s; kl_weight / kl_coeff the same
-        for the KL rows (1 / N_r, c_r); stream_rows: per stream, its (start, stop) rows."""
-        h = final_hidden(self.model, input_ids, attention_mask)
+        for the KL rows (1 / N_r, c_r); stream_rows: per stream, its (start, stop) rows, CE rows first.
+        kl_batch: ``(input_ids, attention_mask, target)`` of the KL rows as a batch of their own
+        length (then ``input_ids``... hold the CE rows only); None: the KL rows follow the CE rows."""
+        if kl_batch is None:
+            h = final_hidden(self.model, input_ids, attention_mask)
+            ce_part = (h[:n_ce_rows], target[:n_ce_rows])
+            kl_ids, kl_att, kl_tgt = input_ids[n_ce_rows:], attention_mask[n_ce_rows:], target[n_ce_rows:]
+            hk_all = h[n_ce_rows:]
+        else:
+            if input_ids.shape[0] != n_ce_rows:
+                raise ValueError(f"with kl_batch, input_ids holds the {n_ce_rows} CE rows only, got {input_ids.shape[0]}")
+            ce_part = (final_hidden(self.model, input_ids, attention_mask) if n_ce_rows else None, target)
+            kl_ids, kl_att, kl_tgt = kl_batch
+            hk_all = final_hidden(self.model, kl_ids, kl_att) if kl_ids.shape[0] else None
         w, b = self._head()
-        live = target != IGNORE
-        total = h.new_zeros((), dtype=torch.float32)
-        per_token, capped = [], []
+        total = w.new_zeros((), dtype=torch.float32)
+        # Per row, the sum of its per-token values (and capped tokens): stream terms are sums of rows.
+        row_vals, row_capped = [], []
         if n_ce_rows:
             # One signed call for every ascent and descent stream, over the live tokens only.
-            sel = live[:n_ce_rows]
+            hc, tc_ = ce_part
+            sel = tc_ != IGNORE
             tw = ce_weight[sel]
-            v = linear_cross_entropy(h[:n_ce_rows][sel], w, target[:n_ce_rows][sel], bias=b, token_weight=tw,
+            v = linear_cross_entropy(hc[sel], w, tc_[sel], bias=b, token_weight=tw,
                                      reduction="none", backend=self.backend, **self.head_opts)
             loss_v = v
             if self.ascent_cap is not None:
@@ -98,15 +112,14 @@ class SurgeryObjective(nn.Module):
                 # metrics, its loss and gradient are 0 (v / tw is the token's CE; tw = sign_s / N_s).
                 cap = (tw < 0) & (v.detach() / tw > self.ascent_cap)
                 loss_v = torch.where(cap, 0.0, v)
-                capped.append(_scatter(cap.to(torch.float32), sel))
+                row_capped.append(_scatter(cap.to(torch.float32), sel).sum(1))
             total = total + (loss_v * ce_coeff[sel]).sum()
-            per_token.append(_scatter(v.detach(), sel))
-        if n_ce_rows < h.shape[0]:
-            sel = live[n_ce_rows:]
-            hk = h[n_ce_rows:][sel]
+            row_vals.append(_scatter(v.detach(), sel).sum(1))
+        if hk_all is not None and hk_all.shape[0]:
+            sel = kl_tgt != IGNORE
+            hk = hk_all[sel]
             if ref_hidden is None:
-                ref_hidden, ref_weight, ref_bias = self._adapter_reference(input_ids[n_ce_rows:],
-                                                                           attention_mask[n_ce_rows:], w, b)
+                ref_hidden, ref_weight, ref_bias = self._adapter_reference(kl_ids, kl_att, w, b)
             elif ref_weight is None:
                 # A frozen head is its own reference (LoRA, or layers-only training with a cache).
                 ref_weight, ref_bias = w, b
@@ -120,12 +133,12 @@ class SurgeryObjective(nn.Module):
                               token_weight=kl_weight[sel], reduction="none", direction=self.kl_direction,
                               backend=self.backend)
             total = total + (v * kl_coeff[sel]).sum()
-            per_token.append(_scatter(v.detach(), sel))
-        values = torch.cat(per_token, 0).detach()
+            row_vals.append(_scatter(v.detach(), sel).sum(1))
+        values = torch.cat(row_vals, 0)
         terms = torch.stack([values[a:z].sum() for a, z in stream_rows]) if stream_rows else values.new_zeros(0)
         n_capped = torch.zeros_like(terms)
-        if capped:
-            c = capped[0]
+        if row_capped:
+            c = row_capped[0]
             n_capped = torch.stack([c[a:z].sum() if a < c.shape[0] else c.new_zeros(()) for a, z in stream_rows])
         return total, terms, n_capped
 

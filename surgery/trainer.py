@@ -13,9 +13,10 @@ copies of one loaded model, pass ``copy.deepcopy(model)`` each time. It may also
 directory, a :class:`~surgery.config.ModelConfig` or its dict.
 
 Each step: one batch per stream (``StreamSampler``), all streams padded to one length and run
-through the model once, the loss of ``SurgeryObjective``, backward, clip, AdamW. Per step one
-line in ``metrics.jsonl``: ``step``, ``loss/total``, ``loss/<stream>`` (that stream's own mean CE
-or KL, before sign and weight; with ``ascent_cap``, capped tokens count at their real CE), with
+through the model once (when short CE rows sit next to long KL rows: the CE rows and the KL rows
+as two batches of their own lengths, ``SPLIT_PADDING_RATIO``), the loss of ``SurgeryObjective``,
+backward, clip, AdamW. Per step one line in ``metrics.jsonl``: ``step``, ``loss/total``,
+``loss/<stream>`` (that stream's own mean CE or KL, before sign and weight; with ``ascent_cap``, capped tokens count at their real CE), with
 ``ascent_cap`` ``capped/<stream>`` (the fraction of an ascent stream's tokens past the cap, which
 no longer train), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``, ``time_s``.
 """
@@ -194,8 +195,16 @@ class Surgery:
         except ImportError:  # pragma: no cover
             pass
 
-    def _batch(self) -> tuple[Batch, list[tuple[int, int]], int]:
-        """This process's rows for the step: CE streams first, then KL streams, padded to one length."""
+    # CE rows and KL rows go through the model as two batches, each padded to its own longest row,
+    # when padding them to one length would cost more than this many times the padded tokens of the
+    # two (short fact statements next to long retain paragraphs); otherwise one batch, one forward
+    # (under FSDP every forward gathers the sharded weights once more).
+    SPLIT_PADDING_RATIO = 1.25
+
+    def _batch(self) -> tuple[Batch, Batch | None, list[tuple[int, int]], int]:
+        """This process's rows for the step, CE streams first, then KL streams: (batch, kl_batch,
+        rows per stream, number of CE rows). kl_batch is None when all rows share ``batch``;
+        otherwise ``batch`` holds the CE rows and ``kl_batch`` the KL rows, each at its own length."""
         order = [i for i, s in enumerate(self.streams) if s.loss != "kl"] + \
                 [i for i, s in enumerate(self.streams) if s.loss == "kl"]
         parts = []
@@ -209,39 +218,61 @@ class Surgery:
             index += idx
             rows[i] = (r, r + len(idx))
             r += len(idx)
-        b = collate(examples, self.tokenizer.pad_token_id, index)
         n_ce = sum(len(idx) for i, idx in parts if self.streams[i].loss != "kl")
-        return b, [rows[i] for i in range(len(self.streams))], n_ce
+        rows = [rows[i] for i in range(len(self.streams))]
+        pad = self.tokenizer.pad_token_id
+        if 0 < n_ce < len(examples):
+            len_ce = max(len(e.ids) for e in examples[:n_ce])
+            len_kl = max(len(e.ids) for e in examples[n_ce:])
+            # Padded tokens as one batch and as two, summed over processes: every process must
+            # make the same choice (FSDP's collectives run once per forward).
+            cost = torch.tensor([len(examples) * max(len_ce, len_kl), n_ce * len_ce + (len(examples) - n_ce) * len_kl],
+                                dtype=torch.float64, device=self.device)
+            self.dist.all_reduce_sum(cost)
+            if float(cost[0]) > self.SPLIT_PADDING_RATIO * float(cost[1]):
+                return (collate(examples[:n_ce], pad, index[:n_ce]), collate(examples[n_ce:], pad, index[n_ce:]),
+                        rows, n_ce)
+        return collate(examples, pad, index), None, rows, n_ce
 
     def _train_step(self) -> dict:
         t0 = time.perf_counter()
         lr = self.cfg.lr * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else self.cfg.lr
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        b, rows, n_ce = self._batch()
+        b, kb, rows, n_ce = self._batch()
         b = b.to(self.device)
-        live = b.mask
+        kb = None if kb is None else kb.to(self.device)
+        # Row-wise live masks of the CE rows and the KL rows (one batch or two of their own lengths).
+        live_ce, live_kl = (b.mask[:n_ce], b.mask[n_ce:]) if kb is None else (b.mask, kb.mask)
+        row_live = [live_ce[a:z] if z <= n_ce else live_kl[a - n_ce:z - n_ce] for a, z in rows]
         # Live tokens per stream over all processes: the per-stream means are global means.
-        counts = torch.stack([live[a:z].sum() for a, z in rows]).to(torch.float64)
+        counts = torch.stack([m.sum() for m in row_live]).to(torch.float64)
         self.dist.all_reduce_sum(counts)
-        L = b.input_ids.shape[1]
         # Per row: sign_s / N_s (token weight) and c_s (coefficient), built on the device (no host sync).
         row_stream = torch.tensor([k for k, (a, z) in enumerate(rows) for _ in range(a, z)], device=self.device)
         sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device)
         coef = torch.tensor([s.weight for s in self.streams], device=self.device)
         row_w = (sign / counts.clamp_min(1).to(torch.float32))[row_stream]
         row_c = coef[row_stream]
-        tw = row_w[:, None].expand(-1, L).contiguous()
-        tc = row_c[:, None].expand(-1, L)
+        L_ce, L_kl = live_ce.shape[1], live_kl.shape[1]
+        ce_w = row_w[:n_ce, None].expand(-1, L_ce).contiguous()
+        ce_c = row_c[:n_ce, None].expand(-1, L_ce)
+        kl_w = row_w[n_ce:, None].expand(-1, L_kl).contiguous()
+        kl_c = row_c[n_ce:, None].expand(-1, L_kl)
         ref = (None, None, None)
+        if kb is None:
+            ids, att, tgt, kl_batch = b.input_ids, b.attention_mask, b.target, None
+            kl_rows = Batch(b.input_ids[n_ce:], b.attention_mask[n_ce:], b.target[n_ce:], b.index[n_ce:])
+        else:
+            ids, att, tgt, kl_batch = b.input_ids, b.attention_mask, b.target, (kb.input_ids, kb.attention_mask, kb.target)
+            kl_rows = kb
         with self._autocast():
-            if n_ce < b.input_ids.shape[0]:
-                ref = self._reference_hidden(b, rows, n_ce, L)
+            if kl_rows.input_ids.shape[0]:
+                ref = self._reference_hidden(kl_rows, rows, n_ce, L_kl)
             self.objective.train()
-            total, terms, capped = self.objective("loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce,
-                                          ce_weight=tw[:n_ce], ce_coeff=tc[:n_ce], kl_weight=tw[n_ce:],
-                                          kl_coeff=tc[n_ce:], ref_hidden=ref[0], ref_weight=ref[1],
-                                          ref_bias=ref[2], stream_rows=rows)
+            total, terms, capped = self.objective("loss", ids, att, tgt, n_ce_rows=n_ce, ce_weight=ce_w, ce_coeff=ce_c,
+                                                  kl_weight=kl_w, kl_coeff=kl_c, ref_hidden=ref[0], ref_weight=ref[1],
+                                                  ref_bias=ref[2], stream_rows=rows, kl_batch=kl_batch)
         # FSDP averages gradients over processes; each process's loss is already a share of the
         # global objective, so scale back up to get its sum.
         (total * self.dist.world_size).backward()
@@ -275,7 +306,7 @@ class Surgery:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
-        ntok = int(float(self.dist.all_reduce_sum(live.sum().to(torch.float64))))
+        ntok = int(float(self.dist.all_reduce_sum((live_ce.sum() + live_kl.sum()).to(torch.float64))))
         m.update({"grad_norm": gn, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt, "time_s": dt})
         return m
 
@@ -289,10 +320,10 @@ class Surgery:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self._mp_dtype)
 
-    def _reference_hidden(self, b: Batch, rows, n_ce: int, L: int):
+    def _reference_hidden(self, kb: Batch, rows, n_ce: int, L: int):
+        """The reference's final hidden states (and head) for the KL rows ``kb`` (rows n_ce... of the step)."""
         if isinstance(self._reference, AdapterReference):
             return None, None, None
-        kb = Batch(b.input_ids[n_ce:], b.attention_mask[n_ce:], b.target[n_ce:], b.index[n_ce:])
         if isinstance(self._reference, CopyReference):
             return self._reference.hidden("", kb, L)
         # Cache: per KL stream, its records' stored states, padded to L.
@@ -300,7 +331,8 @@ class Surgery:
         for k, (s, (a, z)) in enumerate(zip(self.streams, rows)):
             if s.loss != "kl":
                 continue
-            sb = Batch(b.input_ids[a:z], b.attention_mask[a:z], b.target[a:z], b.index[a:z])
+            a, z = a - n_ce, z - n_ce
+            sb = Batch(kb.input_ids[a:z], kb.attention_mask[a:z], kb.target[a:z], kb.index[a:z])
             h, w, bias = self._reference.hidden(s.name, sb, L)
             outs.append((a, h))
         outs.sort(key=lambda t: t[0])

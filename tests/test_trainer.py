@@ -332,6 +332,29 @@ def test_ascent_cap_stops_training_but_not_the_metrics(tok, data):
         assert torch.allclose(a[n], b[n], rtol=0, atol=1e-12), (n, (a[n] - b[n]).abs().max())
 
 
+def test_ce_and_kl_rows_as_two_batches_equal_one(tok, data, monkeypatch):
+    """Short CE rows next to long KL rows go through the model as two batches of their own lengths;
+    the run equals the one-batch run (float64), and the split really happened."""
+    u, p, r, _ = data
+    long_r = [{"text": " ".join(x["text"] for x in r[i:i + 4])} for i in range(len(r))]  # ~40 tokens
+    streams = [Stream("unlearn", u, "ascent", 0.1), Stream("update", p, "descent", 2.0),
+               Stream("retain", long_r, "kl", 0.5)]
+    runs, splits = [], []
+    for ratio in (float("inf"), 1.0):
+        monkeypatch.setattr(Surgery, "SPLIT_PADDING_RATIO", ratio)
+        r_ = Surgery(model=_model(tok).double(), tokenizer=tok, streams=streams, train=_train(steps=3))
+        r_._setup()
+        splits.append(r_._batch()[1] is not None)
+        r_.train()
+        runs.append(r_)
+    assert splits == [False, True]
+    for k in ("loss/unlearn", "loss/update", "loss/retain"):
+        assert runs[0].history[-1][k] == pytest.approx(runs[1].history[-1][k], rel=1e-12)
+    a, b = _params(runs[0].model), _params(runs[1].model)
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=0, atol=1e-12), (n, (a[n] - b[n]).abs().max())
+
+
 ARCHS = {
     "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2),
