@@ -332,17 +332,21 @@ def test_ascent_cap_stops_training_but_not_the_metrics(tok, data):
         assert torch.allclose(a[n], b[n], rtol=0, atol=1e-12), (n, (a[n] - b[n]).abs().max())
 
 
-def test_ce_and_kl_rows_as_two_batches_equal_one(tok, data, monkeypatch):
+@pytest.mark.parametrize("reference", ["copy", "cache", "adapter"])
+def test_ce_and_kl_rows_as_two_batches_equal_one(tok, data, monkeypatch, tmp_path, reference):
     """Short CE rows next to long KL rows go through the model as two batches of their own lengths;
-    the run equals the one-batch run (float64), and the split really happened."""
+    the run equals the one-batch run (float64) with each kind of reference, and the split really
+    happened."""
     u, p, r, _ = data
     long_r = [{"text": " ".join(x["text"] for x in r[i:i + 4])} for i in range(len(r))]  # ~40 tokens
     streams = [Stream("unlearn", u, "ascent", 0.1), Stream("update", p, "descent", 2.0),
                Stream("retain", long_r, "kl", 0.5)]
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]} if reference == "adapter" else None
     runs, splits = [], []
     for ratio in (float("inf"), 1.0):
         monkeypatch.setattr(Surgery, "SPLIT_PADDING_RATIO", ratio)
-        r_ = Surgery(model=_model(tok).double(), tokenizer=tok, streams=streams, train=_train(steps=3))
+        r_ = Surgery(model=_model(tok).double(), tokenizer=tok, streams=streams, train=_train(steps=3),
+                     reference=reference, lora=lora, output_dir=tmp_path / f"{reference}-{ratio}")
         r_._setup()
         splits.append(r_._batch()[1] is not None)
         r_.train()
