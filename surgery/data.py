@@ -185,6 +185,11 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.target.to(device), self.index)
 
+    def rows(self, start: int, stop: int | None = None) -> "Batch":
+        """Rows [start, stop) as a Batch (views, same length)."""
+        sl = slice(start, stop)
+        return Batch(self.input_ids[sl], self.attention_mask[sl], self.target[sl], self.index[sl])
+
     @property
     def mask(self) -> torch.Tensor:
         return self.target != IGNORE

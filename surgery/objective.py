@@ -5,8 +5,8 @@
 
 All streams of a step are padded to one length and run through the base model in **one** forward
 (rows ordered: CE streams, then KL streams), or as two (``kl_batch``: the KL rows at their own
-length, when padding short CE rows to long KL rows would waste more than it saves). Ascent and descent rows then go through **one**
-``linear_cross_entropy`` call whose per-token weights carry the sign and the per-stream token mean
+length, when padding short CE rows to long KL rows would waste more than it saves). Ascent and
+descent rows then go through **one** ``linear_cross_entropy`` call whose per-token weights carry the sign and the per-stream token mean
 (``sign_s / N_s``, N_s = live tokens of stream s over all processes); ``reduction="none"`` returns
 ``sign_s * ce_i / N_s`` per token, so each stream's own mean CE is a sum of its slice, and the
 coefficients ``c_s`` enter as the upstream gradient of that slice. Retain rows go through one
@@ -90,7 +90,8 @@ class SurgeryObjective(nn.Module):
             hk_all = h[n_ce_rows:]
         else:
             if input_ids.shape[0] != n_ce_rows:
-                raise ValueError(f"with kl_batch, input_ids holds the {n_ce_rows} CE rows only, got {input_ids.shape[0]}")
+                raise ValueError(f"with kl_batch, input_ids holds the {n_ce_rows} CE rows only, "
+                                 f"got {input_ids.shape[0]}")
             ce_part = (final_hidden(self.model, input_ids, attention_mask) if n_ce_rows else None, target)
             kl_ids, kl_att, kl_tgt = kl_batch
             hk_all = final_hidden(self.model, kl_ids, kl_att) if kl_ids.shape[0] else None
@@ -135,12 +136,11 @@ class SurgeryObjective(nn.Module):
             total = total + (v * kl_coeff[sel]).sum()
             row_vals.append(_scatter(v.detach(), sel).sum(1))
         values = torch.cat(row_vals, 0)
-        terms = torch.stack([values[a:z].sum() for a, z in stream_rows]) if stream_rows else values.new_zeros(0)
-        n_capped = torch.zeros_like(terms)
+        caps = torch.zeros_like(values)  # capped counts exist for CE rows only, which come first
         if row_capped:
-            c = row_capped[0]
-            n_capped = torch.stack([c[a:z].sum() if a < c.shape[0] else c.new_zeros(()) for a, z in stream_rows])
-        return total, terms, n_capped
+            caps[:n_ce_rows] = row_capped[0]
+        per_stream = lambda x: torch.stack([x[a:z].sum() for a, z in stream_rows]) if stream_rows else x.new_zeros(0)  # noqa: E731
+        return total, per_stream(values), per_stream(caps)
 
     def _adapter_reference(self, input_ids, attention_mask, w, b):
         """reference="adapter": the same model with its LoRA adapters switched off."""

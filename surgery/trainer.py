@@ -260,19 +260,15 @@ class Surgery:
         kl_w = row_w[n_ce:, None].expand(-1, L_kl).contiguous()
         kl_c = row_c[n_ce:, None].expand(-1, L_kl)
         ref = (None, None, None)
-        if kb is None:
-            ids, att, tgt, kl_batch = b.input_ids, b.attention_mask, b.target, None
-            kl_rows = Batch(b.input_ids[n_ce:], b.attention_mask[n_ce:], b.target[n_ce:], b.index[n_ce:])
-        else:
-            ids, att, tgt, kl_batch = b.input_ids, b.attention_mask, b.target, (kb.input_ids, kb.attention_mask, kb.target)
-            kl_rows = kb
+        kl_rows = b.rows(n_ce) if kb is None else kb
         with self._autocast():
             if kl_rows.input_ids.shape[0]:
                 ref = self._reference_hidden(kl_rows, rows, n_ce, L_kl)
             self.objective.train()
-            total, terms, capped = self.objective("loss", ids, att, tgt, n_ce_rows=n_ce, ce_weight=ce_w, ce_coeff=ce_c,
-                                                  kl_weight=kl_w, kl_coeff=kl_c, ref_hidden=ref[0], ref_weight=ref[1],
-                                                  ref_bias=ref[2], stream_rows=rows, kl_batch=kl_batch)
+            total, terms, capped = self.objective(
+                "loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce, ce_weight=ce_w, ce_coeff=ce_c,
+                kl_weight=kl_w, kl_coeff=kl_c, ref_hidden=ref[0], ref_weight=ref[1], ref_bias=ref[2],
+                stream_rows=rows, kl_batch=None if kb is None else (kb.input_ids, kb.attention_mask, kb.target))
         # FSDP averages gradients over processes; each process's loss is already a share of the
         # global objective, so scale back up to get its sum.
         (total * self.dist.world_size).backward()
@@ -332,8 +328,7 @@ class Surgery:
             if s.loss != "kl":
                 continue
             a, z = a - n_ce, z - n_ce
-            sb = Batch(kb.input_ids[a:z], kb.attention_mask[a:z], kb.target[a:z], kb.index[a:z])
-            h, w, bias = self._reference.hidden(s.name, sb, L)
+            h, w, bias = self._reference.hidden(s.name, kb.rows(a, z), L)
             outs.append((a, h))
         outs.sort(key=lambda t: t[0])
         h = torch.cat([o[1] for o in outs], 0).to(dtype=next(self.model.parameters()).dtype)

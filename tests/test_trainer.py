@@ -60,6 +60,13 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _assert_same_params(m1, m2, atol=1e-12):
+    """Every parameter of two float64 runs equal to ``atol`` (rounding only; a real difference is ~lr)."""
+    a, b = _params(m1), _params(m2)
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=0, atol=atol), (n, (a[n] - b[n]).abs().max())
+
+
 
 
 def _naive_objective(model, ref, batch_rows, streams, weights, ascent_cap=None):
@@ -310,9 +317,7 @@ def test_zero_weight_stream_is_measured_but_does_not_train(tok, data):
         r.train()
         runs.append(r)
     assert runs[0].history[-1]["loss/unlearn"] > 0
-    a, b = _params(runs[0].model), _params(runs[1].model)
-    for n in a:
-        assert torch.allclose(a[n], b[n], rtol=0, atol=1e-12), (n, (a[n] - b[n]).abs().max())
+    _assert_same_params(runs[0].model, runs[1].model)
 
 
 def test_ascent_cap_stops_training_but_not_the_metrics(tok, data):
@@ -327,9 +332,7 @@ def test_ascent_cap_stops_training_but_not_the_metrics(tok, data):
     last = runs[0].history[-1]
     assert last["loss/unlearn"] > 1.0 and last["capped/unlearn"] == 1.0
     assert "capped/update" not in last and "capped/unlearn" not in runs[1].history[-1]
-    a, b = _params(runs[0].model), _params(runs[1].model)
-    for n in a:
-        assert torch.allclose(a[n], b[n], rtol=0, atol=1e-12), (n, (a[n] - b[n]).abs().max())
+    _assert_same_params(runs[0].model, runs[1].model)
 
 
 @pytest.mark.parametrize("reference", ["copy", "cache", "adapter"])
@@ -354,9 +357,7 @@ def test_ce_and_kl_rows_as_two_batches_equal_one(tok, data, monkeypatch, tmp_pat
     assert splits == [False, True]
     for k in ("loss/unlearn", "loss/update", "loss/retain"):
         assert runs[0].history[-1][k] == pytest.approx(runs[1].history[-1][k], rel=1e-12)
-    a, b = _params(runs[0].model), _params(runs[1].model)
-    for n in a:
-        assert torch.allclose(a[n], b[n], rtol=0, atol=1e-12), (n, (a[n] - b[n]).abs().max())
+    _assert_same_params(runs[0].model, runs[1].model)
 
 
 ARCHS = {
