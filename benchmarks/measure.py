@@ -95,6 +95,20 @@ def time_cuda(call: Callable[[], object], grads: list, repeats: int | None = Non
     """(median, p20, p80) ms of ``call`` on the GPU by ``triton.testing.do_bench``; CUDA events
     after a warm-up where triton is missing. The measuring window is at least 20 calls long, so
     slow calls still give percentiles (do_bench's default 100 ms would be one 150 ms call)."""
+    est = _event_ms(call, grads)
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        med, p20, p80 = do_bench(call, warmup=max(25, 3 * est), rep=max(100, 20 * est), grad_to_none=grads,
+                                 quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80)
+    return quantiles([_event_ms(call, grads) for _ in range(repeats or 20)])
+
+
+def _event_ms(call: Callable[[], object], grads: list) -> float:
+    """One call timed by CUDA events, gradients of ``grads`` cleared first."""
     import torch
 
     for g in grads:
@@ -104,27 +118,7 @@ def time_cuda(call: Callable[[], object], grads: list, repeats: int | None = Non
     call()
     end.record()
     torch.cuda.synchronize()
-    est = start.elapsed_time(end)
-
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        med, p20, p80 = do_bench(call, warmup=max(25, 3 * est), rep=max(100, 20 * est), grad_to_none=grads,
-                                 quantiles=[0.5, 0.2, 0.8])
-        return float(med), float(p20), float(p80)
-    times = []
-    for _ in range(repeats or 20):
-        for g in grads:
-            g.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return quantiles(times)
+    return start.elapsed_time(end)
 
 
 def load_average() -> float:

@@ -85,6 +85,16 @@ def _ce_inputs(device, dtype, n=N, bias=False, seed=0):
     return [None if x is None else x.to(device) for x in (h, w, b, t)]
 
 
+def _compare(results, dtype):
+    """results: [(value, grads)] of ours, plain PyTorch in ``dtype`` and the float64 reference;
+    each compared by ``_assert_close``. Returns ours."""
+    (o, go), (p, gp), (r, gr) = results
+    _assert_close("value", o, p, r, dtype)
+    for i, (a, b_, c) in enumerate(zip(go, gp, gr)):
+        _assert_close(f"grad {i}", a, b_, c, dtype)
+    return o, go
+
+
 def _check_ce(device, dtype, h, w, t, *, bias=None, grad=(True, True, True), upstream=None, **kw):
     """Run ours (backend triton, dtype), plain PyTorch (dtype) and float64; compare value and grads."""
     results = []
@@ -101,11 +111,7 @@ def _check_ce(device, dtype, h, w, t, *, bias=None, grad=(True, True, True), ups
             out = linear_cross_entropy_ref(hh, ww, t, bias=bb, compute_dtype=dt if impl == "ref" else None, **opts)
         up = None if upstream is None else upstream.to(out.dtype)
         results.append(_grads(out, (hh, ww, bb), up) if any(grad) else (out, ()))
-    (o, go), (p, gp), (r, gr) = results
-    _assert_close("value", o, p, r, dtype)
-    for i, (a, b_, c) in enumerate(zip(go, gp, gr)):
-        _assert_close(f"grad {i}", a, b_, c, dtype)
-    return o, go
+    return _compare(results, dtype)
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
@@ -237,11 +243,7 @@ def _check_kl(device, dtype, h, w, b, rh, rw, rb, *, upstream=None, shared_head=
                                     compute_dtype=dt if impl == "ref" else None, **opts)
         up = None if upstream is None else upstream.to(out.dtype)
         results.append(_grads(out, (hh, ww, bb), up))
-    (o, go), (p, gp), (r, gr) = results
-    _assert_close("value", o, p, r, dtype)
-    for i, (a, b_, c) in enumerate(zip(go, gp, gr)):
-        _assert_close(f"grad {i}", a, b_, c, dtype)
-    return o, go
+    return _compare(results, dtype)
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
