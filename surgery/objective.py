@@ -6,10 +6,11 @@
 All streams of a step are padded to one length and run through the base model in **one** forward
 (rows ordered: CE streams, then KL streams), or as two (``kl_batch``: the KL rows at their own
 length, when padding short CE rows to long KL rows would waste more than it saves). Ascent and
-descent rows then go through **one** ``linear_cross_entropy`` call whose per-token weights carry the sign and the per-stream token mean
-(``sign_s / N_s``, N_s = live tokens of stream s over all processes); ``reduction="none"`` returns
-``sign_s * ce_i / N_s`` per token, so each stream's own mean CE is a sum of its slice, and the
-coefficients ``c_s`` enter as the upstream gradient of that slice. Retain rows go through one
+descent rows then go through **one** ``linear_cross_entropy`` call whose per-token weights carry
+the sign and the per-stream token mean (``sign_s / N_s``, N_s = live tokens of stream s over all
+processes); ``reduction="none"`` returns ``sign_s * ce_i / N_s`` per token, so each stream's own
+mean CE is a sum of its slice, and the coefficients ``c_s`` enter as the upstream gradient of
+that slice. Retain rows go through one
 ``linear_kl_div`` call against the reference's final hidden states.
 
 Only **live** tokens (``target != IGNORE``) reach the loss kernels: padding, prompt tokens and
@@ -139,8 +140,10 @@ class SurgeryObjective(nn.Module):
         caps = torch.zeros_like(values)  # capped counts exist for CE rows only, which come first
         if row_capped:
             caps[:n_ce_rows] = row_capped[0]
-        per_stream = lambda x: torch.stack([x[a:z].sum() for a, z in stream_rows]) if stream_rows else x.new_zeros(0)  # noqa: E731
-        return total, per_stream(values), per_stream(caps)
+        if not stream_rows:
+            return total, values.new_zeros(0), values.new_zeros(0)
+        return (total, torch.stack([values[a:z].sum() for a, z in stream_rows]),
+                torch.stack([caps[a:z].sum() for a, z in stream_rows]))
 
     def _adapter_reference(self, input_ids, attention_mask, w, b):
         """reference="adapter": the same model with its LoRA adapters switched off."""

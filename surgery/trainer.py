@@ -18,7 +18,8 @@ as two batches of their own lengths, ``SPLIT_PADDING_RATIO``), the loss of ``Sur
 backward, clip, AdamW. Per step one line in ``metrics.jsonl``: ``step``, ``loss/total``,
 ``loss/<stream>`` (that stream's own mean CE or KL, before sign and weight; with ``ascent_cap``,
 capped tokens count at their real CE), with ``ascent_cap`` ``capped/<stream>`` (the fraction of an
-ascent stream's tokens past the cap, which no longer train), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``, ``time_s``.
+ascent stream's tokens past the cap, which no longer train), ``grad_norm``, ``lr``, ``tokens``,
+``tokens_per_s``, ``time_s``.
 """
 
 from __future__ import annotations

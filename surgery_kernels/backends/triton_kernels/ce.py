@@ -46,10 +46,8 @@ def ce_fwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, pm_ptr, ps_ptr, zt_ptr,
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         mask_v = offs_v < V
-        b_z = logit_tile(h_ptr, w_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w,
+        b_z = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w, HAS_BIAS,
                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
-        if HAS_BIAS:
-            b_z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
         if SOFTCAP:
             b_z = softcap * tanh(b_z / softcap)
         b_z = tl.where(mask_v[None, :], b_z, float("-inf"))
@@ -88,10 +86,8 @@ def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_hi_ptr, lse_lo_ptr, coeff
     b_c = tl.load(coeff_ptr + offs_n, mask=mask_n, other=0.0)
     live = b_c != 0.0
     if tl.max(live.to(tl.int32), axis=0) > 0:
-        b_z = logit_tile(h_ptr, w_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w,
+        b_z = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w, HAS_BIAS,
                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
-        if HAS_BIAS:
-            b_z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
         if SOFTCAP:
             b_tanh = tanh(b_z / softcap)
             b_z = softcap * b_tanh

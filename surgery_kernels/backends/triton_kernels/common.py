@@ -67,11 +67,11 @@ def tile_ids(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
 
 
 @triton.jit
-def logit_tile(x_ptr, w_ptr, offs_n, offs_v, N, V, K, stride_x, stride_w,
+def logit_tile(x_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, K, stride_x, stride_w, HAS_BIAS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    """x[offs_n, :K] @ w[offs_v, :K].T as a float32 (BLOCK_N, BLOCK_V) tile; out-of-range rows and
-    columns come out 0. offs_n, offs_v: int64."""
+    """x[offs_n, :K] @ w[offs_v, :K].T (+ b[offs_v] with HAS_BIAS) as a float32 (BLOCK_N, BLOCK_V)
+    tile; out-of-range rows and columns come out 0. offs_n, offs_v: int64."""
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     mask_v = offs_v < V
@@ -88,6 +88,8 @@ def logit_tile(x_ptr, w_ptr, offs_n, offs_v, N, V, K, stride_x, stride_w,
         b_z = tl.dot(b_x, b_w, b_z, input_precision=PRECISION)
         p_x += BLOCK_K
         p_w += BLOCK_K
+    if HAS_BIAS:
+        b_z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     return b_z
 
 

@@ -53,14 +53,10 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr,
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         mask_v = offs_v < V
-        b_z = logit_tile(h_ptr, w_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w,
+        b_z = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w, HAS_BIAS,
                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
-        b_zr = logit_tile(rh_ptr, rw_ptr, offs_n, offs_v, N, V, RH, stride_rh, stride_rw,
-                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
-        if HAS_BIAS:
-            b_z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        if HAS_REF_BIAS:
-            b_zr += tl.load(rb_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        b_zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, offs_n, offs_v, N, V, RH, stride_rh, stride_rw,
+                          HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
         b_d = tl.where(mask_v[None, :], (b_zr - b_z) * inv_t, 0.0)
         b_z = tl.where(mask_v[None, :], b_z * inv_t, float("-inf"))
         b_zr = tl.where(mask_v[None, :], b_zr * inv_t, float("-inf"))
@@ -116,14 +112,10 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
     b_c = tl.load(coeff_ptr + offs_n, mask=mask_n, other=0.0)
     live = b_c != 0.0
     if tl.max(live.to(tl.int32), axis=0) > 0:
-        b_z = logit_tile(h_ptr, w_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w,
+        b_z = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w, HAS_BIAS,
                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
-        b_zr = logit_tile(rh_ptr, rw_ptr, offs_n, offs_v, N, V, RH, stride_rh, stride_rw,
-                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
-        if HAS_BIAS:
-            b_z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-        if HAS_REF_BIAS:
-            b_zr += tl.load(rb_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        b_zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, offs_n, offs_v, N, V, RH, stride_rh, stride_rw,
+                          HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
         b_logq = (b_z * inv_t - tl.load(lse_hi_ptr + offs_n, mask=mask_n, other=0.0)[:, None]) \
             - tl.load(lse_lo_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
         b_logp = (b_zr * inv_t - tl.load(rlse_hi_ptr + offs_n, mask=mask_n, other=0.0)[:, None]) \
