@@ -20,10 +20,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from surgery_kernels.backends.triton_kernels import ce, common, kl  # noqa: E402
+from surgery_kernels.backends.triton_kernels import ce, common, kl, rows  # noqa: E402
 
 TENSOR_ARGS = ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")
-FLOAT_ARGS = ("softcap", "filter_eps", "inv_t")
+FLOAT_ARGS = ("softcap", "filter_eps", "inv_t", "ascent_cap")
+# pointer arguments of the row kernels that are not float32 (the logits take the input dtype)
+ROW_PTRS = {"lse_ptr": "fp64", "rlse_ptr": "fp64", "mask_ptr": "u8", "target_ptr": "i64"}
 
 
 def _signature(fn, dtype, consts):
@@ -67,6 +69,31 @@ def compile_one(fn, dtype, cfg, flags):
           f"{k.metadata.shared // 1024} | {_resources(k.asm['cubin'])} | {time.time() - t0:.1f} |", flush=True)
 
 
+def compile_rows(fn, dtype, flags):
+    """A row kernel of the gradient path (triton_kernels.rows) at its GPU block and warps."""
+    consts = dict(flags, BLOCK=rows.ROW_BLOCK, BF16_BY_HAND=False)
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("z_ptr", "zr_ptr"):
+            sig[name] = "*" + dtype
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ROW_PTRS.get(name, "fp32")
+        else:
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name].startswith("*") or sig[name] == "i32"}
+    t0 = time.time()
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=rows.ROW_WARPS))
+    ptx = k.asm["ptx"]
+    vec = len(re.findall(r"ld\.global(?:\.\w+)*\.v\d", ptx))
+    print(f"| {fn.__name__} | {dtype} | block {rows.ROW_BLOCK} w{rows.ROW_WARPS} | vector loads {vec} | "
+          f"ex2 {len(re.findall(r'ex2', ptx))} | {k.metadata.shared // 1024} | {_resources(k.asm['cubin'])} | "
+          f"{time.time() - t0:.1f} |", flush=True)
+
+
 def main():
     print(f"triton {triton.__version__}, target sm_90\n")
     print("| kernel | dtype | tile, warps, stages | cp.async | wgmma | red (atomics) | smem KiB | ptxas | compile s |")
@@ -82,6 +109,14 @@ def main():
         for cfg in cfgs:
             compile_one(fn, "bf16", cfg, dict(flags, DOT_FP32=False, PRECISION="tf32"))
         compile_one(fn, "fp32", common.FP32_CONFIGS[0], dict(flags, DOT_FP32=False, PRECISION="ieee"))
+    print("\n| row kernel | dtype | block, warps | vector loads | ex2 | smem KiB | ptxas | compile s |")
+    print("|---|---|---|---:|---:|---:|---|---:|")
+    stats_grad = dict(WRITE_STATS=True, WRITE_GRAD=True)
+    for dtype in ("bf16", "fp32"):
+        compile_rows(rows.ce_rows_kernel, dtype, dict(SOFTCAP=True, ASCENT_CAP=True, **stats_grad))
+        compile_rows(rows.ce_rows_kernel, dtype, dict(SOFTCAP=False, ASCENT_CAP=False, **stats_grad))
+        for reverse in (False, True):
+            compile_rows(rows.kl_rows_kernel, dtype, dict(REVERSE=reverse, HAS_MASK=True, **stats_grad))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,27 @@ if not DEVICES:
 # float32 everywhere; bfloat16 on the GPU (and once under the interpreter, which computes it with
 # float32 dots: its bf16 tl.dot is wrong, triton issue 11584).
 CASES = [pytest.param(d.values[0], torch.float32, id=f"{d.id}-fp32", marks=d.marks) for d in DEVICES] + [
-    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.cuda) for d in DEVICES if d.id == "cuda"]
+    pytest.param(d.values[0], torch.bfloat16, id=f"{d.id}-bf16", marks=d.marks) for d in DEVICES]
+
+# The gradient path (triton_kernels.rows) keeps WORKSPACE_BYTES of logits per call: every test
+# here runs it with room for 16 float32 rows of V = 300 (CE: 16 rows in fp32, 32 in bf16; KL: 8
+# and 16), so N = 37 spans several chunks, the last one ragged. test_workspace_size_changes_nothing
+# compares with the default.
+SMALL_WORKSPACE = 16 * V * 4
+
+
+@pytest.fixture(autouse=True)
+def _small_workspace(monkeypatch):
+    if DEVICES:
+        from surgery_kernels.backends.triton_kernels import rows
+        monkeypatch.setattr(rows, "WORKSPACE_BYTES", SMALL_WORKSPACE)
+
+
+@pytest.fixture
+def fused_backward(monkeypatch):
+    """The fused backward kernels (ce.py / kl.py, float32 atomics) instead of the default path."""
+    from surgery_kernels.backends import triton_fused
+    monkeypatch.setattr(triton_fused, "BACKWARD", "fused")
 
 
 def _rel(x, ref):
@@ -210,11 +230,17 @@ def test_ce_huge_logits_stay_finite(device, dtype):
     _check_ce(device, dtype, h * 300.0, w, t, reduction="sum")
 
 
-def test_ce_interp_bf16_with_fp32_dots():
-    if not availability("triton", "cpu").ok:
-        pytest.skip("needs TRITON_INTERPRET=1")
-    h, w, b, t = _ce_inputs("cpu", torch.bfloat16, bias=True)
-    _check_ce("cpu", torch.bfloat16, h, w, t, bias=b, softcap=4.0, token_weight=torch.linspace(-1, 1, N))
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_fused_backward(device, dtype, fused_backward):
+    """The fused backward kernels (tiles recomputed on chip, float32 atomics), kept for comparison:
+    every CE option and a reverse tempered KL (under the interpreter bf16 runs with float32 dots)."""
+    h, w, b, t = _ce_inputs(device, dtype, bias=True)
+    t[[3, 20]] = -100
+    _check_ce(device, dtype, h, w, t, bias=b, softcap=4.0, ascent_cap=5.0,
+              token_weight=torch.linspace(-1, 1, N, device=device))
+    h, w, b, rh, rw, rb = _kl_inputs(device)
+    _check_kl(device, dtype, h, w, b, rh, rw, rb, mask=torch.arange(N, device=device) % 5 != 0,
+              direction="reverse", temperature=1.5)
 
 
 def _kl_inputs(device, n=N, seed=1, rh=RH, bias=True):
@@ -302,7 +328,7 @@ def test_kl_all_masked_and_single_token(device, dtype):
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES])
-def test_grad_filter_flag(device, monkeypatch):
+def test_grad_filter_flag(device, monkeypatch, fused_backward):
     from surgery_kernels.backends.triton_kernels import common
 
     h, w, _, t = _ce_inputs(device, torch.float32)
@@ -338,12 +364,14 @@ def test_availability_reasons(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_offsets_above_2_31():
-    """N * H > 2**31 (the hidden row offsets overflow int32). Only the last rows carry weight, so
-    the backward's tiles elsewhere are skipped and the check stays fast; the forward runs on all
-    rows. Needs ~17 GB of GPU memory."""
+def test_cuda_offsets_above_2_31(monkeypatch):
+    """N * H > 2**31 (the hidden row offsets overflow int32). Only the last rows carry weight; the
+    forward runs on all rows. The default 64 MiB workspace (38 chunks here, not 130k). Needs ~17 GB
+    of GPU memory."""
     if not (torch.cuda.is_available() and availability("triton", "cuda").ok):
         pytest.skip("needs a GPU")
+    from surgery_kernels.backends.triton_kernels import rows
+    monkeypatch.setattr(rows, "WORKSPACE_BYTES", 64 << 20)
     hdim, v, tail = 1024, 300, 64
     n = (1 << 31) // hdim + 4096
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -362,7 +390,7 @@ def test_cuda_offsets_above_2_31():
     assert bool((gh[:-tail] == 0).all())
 
 
-def test_gpu_launch_path_under_interpreter(monkeypatch):
+def test_gpu_launch_path_under_interpreter(monkeypatch, fused_backward):
     """The GPU launch code (autotuner objects, grid lambdas, config meta-parameters) run under the
     interpreter with one config per kernel, so a slip there shows before a GPU run."""
     if not availability("triton", "cpu").ok:
@@ -430,18 +458,19 @@ def test_opcheck(device):
     kl, qlse, plse = tf._kl_forward(hid, w, b, rh, rw, None, mask, "reverse", 1.5)
     cases = [
         (tf._ce_forward, (hid, w, b, t, -100, 3.0)),
-        (tf._ce_backward, (hid, w, b, t, lse, coeff, 3.0, [True, True, True])),
-        (tf._ce_forward_backward, (hid, w, None, t, coeff, -100, None, 2.0, [True, False, False])),
+        (tf._ce_backward, (hid, w, b, t, lse, coeff, 3.0, [True, True, True], None)),
+        (tf._ce_forward_backward, (hid, w, None, t, coeff, -100, None, 2.0, [True, False, False], 8)),
         (tf._kl_forward, (hid, w, b, rh, rw, None, mask, "reverse", 1.5)),
-        (tf._kl_backward, (hid, w, b, rh, rw, None, qlse, plse, kl, coeff, "reverse", 1.5, [False, True, True])),
-        (tf._kl_forward_backward, (hid, w, None, rh, rw, None, mask, coeff, "forward", 1.0, [True, True, False])),
+        (tf._kl_backward, (hid, w, b, rh, rw, None, qlse, plse, kl, coeff, "reverse", 1.5, [False, True, True], 8)),
+        (tf._kl_forward_backward, (hid, w, None, rh, rw, None, mask, coeff, "forward", 1.0, [True, True, False],
+                                   None)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES])
-def test_vocab_chunked_dweight(device, monkeypatch):
+def test_vocab_chunked_dweight(device, monkeypatch, fused_backward):
     """16-bit weights: dW accumulates in float32 one vocabulary chunk at a time. With chunks of
     256 rows (V = 300: two chunks, the second ragged) CE and KL gradients equal the one-chunk ones
     and stay within the bf16 bound against float64."""
@@ -475,7 +504,7 @@ def test_vocab_chunked_dweight(device, monkeypatch):
     _check_kl(device, dt, hk, wk, bk_, rhk, rwk, rbk, direction="reverse")
 
 
-def test_autotuning_keeps_accumulated_sums(monkeypatch):
+def test_autotuning_keeps_accumulated_sums(monkeypatch, fused_backward):
     """Autotuning the backward in the middle of a call (the last dW chunk has a new width, so a new
     tuning key) must leave the dH sums of the earlier chunks alone. Runs the GPU launch path under
     the interpreter with two configs per kernel and a CPU stand-in for do_bench."""
@@ -524,3 +553,79 @@ def test_autotuning_keeps_accumulated_sums(monkeypatch):
     tuned = grads()
     for a, c in zip(exact, tuned):
         assert _rel(c, a) <= 1e-6
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_workspace_size_changes_nothing(device, dtype, monkeypatch):
+    """Chunks of 16/32 rows (this file's workspace) against one chunk of all 37 (the default
+    64 MiB): the same gradients, up to the order of float32 additions into dW."""
+    from surgery_kernels.backends.triton_kernels import rows
+
+    h, w, b, t = _ce_inputs(device, dtype, bias=True)
+    hk, wk, bk_, rhk, rwk, rbk = _kl_inputs(device)
+    tw = torch.linspace(-1, 1, N, device=device)
+
+    def grads():
+        hh, ww, bb = _leaf(h.to(dtype)), _leaf(w.to(dtype)), _leaf(b.to(dtype))
+        ce = torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, softcap=4.0,
+                                                      ascent_cap=5.0, backend="triton"), (hh, ww, bb))
+        hh, ww, bb = _leaf(hk.to(dtype)), _leaf(wk.to(dtype)), _leaf(bk_.to(dtype))
+        kl = torch.autograd.grad(linear_kl_div(hh, ww, rhk.to(dtype), rwk.to(dtype), bias=bb, ref_bias=rbk.to(dtype),
+                                               direction="reverse", backend="triton"), (hh, ww, bb))
+        return ce + kl
+
+    chunked = grads()
+    assert rows.chunk_rows(N, V, 4, 1, None) == 16 and rows.chunk_rows(N, V, 4, 2, None) == 8
+    monkeypatch.setattr(rows, "WORKSPACE_BYTES", 64 << 20)
+    assert rows.chunk_rows(N, V, 4, 2, None) == N
+    whole = grads()
+    # bf16: the float32 dW sums round once at the end, so an element can flip by one ulp (2**-8)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
+    for a, c in zip(whole, chunked):
+        assert torch.isfinite(c).all() and _rel(c, a) <= tol
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+def test_dweight_accumulated_in_the_input_dtype(device, monkeypatch):
+    """DW_ACCUM="input": bf16 dW summed in bf16 over the chunks (no float32 accumulator): the
+    same gradient up to bf16 rounding per chunk, dH unchanged."""
+    from surgery_kernels.backends.triton_kernels import rows
+
+    dt = torch.bfloat16
+    h, w, _, t = _ce_inputs(device, dt)
+    tw = torch.linspace(-1, 2, N, device=device)
+
+    def grads():
+        hh, ww = _leaf(h.to(dt)), _leaf(w.to(dt))
+        return torch.autograd.grad(linear_cross_entropy(hh, ww, t, token_weight=tw, backend="triton"), (hh, ww))
+
+    f32 = grads()
+    monkeypatch.setattr(rows, "DW_ACCUM", "input")
+    inp = grads()
+    assert torch.equal(inp[0], f32[0])
+    assert 0 < _rel(inp[1], f32[1]) <= 2 ** -6
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+@pytest.mark.parametrize("op", ["ce", "kl"])
+def test_gradient_path_holds_one_chunk_of_logits(device, op):
+    """The gradient path's driver (run directly: the custom ops hide their insides from dispatch
+    modes) creates nothing larger than one chunk of logits or the float32 dW accumulator, both
+    below the N x V logits."""
+    from surgery_kernels.backends.triton_kernels import rows
+
+    n, h, v, chunk = 40, 8, 300, 16
+    g = torch.Generator().manual_seed(0)
+    hidden, weight, ref_h, ref_w = (torch.randn(*s, generator=g).to(device) for s in ((n, h), (v, h), (n, h), (v, h)))
+    target = torch.randint(0, v, (n,), generator=g).to(device)
+    coeff = torch.randn(n, generator=g).to(device)
+    with RecordCreated() as rec:
+        if op == "ce":
+            out = rows.ce(hidden, weight, None, target, coeff, ignore_index=-100, softcap=None, ascent_cap=None,
+                          needs=(True, True, False), chunk_size=chunk, stats=True)
+        else:
+            out = rows.kl(hidden, weight, None, ref_h, ref_w, None, None, coeff, direction="forward", temperature=1.0,
+                          needs=(True, True, False), chunk_size=chunk, stats=True)
+    assert out[-3] is not None and out[-2] is not None
+    biggest = rec.largest_bytes()
+    assert biggest[0] <= 4 * max(chunk * v, v * h) < 4 * n * v, f"created {biggest[0]} bytes in {biggest[1]}"

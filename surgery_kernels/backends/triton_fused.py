@@ -82,6 +82,24 @@ def _kernels():
     return ce, kl
 
 
+def _rows():
+    from .triton_kernels import rows  # noqa: PLC0415
+    return rows
+
+
+# Which gradient path the *_backward and *_forward_backward primitives take: "chunked" (default,
+# triton_kernels.rows: logits chunk through memory, cuBLAS GEMMs, fused row kernel) or "fused"
+# (triton_kernels.ce/kl: tiles recomputed on chip, float32 atomics; for comparison). Set with
+# SURGERY_TRITON_BACKWARD or by assigning this attribute before a call.
+BACKWARD = os.environ.get("SURGERY_TRITON_BACKWARD", "chunked")
+
+
+def _backward() -> str:
+    if BACKWARD not in ("chunked", "fused"):
+        raise ValueError(f"SURGERY_TRITON_BACKWARD must be 'chunked' or 'fused', got {BACKWARD!r}")
+    return BACKWARD
+
+
 def _check(hidden: torch.Tensor) -> None:
     if hidden.dtype not in _DTYPES:
         raise TypeError(f"backend='triton' takes hidden/weight in float32, bfloat16 or float16, got {hidden.dtype}; "
@@ -125,33 +143,43 @@ def _(hidden, weight, bias, target, ignore_index, softcap):
 
 @torch.library.custom_op("surgery_triton::ce_backward", mutates_args=())
 def _ce_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor, coeff: Tensor,
-                 softcap: Optional[float], needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                 softcap: Optional[float], needs: list[bool], chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
     hidden, weight, bias, target = _c(hidden, weight, bias, target)
-    return _placeholders(_kernels()[0].backward(hidden, weight, bias, target, lse, coeff, softcap, needs), hidden)
+    if _backward() == "fused":
+        grads = _kernels()[0].backward(hidden, weight, bias, target, lse, coeff, softcap, needs)
+    else:
+        # the row statistics are recomputed from the chunk's own (input-dtype) logits, not taken from lse
+        grads = _rows().ce(hidden, weight, bias, target, coeff, ignore_index=-1, softcap=softcap, ascent_cap=None,
+                           needs=needs, chunk_size=chunk_size, stats=False)[2:]
+    return _placeholders(grads, hidden)
 
 
 @_ce_backward.register_fake
-def _(hidden, weight, bias, target, lse, coeff, softcap, needs):
+def _(hidden, weight, bias, target, lse, coeff, softcap, needs, chunk_size):
     return _fake_grads(hidden, weight, bias, needs)
 
 
 @torch.library.custom_op("surgery_triton::ce_forward_backward", mutates_args=())
 def _ce_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, coeff: Tensor,
                          ignore_index: int, softcap: Optional[float], ascent_cap: Optional[float],
-                         needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         needs: list[bool], chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     hidden, weight, bias, target = _c(hidden, weight, bias, target)
-    ce_mod = _kernels()[0]
-    ce, lse = ce_mod.forward(hidden, weight, bias, target, ignore_index, softcap)
-    coeff = coeff.float()
-    if ascent_cap is not None:
-        # Bounded ascent: a token pushed past the cap gets no gradient (decided on the device).
-        coeff = torch.where((coeff < 0) & (ce > ascent_cap), torch.zeros_like(coeff), coeff)
-    grads = ce_mod.backward(hidden, weight, bias, target, lse, coeff, softcap, needs)
+    if _backward() == "fused":
+        ce_mod = _kernels()[0]
+        ce, lse = ce_mod.forward(hidden, weight, bias, target, ignore_index, softcap)
+        coeff = coeff.float()
+        if ascent_cap is not None:
+            # Bounded ascent: a token pushed past the cap gets no gradient (decided on the device).
+            coeff = torch.where((coeff < 0) & (ce > ascent_cap), torch.zeros_like(coeff), coeff)
+        grads = ce_mod.backward(hidden, weight, bias, target, lse, coeff, softcap, needs)
+    else:
+        ce, lse, *grads = _rows().ce(hidden, weight, bias, target, coeff, ignore_index=ignore_index, softcap=softcap,
+                                     ascent_cap=ascent_cap, needs=needs, chunk_size=chunk_size, stats=True)
     return (ce, lse) + _placeholders(grads, hidden)
 
 
 @_ce_forward_backward.register_fake
-def _(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap, needs):
+def _(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap, needs, chunk_size):
     return _fake_stats(hidden, torch.float32, torch.float64) + _fake_grads(hidden, weight, bias, needs)
 
 
@@ -171,30 +199,41 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, t
 @torch.library.custom_op("surgery_triton::kl_backward", mutates_args=())
 def _kl_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
                  ref_bias: Optional[Tensor], lse: Tensor, ref_lse: Tensor, kl: Tensor, coeff: Tensor, direction: str,
-                 temperature: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                 temperature: float, needs: list[bool], chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
     args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    grads = _kernels()[1].backward(*args, lse, ref_lse, kl, coeff, direction, temperature, needs)
+    if _backward() == "fused":
+        grads = _kernels()[1].backward(*args, lse, ref_lse, kl, coeff, direction, temperature, needs)
+    else:
+        # lse, ref_lse and kl are recomputed from the chunk's own logits (coeff is 0 where masked)
+        grads = _rows().kl(*args, None, coeff, direction=direction, temperature=temperature, needs=needs,
+                           chunk_size=chunk_size, stats=False)[3:]
     return _placeholders(grads, hidden)
 
 
 @_kl_backward.register_fake
-def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature, needs):
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature, needs,
+      chunk_size):
     return _fake_grads(hidden, weight, bias, needs)
 
 
 @torch.library.custom_op("surgery_triton::kl_forward_backward", mutates_args=())
 def _kl_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
                          ref_weight: Tensor, ref_bias: Optional[Tensor], mask: Tensor, coeff: Tensor, direction: str,
-                         temperature: float, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         temperature: float, needs: list[bool],
+                         chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    kl_mod = _kernels()[1]
-    kl, lse, rlse = kl_mod.forward(*args, mask, direction, temperature)
-    grads = kl_mod.backward(*args, lse, rlse, kl, coeff, direction, temperature, needs)
+    if _backward() == "fused":
+        kl_mod = _kernels()[1]
+        kl, lse, rlse = kl_mod.forward(*args, mask, direction, temperature)
+        grads = kl_mod.backward(*args, lse, rlse, kl, coeff, direction, temperature, needs)
+    else:
+        kl, lse, rlse, *grads = _rows().kl(*args, mask, coeff, direction=direction, temperature=temperature,
+                                           needs=needs, chunk_size=chunk_size, stats=True)
     return (kl, lse, rlse) + _placeholders(grads, hidden)
 
 
 @_kl_forward_backward.register_fake
-def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direction, temperature, needs):
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direction, temperature, needs, chunk_size):
     return _fake_stats(hidden, torch.float32, torch.float64, torch.float64) + _fake_grads(hidden, weight, bias, needs)
 
 
@@ -205,7 +244,7 @@ def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_siz
 
 def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
     _check(hidden)
-    grads = _ce_backward(hidden, weight, bias, target, lse, coeff, softcap, list(needs))
+    grads = _ce_backward(hidden, weight, bias, target, lse, coeff, softcap, list(needs), chunk_size)
     return _none_where_unneeded(grads, needs, bias)
 
 
@@ -213,7 +252,7 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
                         chunk_size):
     _check(hidden)
     ce, lse, *grads = _ce_forward_backward(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap,
-                                           list(needs))
+                                           list(needs), chunk_size)
     return (ce, lse) + _none_where_unneeded(grads, needs, bias)
 
 
@@ -227,7 +266,7 @@ def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref
                 temperature, needs, chunk_size):
     _check(hidden)
     grads = _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction,
-                         temperature, list(needs))
+                         temperature, list(needs), chunk_size)
     return _none_where_unneeded(grads, needs, bias)
 
 
@@ -235,5 +274,5 @@ def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
                         temperature, needs, chunk_size):
     _check(hidden)
     kl, lse, rlse, *grads = _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff,
-                                                 direction, temperature, list(needs))
+                                                 direction, temperature, list(needs), chunk_size)
     return (kl, lse, rlse) + _none_where_unneeded(grads, needs, bias)

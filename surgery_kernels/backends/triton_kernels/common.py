@@ -55,6 +55,19 @@ def tanh(x):
 
 
 @triton.jit
+def round_bf16_by_hand(x, ON: tl.constexpr):
+    """With ON (the interpreter, bf16 output): float32 x rounded to the nearest bf16 (ties to
+    even), still float32, so that the truncating conversion the interpreter does next is exact.
+    The interpreter's float32 -> bf16 conversion truncates (2x the error of the GPU's rounding,
+    checked with TRITON_INTERPRET=1 on triton 3.6); finite x only."""
+    if ON:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def tile_ids(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
     """Grouped ordering (as in the Triton matmul tutorial): GROUP row blocks sweep the columns
     together, so programs running at the same time share hidden rows and weight rows in L2."""

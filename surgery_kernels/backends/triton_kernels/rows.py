@@ -1,0 +1,338 @@
+"""The gradient path of backend ``triton``: a bounded chunk of logits through memory, cuBLAS GEMMs,
+one fused Triton row kernel.
+
+Per chunk of ``c`` tokens (``c * V`` logits of the input dtype within ``WORKSPACE_BYTES``,
+allocated once per call and reused by every chunk):
+
+1. ``z = hidden_c @ weight.T (+ bias)``: cuBLAS, into the workspace (for KL the reference side's
+   logits into a second one);
+2. one program per row (``ce_rows_kernel`` / ``kl_rows_kernel``): a pass over the row for the
+   online max / sum-exp (and the target logit, or for KL both sides and the expectation of the
+   logit difference), the value, the ascent cap, then a second pass that overwrites the row with
+   its logit gradient ``coeff * dloss/dz`` in the input dtype;
+3. ``dhidden_c = G @ weight`` (cuBLAS, straight into the rows of dhidden),
+   ``dweight += G.T @ hidden_c`` (cuBLAS; accumulated in float32, see ``DW_ACCUM``),
+   ``dbias += G.sum(0)``.
+
+That is the three GEMMs of the floor (KL: four) at cuBLAS speed plus two passes over the chunk.
+Why not the fully fused backward of ``ce.py`` / ``kl.py`` (logits recomputed on chip, dH and dW
+added with float32 atomics): measured on an H100 (benchmarks/results/2026-11-27-h100) at the
+Llama-2-7B head it ran 3.7x the GEMM floor. Its atomic traffic is N*H*V*4*(1/BLOCK_N + 1/BLOCK_V)
+bytes, ~128 GiB at N = 16384, whatever the shape, because a tile's gradient must reach an
+(N, H) and a (V, H) accumulator that no chip can hold; and an owning kernel (no atomics) would
+recompute every tile H / BLOCK_K times. A logit gradient that goes through memory once, in 16
+bits, costs 2 bytes per logit instead.
+
+``DW_ACCUM``: ``"float32"`` (default) keeps a float32 (V, H) accumulator for 16-bit weights —
+one rounding of the finished sum, like a plain PyTorch backward — at 4*V*H bytes (500 MiB at
+the Llama-2-7B head) beyond the workspace; ``"input"`` accumulates into the 16-bit gradient
+itself (cuBLAS rounds after each chunk's addmm), which keeps the call within the workspace but
+rounds once per chunk: measured on the CPU (N=8192, H=128, V=2000, bf16), dW's error against
+float64 is 1.5x plain PyTorch's with 8 chunks and 2.0x with 16. float32 weights always
+accumulate in place, exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common
+from .common import round_bf16_by_hand, tanh
+
+# Bytes of logits one call keeps in memory (both sides together for KL).
+WORKSPACE_BYTES = 64 << 20
+# "float32" | "input": how 16-bit dW accumulates over chunks (module docstring).
+DW_ACCUM = os.environ.get("SURGERY_TRITON_DW_ACCUM", "float32")
+# Columns per step of the row loops, and warps per row (GPU); the interpreter takes small blocks.
+ROW_BLOCK = 512 if common.INTERPRET else 8192
+ROW_WARPS = 16
+
+
+def chunk_rows(n: int, v: int, itemsize: int, sides: int, chunk_size: int | None) -> int:
+    """Tokens per chunk: ``chunk_size`` if given, else as many as fit ``WORKSPACE_BYTES``
+    (a multiple of 128 when that is at least 128, for the GEMMs' tiles); between 1 and N."""
+    if chunk_size:
+        rows = chunk_size
+    else:
+        rows = WORKSPACE_BYTES // max(1, sides * v * itemsize)
+        if rows >= 128:
+            rows = rows // 128 * 128
+    return max(1, min(n, rows))
+
+
+@triton.jit
+def _softcapped(z, softcap, SOFTCAP: tl.constexpr):
+    if SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z
+
+
+# Row length and count vary call to call: no recompilation for their divisibility.
+@triton.jit(do_not_specialize=["V", "ignore_index"])
+def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, ignore_index, softcap, ascent_cap,
+                   SOFTCAP: tl.constexpr, ASCENT_CAP: tl.constexpr, WRITE_STATS: tl.constexpr,
+                   WRITE_GRAD: tl.constexpr, BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
+    """Row ``program_id`` of the logits ``z`` (c, V): ce and lse (WRITE_STATS) and, in place,
+    coeff * (softmax - onehot) * softcap' (WRITE_GRAD), with coeff set to 0 for an ignored
+    target and, with ASCENT_CAP, for coeff < 0 and ce > ascent_cap."""
+    softcap = tl.cast(softcap, tl.float32)
+    row = tl.program_id(0).to(tl.int64)
+    p_z = z_ptr + row * stride_z
+    t = tl.load(target_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    # Running max and sum-exp of the row: every step covers a live column (v0 < V), so the max is
+    # finite after the first step and exp(-inf - max) = 0 for the masked lanes.
+    m = float("-inf")
+    s = 0.0
+    zt = 0.0
+    for v0 in range(0, V, BLOCK):
+        offs = v0 + cols
+        mask = offs < V
+        b_z = _softcapped(tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+        b_z = tl.where(mask, b_z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(b_z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(b_z - m_new), axis=0)
+        m = m_new
+        zt += tl.sum(tl.where(offs == t, b_z, 0.0), axis=0)
+    live = t != ignore_index
+    ce = tl.where(live, m + tl.log(s) - zt, 0.0)
+    if WRITE_STATS:
+        tl.store(ce_ptr + row, ce)
+        tl.store(lse_ptr + row, m.to(tl.float64) + tl.log(s).to(tl.float64))
+    if WRITE_GRAD:
+        c = tl.load(coeff_ptr + row)
+        c = tl.where(live, c, 0.0)
+        if ASCENT_CAP:
+            c = tl.where((c < 0.0) & (ce > ascent_cap), 0.0, c)
+        inv_s = 1.0 / s
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + cols
+            mask = offs < V
+            b_raw = tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32)
+            b_z = _softcapped(b_raw, softcap, SOFTCAP)
+            # softmax from the row max, not from lse: exact for logits of any size
+            b_g = tl.exp(b_z - m) * inv_s - tl.where(offs == t, 1.0, 0.0)
+            b_g = b_g * c
+            if SOFTCAP:
+                b_tanh = b_z / softcap
+                b_g = b_g * (1.0 - b_tanh * b_tanh)
+            b_g = round_bf16_by_hand(b_g, BF16_BY_HAND)
+            tl.store(p_z + offs, b_g.to(p_z.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["V"])
+def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr, V, stride_z, stride_zr, inv_t,
+                   REVERSE: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_STATS: tl.constexpr,
+                   WRITE_GRAD: tl.constexpr, BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
+    """Row ``program_id`` of the trained logits ``z`` and the reference's ``zr`` (c, V), tempered
+    by 1/T: kl, lse, rlse (WRITE_STATS) and, in place in z, coeff/T * (q - p) (forward KL(p||q))
+    or coeff/T * q * (log q - log p - kl) (reverse KL(q||p)); kl and coeff are 0 where mask is
+    False (HAS_MASK)."""
+    inv_t = tl.cast(inv_t, tl.float32)
+    row = tl.program_id(0).to(tl.int64)
+    p_z = z_ptr + row * stride_z
+    p_zr = zr_ptr + row * stride_zr
+    cols = tl.arange(0, BLOCK)
+    # Running max and sum-exp of both sides and, under the weighting side (p forward, q reverse),
+    # the sum of exp(a - max_a) * d, d = (zr - z) / T; every step covers a live column (v0 < V).
+    mq = float("-inf")
+    sq = 0.0
+    mp = float("-inf")
+    sp = 0.0
+    e = 0.0
+    for v0 in range(0, V, BLOCK):
+        offs = v0 + cols
+        mask = offs < V
+        b_x = tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+        b_y = tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+        b_d = tl.where(mask, b_y - b_x, 0.0)
+        b_x = tl.where(mask, b_x, float("-inf"))
+        b_y = tl.where(mask, b_y, float("-inf"))
+        mq_new = tl.maximum(mq, tl.max(b_x, axis=0))
+        mp_new = tl.maximum(mp, tl.max(b_y, axis=0))
+        aq = tl.exp(mq - mq_new)
+        ap = tl.exp(mp - mp_new)
+        b_eq = tl.exp(b_x - mq_new)
+        b_ep = tl.exp(b_y - mp_new)
+        sq = sq * aq + tl.sum(b_eq, axis=0)
+        sp = sp * ap + tl.sum(b_ep, axis=0)
+        if REVERSE:
+            e = e * aq + tl.sum(b_eq * b_d, axis=0)
+        else:
+            e = e * ap + tl.sum(b_ep * b_d, axis=0)
+        mq = mq_new
+        mp = mp_new
+    log_sq = tl.log(sq)
+    log_sp = tl.log(sp)
+    if REVERSE:
+        # KL(q || p) = E_q[log q - log p] = -E_q[d] + (mp + log sp) - (mq + log sq)
+        kl = -e / sq + (mp - mq) + (log_sp - log_sq)
+    else:
+        # KL(p || q) = E_p[d] + (mq + log sq) - (mp + log sp)
+        kl = e / sp + (mq - mp) + (log_sq - log_sp)
+    c = 0.0
+    if WRITE_GRAD:
+        c = tl.load(coeff_ptr + row) * inv_t
+    if HAS_MASK:
+        live = tl.load(mask_ptr + row) != 0
+        kl = tl.where(live, kl, 0.0)
+        c = tl.where(live, c, 0.0)
+    if WRITE_STATS:
+        tl.store(kl_ptr + row, kl)
+        tl.store(lse_ptr + row, mq.to(tl.float64) + log_sq.to(tl.float64))
+        tl.store(rlse_ptr + row, mp.to(tl.float64) + log_sp.to(tl.float64))
+    if WRITE_GRAD:
+        for v0 in range(0, V, BLOCK):
+            offs = v0 + cols
+            mask = offs < V
+            # log q and log p from each side's max: exact for logits of any size
+            b_lq = tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - mq - log_sq
+            b_lp = tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - mp - log_sp
+            b_q = tl.exp(b_lq)
+            if REVERSE:
+                b_g = b_q * (b_lq - b_lp - kl)
+            else:
+                b_g = b_q - tl.exp(b_lp)
+            b_g = round_bf16_by_hand(b_g * c, BF16_BY_HAND)
+            tl.store(p_z + offs, b_g.to(p_z.dtype.element_ty), mask=mask)
+
+
+def _row_launch(kernel, rows, args, flags, dtype):
+    if rows:
+        kernel[(rows,)](*args, **flags, BF16_BY_HAND=common.INTERPRET and dtype == torch.bfloat16, BLOCK=ROW_BLOCK,
+                        **({} if common.INTERPRET else {"num_warps": ROW_WARPS}))
+
+
+# -- gradients: dhidden per chunk, dweight and dbias accumulated over chunks ---------------------
+
+# Whether torch.addmm takes out_dtype=float32 for 16-bit inputs here (CUDA, torch >= 2.8);
+# None until the first try. Where it does not (CPU, older torch), dW's chunk products go
+# through a 16-bit scratch of at most the workspace size, one slice of the vocabulary at a time.
+_ADDMM_OUT_DTYPE: bool | None = None
+
+
+def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (V, H) float32 += a (V, c) @ b (c, H), a and b 16-bit; products accumulate in float32."""
+    global _ADDMM_OUT_DTYPE
+    if _ADDMM_OUT_DTYPE is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            if _ADDMM_OUT_DTYPE:
+                raise
+            _ADDMM_OUT_DTYPE = False
+    step = max(1, WORKSPACE_BYTES // (a.element_size() * max(1, b.shape[1])))
+    for v0 in range(0, a.shape[0], step):
+        acc[v0:v0 + step] += a[v0:v0 + step] @ b
+
+
+class _Grads:
+    """dhidden (written chunk by chunk), dweight and dbias (accumulated) of one call."""
+
+    def __init__(self, hidden, weight, bias, needs):
+        self.dh = torch.empty_like(hidden) if needs[0] else None
+        self.dw = self.dw_acc = None
+        if needs[1]:
+            if weight.dtype == torch.float32 or DW_ACCUM == "input":
+                self.dw = self.dw_acc = torch.zeros_like(weight)
+            else:
+                self.dw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        self.db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if (needs[2] and bias is not None) else None
+        self.bias = bias
+        self.weight = weight
+
+    def any(self):
+        return self.dh is not None or self.dw_acc is not None or self.db is not None
+
+    def add(self, g, h, s, e):
+        if self.dh is not None:
+            torch.mm(g, self.weight, out=self.dh[s:e])
+        if self.dw_acc is not None:
+            if self.dw_acc.dtype == g.dtype:
+                self.dw_acc.addmm_(g.t(), h)
+            else:
+                _addmm_float32_(self.dw_acc, g.t(), h)
+        if self.db is not None:
+            self.db += g.sum(0, dtype=torch.float32)
+
+    def finish(self):
+        if self.dw_acc is not None and self.dw is None:
+            self.dw = self.dw_acc.to(self.weight.dtype)
+            self.dw_acc = None
+        db = None if self.db is None else self.db.to(self.bias.dtype)
+        return self.dh, self.dw, db
+
+
+def _logits_into(out, h, w, b):
+    """out = h @ w.T (+ b): one cuBLAS GEMM, the bias added before the one rounding (as F.linear)."""
+    if b is None:
+        torch.mm(h, w.t(), out=out)
+    else:
+        torch.addmm(b, h, w.t(), out=out)
+    return out
+
+
+def ce(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs, chunk_size, stats):
+    """Chunked CE: (ce float32, lse float64) when ``stats`` (else None, None), and the gradient of
+    sum_i coeff_i * ce_i as (dhidden, dweight, dbias), None where not needed."""
+    n, v = hidden.shape[0], weight.shape[0]
+    grads = _Grads(hidden, weight, bias, needs)
+    ce_out = torch.zeros(n, dtype=torch.float32, device=hidden.device) if stats else None
+    lse = torch.zeros(n, dtype=torch.float64, device=hidden.device) if stats else None
+    if n == 0 or not (stats or grads.any()):
+        return (ce_out, lse) + grads.finish()
+    d = common.dummy(hidden.device)
+    coeff = d if coeff is None else coeff.float().contiguous()
+    rows = chunk_rows(n, v, hidden.element_size(), 1, chunk_size)
+    ws = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
+    flags = dict(SOFTCAP=softcap is not None, ASCENT_CAP=ascent_cap is not None, WRITE_STATS=stats,
+                 WRITE_GRAD=grads.any())
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        z = _logits_into(ws[:e - s], hidden[s:e], weight, bias)
+        args = (z, target[s:e], coeff[s:e] if grads.any() else d, ce_out[s:e] if stats else d, lse[s:e] if stats else d, v, z.stride(0),
+                ignore_index, 1.0 if softcap is None else float(softcap),
+                0.0 if ascent_cap is None else float(ascent_cap))
+        _row_launch(ce_rows_kernel, e - s, args, flags, z.dtype)
+        if grads.any():
+            grads.add(z, hidden[s:e], s, e)
+    return (ce_out, lse) + grads.finish()
+
+
+def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction, temperature, needs,
+       chunk_size, stats):
+    """Chunked KL: (kl float32, lse float64, ref_lse float64) when ``stats`` (else Nones) and the
+    gradient of sum_i coeff_i * kl_i w.r.t. the trained side; ``mask`` None = every token."""
+    n, v = hidden.shape[0], weight.shape[0]
+    grads = _Grads(hidden, weight, bias, needs)
+    f64 = dict(dtype=torch.float64, device=hidden.device)
+    kl_out = torch.zeros(n, dtype=torch.float32, device=hidden.device) if stats else None
+    lse, rlse = (torch.zeros(n, **f64), torch.zeros(n, **f64)) if stats else (None, None)
+    if n == 0 or not (stats or grads.any()):
+        return (kl_out, lse, rlse) + grads.finish()
+    d = common.dummy(hidden.device)
+    coeff = d if coeff is None else coeff.float().contiguous()
+    mask = None if mask is None else mask.to(torch.uint8)
+    rows = chunk_rows(n, v, max(hidden.element_size(), ref_hidden.element_size()), 2, chunk_size)
+    ws = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
+    ws_ref = torch.empty((rows, v), dtype=ref_hidden.dtype, device=hidden.device)
+    flags = dict(REVERSE=direction == "reverse", HAS_MASK=mask is not None, WRITE_STATS=stats,
+                 WRITE_GRAD=grads.any())
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        z = _logits_into(ws[:e - s], hidden[s:e], weight, bias)
+        zr = _logits_into(ws_ref[:e - s], ref_hidden[s:e], ref_weight, ref_bias)
+        args = (z, zr, d if mask is None else mask[s:e], coeff[s:e] if grads.any() else d, kl_out[s:e] if stats else d,
+                lse[s:e] if stats else d, rlse[s:e] if stats else d, v, z.stride(0), zr.stride(0),
+                1.0 / float(temperature))
+        _row_launch(kl_rows_kernel, e - s, args, flags, z.dtype)
+        if grads.any():
+            grads.add(z, hidden[s:e], s, e)
+    return (kl_out, lse, rlse) + grads.finish()
