@@ -69,9 +69,9 @@ def compile_one(fn, dtype, cfg, flags):
           f"{k.metadata.shared // 1024} | {_resources(k.asm['cubin'])} | {time.time() - t0:.1f} |", flush=True)
 
 
-def compile_rows(fn, dtype, flags):
-    """A row kernel of the gradient path (triton_kernels.rows) at its GPU block and warps."""
-    consts = dict(flags, BLOCK=rows.ROW_BLOCK, BF16_BY_HAND=False)
+def compile_rows(fn, dtype, cfg, flags):
+    """A row kernel of the gradient path (triton_kernels.rows) with one of its GPU configs."""
+    consts = dict(flags, BLOCK=cfg.kwargs["BLOCK"], BF16_BY_HAND=False)
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -86,10 +86,10 @@ def compile_rows(fn, dtype, flags):
              if sig[name].startswith("*") or sig[name] == "i32"}
     t0 = time.time()
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=rows.ROW_WARPS))
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps))
     ptx = k.asm["ptx"]
     vec = len(re.findall(r"ld\.global(?:\.\w+)*\.v\d", ptx))
-    print(f"| {fn.__name__} | {dtype} | block {rows.ROW_BLOCK} w{rows.ROW_WARPS} | vector loads {vec} | "
+    print(f"| {fn.__name__} | {dtype} | block {cfg.kwargs['BLOCK']} w{cfg.num_warps} | vector loads {vec} | "
           f"ex2 {len(re.findall(r'ex2', ptx))} | {k.metadata.shared // 1024} | {_resources(k.asm['cubin'])} | "
           f"{time.time() - t0:.1f} |", flush=True)
 
@@ -112,11 +112,12 @@ def main():
     print("\n| row kernel | dtype | block, warps | vector loads | ex2 | smem KiB | ptxas | compile s |")
     print("|---|---|---|---:|---:|---:|---|---:|")
     stats_grad = dict(WRITE_STATS=True, WRITE_GRAD=True)
-    for dtype in ("bf16", "fp32"):
-        compile_rows(rows.ce_rows_kernel, dtype, dict(SOFTCAP=True, ASCENT_CAP=True, **stats_grad))
-        compile_rows(rows.ce_rows_kernel, dtype, dict(SOFTCAP=False, ASCENT_CAP=False, **stats_grad))
-        for reverse in (False, True):
-            compile_rows(rows.kl_rows_kernel, dtype, dict(REVERSE=reverse, HAS_MASK=True, **stats_grad))
+    for cfg in rows.ROW_CONFIGS:
+        for dtype in ("bf16", "fp32"):
+            compile_rows(rows.ce_rows_kernel, dtype, cfg, dict(SOFTCAP=True, ASCENT_CAP=True, **stats_grad))
+            compile_rows(rows.ce_rows_kernel, dtype, cfg, dict(SOFTCAP=False, ASCENT_CAP=False, **stats_grad))
+            for reverse in (False, True):
+                compile_rows(rows.kl_rows_kernel, dtype, cfg, dict(REVERSE=reverse, HAS_MASK=True, **stats_grad))
 
 
 if __name__ == "__main__":

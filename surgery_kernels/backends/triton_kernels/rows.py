@@ -47,9 +47,12 @@ from .common import round_bf16_by_hand, tanh
 WORKSPACE_BYTES = 64 << 20
 # "float32" | "input": how 16-bit dW accumulates over chunks (module docstring).
 DW_ACCUM = os.environ.get("SURGERY_TRITON_DW_ACCUM", "float32")
-# Columns per step of the row loops, and warps per row (GPU); the interpreter takes small blocks.
-ROW_BLOCK = 512 if common.INTERPRET else 8192
-ROW_WARPS = 16
+# Columns per step of the row loops and warps per row: autotuned on the GPU (per V, on the first
+# call: the kernels overwrite the chunk, so the tuning runs restore it); the interpreter takes one
+# small block. SURGERY_TRITON_AUTOTUNE=0 takes the first config.
+ROW_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((8192, 16), (16384, 16), (16384, 32),
+                                                                     (32768, 32), (4096, 8))]
+INTERPRET_BLOCK = 512
 
 
 def chunk_rows(n: int, v: int, itemsize: int, sides: int, chunk_size: int | None) -> int:
@@ -88,7 +91,6 @@ def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, i
     # finite after the first step and exp(-inf - max) = 0 for the masked lanes.
     m = float("-inf")
     s = 0.0
-    zt = 0.0
     for v0 in range(0, V, BLOCK):
         offs = v0 + cols
         mask = offs < V
@@ -97,8 +99,9 @@ def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, i
         m_new = tl.maximum(m, tl.max(b_z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(b_z - m_new), axis=0)
         m = m_new
-        zt += tl.sum(tl.where(offs == t, b_z, 0.0), axis=0)
     live = t != ignore_index
+    # the target's logit: one scalar load (targets are in [0, V) or ignore_index, checked upstream)
+    zt = _softcapped(tl.load(p_z + t, mask=live, other=0.0).to(tl.float32), softcap, SOFTCAP)
     ce = tl.where(live, m + tl.log(s) - zt, 0.0)
     if WRITE_STATS:
         tl.store(ce_ptr + row, ce)
@@ -201,10 +204,19 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
             tl.store(p_z + offs, b_g.to(p_z.dtype.element_ty), mask=mask)
 
 
-def _row_launch(kernel, rows, args, flags, dtype):
-    if rows:
-        kernel[(rows,)](*args, **flags, BF16_BY_HAND=common.INTERPRET and dtype == torch.bfloat16, BLOCK=ROW_BLOCK,
-                        **({} if common.INTERPRET else {"num_warps": ROW_WARPS}))
+ce_rows_tuned = triton.autotune(common.configs(ROW_CONFIGS), key=["V"],
+                                restore_value=["z_ptr", "ce_ptr", "lse_ptr"])(ce_rows_kernel)
+kl_rows_tuned = triton.autotune(common.configs(ROW_CONFIGS), key=["V"],
+                                restore_value=["z_ptr", "kl_ptr", "lse_ptr", "rlse_ptr"])(kl_rows_kernel)
+
+
+def _row_launch(kernel, tuned, rows, args, flags, dtype):
+    if not rows:
+        return
+    if common.INTERPRET:
+        kernel[(rows,)](*args, **flags, BF16_BY_HAND=dtype == torch.bfloat16, BLOCK=INTERPRET_BLOCK)
+    else:
+        tuned[(rows,)](*args, **flags, BF16_BY_HAND=False)
 
 
 # -- gradients: dhidden per chunk, dweight and dbias accumulated over chunks ---------------------
@@ -215,12 +227,14 @@ def _row_launch(kernel, rows, args, flags, dtype):
 _ADDMM_OUT_DTYPE: bool | None = None
 
 
-def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (V, H) float32 += a (V, c) @ b (c, H), a and b 16-bit; products accumulate in float32."""
+def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """acc (V, H) float32 += a (V, c) @ b (c, H) (``first``: acc = a @ b), a and b 16-bit;
+    products accumulate in float32."""
     global _ADDMM_OUT_DTYPE
     if _ADDMM_OUT_DTYPE is not False:
         try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            # beta=0 on the first chunk: acc is not read (it is uninitialized)
+            torch.addmm(acc, a, b, beta=0.0 if first else 1.0, out_dtype=torch.float32, out=acc)
             _ADDMM_OUT_DTYPE = True
             return
         except (RuntimeError, TypeError, NotImplementedError):
@@ -229,7 +243,10 @@ def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
             _ADDMM_OUT_DTYPE = False
     step = max(1, WORKSPACE_BYTES // (a.element_size() * max(1, b.shape[1])))
     for v0 in range(0, a.shape[0], step):
-        acc[v0:v0 + step] += a[v0:v0 + step] @ b
+        if first:
+            acc[v0:v0 + step].copy_(a[v0:v0 + step] @ b)
+        else:
+            acc[v0:v0 + step] += a[v0:v0 + step] @ b
 
 
 class _Grads:
@@ -238,12 +255,14 @@ class _Grads:
     def __init__(self, hidden, weight, bias, needs):
         self.dh = torch.empty_like(hidden) if needs[0] else None
         self.dw = self.dw_acc = None
+        # dW and dbias start at the first chunk's product (no zero fill, no read of zeros)
+        self.first = True
         if needs[1]:
             if weight.dtype == torch.float32 or DW_ACCUM == "input":
-                self.dw = self.dw_acc = torch.zeros_like(weight)
+                self.dw = self.dw_acc = torch.empty_like(weight)
             else:
-                self.dw_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        self.db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+                self.dw_acc = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        self.db = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) \
             if (needs[2] and bias is not None) else None
         self.bias = bias
         self.weight = weight
@@ -254,13 +273,20 @@ class _Grads:
     def add(self, g, h, s, e):
         if self.dh is not None:
             torch.mm(g, self.weight, out=self.dh[s:e])
+        first, self.first = self.first, False
         if self.dw_acc is not None:
             if self.dw_acc.dtype == g.dtype:
-                self.dw_acc.addmm_(g.t(), h)
+                if first:
+                    torch.mm(g.t(), h, out=self.dw_acc)
+                else:
+                    self.dw_acc.addmm_(g.t(), h)
             else:
-                _addmm_float32_(self.dw_acc, g.t(), h)
+                _addmm_float32_(self.dw_acc, g.t(), h, first)
         if self.db is not None:
-            self.db += g.sum(0, dtype=torch.float32)
+            if first:
+                torch.sum(g, 0, dtype=torch.float32, out=self.db)
+            else:
+                self.db += g.sum(0, dtype=torch.float32)
 
     def finish(self):
         if self.dw_acc is not None and self.dw is None:
@@ -300,7 +326,7 @@ def ce(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap
         args = (z, target[s:e], coeff[s:e] if grads.any() else d, ce_out[s:e] if stats else d, lse[s:e] if stats else d, v, z.stride(0),
                 ignore_index, 1.0 if softcap is None else float(softcap),
                 0.0 if ascent_cap is None else float(ascent_cap))
-        _row_launch(ce_rows_kernel, e - s, args, flags, z.dtype)
+        _row_launch(ce_rows_kernel, ce_rows_tuned, e - s, args, flags, z.dtype)
         if grads.any():
             grads.add(z, hidden[s:e], s, e)
     return (ce_out, lse) + grads.finish()
@@ -332,7 +358,7 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, d
         args = (z, zr, d if mask is None else mask[s:e], coeff[s:e] if grads.any() else d, kl_out[s:e] if stats else d,
                 lse[s:e] if stats else d, rlse[s:e] if stats else d, v, z.stride(0), zr.stride(0),
                 1.0 / float(temperature))
-        _row_launch(kl_rows_kernel, e - s, args, flags, z.dtype)
+        _row_launch(kl_rows_kernel, kl_rows_tuned, e - s, args, flags, z.dtype)
         if grads.any():
             grads.add(z, hidden[s:e], s, e)
     return (kl_out, lse, rlse) + grads.finish()
