@@ -36,7 +36,7 @@ KL between softmax(z / T) of the trained side (q) and of the reference side (p):
                         direction, temperature, needs, chunk_size)
         -> (kl, lse, ref_lse, dhidden, dweight, dbias)
 
-``chunk_size`` is a hint that a backend may ignore (the fused Triton path has no chunks).
+``chunk_size`` is a hint that a backend may ignore (the Triton forward without gradients has no chunks).
 No primitive may synchronize with the host or allocate an ``(N, V)`` tensor.
 """
 
@@ -53,9 +53,11 @@ log = logging.getLogger("surgery_kernels")
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 # Preference order of backend="auto" per device type, fastest first by measurement. On an H100
-# (benchmarks/results/2026-11-27-h100, Llama-2-7B head, N=16384, bf16, forward+backward) the cuda
-# backend ran the signed CE at 1.16x the GEMM floor and the triton one at 3.7x (its backward is
-# bound by float32 atomics), so cuda comes first; triton holds the least memory and follows.
+# (benchmarks/results/2026-11-27-h100-triton/run2, Llama-2-7B head, N=16384, bf16, forward+backward)
+# the cuda backend ran the signed CE in 20.1 ms and triton's default (256 MiB chunks) in 21.0 ms,
+# the KL in 28.2 vs 29.8 ms, so cuda comes first where its extension builds; triton needs no
+# compiler, holds less memory at these settings (250 vs 506 MiB beyond inputs and gradients for
+# the CE), and follows.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 # name -> module implementing the primitives above and ``availability(device_type)``.

@@ -1,35 +1,27 @@
-"""Backend ``triton``: fused Triton kernels; no logits, no logit chunk, ever reach device memory.
+"""Backend ``triton``: Triton kernels for the six primitives of ``surgery_kernels.backends``.
 
-The six primitives of ``surgery_kernels.backends`` over the kernels of ``triton_kernels``:
+- ``*_forward`` (values, no gradient: evaluation, and the forward of ``reduction="none"``):
+  fully fused, no logits in memory. One kernel (``triton_kernels.ce`` / ``kl``) computes logit
+  tiles on chip and keeps only per-row statistics (online log-sum-exp, target logit, for KL the
+  expectation of the logit difference); a few O(N) torch ops merge the vocabulary splits.
+- ``*_backward`` and ``*_forward_backward`` (``BACKWARD = "chunked"``, the default): through a
+  bounded chunk of logits, ``triton_kernels.rows`` — per chunk the logits GEMM (cuBLAS), one
+  fused Triton row kernel (statistics, value, ascent cap, the logit gradient written in place),
+  the dH and dW GEMMs (cuBLAS). Three GEMMs for CE (four for KL) plus two passes over the chunk.
+- ``BACKWARD = "fused"`` (``SURGERY_TRITON_BACKWARD=fused``; kept for comparison and for its
+  gradient filtering): each (token block x vocabulary block) tile is recomputed on chip, its
+  logit gradient formed in registers and added to dH and dW with float32 atomics.
 
-- ``*_forward``: one kernel computes logit tiles on chip and keeps only per-row statistics
-  (online log-sum-exp, target logit, for KL the expectation of the logit difference), then a
-  few O(N) torch ops merge the vocabulary splits.
-- ``*_backward``: one kernel recomputes each (token block x vocabulary block) tile, forms the
-  logit gradient in registers and adds its share of dH and dW.
-- ``*_forward_backward``: forward kernel, then (the ascent_cap rule needs the finished ce of
-  each token) the O(N) coefficient update, then the backward kernel: 2 + 6 = 8 N*H*V flops
-  for CE against the 6 N*H*V of the three plain GEMMs (KL: see the end of this docstring).
-
-Why float32 atomics for dH and dW rather than a kernel that owns vocabulary blocks: each logit
-tile needs a full reduction over H, and a (BLOCK_V x H) float32 dW accumulator (2 MiB at
-H = 4096) fits neither registers nor shared memory, so an owning kernel would have to recompute
-each tile once per H block it owns (H / BLOCK_K times). Atomics let every tile be recomputed
-exactly once; the price is atomic traffic (the grouped tile order keeps it in L2) and float32
-accumulators: dH as one (N, H) float32 buffer, dW one vocabulary chunk of at most 64 MiB at a
-time (one launch per chunk, ``common.chunked_grads``); for float32 inputs the gradients are the
-accumulators. Beyond inputs and gradients a 16-bit step thus holds 4*N*H bytes + 64 MiB (320 MiB
-at N = 16384, H = 4096), not the issue's 64 MiB: one of dH, dW always spans all its rows while
-it accumulates, so 64 MiB would need it summed in 16 bits (CCE does so), which would likely
-exceed the numerics contract (2x plain PyTorch's error) over 250 vocabulary blocks (not tried). The ``cuda`` and ``torch`` backends keep the other trade-off (a logit
-chunk in memory, cuBLAS GEMMs).
-
-The main performance risk (not yet measured on a GPU): each (BLOCK_N x BLOCK_V) tile adds
-(BLOCK_N + BLOCK_V) x H float32 with atomics, N*H*V * 4 * (1/BLOCK_V + 1/BLOCK_N) bytes in all:
-128 GiB at N=16384, H=4096, V=32000 with 128x128 tiles, against ~1.7e13 flops of tensor-core
-work. If ``benchmarks/triton_gpu.py`` shows the backward atomic-bound, the next step is a
-supertile (several row and vocabulary blocks per program, gradient tiles staged in shared
-memory) that divides that traffic by its side.
+Why the default goes through memory (measured on an H100, Llama-2-7B head, N = 16384, bf16,
+benchmarks/results/2026-11-27-h100-triton): the fused backward ran the signed CE at 3.8x the
+GEMM floor and the KL at 3.85x; the chunked path at 1.10x and 1.28x with its default 256 MiB
+chunks. A fused tile's gradient must reach an (N, H) and a (V, H) accumulator that no chip can
+hold: atomics move N*H*V*4*(1/BLOCK_N + 1/BLOCK_V) bytes (~128 GiB here with 128x128 tiles),
+and a kernel that owns vocabulary blocks instead would recompute every tile H / BLOCK_K times
+(a float32 BLOCK_V x H accumulator is 2 MiB at H = 4096). Writing the logit gradient once in 16
+bits and letting cuBLAS run the dH and dW GEMMs costs 2 bytes per logit. What the chunked path
+costs instead is memory (a chunk, and for more than 4 chunks of 16-bit weights a float32 dW
+accumulator; see ``triton_kernels.rows``).
 
 Deviation from the primitive contract, on purpose: ``lse``/``ref_lse`` come back in float64
 (ce and kl in float32). The row statistics are a float32 max plus a float32 log-sum-exp of the
@@ -42,10 +34,10 @@ Each primitive is one ``torch.library.custom_op`` (namespace ``surgery_triton``)
 into the launcher (or the interpreter). Gradients that are not needed come out of the ops as
 empty placeholders and leave the primitives as None.
 
-Gradient filtering (skip a tile whose |softmax - onehot| is below a threshold everywhere) is off
-by default; see ``triton_kernels.common.GRAD_FILTER_EPS``.
+Gradient filtering (skip a tile whose |softmax - onehot| is below a threshold everywhere; fused
+backward only) is off by default; see ``triton_kernels.common.GRAD_FILTER_EPS``.
 
-KL flops: forward 2 tiles (4 N*H*V when H' = H), backward 2 recomputed tiles + dH + dW (8 N*H*V),
+Fused-backward KL flops: forward 2 tiles (4 N*H*V when H' = H), backward 2 recomputed tiles + dH + dW (8 N*H*V),
 12 N*H*V in all against the 8 N*H*V of the four plain GEMMs (both logits, dH, dW).
 """
 

@@ -23,13 +23,21 @@ bytes, ~128 GiB at N = 16384, whatever the shape, because a tile's gradient must
 recompute every tile H / BLOCK_K times. A logit gradient that goes through memory once, in 16
 bits, costs 2 bytes per logit instead.
 
-``DW_ACCUM``: ``"float32"`` (default) keeps a float32 (V, H) accumulator for 16-bit weights —
-one rounding of the finished sum, like a plain PyTorch backward — at 4*V*H bytes (500 MiB at
-the Llama-2-7B head) beyond the workspace; ``"input"`` accumulates into the 16-bit gradient
-itself (cuBLAS rounds after each chunk's addmm), which keeps the call within the workspace but
-rounds once per chunk: measured on the CPU (N=8192, H=128, V=2000, bf16), dW's error against
-float64 is 1.5x plain PyTorch's with 8 chunks and 2.0x with 16. float32 weights always
-accumulate in place, exactly.
+Chunk size is the trade-off, measured on an H100 (benchmarks/results/2026-11-27-h100-triton,
+Llama-2-7B head, N = 16384, bf16, signed CE forward+backward): every chunk reads and writes the
+whole dW once more (cuBLAS's beta = 1 epilogue; 500 MiB in bf16, 1000 MiB in float32, not hidden
+behind the GEMMs), so 16 chunks of 64 MiB ran 1.28x the GEMM floor with dW summed in bf16 and
+1.44x in float32, 4 chunks of 256 MiB 1.10x either way. ``WORKSPACE_BYTES`` is therefore 256 MiB
+(2**27 bf16 logits, the same budget as the ``torch`` and ``cuda`` backends on CUDA); a call's
+``chunk_size`` sets smaller chunks where memory matters more.
+
+``DW_ACCUM`` (16-bit weights; float32 weights always accumulate in place, exactly):
+``"float32"`` keeps a float32 (V, H) accumulator (4*V*H bytes, 500 MiB at the Llama-2-7B head)
+and rounds the finished sum once, like a plain PyTorch backward; ``"input"`` accumulates into the
+16-bit gradient itself, one rounding per chunk: measured on the CPU (N = 8192, H = 128, V = 2000,
+bf16, tokens weighted +2 / -0.1), dW's error against float64 is 1.25x plain PyTorch's with 4
+chunks, 1.5x with 8, 2.0x with 16 (the tests allow 2x). ``"auto"`` (default) takes ``"input"``
+up to ``MAX_INPUT_ACCUM_CHUNKS`` chunks and ``"float32"`` beyond.
 """
 
 from __future__ import annotations
@@ -43,10 +51,11 @@ import triton.language as tl
 from . import common
 from .common import round_bf16_by_hand, tanh
 
-# Bytes of logits one call keeps in memory (both sides together for KL).
-WORKSPACE_BYTES = 64 << 20
-# "float32" | "input": how 16-bit dW accumulates over chunks (module docstring).
-DW_ACCUM = os.environ.get("SURGERY_TRITON_DW_ACCUM", "float32")
+# Bytes of logits one call keeps in memory when it passes no chunk_size (both sides together for KL).
+WORKSPACE_BYTES = 256 << 20
+# "auto" | "float32" | "input": how 16-bit dW accumulates over chunks (module docstring).
+DW_ACCUM = os.environ.get("SURGERY_TRITON_DW_ACCUM", "auto")
+MAX_INPUT_ACCUM_CHUNKS = 4
 # Columns per step of the row loops and warps per row: autotuned on the GPU (per V, on the first
 # call: the kernels overwrite the chunk, so the tuning runs restore it); the interpreter takes one
 # small block. SURGERY_TRITON_AUTOTUNE=0 takes the first config.
@@ -249,16 +258,25 @@ def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: 
             acc[v0:v0 + step] += a[v0:v0 + step] @ b
 
 
+def accumulate_in_input_dtype(dtype: torch.dtype, chunks: int) -> bool:
+    """Whether dW of ``dtype`` weights sums over ``chunks`` chunks in that dtype (see DW_ACCUM)."""
+    if DW_ACCUM not in ("auto", "float32", "input"):
+        raise ValueError(f"SURGERY_TRITON_DW_ACCUM must be 'auto', 'float32' or 'input', got {DW_ACCUM!r}")
+    if dtype == torch.float32:
+        return True
+    return DW_ACCUM == "input" or (DW_ACCUM == "auto" and chunks <= MAX_INPUT_ACCUM_CHUNKS)
+
+
 class _Grads:
     """dhidden (written chunk by chunk), dweight and dbias (accumulated) of one call."""
 
-    def __init__(self, hidden, weight, bias, needs):
+    def __init__(self, hidden, weight, bias, needs, chunks):
         self.dh = torch.empty_like(hidden) if needs[0] else None
         self.dw = self.dw_acc = None
         # dW and dbias start at the first chunk's product (no zero fill, no read of zeros)
         self.first = True
         if needs[1]:
-            if weight.dtype == torch.float32 or DW_ACCUM == "input":
+            if accumulate_in_input_dtype(weight.dtype, chunks):
                 self.dw = self.dw_acc = torch.empty_like(weight)
             else:
                 self.dw_acc = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
@@ -309,14 +327,14 @@ def ce(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap
     """Chunked CE: (ce float32, lse float64) when ``stats`` (else None, None), and the gradient of
     sum_i coeff_i * ce_i as (dhidden, dweight, dbias), None where not needed."""
     n, v = hidden.shape[0], weight.shape[0]
-    grads = _Grads(hidden, weight, bias, needs)
+    rows = chunk_rows(n, v, hidden.element_size(), 1, chunk_size)
+    grads = _Grads(hidden, weight, bias, needs, triton.cdiv(n, rows))
     ce_out = torch.zeros(n, dtype=torch.float32, device=hidden.device) if stats else None
     lse = torch.zeros(n, dtype=torch.float64, device=hidden.device) if stats else None
     if n == 0 or not (stats or grads.any()):
         return (ce_out, lse) + grads.finish()
     d = common.dummy(hidden.device)
     coeff = d if coeff is None else coeff.float().contiguous()
-    rows = chunk_rows(n, v, hidden.element_size(), 1, chunk_size)
     ws = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
     flags = dict(SOFTCAP=softcap is not None, ASCENT_CAP=ascent_cap is not None, WRITE_STATS=stats,
                  WRITE_GRAD=grads.any())
@@ -337,7 +355,8 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, d
     """Chunked KL: (kl float32, lse float64, ref_lse float64) when ``stats`` (else Nones) and the
     gradient of sum_i coeff_i * kl_i w.r.t. the trained side; ``mask`` None = every token."""
     n, v = hidden.shape[0], weight.shape[0]
-    grads = _Grads(hidden, weight, bias, needs)
+    rows = chunk_rows(n, v, max(hidden.element_size(), ref_hidden.element_size()), 2, chunk_size)
+    grads = _Grads(hidden, weight, bias, needs, triton.cdiv(n, rows))
     f64 = dict(dtype=torch.float64, device=hidden.device)
     kl_out = torch.zeros(n, dtype=torch.float32, device=hidden.device) if stats else None
     lse, rlse = (torch.zeros(n, **f64), torch.zeros(n, **f64)) if stats else (None, None)
@@ -346,7 +365,6 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, d
     d = common.dummy(hidden.device)
     coeff = d if coeff is None else coeff.float().contiguous()
     mask = None if mask is None else mask.to(torch.uint8)
-    rows = chunk_rows(n, v, max(hidden.element_size(), ref_hidden.element_size()), 2, chunk_size)
     ws = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
     ws_ref = torch.empty((rows, v), dtype=ref_hidden.dtype, device=hidden.device)
     flags = dict(REVERSE=direction == "reverse", HAS_MASK=mask is not None, WRITE_STATS=stats,
