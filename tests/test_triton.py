@@ -639,3 +639,49 @@ def test_gradient_path_holds_one_chunk_of_logits(device, op):
     assert out[-3] is not None and out[-2] is not None
     biggest = rec.largest_bytes()
     assert biggest[0] <= 4 * max(chunk * v, v * h) < 4 * n * v, f"created {biggest[0]} bytes in {biggest[1]}"
+
+
+def test_row_kernel_autotuning_restores_the_chunk(monkeypatch):
+    """The row kernels overwrite their chunk of logits with the gradient, so each tuning run must
+    start from the logits (restore_value): the GPU launch path with two row configs, a CPU stand-in
+    for do_bench that runs every config twice, gives the untuned gradients."""
+    if not availability("triton", "cpu").ok:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    import time
+
+    import triton
+
+    from surgery_kernels.backends.triton_kernels import common, rows
+
+    def cpu_bench(fn, quantiles=None, **kw):
+        t0 = time.perf_counter()
+        fn()
+        fn()
+        t = (time.perf_counter() - t0) * 1e3
+        return [t, t, t] if quantiles else t
+
+    h, w, b, t = _ce_inputs("cpu", torch.float32, bias=True)
+    hk, wk, bk_, rhk, rwk, rbk = _kl_inputs("cpu")
+    tw = torch.linspace(-1, 1, N)
+
+    def grads():
+        hh, ww, bb = _leaf(h), _leaf(w), _leaf(b)
+        ce = torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, softcap=4.0,
+                                                      backend="triton"), (hh, ww, bb))
+        hh, ww, bb = _leaf(hk), _leaf(wk), _leaf(bk_)
+        kl = torch.autograd.grad(linear_kl_div(hh, ww, rhk, rwk, bias=bb, ref_bias=rbk, direction="reverse",
+                                               backend="triton"), (hh, ww, bb))
+        return ce + kl
+
+    exact = grads()
+    two = [triton.Config({"BLOCK": 128}), triton.Config({"BLOCK": 256})]
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(rows, "ce_rows_tuned", triton.autotune(two, key=["V"], do_bench=cpu_bench,
+                                                               restore_value=["z_ptr", "ce_ptr", "lse_ptr"])(
+        rows.ce_rows_kernel))
+    monkeypatch.setattr(rows, "kl_rows_tuned", triton.autotune(two, key=["V"], do_bench=cpu_bench,
+                                                               restore_value=["z_ptr", "kl_ptr", "lse_ptr",
+                                                                              "rlse_ptr"])(rows.kl_rows_kernel))
+    tuned = grads()
+    for a, c in zip(exact, tuned):
+        assert _rel(c, a) <= 1e-6
