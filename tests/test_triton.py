@@ -685,3 +685,15 @@ def test_row_kernel_autotuning_restores_the_chunk(monkeypatch):
     tuned = grads()
     for a, c in zip(exact, tuned):
         assert _rel(c, a) <= 1e-6
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+def test_float16(device):
+    """fp16 inputs: logits, logit gradient and the dW sums in fp16 (2 chunks here), statistics in
+    float32, within 2x plain PyTorch's fp16 error."""
+    dt = torch.float16
+    h, w, b, t = _ce_inputs(device, dt, bias=True)
+    t[[4, 9]] = -100
+    _check_ce(device, dt, h, w, t, bias=b, softcap=4.0, token_weight=torch.linspace(-1, 2, N, device=device))
+    h, w, b, rh, rw, rb = _kl_inputs(device)
+    _check_kl(device, dt, h, w, b, rh, rw, rb, direction="forward", temperature=1.5)
