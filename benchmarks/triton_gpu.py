@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# gpu_check.sh gives this script 120 s: past this budget the remaining providers are skipped (the
+# gpu_check.sh gives this script 150 s (TRITON_BENCH_S): past this budget the remaining providers are skipped (the
 # table still prints); each row is also printed as soon as it is measured.
 BUDGET_S = 130.0
 

@@ -40,7 +40,8 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     denominator). ``reduction``: "mean" (divide by the number of live tokens; 0 when there are
     none), "sum", or "none" (values shaped like ``target``, 0 where ignored). The result is
     float32 (float64 for float64 inputs). ``backend``: "auto" | "triton" | "cuda" | "cpu" | "torch";
-    ``chunk_size``: tokens per chunk (None: ``2**24 // V``, i.e. 64 MiB of float32 logits).
+    ``chunk_size``: tokens per chunk (None: the backend's default, e.g. ``2**24 // V`` on CPU, 64 MiB of
+    float32 logits; see the README).
     """
     checks.hidden_weight_bias("", hidden, weight, bias)
     checks.per_token("target", target, hidden, kind="int")

@@ -458,7 +458,7 @@ def test_opcheck(device):
     kl, qlse, plse = tf._kl_forward(hid, w, b, rh, rw, None, mask, "reverse", 1.5)
     cases = [
         (tf._ce_forward, (hid, w, b, t, -100, 3.0)),
-        (tf._ce_backward, (hid, w, b, t, lse, coeff, 3.0, [True, True, True], None)),
+        (tf._ce_backward, (hid, w, b, t, lse, coeff, -100, 3.0, [True, True, True], None)),
         (tf._ce_forward_backward, (hid, w, None, t, coeff, -100, None, 2.0, [True, False, False], 8)),
         (tf._kl_forward, (hid, w, b, rh, rw, None, mask, "reverse", 1.5)),
         (tf._kl_backward, (hid, w, b, rh, rw, None, qlse, plse, kl, coeff, "reverse", 1.5, [False, True, True], 8)),
@@ -643,8 +643,9 @@ def test_gradient_path_holds_one_chunk_of_logits(device, op):
 
 def test_row_kernel_autotuning_restores_the_chunk(monkeypatch):
     """The row kernels overwrite their chunk of logits with the gradient, so each tuning run must
-    start from the logits (restore_value): the GPU launch path with two row configs, a CPU stand-in
-    for do_bench that runs every config twice, gives the untuned gradients."""
+    start from the logits (restore_value): the GPU launch path with the library's autotuner over
+    two row configs, a CPU stand-in for do_bench that runs every config twice, gives the untuned
+    gradients."""
     if not availability("triton", "cpu").ok:
         pytest.skip("needs TRITON_INTERPRET=1")
     import time
@@ -676,12 +677,8 @@ def test_row_kernel_autotuning_restores_the_chunk(monkeypatch):
     exact = grads()
     two = [triton.Config({"BLOCK": 128}), triton.Config({"BLOCK": 256})]
     monkeypatch.setattr(common, "INTERPRET", False)
-    monkeypatch.setattr(rows, "ce_rows_tuned", triton.autotune(two, key=["V"], do_bench=cpu_bench,
-                                                               restore_value=["z_ptr", "ce_ptr", "lse_ptr"])(
-        rows.ce_rows_kernel))
-    monkeypatch.setattr(rows, "kl_rows_tuned", triton.autotune(two, key=["V"], do_bench=cpu_bench,
-                                                               restore_value=["z_ptr", "kl_ptr", "lse_ptr",
-                                                                              "rlse_ptr"])(rows.kl_rows_kernel))
+    monkeypatch.setattr(rows, "ce_rows_tuned", rows.row_autotuner(rows.ce_rows_kernel, two, do_bench=cpu_bench))
+    monkeypatch.setattr(rows, "kl_rows_tuned", rows.row_autotuner(rows.kl_rows_kernel, two, do_bench=cpu_bench))
     tuned = grads()
     for a, c in zip(exact, tuned):
         assert _rel(c, a) <= 1e-6
@@ -697,3 +694,51 @@ def test_float16(device):
     _check_ce(device, dt, h, w, t, bias=b, softcap=4.0, token_weight=torch.linspace(-1, 2, N, device=device))
     h, w, b, rh, rw, rb = _kl_inputs(device)
     _check_kl(device, dt, h, w, b, rh, rw, rb, direction="forward", temperature=1.5)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_tokens(device, reduction):
+    """N = 0: values empty (or 0), gradients zero (not the uninitialized sums of no chunk)."""
+    h, w, b, t = _ce_inputs(device, torch.float32, n=0, bias=True)
+    hk, wk, bk_, rhk, rwk, rbk = _kl_inputs(device, n=0)
+    for dt in (torch.float32, torch.bfloat16):
+        hh, ww, bb = _leaf(h.to(dt)), _leaf(w.to(dt)), _leaf(b.to(dt))
+        out = linear_cross_entropy(hh, ww, t, bias=bb, reduction=reduction, backend="triton")
+        grads = torch.autograd.grad(out, (hh, ww, bb), torch.ones_like(out))
+        hh, ww, bb = _leaf(hk.to(dt)), _leaf(wk.to(dt)), _leaf(bk_.to(dt))
+        out = linear_kl_div(hh, ww, rhk.to(dt), rwk.to(dt), bias=bb, ref_bias=rbk.to(dt), reduction=reduction,
+                            backend="triton")
+        grads += torch.autograd.grad(out, (hh, ww, bb), torch.ones_like(out))
+        for g in grads:
+            assert bool((g == 0).all())
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("ignore_index", [1_000_000, -(1 << 40)])
+def test_ignore_index_outside_the_vocabulary(device, dtype, ignore_index):
+    """An ignore_index far outside [0, V): ignored tokens' target logit is never read (the row
+    kernel would read far outside the chunk), in the one-pass and the recomputing backward."""
+    h, w, b, t = _ce_inputs(device, dtype, bias=True)
+    t[[0, 7, 36]] = ignore_index
+    tw = torch.linspace(-1, 1, N, device=device)
+    up = torch.randn(N, generator=torch.Generator().manual_seed(8)).to(device)
+    _check_ce(device, dtype, h, w, t, bias=b, token_weight=tw, ignore_index=ignore_index)
+    out, _ = _check_ce(device, dtype, h, w, t, bias=b, token_weight=tw, ignore_index=ignore_index,
+                       reduction="none", upstream=up)
+    assert bool((out[[0, 7, 36]] == 0).all())
+
+
+@pytest.mark.parametrize("device,dtype", [c for c in CASES if "bf16" in c.id])
+def test_float32_dweight_accumulator(device, dtype, monkeypatch):
+    """16-bit weights with more chunks than MAX_INPUT_ACCUM_CHUNKS: dW (and dbias) summed in a
+    float32 accumulator, CE with bias and softcap, reverse KL with both biases, against float64."""
+    from surgery_kernels.backends.triton_kernels import rows
+
+    monkeypatch.setattr(rows, "MAX_INPUT_ACCUM_CHUNKS", 0)
+    assert not rows.accumulate_in_input_dtype(dtype, 2)
+    h, w, b, t = _ce_inputs(device, dtype, bias=True)
+    _check_ce(device, dtype, h, w, t, bias=b, softcap=4.0, token_weight=torch.linspace(-1, 2, N, device=device))
+    h, w, b, rh, rw, rb = _kl_inputs(device)
+    _check_kl(device, dtype, h, w, b, rh, rw, rb, direction="reverse", temperature=0.8,
+              mask=torch.arange(N, device=device) % 3 != 0)

@@ -135,19 +135,20 @@ def _(hidden, weight, bias, target, ignore_index, softcap):
 
 @torch.library.custom_op("surgery_triton::ce_backward", mutates_args=())
 def _ce_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor, coeff: Tensor,
-                 softcap: Optional[float], needs: list[bool], chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+                 ignore_index: int, softcap: Optional[float], needs: list[bool],
+                 chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
     hidden, weight, bias, target = _c(hidden, weight, bias, target)
     if _backward() == "fused":
         grads = _kernels()[0].backward(hidden, weight, bias, target, lse, coeff, softcap, needs)
     else:
         # the row statistics are recomputed from the chunk's own (input-dtype) logits, not taken from lse
-        grads = _rows().ce(hidden, weight, bias, target, coeff, ignore_index=-1, softcap=softcap, ascent_cap=None,
-                           needs=needs, chunk_size=chunk_size, stats=False)[2:]
+        grads = _rows().ce(hidden, weight, bias, target, coeff, ignore_index=ignore_index, softcap=softcap,
+                           ascent_cap=None, needs=needs, chunk_size=chunk_size, stats=False)[2:]
     return _placeholders(grads, hidden)
 
 
 @_ce_backward.register_fake
-def _(hidden, weight, bias, target, lse, coeff, softcap, needs, chunk_size):
+def _(hidden, weight, bias, target, lse, coeff, ignore_index, softcap, needs, chunk_size):
     return _fake_grads(hidden, weight, bias, needs)
 
 
@@ -236,7 +237,7 @@ def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_siz
 
 def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
     _check(hidden)
-    grads = _ce_backward(hidden, weight, bias, target, lse, coeff, softcap, list(needs), chunk_size)
+    grads = _ce_backward(hidden, weight, bias, target, lse, coeff, ignore_index, softcap, list(needs), chunk_size)
     return _none_where_unneeded(grads, needs, bias)
 
 

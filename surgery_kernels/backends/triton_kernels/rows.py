@@ -11,7 +11,8 @@ allocated once per call and reused by every chunk):
    logit difference), the value, the ascent cap, then a second pass that overwrites the row with
    its logit gradient ``coeff * dloss/dz`` in the input dtype;
 3. ``dhidden_c = G @ weight`` (cuBLAS, straight into the rows of dhidden),
-   ``dweight += G.T @ hidden_c`` (cuBLAS; accumulated in float32, see ``DW_ACCUM``),
+   ``dweight += G.T @ hidden_c`` (cuBLAS; summed in float32 or in the input dtype, see
+   ``DW_ACCUM``),
    ``dbias += G.sum(0)``.
 
 That is the three GEMMs of the floor (KL: four) at cuBLAS speed plus two passes over the chunk.
@@ -28,16 +29,21 @@ Llama-2-7B head, N = 16384, bf16, signed CE forward+backward): every chunk reads
 whole dW once more (cuBLAS's beta = 1 epilogue; 500 MiB in bf16, 1000 MiB in float32, not hidden
 behind the GEMMs), so 16 chunks of 64 MiB ran 1.28x the GEMM floor with dW summed in bf16 and
 1.44x in float32, 4 chunks of 256 MiB 1.10x either way. ``WORKSPACE_BYTES`` is therefore 256 MiB
-(2**27 bf16 logits, the same budget as the ``torch`` and ``cuda`` backends on CUDA); a call's
+for both sides together (2**27 bf16 logits for CE; the ``torch`` and ``cuda`` backends allot
+2**27 elements per side and dtype-independent, so twice that for KL or float32); a call's
 ``chunk_size`` sets smaller chunks where memory matters more.
 
 ``DW_ACCUM`` (16-bit weights; float32 weights always accumulate in place, exactly):
 ``"float32"`` keeps a float32 (V, H) accumulator (4*V*H bytes, 500 MiB at the Llama-2-7B head)
 and rounds the finished sum once, like a plain PyTorch backward; ``"input"`` accumulates into the
-16-bit gradient itself, one rounding per chunk: measured on the CPU (N = 8192, H = 128, V = 2000,
-bf16, tokens weighted +2 / -0.1), dW's error against float64 is 1.25x plain PyTorch's with 4
-chunks, 1.5x with 8, 2.0x with 16 (the tests allow 2x). ``"auto"`` (default) takes ``"input"``
-up to ``MAX_INPUT_ACCUM_CHUNKS`` chunks and ``"float32"`` beyond.
+16-bit gradient itself, one rounding per chunk, so its error grows with the number of chunks:
+``python benchmarks/dw_accumulation.py`` (CPU, N = 8192, H = 128, V = 2000, bf16, the same logit
+gradient summed both ways) measured dW's error against float64 at 1.25x that of one GEMM over all
+tokens with 4 chunks, 1.5x with 8, 2.0x with 16, 3.6x with 64 (the tests allow 2x plain
+PyTorch's error; against the whole plain bf16 path, whose logits are rounded too, the ratios are
+smaller: 1.05x / 1.11x / 1.23x at 4 / 8 / 16 chunks in review).
+``"auto"`` (default) takes ``"input"`` up to ``MAX_INPUT_ACCUM_CHUNKS`` chunks and ``"float32"``
+beyond.
 """
 
 from __future__ import annotations
@@ -83,7 +89,8 @@ def _softcapped(z, softcap, SOFTCAP: tl.constexpr):
     return z
 
 
-# Row length and count vary call to call: no recompilation for their divisibility.
+# V and ignore_index vary call to call: not specialized (stride_z, = V for the workspace, still is,
+# so V % 16 splits variants).
 @triton.jit(do_not_specialize=["V", "ignore_index"])
 def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, ignore_index, softcap, ascent_cap,
                    SOFTCAP: tl.constexpr, ASCENT_CAP: tl.constexpr, WRITE_STATS: tl.constexpr,
@@ -109,8 +116,8 @@ def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, i
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(b_z - m_new), axis=0)
         m = m_new
     live = t != ignore_index
-    # the target's logit: one scalar load (targets are in [0, V) or ignore_index, checked upstream)
-    zt = _softcapped(tl.load(p_z + t, mask=live, other=0.0).to(tl.float32), softcap, SOFTCAP)
+    # the target's logit: one scalar load (targets are checked to lie in [0, V) or be ignore_index)
+    zt = _softcapped(tl.load(p_z + t, mask=live & (t >= 0) & (t < V), other=0.0).to(tl.float32), softcap, SOFTCAP)
     ce = tl.where(live, m + tl.log(s) - zt, 0.0)
     if WRITE_STATS:
         tl.store(ce_ptr + row, ce)
@@ -213,10 +220,17 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
             tl.store(p_z + offs, b_g.to(p_z.dtype.element_ty), mask=mask)
 
 
-ce_rows_tuned = triton.autotune(common.configs(ROW_CONFIGS), key=["V"],
-                                restore_value=["z_ptr", "ce_ptr", "lse_ptr"])(ce_rows_kernel)
-kl_rows_tuned = triton.autotune(common.configs(ROW_CONFIGS), key=["V"],
-                                restore_value=["z_ptr", "kl_ptr", "lse_ptr", "rlse_ptr"])(kl_rows_kernel)
+def row_autotuner(kernel, configs, do_bench=None):
+    """``kernel`` autotuned over ``configs`` per V and variant. The kernels overwrite their chunk
+    of logits with the gradient, so every tuning run starts from a restored copy of it (the
+    first call per key clones the chunk once)."""
+    extra = {} if do_bench is None else {"do_bench": do_bench}
+    return triton.autotune(configs, key=["V", "WRITE_STATS", "WRITE_GRAD"], restore_value=["z_ptr"],
+                           **extra)(kernel)
+
+
+ce_rows_tuned = row_autotuner(ce_rows_kernel, common.configs(ROW_CONFIGS))
+kl_rows_tuned = row_autotuner(kl_rows_kernel, common.configs(ROW_CONFIGS))
 
 
 def _row_launch(kernel, tuned, rows, args, flags, dtype):
@@ -237,8 +251,9 @@ _ADDMM_OUT_DTYPE: bool | None = None
 
 
 def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """acc (V, H) float32 += a (V, c) @ b (c, H) (``first``: acc = a @ b), a and b 16-bit;
-    products accumulate in float32."""
+    """acc (V, H) float32 += a (V, c) @ b (c, H) (``first``: acc = a @ b), a and b 16-bit. With
+    addmm's out_dtype the chunk's product goes into acc unrounded; in the fallback each slice's
+    product is rounded to 16 bits first (one rounding per chunk and element, then float32 sums)."""
     global _ADDMM_OUT_DTYPE
     if _ADDMM_OUT_DTYPE is not False:
         try:
@@ -307,6 +322,10 @@ class _Grads:
                 self.db += g.sum(0, dtype=torch.float32)
 
     def finish(self):
+        if self.first:  # no chunk ran (N = 0): the sums are empty, so zero
+            for t in (self.dw_acc, self.db):
+                if t is not None:
+                    t.zero_()
         if self.dw_acc is not None and self.dw is None:
             self.dw = self.dw_acc.to(self.weight.dtype)
             self.dw_acc = None

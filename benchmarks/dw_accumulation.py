@@ -1,0 +1,66 @@
+"""How the weight gradient's error grows when it is summed over token chunks in bf16.
+
+The chunked gradient paths add each chunk's ``G_c^T @ hidden_c`` into dW. In a float32
+accumulator the finished sum is rounded to bf16 once, as a plain PyTorch backward does; summed in
+the bf16 gradient itself (``triton_kernels.rows.DW_ACCUM="input"``) it is rounded once per chunk.
+This script measures both against float64 for 1 to 64 chunks, as multiples of plain PyTorch's
+own bf16 error (one GEMM over all tokens), on the CPU in seconds. ``rows.MAX_INPUT_ACCUM_CHUNKS``
+is set from it.
+
+The logit gradient G is the same for every variant (computed once from bf16 logits, float32
+softmax, rounded to bf16), so only the summation differs. Usage::
+
+    python benchmarks/dw_accumulation.py [--n 8192 --h 128 --v 2000 --seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--h", type=int, default=128)
+    ap.add_argument("--v", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    n, h_dim, v = args.n, args.h, args.v
+    h = torch.randn(n, h_dim).bfloat16()
+    w = (torch.randn(v, h_dim) * 0.2).bfloat16()
+    t = torch.randint(0, v, (n,))
+    # signed token weights as in surgery: half ascent (-0.1), half descent (+2), mean over tokens
+    coeff = torch.where(torch.arange(n) % 2 == 0, -0.1, 2.0) / n
+
+    def logit_grad(dtype):
+        z = h.to(dtype) @ w.to(dtype).T
+        p = torch.softmax(z if dtype == torch.float64 else z.float(), 1)
+        p[torch.arange(n), t] -= 1
+        return (p * coeff[:, None].to(p.dtype)).to(dtype)
+
+    dw64 = logit_grad(torch.float64).T @ h.double()
+    g = logit_grad(torch.bfloat16)
+
+    def rel(x):
+        return float((x.double() - dw64).norm() / dw64.norm())
+
+    plain = rel(g.T @ h)
+    print(f"N={n} H={h_dim} V={v} bf16; plain PyTorch (one GEMM) dW error {plain:.3e}")
+    print("| chunks | summed in bf16 | x plain | summed in float32 | x plain |")
+    print("|---:|---:|---:|---:|---:|")
+    for chunks in (1, 2, 4, 8, 16, 32, 64):
+        c = -(-n // chunks)
+        acc16 = torch.zeros(v, h_dim, dtype=torch.bfloat16)
+        acc32 = torch.zeros(v, h_dim)
+        for s in range(0, n, c):
+            acc16.addmm_(g[s:s + c].T, h[s:s + c])
+            acc32.addmm_(g[s:s + c].T.float(), h[s:s + c].float())
+        e16, e32 = rel(acc16), rel(acc32.bfloat16())
+        print(f"| {chunks} | {e16:.3e} | {e16 / plain:.2f} | {e32:.3e} | {e32 / plain:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
