@@ -117,7 +117,8 @@ def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, i
         m = m_new
     live = t != ignore_index
     # the target's logit: one scalar load (targets are checked to lie in [0, V) or be ignore_index)
-    zt = _softcapped(tl.load(p_z + t, mask=live & (t >= 0) & (t < V), other=0.0).to(tl.float32), softcap, SOFTCAP)
+    in_range = live & (t >= 0) & (t < V)
+    zt = _softcapped(tl.load(p_z + t, mask=in_range, other=0.0).to(tl.float32), softcap, SOFTCAP)
     ce = tl.where(live, m + tl.log(s) - zt, 0.0)
     if WRITE_STATS:
         tl.store(ce_ptr + row, ce)
@@ -360,8 +361,8 @@ def ce(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z = _logits_into(ws[:e - s], hidden[s:e], weight, bias)
-        args = (z, target[s:e], coeff[s:e] if grads.any() else d, ce_out[s:e] if stats else d, lse[s:e] if stats else d, v, z.stride(0),
-                ignore_index, 1.0 if softcap is None else float(softcap),
+        args = (z, target[s:e], coeff[s:e] if grads.any() else d, ce_out[s:e] if stats else d,
+                lse[s:e] if stats else d, v, z.stride(0), ignore_index, 1.0 if softcap is None else float(softcap),
                 0.0 if ascent_cap is None else float(ascent_cap))
         _row_launch(ce_rows_kernel, ce_rows_tuned, e - s, args, flags, z.dtype)
         if grads.any():
@@ -392,9 +393,9 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, d
         e = min(s + rows, n)
         z = _logits_into(ws[:e - s], hidden[s:e], weight, bias)
         zr = _logits_into(ws_ref[:e - s], ref_hidden[s:e], ref_weight, ref_bias)
-        args = (z, zr, d if mask is None else mask[s:e], coeff[s:e] if grads.any() else d, kl_out[s:e] if stats else d,
-                lse[s:e] if stats else d, rlse[s:e] if stats else d, v, z.stride(0), zr.stride(0),
-                1.0 / float(temperature))
+        args = (z, zr, d if mask is None else mask[s:e], coeff[s:e] if grads.any() else d,
+                kl_out[s:e] if stats else d, lse[s:e] if stats else d, rlse[s:e] if stats else d, v, z.stride(0),
+                zr.stride(0), 1.0 / float(temperature))
         _row_launch(kl_rows_kernel, kl_rows_tuned, e - s, args, flags, z.dtype)
         if grads.any():
             grads.add(z, hidden[s:e], s, e)
