@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import accumulate_grads, logit_tile, tanh, tile_ids
+from .common import accumulate_grads, logit_tile, online_lse, tanh, tile_ids
 
 
 # The token count varies call to call: no recompilation for its divisibility.
@@ -52,10 +52,7 @@ def ce_fwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, pm_ptr, ps_ptr, zt_ptr,
         if SOFTCAP:
             b_z = softcap * tanh(b_z / softcap)
         b_z = tl.where(mask_v[None, :], b_z, float("-inf"))
-        # Every block has a live column, so b_m_new is finite and exp(-inf - finite) = 0.
-        b_m_new = tl.maximum(b_m, tl.max(b_z, axis=1))
-        b_s = b_s * tl.exp(b_m - b_m_new) + tl.sum(tl.exp(b_z - b_m_new[:, None]), axis=1)
-        b_m = b_m_new
+        b_m, b_s = online_lse(b_m, b_s, b_z)
         b_zt += tl.sum(tl.where(offs_v[None, :] == b_t[:, None], b_z, 0.0), axis=1)
 
     # max and log-sum-exp of the shifted logits kept apart: m + log(s) in float32 would round

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import accumulate_grads, logit_tile, tile_ids
+from .common import accumulate_grads, logit_tile, online_kl, tile_ids
 
 
 # The token count varies call to call: no recompilation for its divisibility.
@@ -61,20 +61,7 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr,
         b_z = tl.where(mask_v[None, :], b_z * inv_t, float("-inf"))
         b_zr = tl.where(mask_v[None, :], b_zr * inv_t, float("-inf"))
 
-        b_mq_new = tl.maximum(b_mq, tl.max(b_z, axis=1))
-        b_eq = tl.exp(b_z - b_mq_new[:, None])
-        b_aq = tl.exp(b_mq - b_mq_new)
-        b_sq = b_sq * b_aq + tl.sum(b_eq, axis=1)
-        b_mp_new = tl.maximum(b_mp, tl.max(b_zr, axis=1))
-        b_ep = tl.exp(b_zr - b_mp_new[:, None])
-        b_ap = tl.exp(b_mp - b_mp_new)
-        b_sp = b_sp * b_ap + tl.sum(b_ep, axis=1)
-        if REVERSE:
-            b_e = b_e * b_aq + tl.sum(b_eq * b_d, axis=1)
-        else:
-            b_e = b_e * b_ap + tl.sum(b_ep * b_d, axis=1)
-        b_mq = b_mq_new
-        b_mp = b_mp_new
+        b_mq, b_sq, b_mp, b_sp, b_e = online_kl(b_mq, b_sq, b_mp, b_sp, b_e, b_z, b_zr, b_d, REVERSE)
 
     offs = pid_s.to(tl.int64) * N + offs_n
     tl.store(pmq_ptr + offs, b_mq, mask=mask_n)

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import round_bf16_by_hand, tanh
+from .common import online_kl, online_lse, round_bf16_by_hand, tanh
 
 # Bytes of logits one call keeps in memory when it passes no chunk_size (both sides together for KL).
 WORKSPACE_BYTES = 256 << 20
@@ -103,18 +103,17 @@ def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, i
     p_z = z_ptr + row * stride_z
     t = tl.load(target_ptr + row)
     cols = tl.arange(0, BLOCK)
-    # Running max and sum-exp of the row: every step covers a live column (v0 < V), so the max is
-    # finite after the first step and exp(-inf - max) = 0 for the masked lanes.
-    m = float("-inf")
-    s = 0.0
+    # Running max and sum-exp of the row (common.online_lse on the row as a (1, BLOCK) tile): every
+    # step covers a live column (v0 < V).
+    m = tl.full((1,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((1,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK):
-        offs = v0 + cols
+        offs = v0 + cols[None, :]
         mask = offs < V
         b_z = _softcapped(tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
-        b_z = tl.where(mask, b_z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(b_z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(b_z - m_new), axis=0)
-        m = m_new
+        m, s = online_lse(m, s, tl.where(mask, b_z, float("-inf")))
+    m = tl.max(m, axis=0)
+    s = tl.sum(s, axis=0)
     live = t != ignore_index
     # the target's logit: one scalar load (targets are checked to lie in [0, V) or be ignore_index)
     in_range = live & (t >= 0) & (t < V)
@@ -158,34 +157,26 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
     p_zr = zr_ptr + row * stride_zr
     cols = tl.arange(0, BLOCK)
     # Running max and sum-exp of both sides and, under the weighting side (p forward, q reverse),
-    # the sum of exp(a - max_a) * d, d = (zr - z) / T; every step covers a live column (v0 < V).
-    mq = float("-inf")
-    sq = 0.0
-    mp = float("-inf")
-    sp = 0.0
-    e = 0.0
+    # the sum of exp(a - max_a) * d, d = (zr - z) / T (common.online_kl on the row as a (1, BLOCK)
+    # tile); every step covers a live column (v0 < V).
+    mq = tl.full((1,), float("-inf"), dtype=tl.float32)
+    mp = tl.full((1,), float("-inf"), dtype=tl.float32)
+    sq = tl.zeros((1,), dtype=tl.float32)
+    sp = tl.zeros((1,), dtype=tl.float32)
+    e = tl.zeros((1,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK):
-        offs = v0 + cols
+        offs = v0 + cols[None, :]
         mask = offs < V
         b_x = tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
         b_y = tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
         b_d = tl.where(mask, b_y - b_x, 0.0)
-        b_x = tl.where(mask, b_x, float("-inf"))
-        b_y = tl.where(mask, b_y, float("-inf"))
-        mq_new = tl.maximum(mq, tl.max(b_x, axis=0))
-        mp_new = tl.maximum(mp, tl.max(b_y, axis=0))
-        aq = tl.exp(mq - mq_new)
-        ap = tl.exp(mp - mp_new)
-        b_eq = tl.exp(b_x - mq_new)
-        b_ep = tl.exp(b_y - mp_new)
-        sq = sq * aq + tl.sum(b_eq, axis=0)
-        sp = sp * ap + tl.sum(b_ep, axis=0)
-        if REVERSE:
-            e = e * aq + tl.sum(b_eq * b_d, axis=0)
-        else:
-            e = e * ap + tl.sum(b_ep * b_d, axis=0)
-        mq = mq_new
-        mp = mp_new
+        mq, sq, mp, sp, e = online_kl(mq, sq, mp, sp, e, tl.where(mask, b_x, float("-inf")),
+                                      tl.where(mask, b_y, float("-inf")), b_d, REVERSE)
+    mq = tl.max(mq, axis=0)
+    mp = tl.max(mp, axis=0)
+    sq = tl.sum(sq, axis=0)
+    sp = tl.sum(sp, axis=0)
+    e = tl.sum(e, axis=0)
     log_sq = tl.log(sq)
     log_sp = tl.log(sp)
     if REVERSE:
