@@ -252,6 +252,20 @@ def _kl_inputs(device, n=N, seed=1, rh=RH, bias=True):
     return [None if x is None else x.to(device) for x in xs]
 
 
+def _ce_and_kl_grads(dtype, ce_inputs, kl_inputs, tw, **ce_opts):
+    """Gradients (dh, dw, db) of a weighted CE with bias and softcap 4 (plus ``ce_opts``), then of
+    a reverse KL with both biases, backend triton, every input cast to ``dtype``."""
+    h, w, b, t = ce_inputs
+    hh, ww, bb = (_leaf(x.to(dtype)) for x in (h, w, b))
+    ce = torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, softcap=4.0, backend="triton",
+                                                  **ce_opts), (hh, ww, bb))
+    hk, wk, bk_, rh, rw, rb = kl_inputs
+    hh, ww, bb = (_leaf(x.to(dtype)) for x in (hk, wk, bk_))
+    kl = torch.autograd.grad(linear_kl_div(hh, ww, rh.to(dtype), rw.to(dtype), bias=bb, ref_bias=rb.to(dtype),
+                                           direction="reverse", backend="triton"), (hh, ww, bb))
+    return ce + kl
+
+
 def _check_kl(device, dtype, h, w, b, rh, rw, rb, *, upstream=None, shared_head=False, **kw):
     results = []
     for impl, dt in (("ours", dtype), ("plain", dtype), ("ref", torch.float64)):
@@ -482,13 +496,7 @@ def test_vocab_chunked_dweight(device, monkeypatch, fused_backward):
     hk, wk, bk_, rhk, rwk, rbk = _kl_inputs(device)
 
     def grads():
-        hh, ww, bb = _leaf(h.to(dt)), _leaf(w.to(dt)), _leaf(b.to(dt))
-        ce = torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, softcap=4.0,
-                                                      backend="triton"), (hh, ww, bb))
-        hh, ww, bb = _leaf(hk.to(dt)), _leaf(wk.to(dt)), _leaf(bk_.to(dt))
-        kl = torch.autograd.grad(linear_kl_div(hh, ww, rhk.to(dt), rwk.to(dt), bias=bb, ref_bias=rbk.to(dt),
-                                               direction="reverse", backend="triton"), (hh, ww, bb))
-        return ce + kl
+        return _ce_and_kl_grads(dt, (h, w, b, t), (hk, wk, bk_, rhk, rwk, rbk), tw)
 
     whole = grads()
     monkeypatch.setattr(common, "DW_CHUNK_ELEMENTS", 256 * max(H, RH))
@@ -566,13 +574,7 @@ def test_workspace_size_changes_nothing(device, dtype, monkeypatch):
     tw = torch.linspace(-1, 1, N, device=device)
 
     def grads():
-        hh, ww, bb = _leaf(h.to(dtype)), _leaf(w.to(dtype)), _leaf(b.to(dtype))
-        ce = torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, softcap=4.0,
-                                                      ascent_cap=5.0, backend="triton"), (hh, ww, bb))
-        hh, ww, bb = _leaf(hk.to(dtype)), _leaf(wk.to(dtype)), _leaf(bk_.to(dtype))
-        kl = torch.autograd.grad(linear_kl_div(hh, ww, rhk.to(dtype), rwk.to(dtype), bias=bb, ref_bias=rbk.to(dtype),
-                                               direction="reverse", backend="triton"), (hh, ww, bb))
-        return ce + kl
+        return _ce_and_kl_grads(dtype, (h, w, b, t), (hk, wk, bk_, rhk, rwk, rbk), tw, ascent_cap=5.0)
 
     chunked = grads()
     assert rows.chunk_rows(N, V, 4, 1, None) == 16 and rows.chunk_rows(N, V, 4, 2, None) == 8
@@ -666,13 +668,7 @@ def test_row_kernel_autotuning_restores_the_chunk(monkeypatch):
     tw = torch.linspace(-1, 1, N)
 
     def grads():
-        hh, ww, bb = _leaf(h), _leaf(w), _leaf(b)
-        ce = torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, softcap=4.0,
-                                                      backend="triton"), (hh, ww, bb))
-        hh, ww, bb = _leaf(hk), _leaf(wk), _leaf(bk_)
-        kl = torch.autograd.grad(linear_kl_div(hh, ww, rhk, rwk, bias=bb, ref_bias=rbk, direction="reverse",
-                                               backend="triton"), (hh, ww, bb))
-        return ce + kl
+        return _ce_and_kl_grads(torch.float32, (h, w, b, t), (hk, wk, bk_, rhk, rwk, rbk), tw)
 
     exact = grads()
     two = [triton.Config({"BLOCK": 128}), triton.Config({"BLOCK": 256})]
