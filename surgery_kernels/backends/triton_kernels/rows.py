@@ -342,21 +342,22 @@ def ce(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap
     grads = _Grads(hidden, weight, bias, needs, triton.cdiv(n, rows))
     ce_out = torch.zeros(n, dtype=torch.float32, device=hidden.device) if stats else None
     lse = torch.zeros(n, dtype=torch.float64, device=hidden.device) if stats else None
-    if n == 0 or not (stats or grads.any()):
+    want_grad = grads.any()
+    if n == 0 or not (stats or want_grad):
         return (ce_out, lse) + grads.finish()
     d = common.dummy(hidden.device)
     coeff = d if coeff is None else coeff.float().contiguous()
     ws = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
     flags = dict(SOFTCAP=softcap is not None, ASCENT_CAP=ascent_cap is not None, WRITE_STATS=stats,
-                 WRITE_GRAD=grads.any())
+                 WRITE_GRAD=want_grad)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z = _logits_into(ws[:e - s], hidden[s:e], weight, bias)
-        args = (z, target[s:e], coeff[s:e] if grads.any() else d, ce_out[s:e] if stats else d,
+        args = (z, target[s:e], coeff[s:e] if want_grad else d, ce_out[s:e] if stats else d,
                 lse[s:e] if stats else d, v, z.stride(0), ignore_index, 1.0 if softcap is None else float(softcap),
                 0.0 if ascent_cap is None else float(ascent_cap))
         _row_launch(ce_rows_kernel, ce_rows_tuned, e - s, args, flags, z.dtype)
-        if grads.any():
+        if want_grad:
             grads.add(z, hidden[s:e], s, e)
     return (ce_out, lse) + grads.finish()
 
@@ -371,7 +372,8 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, d
     f64 = dict(dtype=torch.float64, device=hidden.device)
     kl_out = torch.zeros(n, dtype=torch.float32, device=hidden.device) if stats else None
     lse, rlse = (torch.zeros(n, **f64), torch.zeros(n, **f64)) if stats else (None, None)
-    if n == 0 or not (stats or grads.any()):
+    want_grad = grads.any()
+    if n == 0 or not (stats or want_grad):
         return (kl_out, lse, rlse) + grads.finish()
     d = common.dummy(hidden.device)
     coeff = d if coeff is None else coeff.float().contiguous()
@@ -379,15 +381,15 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, d
     ws = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
     ws_ref = torch.empty((rows, v), dtype=ref_hidden.dtype, device=hidden.device)
     flags = dict(REVERSE=direction == "reverse", HAS_MASK=mask is not None, WRITE_STATS=stats,
-                 WRITE_GRAD=grads.any())
+                 WRITE_GRAD=want_grad)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         z = _logits_into(ws[:e - s], hidden[s:e], weight, bias)
         zr = _logits_into(ws_ref[:e - s], ref_hidden[s:e], ref_weight, ref_bias)
-        args = (z, zr, d if mask is None else mask[s:e], coeff[s:e] if grads.any() else d,
+        args = (z, zr, d if mask is None else mask[s:e], coeff[s:e] if want_grad else d,
                 kl_out[s:e] if stats else d, lse[s:e] if stats else d, rlse[s:e] if stats else d, v, z.stride(0),
                 zr.stride(0), 1.0 / float(temperature))
         _row_launch(kl_rows_kernel, kl_rows_tuned, e - s, args, flags, z.dtype)
-        if grads.any():
+        if want_grad:
             grads.add(z, hidden[s:e], s, e)
     return (kl_out, lse, rlse) + grads.finish()
