@@ -4,19 +4,26 @@ Llama-2-7B head by default: N = 16384 tokens, H = 4096, V = 32000, bf16, forward
 
 - signed CE (token weights +1 / -0.5, mean) of backend ``triton`` (default: the chunked gradient
   path of ``triton_kernels.rows``), the same with dW summed in bf16 (``DW_ACCUM="input"``), with
+  dW added by the Triton GEMM (``DW_GEMM="triton"``, ``triton_kernels.gemm``) and with 64 MiB
+  workspaces (the issue's memory bar) by cuBLAS and by the Triton GEMM, with
   the fused backward (``BACKWARD="fused"``: tiles recomputed on chip, float32 atomics), backends
   ``cuda`` and ``torch``, against the floor (the three plain cuBLAS GEMMs z = h W^T, dH = z W,
   dW = z^T h), Liger-Kernel's ``LigerFusedLinearCrossEntropyFunction`` and cut-cross-entropy's
   ``linear_cross_entropy`` (``impl="cce"``, its default gradient filter, and with
   ``filter_eps=None``, exact). Liger and cce compute the plain (unsigned) mean CE: the same work,
-  one fewer feature.
+  one fewer feature. The group ends with the floor measured again: how far the card's speed
+  drifted while the group ran.
 - diagnostics for ``triton``: the fused forward kernel alone (values only, no logits in memory:
   compare it with a third of the floor), the chunked path's forward alone (cuBLAS logits + row
   kernel), and the chunked step with 128 and 256 MiB workspaces (fewer, larger chunks), dW
   summed in float32 and in bf16 (the KL group has the same rows).
-- forward KL(p_ref || p) of ``triton`` (chunked and fused backward), ``cuda`` and ``torch``
-  against its floor (four GEMMs: both logits, dH, dW) and Liger's fused linear JSD with
-  beta = 0 (its forward-KL setting).
+- forward KL(p_ref || p) of ``triton`` (chunked and fused backward, Triton dW GEMM, 64 and 256
+  MiB workspaces), ``cuda`` and ``torch`` against its floor (four GEMMs: both logits, dH, dW)
+  and Liger's fused linear JSD with beta = 0 (its forward-KL setting).
+- dW alone (16-bit inputs): the chunked path's dW accumulation over 16 chunks of 1024 tokens into
+  a bf16 and a float32 accumulator, by cuBLAS and by the Triton GEMM in each of
+  ``gemm.CANDIDATES``, against one GEMM over all tokens: what the per-chunk read and write of dW
+  costs, and whether the Triton GEMM hides it.
 
 Times: ``triton.testing.do_bench`` median (ms) after a first untimed call (compilation and
 autotuning happen there). Memory: peak allocated during one call minus what was allocated
@@ -149,10 +156,12 @@ def _ce_providers(h, w, t, tw):
 
     main = [("floor (3 GEMMs)", lambda: floor), ("triton", lambda: ours("triton")),
             ("triton, dW summed in bf16", lambda: _setting(ROWS, "DW_ACCUM", "input", ours("triton"))),
+            *_dw_gemm_rows(ours("triton")),
             ("cuda", lambda: ours("cuda")),
             ("liger (unsigned)", liger), ("cce default filter (unsigned)", lambda: cce("default")),
             ("triton, fused backward (atomics)", lambda: _setting(*FUSED, ours("triton"))),
-            ("torch", lambda: ours("torch")), ("cce exact (unsigned)", lambda: cce(None))]
+            ("torch", lambda: ours("torch")), ("cce exact (unsigned)", lambda: cce(None)),
+            ("floor again (drift within the group)", lambda: floor)]
     diagnostics = [("floor (3 GEMMs)", lambda: floor),
                    ("triton: fused forward kernel only (1 GEMM of work)", forward_only),
                    ("triton: chunked forward only (1 GEMM of work)", chunked_forward_only),
@@ -168,6 +177,76 @@ def _workspace_rows(run, sizes_mib):
             def make(mib=mib, accum=accum):
                 return _setting(ROWS, "WORKSPACE_BYTES", mib << 20, _setting(ROWS, "DW_ACCUM", accum, run))
             out.append((f"triton: workspace {mib} MiB, dW summed in {label}", make))
+    return out
+
+
+def _dw_gemm_rows(run):
+    """(name, make) rows of ``run`` with dW added by the Triton GEMM (rows.DW_GEMM, gemm.py) and
+    with 64 MiB workspaces (the memory bar: 16 chunks at the Llama-2-7B head, CE), dW summed in
+    bf16 or float32, against cuBLAS at 64 MiB."""
+    def make(gemm_, mib, accum):
+        fn = _setting(ROWS, "DW_GEMM", gemm_, run)
+        if mib:
+            fn = _setting(ROWS, "WORKSPACE_BYTES", mib << 20, fn)
+        return _setting(ROWS, "DW_ACCUM", accum, fn) if accum else fn
+    return [("triton, Triton dW GEMM", lambda: make("triton", None, None)),
+            ("triton 64 MiB, dW in bf16 (cuBLAS)", lambda: make("cublas", 64, "input")),
+            ("triton 64 MiB, dW in bf16, Triton dW GEMM", lambda: make("triton", 64, "input")),
+            ("triton 64 MiB, dW in float32, Triton dW GEMM", lambda: make("triton", 64, "float32"))]
+
+
+def _dw_alone_providers(n, hdim, v, dt, dev, chunk=1024):
+    """dW of the chunked path alone: G (N, V) and H (N, H) added chunk by chunk (``chunk`` tokens,
+    the 64 MiB workspace's 16 chunks at the Llama-2-7B head) into a bf16 or float32 accumulator,
+    by cuBLAS (addmm) and by the Triton GEMM in each candidate config, against one GEMM over all
+    N tokens (what the floor counts)."""
+    from surgery_kernels.backends.triton_kernels import gemm, rows
+
+    g = torch.Generator(device=dev).manual_seed(1)
+    gz = (torch.randn(n, v, device=dev, generator=g) * 1e-3).to(dt)
+    hh = torch.randn(n, hdim, device=dev, generator=g).to(dt)
+    accs = {"bf16": torch.empty(v, hdim, dtype=dt, device=dev),
+            "float32": torch.empty(v, hdim, dtype=torch.float32, device=dev)}
+
+    def one_gemm():
+        torch.mm(gz.t(), hh, out=accs["bf16"])
+
+    def cublas(acc_name):
+        acc = accs[acc_name]
+
+        def run():
+            for s in range(0, n, chunk):
+                first = s == 0
+                if acc.dtype == dt:
+                    torch.addmm(acc, gz[s:s + chunk].t(), hh[s:s + chunk], beta=0.0 if first else 1.0, out=acc)
+                else:
+                    rows._addmm_float32_(acc, gz[s:s + chunk].t(), hh[s:s + chunk], first)
+        return run
+
+    def triton_gemm(acc_name, cfg):
+        acc = accs[acc_name]
+
+        def run():
+            old = gemm.CONFIG
+            gemm.CONFIG = cfg
+            try:
+                for s in range(0, n, chunk):
+                    gemm.gemm_tn(acc, gz[s:s + chunk], hh[s:s + chunk], accumulate=s > 0)
+            finally:
+                gemm.CONFIG = old
+        return run
+
+    def label(cfg):
+        extra = "".join((" maxnreg 128" if "maxnreg" in cfg else "", " prefetch" if cfg["PREFETCH"] else ""))
+        return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}{extra}"
+
+    chunks = -(-n // chunk)
+    out = [(f"floor: one GEMM over all {n} tokens", lambda: one_gemm)]
+    for acc_name in ("bf16", "float32"):
+        out.append((f"{chunks} chunks into {acc_name}, cuBLAS", lambda a=acc_name: cublas(a)))
+        for cfg in gemm.CANDIDATES:
+            out.append((f"{chunks} chunks into {acc_name}, Triton {label(cfg)}",
+                        lambda a=acc_name, c=cfg: triton_gemm(a, c)))
     return out
 
 
@@ -199,7 +278,9 @@ def _kl_providers(h, w, hr, wr):
             ("triton, dW summed in bf16", lambda: _setting(ROWS, "DW_ACCUM", "input", ours("triton"))),
             ("cuda", lambda: ours("cuda")), ("liger JSD beta=0", liger),
             ("triton, fused backward (atomics)", lambda: _setting(*FUSED, ours("triton"))),
-            ("torch", lambda: ours("torch")), *_workspace_rows(ours("triton"), (128, 256))]
+            ("triton, Triton dW GEMM", lambda: _setting(ROWS, "DW_GEMM", "triton", ours("triton"))),
+            ("torch", lambda: ours("torch")), *_workspace_rows(ours("triton"), (64, 256)),
+            ("floor again (drift within the group)", lambda: floor)]
 
 
 def main(argv=None):
@@ -237,7 +318,9 @@ def main(argv=None):
             f"{time.strftime('%Y-%m-%d', time.gmtime())}")
     rows = []
     ce_main, ce_diag = _ce_providers(h, w, t, tw)
-    groups = (("signed CE", ce_main), ("forward KL", _kl_providers(h, w, hr, wr)), ("CE diagnostics", ce_diag))
+    dw_alone = _dw_alone_providers(n, hdim, v, dt, dev) if dt != torch.float32 else []
+    groups = (("signed CE", ce_main), ("forward KL", _kl_providers(h, w, hr, wr)), ("dW alone", dw_alone),
+              ("CE diagnostics", ce_diag))
     for op, providers in groups:
         floor_ms = None
         for name, make in providers:
@@ -255,7 +338,7 @@ def main(argv=None):
                 first = time.time() - t0
                 row["ms"] = _median_ms(fn, args.rep_ms, dev)
                 row["extra_mib"] = _extra_mib(fn, dev)
-                if name.startswith("floor"):
+                if name.startswith("floor") and floor_ms is None:
                     floor_ms = row["ms"]
                     row["note"] = "materializes the logits; memory column includes them"
                 elif first > 2.0:
@@ -289,7 +372,10 @@ def main(argv=None):
     try:
         from surgery_kernels.backends.triton_kernels import rows as rows_k
 
-        lines.append(f"\nchunked path: workspace {rows_k.WORKSPACE_BYTES >> 20} MiB, DW_ACCUM {rows_k.DW_ACCUM}; "
+        from surgery_kernels.backends.triton_kernels import gemm as gemm_k
+
+        lines.append(f"\nchunked path: workspace {rows_k.WORKSPACE_BYTES >> 20} MiB, DW_ACCUM {rows_k.DW_ACCUM}, "
+                     f"DW_GEMM {rows_k.DW_GEMM} (Triton dW GEMM config {gemm_k.CONFIG}); "
                      f"float32 dW via addmm(out_dtype=float32): {rows_k._ADDMM_OUT_DTYPE}")
         for label, kern in (("ce rows", rows_k.ce_rows_tuned), ("kl rows", rows_k.kl_rows_tuned)):
             lines.append(f"\n{label} config: {getattr(kern, 'best_config', None)}")

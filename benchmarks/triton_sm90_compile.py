@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from surgery_kernels.backends.triton_kernels import ce, common, kl, rows  # noqa: E402
+from surgery_kernels.backends.triton_kernels import ce, common, gemm, kl, rows  # noqa: E402
 
 TENSOR_ARGS = ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")
 FLOAT_ARGS = ("softcap", "filter_eps", "inv_t", "ascent_cap")
@@ -94,6 +94,27 @@ def compile_rows(fn, dtype, cfg, flags):
           f"{time.time() - t0:.1f} |", flush=True)
 
 
+def compile_gemm(cfg, dtype, acc_dtype):
+    """The dW GEMM (triton_kernels.gemm) with one of its candidate configs, accumulating."""
+    fn = gemm.gemm_tn_kernel
+    consts = dict(ACCUMULATE=True, DOT_FP32=False, BF16_BY_HAND=False,
+                  **{k: v for k, v in cfg.items() if k.isupper()})
+    sig = {name: "constexpr" if name in consts else "i32" for name in fn.arg_names}
+    sig.update(a_ptr="*" + dtype, b_ptr="*" + dtype, c_ptr="*" + acc_dtype)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name] != "constexpr"}
+    t0 = time.time()
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                                    maxnreg=cfg.get("maxnreg")))
+    ptx = k.asm["ptx"]
+    loads, mmas = (len(re.findall(p, ptx)) for p in (r"cp\.async\.cg", r"wgmma\.mma_async"))
+    print(f"| {dtype} -> {acc_dtype} | {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
+          f"s{cfg['num_stages']}{' maxnreg ' + str(cfg['maxnreg']) if 'maxnreg' in cfg else ''}"
+          f"{' prefetch' if cfg['PREFETCH'] else ''} | {loads} | {mmas} | {k.metadata.shared // 1024} | {_resources(k.asm['cubin'])} | "
+          f"{time.time() - t0:.1f} |", flush=True)
+
+
 def main():
     print(f"triton {triton.__version__}, target sm_90\n")
     print("| kernel | dtype | tile, warps, stages | cp.async | wgmma | red (atomics) | smem KiB | ptxas | compile s |")
@@ -118,6 +139,11 @@ def main():
             compile_rows(rows.ce_rows_kernel, dtype, cfg, dict(SOFTCAP=False, ASCENT_CAP=False, **stats_grad))
             for reverse in (False, True):
                 compile_rows(rows.kl_rows_kernel, dtype, cfg, dict(REVERSE=reverse, HAS_MASK=True, **stats_grad))
+    print("\n| dW GEMM | tile, warps, stages | cp.async | wgmma | smem KiB | ptxas | compile s |")
+    print("|---|---|---:|---:|---:|---|---:|")
+    for cfg in gemm.CANDIDATES:
+        for acc_dtype in ("fp32", "bf16"):
+            compile_gemm(cfg, "bf16", acc_dtype)
 
 
 if __name__ == "__main__":

@@ -738,3 +738,120 @@ def test_float32_dweight_accumulator(device, dtype, monkeypatch):
     h, w, b, rh, rw, rb = _kl_inputs(device)
     _check_kl(device, dtype, h, w, b, rh, rw, rb, direction="reverse", temperature=0.8,
               mask=torch.arange(N, device=device) % 3 != 0)
+
+
+# -- the Triton dW GEMM (triton_kernels.gemm, rows.DW_GEMM = "triton") ---------------------------
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("acc_dtype", ["float32", "input"])
+@pytest.mark.parametrize("accumulate,prefetch", [(False, False), (True, False), (True, True)],
+                         ids=["first", "accumulate", "accumulate-prefetch"])
+def test_gemm_tn(device, dtype, acc_dtype, accumulate, prefetch, monkeypatch):
+    """c (+)= a.T @ b for a (K, M), b (K, N) 16-bit, c float32 or 16-bit, against float64, as
+    accurate as torch.addmm in that dtype (one rounding of a float32 sum). M = 300, N = 48, K = 37
+    leave ragged tiles in every dimension (interpreter tiles 64 x 32 x 32). The first chunk
+    (accumulate=False) must not read c: it starts as NaN. ``prefetch``: C read before the main
+    loop and added after it (gemm.CANDIDATES)."""
+    from surgery_kernels.backends.triton_kernels import gemm
+
+    for name in ("CONFIG", "INTERPRET_CONFIG"):
+        monkeypatch.setattr(gemm, name, dict(getattr(gemm, name), PREFETCH=prefetch))
+
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(37, s, generator=g).to(dtype).to(device) for s in (V, H))
+    cdt = torch.float32 if acc_dtype == "float32" else dtype
+    c0 = torch.randn(V, H, generator=g).to(cdt).to(device)
+    c = c0.clone() if accumulate else torch.full((V, H), float("nan"), dtype=cdt, device=device)
+    gemm.gemm_tn(c, a, b, accumulate)
+    ref = a.double().t() @ b.double() + (c0.double() if accumulate else 0)
+    err = _rel(c, ref)
+    if cdt == torch.float32:
+        assert err <= 1e-6, err
+    else:
+        plain = torch.addmm(c0, a.t(), b) if accumulate else a.t() @ b
+        assert err <= 1.05 * _rel(plain, ref) + 1e-7, (err, _rel(plain, ref))
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+def test_gemm_tn_edges_and_errors(device):
+    """K = 0 (no tokens): c zeroed on the first chunk, kept otherwise; float32 operands, mixed
+    dtypes, mismatched shapes and strided operands are refused with the argument named."""
+    from surgery_kernels.backends.triton_kernels import gemm
+
+    bf = dict(dtype=torch.bfloat16, device=device)
+    c = torch.full((5, 3), 2.0, **bf)
+    gemm.gemm_tn(c, torch.empty(0, 5, **bf), torch.empty(0, 3, **bf), True)
+    assert bool((c == 2).all())
+    gemm.gemm_tn(c, torch.empty(0, 5, **bf), torch.empty(0, 3, **bf), False)
+    assert bool((c == 0).all())
+    a, b = torch.ones(4, 5, **bf), torch.ones(4, 3, **bf)
+    with pytest.raises(TypeError, match="16-bit"):
+        gemm.gemm_tn(c.float(), a.float(), b.float(), False)
+    with pytest.raises(TypeError, match="16-bit"):
+        gemm.gemm_tn(c, a, b.half(), False)
+    with pytest.raises(TypeError, match="c must be"):
+        gemm.gemm_tn(c.half(), a, b, False)
+    with pytest.raises(ValueError, match="shapes"):
+        gemm.gemm_tn(c, a, b[:3], False)
+    with pytest.raises(ValueError, match="unit column stride"):
+        gemm.gemm_tn(c, torch.ones(5, 4, **bf).t(), b, False)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("max_input_chunks", [0, 4], ids=["float32-acc", "input-acc"])
+def test_triton_dweight_gemm(device, dtype, max_input_chunks, monkeypatch):
+    """DW_GEMM = "triton": CE (bias, softcap, signed weights) and reverse KL through the Triton dW
+    GEMM, dW summed in a float32 accumulator or in the input dtype: dH and dbias exactly as with
+    cuBLAS, dW within 16-bit roundings of it (the float32 sums differ in order, so a rounded
+    element can land one ulp apart; and the CPU's cuBLAS stand-in rounds each chunk's product),
+    and the whole against float64 as every other path (2x plain PyTorch's error)."""
+    from surgery_kernels.backends.triton_kernels import gemm, rows
+
+    monkeypatch.setattr(rows, "MAX_INPUT_ACCUM_CHUNKS", max_input_chunks)
+    h, w, b, t = _ce_inputs(device, dtype, bias=True)
+    hk, wk, bk_, rhk, rwk, rbk = _kl_inputs(device)
+    tw = torch.linspace(-1, 2, N, device=device)
+
+    def grads():
+        return _ce_and_kl_grads(dtype, (h, w, b, t), (hk, wk, bk_, rhk, rwk, rbk), tw)
+
+    cublas = grads()
+    monkeypatch.setattr(rows, "DW_GEMM", "triton")
+    calls = []
+    real = gemm.gemm_tn
+    monkeypatch.setattr(gemm, "gemm_tn", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    ours = grads()
+    # CE in chunks of 32 rows (bf16; 2 chunks), KL in 16 (3 chunks): every chunk's dW through Triton
+    assert calls == [torch.float32 if max_input_chunks == 0 else dtype] * 5
+    for i, (x, y) in enumerate(zip(ours, cublas)):
+        if i % 3 == 1:  # dW
+            assert _rel(x, y) <= 2 ** -8, (i, _rel(x, y))
+        else:
+            assert torch.equal(x, y), i
+    _check_ce(device, dtype, h, w, t, bias=b, softcap=4.0, token_weight=tw)
+    _check_kl(device, dtype, hk, wk, bk_, rhk, rwk, rbk, direction="forward", temperature=1.5)
+    monkeypatch.setattr(rows, "DW_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="SURGERY_TRITON_DW_GEMM"):
+        grads()
+
+
+def test_gpu_benchmark_script_smoke(tmp_path):
+    """benchmarks/triton_gpu.py (issue 4's table, run only when a session has a GPU) on the CPU
+    under the interpreter with tiny shapes: every row of ours runs (the numbers mean nothing
+    here), the providers that need a GPU or a missing package say why, and the files are written."""
+    if not availability("triton", "cpu").ok:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    import json
+
+    from benchmarks import triton_gpu
+
+    rc = triton_gpu.main(["--device", "cpu", "--n", "40", "--h", "32", "--v", "300", "--dtype", "bf16",
+                          "--output", str(tmp_path)])
+    rows = json.loads((tmp_path / "triton_gpu.json").read_text())["rows"]
+    assert rc == 0
+    ours = [r for r in rows if r["provider"].startswith(("triton", "floor")) or r["op"] == "dW alone"]
+    assert len(ours) >= 30 and all(r["ms"] is not None for r in ours), [r for r in ours if r["ms"] is None]
+    assert all(r["ms"] is not None or r["note"].startswith("cannot run") for r in rows)
+    assert "| dW alone |" in (tmp_path / "triton_gpu.md").read_text()

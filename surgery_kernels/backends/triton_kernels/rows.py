@@ -11,7 +11,8 @@ allocated once per call and reused by every chunk):
    logit difference), the value, the ascent cap, then a second pass that overwrites the row with
    its logit gradient ``coeff * dloss/dz`` in the input dtype;
 3. ``dhidden_c = G @ weight`` (cuBLAS, straight into the rows of dhidden),
-   ``dweight += G.T @ hidden_c`` (cuBLAS; summed in float32 or in the input dtype, see
+   ``dweight += G.T @ hidden_c`` (cuBLAS, or with ``DW_GEMM = "triton"`` the Triton GEMM of
+   ``gemm.py``, which reads dW inside the kernel; summed in float32 or in the input dtype, see
    ``DW_ACCUM``),
    ``dbias += G.sum(0)``.
 
@@ -54,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
+from . import common, gemm
 from .common import online_kl, online_lse, round_bf16_by_hand, tanh
 
 # Bytes of logits one call keeps in memory when it passes no chunk_size (both sides together for KL).
@@ -62,6 +63,9 @@ WORKSPACE_BYTES = 256 << 20
 # "auto" | "float32" | "input": how 16-bit dW accumulates over chunks (module docstring).
 DW_ACCUM = os.environ.get("SURGERY_TRITON_DW_ACCUM", "auto")
 MAX_INPUT_ACCUM_CHUNKS = 4
+# "cublas" | "triton": which GEMM adds each chunk's G.T @ H into 16-bit weights' dW (gemm.py says
+# why a Triton one; float32 weights always take cuBLAS).
+DW_GEMM = os.environ.get("SURGERY_TRITON_DW_GEMM", "cublas")
 # Columns per step of the row loops and warps per row: autotuned on the GPU (per V, on the first
 # call: the kernels overwrite the chunk, so the tuning runs restore it); the interpreter takes one
 # small block. SURGERY_TRITON_AUTOTUNE=0 takes the first config.
@@ -269,6 +273,8 @@ def accumulate_in_input_dtype(dtype: torch.dtype, chunks: int) -> bool:
     """Whether dW of ``dtype`` weights sums over ``chunks`` chunks in that dtype (see DW_ACCUM)."""
     if DW_ACCUM not in ("auto", "float32", "input"):
         raise ValueError(f"SURGERY_TRITON_DW_ACCUM must be 'auto', 'float32' or 'input', got {DW_ACCUM!r}")
+    if DW_GEMM not in ("cublas", "triton"):
+        raise ValueError(f"SURGERY_TRITON_DW_GEMM must be 'cublas' or 'triton', got {DW_GEMM!r}")
     if dtype == torch.float32:
         return True
     return DW_ACCUM == "input" or (DW_ACCUM == "auto" and chunks <= MAX_INPUT_ACCUM_CHUNKS)
@@ -300,7 +306,9 @@ class _Grads:
             torch.mm(g, self.weight, out=self.dh[s:e])
         first, self.first = self.first, False
         if self.dw_acc is not None:
-            if self.dw_acc.dtype == g.dtype:
+            if DW_GEMM == "triton" and g.dtype != torch.float32:
+                gemm.gemm_tn(self.dw_acc, g, h, accumulate=not first)
+            elif self.dw_acc.dtype == g.dtype:
                 if first:
                     torch.mm(g.t(), h, out=self.dw_acc)
                 else:
