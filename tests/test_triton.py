@@ -745,24 +745,27 @@ def test_float32_dweight_accumulator(device, dtype, monkeypatch):
 @pytest.mark.parametrize("device", [d for d in DEVICES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("acc_dtype", ["float32", "input"])
-@pytest.mark.parametrize("accumulate,prefetch", [(False, False), (True, False), (True, True)],
-                         ids=["first", "accumulate", "accumulate-prefetch"])
-def test_gemm_tn(device, dtype, acc_dtype, accumulate, prefetch, monkeypatch):
+@pytest.mark.parametrize("accumulate,prefetch,tma", [(False, False, False), (True, False, False), (True, True, False),
+                                                     (False, False, True), (True, True, True)],
+                         ids=["first", "accumulate", "accumulate-prefetch", "first-tma", "accumulate-prefetch-tma"])
+def test_gemm_tn(device, dtype, acc_dtype, accumulate, prefetch, tma, monkeypatch):
     """c (+)= a.T @ b for a (K, M), b (K, N) 16-bit, c float32 or 16-bit, against float64, as
-    accurate as torch.addmm in that dtype (one rounding of a float32 sum). M = 300, N = 48, K = 37
-    leave ragged tiles in every dimension (interpreter tiles 64 x 32 x 32). The first chunk
-    (accumulate=False) must not read c: it starts as NaN. ``prefetch``: C read before the main
-    loop and added after it (gemm.CANDIDATES)."""
+    accurate as torch.addmm in that dtype (one rounding of a float32 sum). K = 37, N = 48 and M =
+    300 (TMA: 304, rows of 16-byte multiples) leave ragged tiles in every dimension (interpreter
+    tiles 64 x 32 x 32). The first chunk (accumulate=False) must not read c: it starts as NaN.
+    ``prefetch``: C read before the main loop, added after it; ``tma``: A and B read through
+    tensor descriptors (gemm.CANDIDATES)."""
     from surgery_kernels.backends.triton_kernels import gemm
 
     for name in ("CONFIG", "INTERPRET_CONFIG"):
-        monkeypatch.setattr(gemm, name, dict(getattr(gemm, name), PREFETCH=prefetch))
-
+        monkeypatch.setattr(gemm, name, dict(getattr(gemm, name), PREFETCH=prefetch, TMA=tma))
+    m = 304 if tma else V
     g = torch.Generator().manual_seed(3)
-    a, b = (torch.randn(37, s, generator=g).to(dtype).to(device) for s in (V, H))
+    a, b = (torch.randn(37, s, generator=g).to(dtype).to(device) for s in (m, H))
+    assert gemm.tma_ok(gemm.CONFIG, a, b) == tma
     cdt = torch.float32 if acc_dtype == "float32" else dtype
-    c0 = torch.randn(V, H, generator=g).to(cdt).to(device)
-    c = c0.clone() if accumulate else torch.full((V, H), float("nan"), dtype=cdt, device=device)
+    c0 = torch.randn(m, H, generator=g).to(cdt).to(device)
+    c = c0.clone() if accumulate else torch.full((m, H), float("nan"), dtype=cdt, device=device)
     gemm.gemm_tn(c, a, b, accumulate)
     ref = a.double().t() @ b.double() + (c0.double() if accumulate else 0)
     err = _rel(c, ref)
