@@ -746,26 +746,28 @@ def test_float32_dweight_accumulator(device, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("acc_dtype", ["float32", "input"])
 @pytest.mark.parametrize("accumulate,prefetch,tma", [(False, False, False), (True, False, False), (True, True, False),
-                                                     (False, False, True), (True, True, True)],
-                         ids=["first", "accumulate", "accumulate-prefetch", "first-tma", "accumulate-prefetch-tma"])
+                                                     (False, False, True), (True, False, True), (True, True, True)],
+                         ids=["first", "accumulate", "accumulate-prefetch", "first-tma", "accumulate-tma",
+                              "accumulate-prefetch-tma"])
 def test_gemm_tn(device, dtype, acc_dtype, accumulate, prefetch, tma, monkeypatch):
     """c (+)= a.T @ b for a (K, M), b (K, N) 16-bit, c float32 or 16-bit, against float64, as
-    accurate as torch.addmm in that dtype (one rounding of a float32 sum). K = 37, N = 48 and M =
-    300 (TMA: 304, rows of 16-byte multiples) leave ragged tiles in every dimension (interpreter
-    tiles 64 x 32 x 32). The first chunk (accumulate=False) must not read c: it starts as NaN.
-    ``prefetch``: C read before the main loop, added after it; ``tma``: A and B read through
-    tensor descriptors (gemm.CANDIDATES)."""
+    accurate as torch.addmm in that dtype (one rounding of a float32 sum). K = 150, M = 300 (TMA:
+    304, rows of 16-byte multiples), N = 144 leave ragged tiles in every dimension, with several
+    steps of the main loop, under the interpreter's 64 x 32 x 32 tiles and the GPU's 128 x 128 x 64.
+    The first chunk (accumulate=False) must not read c: it starts as NaN. ``prefetch``: C read
+    before the main loop, added after it; ``tma``: A and B read through tensor descriptors
+    (gemm.CANDIDATES; on the GPU the config's own TMA, with the accumulator read at the start)."""
     from surgery_kernels.backends.triton_kernels import gemm
 
     for name in ("CONFIG", "INTERPRET_CONFIG"):
         monkeypatch.setattr(gemm, name, dict(getattr(gemm, name), PREFETCH=prefetch, TMA=tma))
-    m = 304 if tma else V
+    k, m, n = 150, (304 if tma else V), 144
     g = torch.Generator().manual_seed(3)
-    a, b = (torch.randn(37, s, generator=g).to(dtype).to(device) for s in (m, H))
+    a, b = (torch.randn(k, s, generator=g).to(dtype).to(device) for s in (m, n))
     assert gemm.tma_ok(gemm.CONFIG, a, b) == tma
     cdt = torch.float32 if acc_dtype == "float32" else dtype
-    c0 = torch.randn(m, H, generator=g).to(cdt).to(device)
-    c = c0.clone() if accumulate else torch.full((m, H), float("nan"), dtype=cdt, device=device)
+    c0 = torch.randn(m, n, generator=g).to(cdt).to(device)
+    c = c0.clone() if accumulate else torch.full((m, n), float("nan"), dtype=cdt, device=device)
     gemm.gemm_tn(c, a, b, accumulate)
     ref = a.double().t() @ b.double() + (c0.double() if accumulate else 0)
     err = _rel(c, ref)
@@ -774,6 +776,32 @@ def test_gemm_tn(device, dtype, acc_dtype, accumulate, prefetch, tma, monkeypatc
     else:
         plain = torch.addmm(c0, a.t(), b) if accumulate else a.t() @ b
         assert err <= 1.05 * _rel(plain, ref) + 1e-7, (err, _rel(plain, ref))
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_gemm_tn_strided_views(device, tma, monkeypatch):
+    """Operands and accumulator as views with padded rows (row stride > width), c inside a larger
+    buffer: the product uses the strides, and nothing outside c's view is written."""
+    from surgery_kernels.backends.triton_kernels import gemm
+
+    for name in ("CONFIG", "INTERPRET_CONFIG"):
+        monkeypatch.setattr(gemm, name, dict(getattr(gemm, name), TMA=tma))
+    g = torch.Generator().manual_seed(4)
+    bf = dict(dtype=torch.bfloat16, device=device)
+    a = torch.randn(70, 320, generator=g).to(**bf)[:, 8:8 + 296]  # starts 16 bytes in, rows of 640 bytes
+    b = torch.randn(70, 64, generator=g).to(**bf)[:, :40]
+    big = torch.full((300, 56), 7.0, dtype=torch.float32, device=device)
+    c = big[2:298, 8:48]
+    c0 = torch.randn(296, 40, generator=g).to(device)
+    c.copy_(c0)
+    assert gemm.tma_ok(gemm.CONFIG, a, b) == tma
+    gemm.gemm_tn(c, a, b, accumulate=True)
+    ref = a.double().t() @ b.double() + c0.double()
+    assert _rel(c, ref) <= 1e-6
+    outside = torch.ones_like(big, dtype=torch.bool)
+    outside[2:298, 8:48] = False
+    assert bool((big[outside] == 7.0).all())
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES])
@@ -799,6 +827,9 @@ def test_gemm_tn_edges_and_errors(device):
         gemm.gemm_tn(c, a, b[:3], False)
     with pytest.raises(ValueError, match="unit column stride"):
         gemm.gemm_tn(c, torch.ones(5, 4, **bf).t(), b, False)
+    huge = torch.ones(5, **bf).as_strided((1, 5), (1 << 30, 1))  # one row, its stride 2**30
+    with pytest.raises(ValueError, match="too large for 32-bit"):
+        gemm.gemm_tn(c, huge, b[:1], False)
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES])

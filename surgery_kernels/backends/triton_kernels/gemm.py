@@ -4,11 +4,11 @@ inside the kernel (``rows.DW_GEMM = "triton"``; the default ``"cublas"`` is addm
 Why (a hypothesis until measured: not yet run on a GPU). The chunked gradient path adds every
 chunk's ``G_c.T @ H_c`` into the whole (V, H) dW, so each chunk reads and writes dW once more. On
 the H100 (benchmarks/results/2026-11-27-h100-triton/run2, Llama-2-7B head, 16 chunks of 64 MiB)
-summing in a float32 accumulator instead of bf16 — 512 MiB more dW traffic per chunk — cost 2.82 ms
-more over 16 chunks: 0.18 ms per chunk, 3.0 TB/s, the full HBM bandwidth. So cuBLAS's beta = 1
-epilogue is not hidden behind its main loop at this shape (K = 1024 tokens per chunk: each output
-tile's read-modify-write of C comes after its math). Here a program holds at most ~128 registers
-per thread (bf16 C; see CONFIG), so two share an SM and one's read and write of C run under the
+summing in a float32 accumulator instead of bf16 — 500 MiB (524 MB) more dW traffic per chunk —
+cost 2.82 ms more over 16 chunks: 0.18 ms per chunk, 3.0 TB/s, the full HBM bandwidth. So cuBLAS's
+beta = 1 epilogue is not hidden behind its main loop at this shape (K = 1024 tokens per chunk: each
+output tile's read-modify-write of C comes after its math). Here a program holds at most 128
+registers per thread (CONFIG), so two share an SM and one's read and write of C run under the
 other's MMAs; with PREFETCH a program also issues its own read before its main loop. If that
 holds, the per-chunk cost of dW (0.35 ms of math per 1024 tokens at the Llama-2-7B head, 0.17 /
 0.33 ms of bf16 / float32 accumulator traffic) becomes max(math, traffic) instead of their sum,
@@ -46,6 +46,16 @@ CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, TMA=True, PREFETCH=False, nu
 _UNCAPPED = {k: v for k, v in CONFIG.items() if k != "maxnreg"}
 CANDIDATES = [CONFIG, dict(_UNCAPPED, PREFETCH=True), dict(_UNCAPPED, BLOCK_N=256), dict(_UNCAPPED, TMA=False)]
 INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, TMA=False, PREFETCH=False)
+
+
+def for_device(cfg: dict, device: torch.device) -> dict:
+    """``cfg`` without TMA and the register cap where the GPU is not an NVIDIA one of compute
+    capability 9 or later (ROCm's triton rejects ``maxnreg``; older NVIDIA chips have no TMA)."""
+    if common.INTERPRET or device.type != "cuda":
+        return cfg
+    if torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9:
+        return cfg
+    return dict({k: v for k, v in cfg.items() if k != "maxnreg"}, TMA=False)
 
 
 def tma_ok(cfg: dict, a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -131,7 +141,7 @@ def gemm_tn(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool)
         raise ValueError(f"gemm_tn: shapes a {tuple(a.shape)}, b {tuple(b.shape)}, c {tuple(c.shape)} do not match")
     if min(t.stride(-1) for t in (a, b, c)) != 1 or max(t.stride(-1) for t in (a, b, c)) != 1:
         raise ValueError("gemm_tn: a, b and c need unit column stride")
-    cfg = INTERPRET_CONFIG if common.INTERPRET else CONFIG
+    cfg = INTERPRET_CONFIG if common.INTERPRET else for_device(CONFIG, c.device)
     if max(cfg["BLOCK_K"] * max(a.stride(0), b.stride(0)), cfg["BLOCK_M"] * c.stride(0)) >= 2**31:
         raise ValueError(f"gemm_tn: row strides {a.stride(0)}, {b.stride(0)}, {c.stride(0)} too large for 32-bit "
                          "offsets inside a tile")
