@@ -298,6 +298,46 @@ def _kl_providers(h, w, hr, wr):
             ("floor again (drift within the group)", lambda: floor)]
 
 
+# Issue 4's bars: the signed CE at <= 1.25x its floor, faster than Liger and cce in the same run,
+# <= 64 MiB beyond inputs and gradients; the KL at <= 1.35x its floor.
+CE_X, CE_MIB, KL_X = 1.25, 64.0, 1.35
+
+
+def bars(rows):
+    """Lines saying which rows of ours meet issue 4's bars, measured against the rows of their own
+    group (Liger, cce), and how far the floor drifted within each group."""
+    out = ["Issue 4's bars (same group): signed CE <= 1.25x floor, faster than liger and cce default, "
+           "<= 64 MiB; KL <= 1.35x floor."]
+    by_op = {}
+    for r in rows:
+        by_op.setdefault(r["op"], []).append(r)
+    for op, group in by_op.items():
+        floors = [r["ms"] for r in group if r["provider"].startswith("floor") and r["ms"] is not None]
+        if len(floors) == 2:
+            out.append(f"- {op}: floor {floors[0]:.2f} ms at the start, {floors[1]:.2f} ms at the end "
+                       f"({100 * (floors[1] / floors[0] - 1):+.1f} %)")
+    ce = by_op.get("signed CE", [])
+    rivals = {name: next((r["ms"] for r in ce if r["provider"].startswith(name) and r["ms"] is not None), None)
+              for name in ("liger", "cce default")}
+    for r in ce:
+        if not r["provider"].startswith("triton") or r["ms"] is None:
+            continue
+        checks = [f"{r['x_floor']:.2f}x {'<=' if r['x_floor'] <= CE_X else '>'} {CE_X}x"]
+        for name, ms in rivals.items():
+            checks.append(f"{name} not measured" if ms is None else
+                          f"{'faster' if r['ms'] < ms else 'not faster'} than {name} ({ms:.2f} ms)")
+        mib = r["extra_mib"]
+        checks.append("memory not measured" if mib is None else f"{mib:.0f} MiB {'<=' if mib <= CE_MIB else '>'} 64")
+        met = (r["x_floor"] <= CE_X and all(ms is not None and r["ms"] < ms for ms in rivals.values())
+               and mib is not None and mib <= CE_MIB)
+        out.append(f"- signed CE, {r['provider']}: {'MEETS ALL' if met else 'misses'} — {'; '.join(checks)}")
+    for r in by_op.get("forward KL", []):
+        if r["provider"].startswith("triton") and r["ms"] is not None:
+            verdict = "meets" if r["x_floor"] <= KL_X else "misses"
+            out.append(f"- forward KL, {r['provider']}: {verdict} ({r['x_floor']:.2f}x)")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=16384)
@@ -375,6 +415,7 @@ def main(argv=None):
         fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
         lines.append(f"| {r['op']} | {r['provider']} | {fmt(r['ms'], '.2f')} | {fmt(r['x_floor'], '.2f')} | "
                      f"{fmt(r['extra_mib'], '.0f')} | {r['note']} |")
+    lines += ["", *bars(rows)]
     ours = {r["op"]: r for r in rows if r["provider"] == "triton"}
     try:
         from surgery_kernels.backends.triton_kernels import ce as ce_k, kl as kl_k

@@ -180,3 +180,32 @@ def test_cuda_case_flow_on_cpu(monkeypatch):
     assert got["naive"]["status"] == "ok" and got["naive"]["peak_mib"] == 1.0
     assert got["sk-torch"]["value"] == pytest.approx(got["naive"]["value"], rel=1e-5)
     assert got["no-such-provider"]["status"] == "failed"
+
+
+def test_triton_gpu_bars_verdicts():
+    """benchmarks/triton_gpu.py's summary of issue 4's bars: a CE row meets them only when it is
+    within 1.25x its floor, faster than both Liger and cce of its group and within 64 MiB; the KL
+    within 1.35x; the floor's drift within a group is reported."""
+    from benchmarks.triton_gpu import bars
+
+    def row(op, provider, ms, x, mib):
+        return dict(op=op, provider=provider, ms=ms, x_floor=x, extra_mib=mib, note="")
+
+    rows = [row("signed CE", "floor (3 GEMMs)", 10.0, 1.0, 1000.0),
+            row("signed CE", "triton fast small", 12.0, 1.2, 60.0),
+            row("signed CE", "triton fast big", 11.0, 1.1, 250.0),
+            row("signed CE", "triton slow", 12.6, 1.26, 10.0),
+            row("signed CE", "triton behind liger", 12.4, 1.24, 10.0),
+            row("signed CE", "liger (unsigned)", 12.3, 1.23, 126.0),
+            row("signed CE", "cce default filter (unsigned)", 40.0, 4.0, 0.0),
+            row("signed CE", "floor again (drift within the group)", 10.5, 1.05, 1000.0),
+            row("forward KL", "floor (4 GEMMs)", 20.0, 1.0, 0.0),
+            row("forward KL", "triton", 26.0, 1.30, 700.0),
+            row("forward KL", "triton 64 MiB", 30.0, 1.50, 60.0)]
+    text = "\n".join(bars(rows))
+    assert "triton fast small: MEETS ALL" in text
+    for name in ("fast big", "slow", "behind liger"):
+        assert f"triton {name}: misses" in text
+    assert "forward KL, triton: meets (1.30x)" in text and "forward KL, triton 64 MiB: misses" in text
+    assert "signed CE: floor 10.00 ms at the start, 10.50 ms at the end (+5.0 %)" in text
+    assert "MEETS ALL" not in "\n".join(bars(rows[:5] + rows[6:]))  # no Liger measured: not established
