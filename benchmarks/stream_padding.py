@@ -52,7 +52,7 @@ def main() -> None:
     for _ in range(a.steps):
         for name, (run, times) in runs.items():
             t = time.perf_counter()
-            m = run._train_step()
+            run._train_step()
             times.append(time.perf_counter() - t)
             runs[name] = (run, times)
     print(f"CE rows 2 x 8 of ~16 tokens, KL rows 4 x {a.retain_length} tokens; H={a.hidden}, {a.layers} layers, "

@@ -250,8 +250,8 @@ def _dw_alone_providers(n, hdim, v, dt, dev, chunk=1024):
 
     def label(cfg):
         cfg = gemm.for_device(cfg, torch.device(dev))
-        extra = "".join((f" maxnreg {cfg['maxnreg']}" if "maxnreg" in cfg else "", " prefetch" if cfg["PREFETCH"] else "",
-                         " TMA" if cfg["TMA"] and aligned else " pointers"))
+        extra = "".join((f" maxnreg {cfg['maxnreg']}" if "maxnreg" in cfg else "",
+                         " prefetch" if cfg["PREFETCH"] else "", " TMA" if cfg["TMA"] and aligned else " pointers"))
         return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}{extra}"
 
     chunks = -(-n // chunk)

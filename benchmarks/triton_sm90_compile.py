@@ -1,6 +1,7 @@
 """Compile every Triton kernel config for an H100 (sm_90) without a GPU and print what the
-compiler made of it: software pipelining (cp.async, or TMA's cp.async.bulk.tensor), tensor-core MMAs (wgmma), vectorized float32
-atomics (red/atom .v4.f32; triton 3.6 emits atom, 3.9 red), shared memory, registers and spilled bytes (STACK).
+compiler made of it: software pipelining (cp.async, or TMA's cp.async.bulk.tensor), tensor-core MMAs
+(wgmma), vectorized float32 atomics (red/atom .v4.f32; triton 3.6 emits atom, 3.9 red), shared
+memory, registers and spilled bytes (STACK).
 
 The JIT marks integer arguments divisible by 16 and 16-byte-aligned pointers; without those hints
 nothing is pipelined, so this script passes them as the Llama shapes would (H, V, strides all
@@ -62,7 +63,8 @@ def compile_one(fn, dtype, cfg, flags):
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg.num_warps,
                                                                        num_stages=cfg.num_stages))
     ptx = k.asm["ptx"]
-    loads, mmas, atomics = (len(re.findall(p, ptx)) for p in (r"cp\.async\.cg", r"wgmma\.mma_async", r"\b(?:red|atom)\.global"))
+    loads, mmas, atomics = (len(re.findall(p, ptx))
+                            for p in (r"cp\.async\.cg", r"wgmma\.mma_async", r"\b(?:red|atom)\.global"))
     kw = cfg.kwargs
     print(f"| {fn.__name__} | {dtype} | {kw['BLOCK_N']}x{kw['BLOCK_V']}x{kw['BLOCK_K']} w{cfg.num_warps} "
           f"s{cfg.num_stages} | {loads} | {mmas} | {atomics} | "
@@ -117,8 +119,8 @@ def compile_gemm(cfg, dtype, acc_dtype):
     loads, mmas = (len(re.findall(p, ptx)) for p in (r"cp\.async\.(?:cg|bulk\.tensor)", r"wgmma\.mma_async"))
     print(f"| {dtype} -> {acc_dtype} | {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
           f"s{cfg['num_stages']}{' maxnreg ' + str(cfg['maxnreg']) if 'maxnreg' in cfg else ''}"
-          f"{' prefetch' if cfg['PREFETCH'] else ''}{' TMA' if cfg['TMA'] else ' pointers'} | {loads} | {mmas} | {k.metadata.shared // 1024} | {_resources(k.asm['cubin'])} | "
-          f"{time.time() - t0:.1f} |", flush=True)
+          f"{' prefetch' if cfg['PREFETCH'] else ''}{' TMA' if cfg['TMA'] else ' pointers'} | {loads} | {mmas} | "
+          f"{k.metadata.shared // 1024} | {_resources(k.asm['cubin'])} | {time.time() - t0:.1f} |", flush=True)
 
 
 def main():

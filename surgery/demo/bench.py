@@ -26,11 +26,8 @@ import copy
 import json
 import random
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
 
 from . import facts as F
 from .score import accuracy, choice_scores
