@@ -128,6 +128,9 @@ class TrainConfig:
             raise ValueError(f"train.mixed_precision must be null, 'bfloat16' or 'float16', got {self.mixed_precision!r}")
         if self.kl_direction not in ("forward", "reverse"):
             raise ValueError(f"train.kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
+        cap = self.ascent_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+            raise ValueError(f"train.ascent_cap must be a positive number or null, got {self.ascent_cap!r}")
 
 
 @dataclass

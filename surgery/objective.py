@@ -7,11 +7,11 @@ All streams of a step are padded to one length and run through the base model in
 (rows ordered: CE streams, then KL streams), or as two (``kl_batch``: the KL rows at their own
 length, when padding short CE rows to long KL rows would waste more than it saves). Ascent and
 descent rows then go through **one** ``linear_cross_entropy`` call whose per-token weights carry
-the sign and the per-stream token mean (``sign_s / N_s``, N_s = live tokens of stream s over all
-processes); ``reduction="none"`` returns ``sign_s * ce_i / N_s`` per token, so each stream's own
-mean CE is a sum of its slice, and the coefficients ``c_s`` enter as the upstream gradient of
-that slice. Retain rows go through one
-``linear_kl_div`` call against the reference's final hidden states.
+the sign, the per-stream token mean and the stream's coefficient (``c_s * sign_s / N_s``, N_s =
+live tokens of stream s over all processes) with ``reduction="sum"``, so the gradients come from
+the forward's one pass over the logits; the per-token CE it also returns (``return_values``)
+gives each stream's own mean CE as the sum of ``sign_s * ce_i / N_s`` over its slice. Retain rows
+go through one ``linear_kl_div`` call against the reference's final hidden states, the same way.
 
 Only **live** tokens (``target != IGNORE``) reach the loss kernels: padding, prompt tokens and
 each row's last position are dropped before the head, so the ``tokens x vocab`` work is
@@ -105,18 +105,18 @@ class SurgeryObjective(nn.Module):
             hc, tc_ = ce_part
             sel = tc_ != IGNORE
             tw = ce_weight[sel]
-            v = linear_cross_entropy(hc[sel], w, tc_[sel], bias=b, token_weight=tw,
-                                     reduction="none", backend=self.backend, **self.head_opts)
-            loss_v = v
+            # One "sum" call with weights c_s * sign_s / N_s: its gradients come from the forward's
+            # pass over the logits ("none" would recompute them in the backward). The per-token CE
+            # comes back for the metrics; the kernel's ascent_cap zeroes a capped token's loss and
+            # gradient, and the token keeps its real CE in the stream's logged mean.
+            loss, ce = linear_cross_entropy(hc[sel], w, tc_[sel], bias=b, token_weight=tw * ce_coeff[sel],
+                                            reduction="sum", ascent_cap=self.ascent_cap, backend=self.backend,
+                                            return_values=True, **self.head_opts)
             if self.ascent_cap is not None:
-                # Bounded ascent, applied here rather than inside the kernel (its ascent_cap) so that
-                # the stream's logged mean stays its real CE: a capped token keeps its value in the
-                # metrics, its loss and gradient are 0 (v / tw is the token's CE; tw = sign_s / N_s).
-                cap = (tw < 0) & (v.detach() / tw > self.ascent_cap)
-                loss_v = torch.where(cap, 0.0, v)
+                cap = (tw < 0) & (ce > self.ascent_cap)
                 row_capped.append(_scatter(cap.to(torch.float32), sel).sum(1))
-            total = total + (loss_v * ce_coeff[sel]).sum()
-            row_vals.append(_scatter(v.detach(), sel).sum(1))
+            total = total + loss
+            row_vals.append(_scatter(tw * ce, sel).sum(1))
         if hk_all is not None and hk_all.shape[0]:
             sel = kl_tgt != IGNORE
             hk = hk_all[sel]
@@ -131,11 +131,12 @@ class SurgeryObjective(nn.Module):
             if ref_weight.dtype != ref_hidden.dtype:
                 ref_weight = ref_weight.to(ref_hidden.dtype)
                 ref_bias = None if ref_bias is None else ref_bias.to(ref_hidden.dtype)
-            v = linear_kl_div(hk, w, ref_hidden[sel], ref_weight, bias=b, ref_bias=ref_bias,
-                              token_weight=kl_weight[sel], reduction="none", direction=self.kl_direction,
-                              backend=self.backend)
-            total = total + (v * kl_coeff[sel]).sum()
-            row_vals.append(_scatter(v.detach(), sel).sum(1))
+            kw = kl_weight[sel]
+            loss, kl = linear_kl_div(hk, w, ref_hidden[sel], ref_weight, bias=b, ref_bias=ref_bias,
+                                     token_weight=kw * kl_coeff[sel], reduction="sum", direction=self.kl_direction,
+                                     backend=self.backend, return_values=True)
+            total = total + loss
+            row_vals.append(_scatter(kw * kl, sel).sum(1))
         values = torch.cat(row_vals, 0)
         caps = torch.zeros_like(values)  # capped counts exist for CE rows only, which come first
         if row_capped:

@@ -10,6 +10,12 @@ the device, so nothing here synchronizes with the host.
 - ``none`` (or no gradient wanted): ``*_forward`` keeps per-token statistics; ``backward``
   recomputes the logits with ``coeff_i = grad_out_i * weight_i``, so any upstream gradient,
   a per-token one included, is honoured.
+
+Both functions return ``(loss, values)``: ``values`` are the unweighted per-token ce_i / kl_i
+(0 where masked), which either path computes anyway, marked non-differentiable (the public
+functions hand them out with ``return_values=True``). They let a caller log per-token or
+per-group losses from a ``mean``/``sum`` call, so it keeps the one-pass gradients instead of
+paying ``none``'s recomputation of the logits.
 """
 
 from __future__ import annotations
@@ -80,12 +86,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(dh, dw, db)
         else:
             ctx.save_for_backward(hidden, weight, bias, target, lse, w)
+        values = torch.where(live, ce, 0.0)
+        ctx.mark_non_differentiable(values)
         if reduction == "none":
-            return w * ce
-        return (coeff * ce).sum()
+            return w * ce, values
+        return (coeff * ce).sum(), values
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_values):
         # Gradients are only wanted when some input needs one, so mean/sum took the fused path.
         if ctx.reduction != "none":
             dh, dw, db = _scaled(ctx, grad_out)
@@ -113,12 +121,14 @@ class LinearKLDivFunction(torch.autograd.Function):
         else:
             kl, lse, rlse = impl.kl_forward(hidden, weight, bias, *refs, mask, **opts)
             ctx.save_for_backward(hidden, weight, bias, *refs, lse, rlse, kl, w)
+        values = torch.where(mask, kl, 0.0)
+        ctx.mark_non_differentiable(values)
         if reduction == "none":
-            return w * kl
-        return (coeff * kl).sum()
+            return w * kl, values
+        return (coeff * kl).sum(), values
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_values):
         if ctx.reduction != "none":
             dh, dw, db = _scaled(ctx, grad_out)
         else:

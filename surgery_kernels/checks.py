@@ -85,6 +85,11 @@ def positive(name: str, value, *, allow_none: bool = True) -> None:
         raise ValueError(f"{name} must be a positive number{' or None' if allow_none else ''}, got {value!r}")
 
 
+def flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def common(reduction, backend, chunk_size) -> None:
     choice("reduction", reduction, REDUCTIONS)
     choice("backend", backend, ("auto",) + BACKENDS)

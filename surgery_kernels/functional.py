@@ -26,7 +26,8 @@ def _needs(*tensors) -> tuple[bool, bool, bool]:
 
 
 def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None, ignore_index=-100,
-                         reduction="mean", softcap=None, ascent_cap=None, backend="auto", chunk_size=None):
+                         reduction="mean", softcap=None, ascent_cap=None, backend="auto", chunk_size=None,
+                         return_values=False):
     """Signed, weighted cross-entropy of ``hidden @ weight.T + bias`` against ``target``, without
     materializing the logits.
 
@@ -42,6 +43,11 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     float32 (float64 for float64 inputs). ``backend``: "auto" | "triton" | "cuda" | "cpu" | "torch";
     ``chunk_size``: tokens per chunk (None: the backend's default, e.g. ``2**24 // V`` on CPU, 64 MiB of
     float32 logits; see the README).
+
+    ``return_values=True`` returns ``(loss, values)``: ``values`` are the unweighted per-token
+    ``ce_i`` shaped like ``target`` (0 where ignored; capped tokens keep their CE), without a
+    gradient. With "mean"/"sum" this logs per-token or per-group losses while keeping the
+    one-pass gradients ("none" recomputes the logits in its backward).
     """
     checks.hidden_weight_bias("", hidden, weight, bias)
     checks.per_token("target", target, hidden, kind="int")
@@ -52,6 +58,7 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     checks.positive("softcap", softcap)
     checks.positive("ascent_cap", ascent_cap)
     checks.target_range(target, ignore_index, weight.shape[0])
+    checks.flag("return_values", return_values)
     device_type = hidden.device.type
     name = resolve(backend, device_type)
 
@@ -62,21 +69,23 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     t = target.reshape(-1).to(torch.int64)
     tw = token_weight.reshape(-1) if token_weight is not None else None
     with _no_autocast(device_type):
-        out = LinearCrossEntropyFunction.apply(h, w, b, t, tw, name, needs, ignore_index, reduction,
-                                               None if softcap is None else float(softcap),
-                                               None if ascent_cap is None else float(ascent_cap), chunk_size)
-    return out.reshape(lead) if reduction == "none" else out
+        out, values = LinearCrossEntropyFunction.apply(h, w, b, t, tw, name, needs, ignore_index, reduction,
+                                                       None if softcap is None else float(softcap),
+                                                       None if ascent_cap is None else float(ascent_cap), chunk_size)
+    return _outputs(out, values, lead, reduction, return_values)
 
 
 def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, mask=None, token_weight=None,
-                  direction="forward", temperature=1.0, reduction="mean", backend="auto", chunk_size=None):
+                  direction="forward", temperature=1.0, reduction="mean", backend="auto", chunk_size=None,
+                  return_values=False):
     """Token-level KL divergence between the trained model's softmax(z / T), z = hidden @ weight.T
     + bias, and a frozen reference's softmax(z_ref / T), without materializing either's logits.
 
     hidden: (..., H), weight: (V, H) — gradients flow; ref_hidden: (..., H'), ref_weight: (V, H') —
     treated as constants (ref_weight may be the very tensor passed as weight); mask: (...) bool,
     False = token skipped; token_weight: (...) float. ``direction``: "forward" = KL(p_ref || p),
-    "reverse" = KL(p || p_ref). The true KL (>= 0), no T**2 rescaling. ``reduction`` as in
+    "reverse" = KL(p || p_ref). The true KL (>= 0), no T**2 rescaling. ``reduction`` and
+    ``return_values`` (unweighted per-token ``kl_i``, 0 where masked) as in
     :func:`linear_cross_entropy`, the mean dividing by the number of unmasked tokens.
     """
     checks.hidden_weight_bias("", hidden, weight, bias)
@@ -93,6 +102,7 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     checks.choice("direction", direction, checks.DIRECTIONS)
     checks.positive("temperature", temperature, allow_none=False)
     checks.common(reduction, backend, chunk_size)
+    checks.flag("return_values", return_values)
     device_type = hidden.device.type
     autocast, (h, w, b, rh, rw, rb) = _autocast(device_type, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     if not autocast:
@@ -108,9 +118,14 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     m = mask.reshape(-1) if mask is not None else torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     tw = token_weight.reshape(-1) if token_weight is not None else None
     with _no_autocast(device_type):
-        out = LinearKLDivFunction.apply(h, w, b, rh, rw, rb, m, tw, name, needs, direction, float(temperature),
-                                        reduction, chunk_size)
-    return out.reshape(lead) if reduction == "none" else out
+        out, values = LinearKLDivFunction.apply(h, w, b, rh, rw, rb, m, tw, name, needs, direction,
+                                                float(temperature), reduction, chunk_size)
+    return _outputs(out, values, lead, reduction, return_values)
+
+
+def _outputs(out, values, lead, reduction, return_values):
+    out = out.reshape(lead) if reduction == "none" else out
+    return (out, values.reshape(lead)) if return_values else out
 
 
 def _no_autocast(device_type: str):

@@ -41,6 +41,7 @@ BAD_CE = [
     ("softcap-zero", dict(softcap=0), ValueError, ["softcap"]),
     ("chunk-size", dict(chunk_size=0), ValueError, ["chunk_size"]),
     ("ignore-index-float", dict(ignore_index=-100.0), TypeError, ["ignore_index"]),
+    ("return-values-int", dict(return_values=1), TypeError, ["return_values", "True or False"]),
 ]
 
 
@@ -72,6 +73,7 @@ BAD_KL = [
     ("direction", dict(direction="backward"), ValueError, ["direction", "'backward'"]),
     ("temperature", dict(temperature=0.0), ValueError, ["temperature"]),
     ("reduction", dict(reduction="max"), ValueError, ["reduction"]),
+    ("return-values-none", dict(return_values=None), TypeError, ["return_values"]),
 ]
 
 

@@ -153,6 +153,9 @@ def test_override_errors():
         apply_override(cfg, "train.steps")
     with pytest.raises(ValueError, match="train.lr must be a positive number"):
         TrainConfig(lr=0)
+    for cap in (0, -1.0, "5"):  # the kernels' bounded ascent takes a positive cap
+        with pytest.raises(ValueError, match="train.ascent_cap must be a positive number or null"):
+            TrainConfig(ascent_cap=cap)
 
 
 @pytest.mark.parametrize("name", ["paper", "lora", "layers"])

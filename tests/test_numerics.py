@@ -362,3 +362,39 @@ def test_chunk_size_does_not_change_the_result():
     for o in outs[1:]:
         for a, b in zip(o, outs[0]):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_return_values(bd, reduction):
+    """return_values=True: (loss, values) with values the unweighted per-token CE / KL (0 where
+    ignored or masked; an ascent-capped token keeps its CE) against float64, no gradient through
+    them; the loss and its gradients exactly those of the call without values."""
+    backend, device = bd
+    inp = make_ce_inputs(50, 16, 97, device=device, dtype=torch.float32, signed=True, ignore_frac=0.2, scale=3.0)
+    args = (inp["hidden"], inp["weight"], inp["target"])
+    opts = dict(bias=inp["bias"], token_weight=inp["token_weight"], reduction=reduction, ascent_cap=4.0,
+                backend=backend)
+    loss, values = linear_cross_entropy(*args, return_values=True, **opts)
+    plain = linear_cross_entropy(*args, **opts)
+    ref = linear_cross_entropy_ref(*args, reduction="none", compute_dtype=torch.float64)
+    assert values.shape == inp["target"].shape and values.dtype == torch.float32 and not values.requires_grad
+    assert rel_err(values, ref.detach()) <= F32_TOL
+    assert bool((values[inp["target"] == -100] == 0).all())
+    capped = (inp["token_weight"] < 0) & (values > 4.0)
+    assert bool(capped.any()) and bool((values[capped] > 4.0).all())  # capped: no loss, value kept
+    up = torch.ones_like(loss) if reduction != "none" else torch.linspace(-1, 1, loss.numel()).to(device)
+    params = [inp["hidden"], inp["weight"]]
+    assert torch.equal(loss, plain)
+    for a, b in zip(torch.autograd.grad(loss, params, up), torch.autograd.grad(plain, params, up)):
+        assert torch.equal(a, b)
+
+    kin = make_kl_inputs(3 * 17, 16, 12, 97, device=device, dtype=torch.float32, mask_frac=0.3, weighted=True)
+    kargs = (kin["hidden"].reshape(3, 17, 16), kin["weight"], kin["ref_hidden"].reshape(3, 17, 12), kin["ref_weight"])
+    mask = kin["mask"].reshape(3, 17)
+    kl, kvals = linear_kl_div(*kargs, mask=mask, token_weight=kin["token_weight"].reshape(3, 17), reduction=reduction,
+                              direction="reverse", backend=backend, return_values=True)
+    kref = linear_kl_div_ref(*kargs, mask=mask, reduction="none", direction="reverse", compute_dtype=torch.float64)
+    assert kvals.shape == (3, 17) and not kvals.requires_grad
+    assert rel_err(kvals, kref.detach()) <= F32_TOL and bool((kvals[~mask] == 0).all())
+    assert kl.requires_grad
