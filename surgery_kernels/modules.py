@@ -12,10 +12,10 @@ class LinearCrossEntropy(torch.nn.Module):
     :func:`surgery_kernels.linear_cross_entropy` are fixed at construction."""
 
     def __init__(self, *, ignore_index=-100, reduction="mean", softcap=None, ascent_cap=None, backend="auto",
-                 chunk_size=None):
+                 chunk_size=None, return_values=False):
         super().__init__()
         self.options = dict(ignore_index=ignore_index, reduction=reduction, softcap=softcap, ascent_cap=ascent_cap,
-                            backend=backend, chunk_size=chunk_size)
+                            backend=backend, chunk_size=chunk_size, return_values=return_values)
 
     def forward(self, hidden, weight, target, bias=None, token_weight=None):
         return linear_cross_entropy(hidden, weight, target, bias=bias, token_weight=token_weight, **self.options)
@@ -29,10 +29,11 @@ class LinearKLDiv(torch.nn.Module):
     token_weight=None)``; the other options of :func:`surgery_kernels.linear_kl_div` are fixed at
     construction."""
 
-    def __init__(self, *, direction="forward", temperature=1.0, reduction="mean", backend="auto", chunk_size=None):
+    def __init__(self, *, direction="forward", temperature=1.0, reduction="mean", backend="auto", chunk_size=None,
+                 return_values=False):
         super().__init__()
         self.options = dict(direction=direction, temperature=temperature, reduction=reduction, backend=backend,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, return_values=return_values)
 
     def forward(self, hidden, weight, ref_hidden, ref_weight, bias=None, ref_bias=None, mask=None, token_weight=None):
         return linear_kl_div(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, mask=mask,

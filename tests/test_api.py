@@ -119,6 +119,11 @@ def test_modules_hold_options():
     assert out.shape == (6,)
     assert torch.equal(out, linear_kl_div(kw["hidden"], kw["weight"], kw["ref_hidden"], kw["ref_weight"],
                                           direction="reverse", temperature=2.0, reduction="none", backend="torch"))
+    loss, values = LinearCrossEntropy(reduction="sum", backend="torch", return_values=True)(h, w, t)
+    assert torch.equal(loss, values.sum()) and values.shape == t.shape
+    kl, kvals = LinearKLDiv(backend="torch", return_values=True)(kw["hidden"], kw["weight"], kw["ref_hidden"],
+                                                                 kw["ref_weight"])
+    assert torch.allclose(kl, kvals.mean()) and kvals.shape == (6,)
 
 
 def test_default_chunk_size():
