@@ -28,10 +28,13 @@ _real_empty, _real_empty_like = torch.empty, torch.empty_like
 
 
 def _poison(t: torch.Tensor) -> torch.Tensor:
-    if t.is_floating_point():
-        t.fill_(float("nan"))
-    elif t.dtype not in (torch.bool,) and not t.is_complex():
-        t.fill_(torch.iinfo(t.dtype).max)
+    # no_grad: torch.empty(..., requires_grad=True) makes a leaf that an in-place fill would refuse
+    # (torch 2.11's checkpoint does this on CUDA)
+    with torch.no_grad():
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype not in (torch.bool,) and not t.is_complex():
+            t.fill_(torch.iinfo(t.dtype).max)
     return t
 
 
