@@ -4,8 +4,7 @@ Llama-2-7B head by default: N = 16384 tokens, H = 4096, V = 32000, bf16, forward
 
 - signed CE (token weights +1 / -0.5, mean) of backend ``triton`` (default: the chunked gradient
   path of ``triton_kernels.rows``), the same with dW summed in bf16 (``DW_ACCUM="input"``), with
-  dW added by the Triton GEMM (``DW_GEMM="triton"``, ``triton_kernels.gemm``) and with 64 MiB
-  workspaces (the issue's memory bar) by cuBLAS and by the Triton GEMM, with
+  64 MiB workspaces (the issue's memory bar), dW summed in bf16 and in float32, with
   the fused backward (``BACKWARD="fused"``: tiles recomputed on chip, float32 atomics), backends
   ``cuda`` and ``torch``, against the floor (the three plain cuBLAS GEMMs z = h W^T, dH = z W,
   dW = z^T h), Liger-Kernel's ``LigerFusedLinearCrossEntropyFunction`` and cut-cross-entropy's
@@ -17,13 +16,12 @@ Llama-2-7B head by default: N = 16384 tokens, H = 4096, V = 32000, bf16, forward
   compare it with a third of the floor), the chunked path's forward alone (cuBLAS logits + row
   kernel), and the chunked step with 128 and 256 MiB workspaces (fewer, larger chunks), dW
   summed in float32 and in bf16 (the KL group has the same rows).
-- forward KL(p_ref || p) of ``triton`` (chunked and fused backward, Triton dW GEMM, 64 and 256
-  MiB workspaces), ``cuda`` and ``torch`` against its floor (four GEMMs: both logits, dH, dW)
-  and Liger's fused linear JSD with beta = 0 (its forward-KL setting).
+- forward KL(p_ref || p) of ``triton`` (chunked and fused backward, 64 and 256 MiB
+  workspaces), ``cuda`` and ``torch`` against its floor (four GEMMs: both logits, dH, dW) and
+  Liger's fused linear JSD with beta = 0 (its forward-KL setting).
 - dW alone (16-bit inputs): the chunked path's dW accumulation over 16 chunks of 1024 tokens into
-  a bf16 and a float32 accumulator, by cuBLAS and by the Triton GEMM in each of
-  ``gemm.CANDIDATES``, against one GEMM over all tokens: what the per-chunk read and write of dW
-  costs, and whether the Triton GEMM hides it.
+  a 16-bit and a float32 accumulator by cuBLAS, against one GEMM over all tokens: what the
+  per-chunk read and write of dW costs.
 
 Times: ``triton.testing.do_bench`` median (ms) after a first untimed call (compilation and
 autotuning happen there). Memory: peak allocated during one call minus what was allocated
@@ -156,7 +154,7 @@ def _ce_providers(h, w, t, tw):
 
     main = [("floor (3 GEMMs)", lambda: floor), ("triton", lambda: ours("triton")),
             ("triton, dW summed in bf16", lambda: _setting(ROWS, "DW_ACCUM", "input", ours("triton"))),
-            *_dw_gemm_rows(ours("triton")),
+            *_small_workspace_rows(ours("triton")),
             ("cuda", lambda: ours("cuda")),
             ("liger (unsigned)", liger), ("cce default filter (unsigned)", lambda: cce("default")),
             ("triton, fused backward (atomics)", lambda: _setting(*FUSED, ours("triton"))),
@@ -180,28 +178,21 @@ def _workspace_rows(run, sizes_mib):
     return out
 
 
-def _dw_gemm_rows(run):
-    """(name, make) rows of ``run`` with dW added by the Triton GEMM (rows.DW_GEMM, gemm.py) and
-    with 64 MiB workspaces (the memory bar: 16 chunks at the Llama-2-7B head, CE), dW summed in
-    bf16 or float32, against cuBLAS at 64 MiB."""
-    def make(gemm_, mib, accum):
-        fn = _setting(ROWS, "DW_GEMM", gemm_, run)
-        if mib:
-            fn = _setting(ROWS, "WORKSPACE_BYTES", mib << 20, fn)
-        return _setting(ROWS, "DW_ACCUM", accum, fn) if accum else fn
-    return [("triton, Triton dW GEMM", lambda: make("triton", None, None)),
-            ("triton 64 MiB, dW in bf16 (cuBLAS)", lambda: make("cublas", 64, "input")),
-            ("triton 64 MiB, dW in bf16, Triton dW GEMM", lambda: make("triton", 64, "input")),
-            ("triton 64 MiB, dW in float32 (cuBLAS)", lambda: make("cublas", 64, "float32")),
-            ("triton 64 MiB, dW in float32, Triton dW GEMM", lambda: make("triton", 64, "float32"))]
+def _small_workspace_rows(run):
+    """(name, make) rows of ``run`` with 64 MiB workspaces (the issue's memory bar: 16 chunks at the
+    Llama-2-7B head, CE), dW summed in bf16 and in float32."""
+    def make(accum):
+        return _setting(ROWS, "WORKSPACE_BYTES", 64 << 20, _setting(ROWS, "DW_ACCUM", accum, run))
+    return [("triton 64 MiB, dW in bf16", lambda: make("input")),
+            ("triton 64 MiB, dW in float32", lambda: make("float32"))]
 
 
 def _dw_alone_providers(n, hdim, v, dt, dev, chunk=1024):
     """dW of the chunked path alone: G (N, V) and H (N, H) added chunk by chunk (``chunk`` tokens,
-    the 64 MiB workspace's 16 chunks at the Llama-2-7B head) into a bf16 or float32 accumulator,
-    by cuBLAS (addmm) and by the Triton GEMM in each candidate config, against one GEMM over all
-    N tokens (what the floor counts)."""
-    from surgery_kernels.backends.triton_kernels import gemm, rows
+    the 64 MiB workspace's 16 chunks at the Llama-2-7B head) into a 16-bit or a float32
+    accumulator by cuBLAS, against one GEMM over all N tokens (what the floor counts): what the
+    per-chunk read and write of dW costs."""
+    from surgery_kernels.backends.triton_kernels import rows
 
     held = {}  # the operands, made by the group's first row (not at all if the budget skips the group)
 
@@ -231,38 +222,10 @@ def _dw_alone_providers(n, hdim, v, dt, dev, chunk=1024):
                     rows._addmm_float32_(acc, gz[s:s + chunk].t(), hh[s:s + chunk], first)
         return run
 
-    def triton_gemm(acc_name, cfg):
-        gz, hh = tensors()
-        acc = held[acc_name]
-
-        def run():
-            old = gemm.CONFIG
-            gemm.CONFIG = cfg
-            try:
-                for s in range(0, n, chunk):
-                    gemm.gemm_tn(acc, gz[s:s + chunk], hh[s:s + chunk], accumulate=s > 0)
-            finally:
-                gemm.CONFIG = old
-        return run
-
-    # TMA where the config asks for it and the rows allow it (16-byte multiples), as gemm_tn decides
-    aligned = all((cols * torch.finfo(dt).bits // 8) % 16 == 0 for cols in (v, hdim))
-
-    def label(cfg):
-        cfg = gemm.for_device(cfg, torch.device(dev))
-        extra = "".join((f" maxnreg {cfg['maxnreg']}" if "maxnreg" in cfg else "",
-                         " prefetch" if cfg["PREFETCH"] else "", " TMA" if cfg["TMA"] and aligned else " pointers"))
-        return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}{extra}"
-
     chunks = -(-n // chunk)
     names = {"input": str(dt).replace("torch.", ""), "float32": "float32"}
-    out = [(f"floor: one GEMM over all {n} tokens", lambda: one_gemm)]
-    for acc_name in ("input", "float32"):
-        out.append((f"{chunks} chunks into {names[acc_name]}, cuBLAS", lambda a=acc_name: cublas(a)))
-        for cfg in gemm.CANDIDATES:
-            out.append((f"{chunks} chunks into {names[acc_name]}, Triton {label(cfg)}",
-                        lambda a=acc_name, c=cfg: triton_gemm(a, c)))
-    return out
+    return [(f"floor: one GEMM over all {n} tokens", lambda: one_gemm)] + [
+        (f"{chunks} chunks into {names[a]}, cuBLAS", lambda a=a: cublas(a)) for a in ("input", "float32")]
 
 
 def _kl_providers(h, w, hr, wr):
@@ -293,7 +256,7 @@ def _kl_providers(h, w, hr, wr):
             ("triton, dW summed in bf16", lambda: _setting(ROWS, "DW_ACCUM", "input", ours("triton"))),
             ("cuda", lambda: ours("cuda")), ("liger JSD beta=0", liger),
             ("triton, fused backward (atomics)", lambda: _setting(*FUSED, ours("triton"))),
-            *_dw_gemm_rows(ours("triton")),
+            *_small_workspace_rows(ours("triton")),
             ("torch", lambda: ours("torch")), *_workspace_rows(ours("triton"), (256,)),
             ("floor again (drift within the group)", lambda: floor)]
 
@@ -429,10 +392,7 @@ def main(argv=None):
     try:
         from surgery_kernels.backends.triton_kernels import rows as rows_k
 
-        from surgery_kernels.backends.triton_kernels import gemm as gemm_k
-
-        lines.append(f"\nchunked path: workspace {rows_k.WORKSPACE_BYTES >> 20} MiB, DW_ACCUM {rows_k.DW_ACCUM}, "
-                     f"DW_GEMM {rows_k.DW_GEMM} (Triton dW GEMM config {gemm_k.CONFIG}); "
+        lines.append(f"\nchunked path: workspace {rows_k.WORKSPACE_BYTES >> 20} MiB, DW_ACCUM {rows_k.DW_ACCUM}; "
                      f"float32 dW via addmm(out_dtype=float32): {rows_k._ADDMM_OUT_DTYPE}")
         for label, kern in (("ce rows", rows_k.ce_rows_tuned), ("kl rows", rows_k.kl_rows_tuned)):
             lines.append(f"\n{label} config: {getattr(kern, 'best_config', None)}")

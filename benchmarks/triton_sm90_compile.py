@@ -1,7 +1,7 @@
 """Compile every Triton kernel config for an H100 (sm_90) without a GPU and print what the
-compiler made of it: software pipelining (cp.async, or TMA's cp.async.bulk.tensor), tensor-core MMAs
-(wgmma), vectorized float32 atomics (red/atom .v4.f32; triton 3.6 emits atom, 3.9 red), shared
-memory, registers and spilled bytes (STACK).
+compiler made of it: software pipelining (cp.async), tensor-core MMAs (wgmma), vectorized float32
+atomics (red/atom .v4.f32; triton 3.6 emits atom, 3.9 red), shared memory, registers and spilled
+bytes (STACK).
 
 The JIT marks integer arguments divisible by 16 and 16-byte-aligned pointers; without those hints
 nothing is pipelined, so this script passes them as the Llama shapes would (H, V, strides all
@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from surgery_kernels.backends.triton_kernels import ce, common, gemm, kl, rows  # noqa: E402
+from surgery_kernels.backends.triton_kernels import ce, common, kl, rows  # noqa: E402
 
 TENSOR_ARGS = ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")
 FLOAT_ARGS = ("softcap", "filter_eps", "inv_t", "ascent_cap")
@@ -96,33 +96,6 @@ def compile_rows(fn, dtype, cfg, flags):
           f"{time.time() - t0:.1f} |", flush=True)
 
 
-def compile_gemm(cfg, dtype, acc_dtype):
-    """The dW GEMM (triton_kernels.gemm) with one of its candidate configs, accumulating."""
-    fn = gemm.gemm_tn_kernel
-    consts = dict(ACCUMULATE=True, DOT_FP32=False, BF16_BY_HAND=False,
-                  **{k: v for k, v in cfg.items() if k.isupper()})
-    sig = {name: "constexpr" if name in consts else "i32" for name in fn.arg_names}
-    if cfg["TMA"]:  # host-side tensor descriptors of the (BLOCK_K, BLOCK_M) and (BLOCK_K, BLOCK_N) tiles
-        sig.update(a_ptr=f"tensordesc<{dtype}[{cfg['BLOCK_K']}, {cfg['BLOCK_M']}]>",
-                   b_ptr=f"tensordesc<{dtype}[{cfg['BLOCK_K']}, {cfg['BLOCK_N']}]>")
-    else:
-        sig.update(a_ptr="*" + dtype, b_ptr="*" + dtype)
-    sig["c_ptr"] = "*" + acc_dtype
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if sig[name] == "i32" or sig[name].startswith("*")}
-    t0 = time.time()
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                                    maxnreg=cfg.get("maxnreg")))
-    ptx = k.asm["ptx"]
-    loads, mmas = (len(re.findall(p, ptx)) for p in (r"cp\.async\.(?:cg|bulk\.tensor)", r"wgmma\.mma_async"))
-    print(f"| {dtype} -> {acc_dtype} | {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
-          f"s{cfg['num_stages']}{' maxnreg ' + str(cfg['maxnreg']) if 'maxnreg' in cfg else ''}"
-          f"{' prefetch' if cfg['PREFETCH'] else ''}{' TMA' if cfg['TMA'] else ' pointers'} | {loads} | {mmas} | "
-          f"{k.metadata.shared // 1024} | {_resources(k.asm['cubin'])} | {time.time() - t0:.1f} |", flush=True)
-
-
 def main():
     print(f"triton {triton.__version__}, target sm_90\n")
     print("| kernel | dtype | tile, warps, stages | cp.async | wgmma | red (atomics) | smem KiB | ptxas | compile s |")
@@ -147,11 +120,6 @@ def main():
             compile_rows(rows.ce_rows_kernel, dtype, cfg, dict(SOFTCAP=False, ASCENT_CAP=False, **stats_grad))
             for reverse in (False, True):
                 compile_rows(rows.kl_rows_kernel, dtype, cfg, dict(REVERSE=reverse, HAS_MASK=True, **stats_grad))
-    print("\n| dW GEMM | tile, warps, stages, loads | cp.async (TMA: bulk) | wgmma | smem KiB | ptxas | compile s |")
-    print("|---|---|---:|---:|---:|---|---:|")
-    for cfg in gemm.CANDIDATES:
-        for acc_dtype in ("fp32", "bf16"):
-            compile_gemm(cfg, "bf16", acc_dtype)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ allocated once per call and reused by every chunk):
    logit difference), the value, the ascent cap, then a second pass that overwrites the row with
    its logit gradient ``coeff * dloss/dz`` in the input dtype;
 3. ``dhidden_c = G @ weight`` (cuBLAS, straight into the rows of dhidden),
-   ``dweight += G.T @ hidden_c`` (cuBLAS, or with ``DW_GEMM = "triton"`` the Triton GEMM of
-   ``gemm.py``, which reads dW inside the kernel; summed in float32 or in the input dtype, see
+   ``dweight += G.T @ hidden_c`` (cuBLAS; summed in float32 or in the input dtype, see
    ``DW_ACCUM``),
    ``dbias += G.sum(0)``.
 
@@ -32,7 +31,13 @@ behind the GEMMs), so 16 chunks of 64 MiB ran 1.28x the GEMM floor with dW summe
 1.44x in float32, 4 chunks of 256 MiB 1.10x either way. ``WORKSPACE_BYTES`` is therefore 256 MiB
 for both sides together (2**27 bf16 logits for CE; the ``torch`` and ``cuda`` backends allot
 2**27 elements per side and dtype-independent, so twice that for KL or float32); a call's
-``chunk_size`` sets smaller chunks where memory matters more.
+``chunk_size`` sets smaller chunks where memory matters more. Re-measured on 2026-11-28
+(benchmarks/results/2026-11-28-h100, CE and Liger in one group): 4 chunks of 256 MiB 1.15x the
+floor (Liger 1.17x at 126 MiB), 16 of 64 MiB 1.28x in bf16; dW alone over 16 chunks costs 1.47 ms
+(bf16) / 4.40 ms (float32) more than one GEMM over all tokens. A Triton GEMM that reads and writes
+dW inside the kernel, so that two programs per SM overlap that traffic with their MMAs, was slower
+than cuBLAS in every config tried (16 chunks into bf16: 8.55 ms at best against 7.66) and was
+removed (it is in the history at 44eccca, ``triton_kernels/gemm.py``).
 
 ``DW_ACCUM`` (16-bit weights; float32 weights always accumulate in place, exactly):
 ``"float32"`` keeps a float32 (V, H) accumulator (4*V*H bytes, 500 MiB at the Llama-2-7B head)
@@ -55,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common, gemm
+from . import common
 from .common import online_kl, online_lse, round_bf16_by_hand, tanh
 
 # Bytes of logits one call keeps in memory when it passes no chunk_size (both sides together for KL).
@@ -63,9 +68,6 @@ WORKSPACE_BYTES = 256 << 20
 # "auto" | "float32" | "input": how 16-bit dW accumulates over chunks (module docstring).
 DW_ACCUM = os.environ.get("SURGERY_TRITON_DW_ACCUM", "auto")
 MAX_INPUT_ACCUM_CHUNKS = 4
-# "cublas" | "triton": which GEMM adds each chunk's G.T @ H into 16-bit weights' dW (gemm.py says
-# why a Triton one; float32 weights always take cuBLAS).
-DW_GEMM = os.environ.get("SURGERY_TRITON_DW_GEMM", "cublas")
 # Columns per step of the row loops and warps per row: autotuned on the GPU (per V, on the first
 # call: the kernels overwrite the chunk, so the tuning runs restore it); the interpreter takes one
 # small block. SURGERY_TRITON_AUTOTUNE=0 takes the first config.
@@ -273,8 +275,6 @@ def accumulate_in_input_dtype(dtype: torch.dtype, chunks: int) -> bool:
     """Whether dW of ``dtype`` weights sums over ``chunks`` chunks in that dtype (see DW_ACCUM)."""
     if DW_ACCUM not in ("auto", "float32", "input"):
         raise ValueError(f"SURGERY_TRITON_DW_ACCUM must be 'auto', 'float32' or 'input', got {DW_ACCUM!r}")
-    if DW_GEMM not in ("cublas", "triton"):
-        raise ValueError(f"SURGERY_TRITON_DW_GEMM must be 'cublas' or 'triton', got {DW_GEMM!r}")
     if dtype == torch.float32:
         return True
     return DW_ACCUM == "input" or (DW_ACCUM == "auto" and chunks <= MAX_INPUT_ACCUM_CHUNKS)
@@ -306,9 +306,7 @@ class _Grads:
             torch.mm(g, self.weight, out=self.dh[s:e])
         first, self.first = self.first, False
         if self.dw_acc is not None:
-            if DW_GEMM == "triton" and g.dtype != torch.float32:
-                gemm.gemm_tn(self.dw_acc, g, h, accumulate=not first)
-            elif self.dw_acc.dtype == g.dtype:
+            if self.dw_acc.dtype == g.dtype:
                 if first:
                     torch.mm(g.t(), h, out=self.dw_acc)
                 else:
