@@ -360,10 +360,19 @@ def test_grad_filter_flag(device, monkeypatch, fused_backward):
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES])
-def test_float64_is_refused(device):
-    h, w, _, t = _ce_inputs(device, torch.float64)
-    with pytest.raises(TypeError, match="backend='triton'"):
-        linear_cross_entropy(h.double(), w.double(), t, backend="triton")
+def test_float64_goes_to_the_torch_backend(device):
+    """float64 (a reference computation) runs the chunked torch backend, as cpu and cuda do: the
+    same values and gradients, bit for bit, CE (mean, with grads) and KL ("none", values)."""
+    h, w, b, t = _ce_inputs(device, torch.float64, bias=True)
+    out = {}
+    for backend in ("triton", "torch"):
+        hh, ww = _leaf(h.double()), _leaf(w.double())
+        loss = linear_cross_entropy(hh, ww, t, bias=b.double(), backend=backend)
+        kl = linear_kl_div(hh, ww, h.double().flip(0), w.double(), reduction="none", backend=backend)
+        out[backend] = (loss, kl, *torch.autograd.grad(loss, (hh, ww)))
+    assert out["triton"][0].dtype == torch.float64
+    for a, c in zip(out["triton"], out["torch"]):
+        assert torch.equal(a, c)
 
 
 def test_availability_reasons(monkeypatch):

@@ -52,13 +52,14 @@ import torch
 log = logging.getLogger("surgery_kernels")
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-# Preference order of backend="auto" per device type, fastest first by measurement. On an H100
-# (benchmarks/results/2026-11-27-h100-triton/run2, Llama-2-7B head, N=16384, bf16, forward+backward,
-# each ratio to the GEMM floor of its own group of rows) the cuda backend ran the KL at 1.21x and
-# triton's default settings at 1.28x; the signed CE at 1.16x (cuda) and 1.10x (triton's default
-# settings, measured in another group whose floor ran 10% slower), not yet compared in one group.
-# So cuda stays first where its extension builds; triton needs no compiler and follows.
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+# Preference order of backend="auto" per device type (DESIGN §3: triton first on CUDA). Measured
+# on an H100 in one group of rows each (benchmarks/results/2026-11-28-h100, Llama-2-7B head,
+# N=16384, bf16, forward+backward): the signed CE 20.18 ms with triton, 20.25 with cuda (1.15x /
+# 1.16x the GEMM floor; 250 / 506 MiB beyond inputs and gradients), the KL 29.84 / 28.01 ms (1.16x
+# / 1.09x; 750 / 762 MiB); the 7B LoRA training step 2.86 / 2.88 s. So triton first: a tie on
+# the CE with half the memory, 6 % behind on the KL, and no C++/CUDA build on first use; cuda
+# follows where triton is not installed.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 # name -> module implementing the primitives above and ``availability(device_type)``.
 _MODULES = {

@@ -23,6 +23,9 @@ bits and letting cuBLAS run the dH and dW GEMMs costs 2 bytes per logit. What th
 costs instead is memory (a chunk, and for more than 4 chunks of 16-bit weights a float32 dW
 accumulator; see ``triton_kernels.rows``).
 
+float64 inputs go to the chunked ``torch`` backend (as with ``cpu`` and ``cuda``): the kernels
+compute in float32 by design, and a float64 call is a reference computation.
+
 Deviation from the primitive contract, on purpose: ``lse``/``ref_lse`` come back in float64
 (ce and kl in float32). The row statistics are a float32 max plus a float32 log-sum-exp of the
 shifted logits; their float32 sum would be off by up to ~5e-4 at |z| ~ 1e4, and the backward's
@@ -43,6 +46,7 @@ Fused-backward KL flops: forward 2 tiles (4 N*H*V when H' = H), backward 2 recom
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -96,6 +100,21 @@ def _check(hidden: torch.Tensor) -> None:
     if hidden.dtype not in _DTYPES:
         raise TypeError(f"backend='triton' takes hidden/weight in float32, bfloat16 or float16, got {hidden.dtype}; "
                         f"use backend='torch' for {hidden.dtype}")
+
+
+def _float64_to_torch(primitive):
+    """float64 inputs go to the chunked ``torch`` backend (as backends cpu and cuda do): the kernels
+    compute in float32 by design, and a float64 call is a reference computation, which the chunked
+    path does in float64. So ``auto`` may pick this backend for any floating dtype."""
+    @functools.wraps(primitive)
+    def run(hidden, *args, **kwargs):
+        if hidden.dtype == torch.float64:
+            from . import chunked  # noqa: PLC0415
+
+            return getattr(chunked, primitive.__name__)(hidden, *args, **kwargs)
+        _check(hidden)
+        return primitive(hidden, *args, **kwargs)
+    return run
 
 
 def _c(*tensors):
@@ -230,42 +249,42 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direc
     return _fake_stats(hidden, torch.float32, torch.float64, torch.float64) + _fake_grads(hidden, weight, bias, needs)
 
 
+@_float64_to_torch
 def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
-    _check(hidden)
     return _ce_forward(hidden, weight, bias, target, ignore_index, softcap)
 
 
+@_float64_to_torch
 def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
-    _check(hidden)
     grads = _ce_backward(hidden, weight, bias, target, lse, coeff, ignore_index, softcap, list(needs), chunk_size)
     return _none_where_unneeded(grads, needs, bias)
 
 
+@_float64_to_torch
 def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
                         chunk_size):
-    _check(hidden)
     ce, lse, *grads = _ce_forward_backward(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap,
                                            list(needs), chunk_size)
     return (ce, lse) + _none_where_unneeded(grads, needs, bias)
 
 
+@_float64_to_torch
 def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature,
                chunk_size):
-    _check(hidden)
     return _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature)
 
 
+@_float64_to_torch
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
                 temperature, needs, chunk_size):
-    _check(hidden)
     grads = _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction,
                          temperature, list(needs), chunk_size)
     return _none_where_unneeded(grads, needs, bias)
 
 
+@_float64_to_torch
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
                         temperature, needs, chunk_size):
-    _check(hidden)
     kl, lse, rlse, *grads = _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff,
                                                  direction, temperature, list(needs), chunk_size)
     return (kl, lse, rlse) + _none_where_unneeded(grads, needs, bias)
