@@ -12,6 +12,8 @@ materializing one lives in ``surgery_kernels.reference``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import Availability
@@ -26,6 +28,18 @@ CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
 
 def availability(name: str, device_type: str) -> Availability:
     return Availability(True)
+
+
+def float64_here(primitive):
+    """Decorates a primitive of a float32-computing backend (cpu, cuda, triton): float64 inputs
+    run this module's primitive of the same name instead. A float64 call is a reference
+    computation, which the chunked path does in float64."""
+    @functools.wraps(primitive)
+    def run(hidden, *args, **kwargs):
+        if hidden.dtype == torch.float64:
+            return globals()[primitive.__name__](hidden, *args, **kwargs)
+        return primitive(hidden, *args, **kwargs)
+    return run
 
 
 def default_chunk_size(n: int, v: int, device_type: str = "cpu") -> int:

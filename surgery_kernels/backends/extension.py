@@ -100,19 +100,15 @@ def _cast_back(dh, dw, db, weight, bias):
     return dh, (None if dw is None else dw.to(weight.dtype)), (None if db is None else db.to(bias.dtype))
 
 
+@chunked.float64_here
 def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
-    if hidden.dtype == torch.float64:
-        return chunked.ce_forward(hidden, weight, bias, target, ignore_index=ignore_index, softcap=softcap,
-                                  chunk_size=chunk_size)
     n, v = hidden.shape[0], weight.shape[0]
     return torch.ops.surgery.ce_forward(_c(hidden), _c(weight), _c(bias), _c(target), None, ignore_index, softcap,
                                         None, _chunk(chunk_size, n, v, hidden.device.type), None, None, None)
 
 
+@chunked.float64_here
 def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
-    if hidden.dtype == torch.float64:
-        return chunked.ce_backward(hidden, weight, bias, target, lse, coeff, ignore_index=ignore_index,
-                                   softcap=softcap, needs=needs, chunk_size=chunk_size)
     hidden, weight, bias = _c(hidden), _c(weight), _c(bias)
     dh, dw, db = _grad_outputs(hidden, weight, bias, needs)
     n, v = hidden.shape[0], weight.shape[0]
@@ -121,11 +117,9 @@ def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softc
     return _cast_back(dh, dw, db, weight, bias)
 
 
+@chunked.float64_here
 def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
                         chunk_size):
-    if hidden.dtype == torch.float64:
-        return chunked.ce_forward_backward(hidden, weight, bias, target, coeff, ignore_index=ignore_index,
-                                           softcap=softcap, ascent_cap=ascent_cap, needs=needs, chunk_size=chunk_size)
     hidden, weight, bias = _c(hidden), _c(weight), _c(bias)
     dh, dw, db = _grad_outputs(hidden, weight, bias, needs)
     n, v = hidden.shape[0], weight.shape[0]
@@ -134,21 +128,17 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
     return (ce, lse) + _cast_back(dh, dw, db, weight, bias)
 
 
+@chunked.float64_here
 def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature, chunk_size):
-    if hidden.dtype == torch.float64:
-        return chunked.kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction=direction,
-                                  temperature=temperature, chunk_size=chunk_size)
     n, v = hidden.shape[0], weight.shape[0]
     return torch.ops.surgery.kl_forward(_c(hidden), _c(weight), _c(bias), _c(ref_hidden), _c(ref_weight),
                                         _c(ref_bias), _c(mask), None, direction == "reverse", float(temperature),
                                         _chunk(chunk_size, n, v, hidden.device.type), None, None, None)
 
 
+@chunked.float64_here
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
                 temperature, needs, chunk_size):
-    if hidden.dtype == torch.float64:
-        return chunked.kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff,
-                                   direction=direction, temperature=temperature, needs=needs, chunk_size=chunk_size)
     hidden, weight, bias = _c(hidden), _c(weight), _c(bias)
     dh, dw, db = _grad_outputs(hidden, weight, bias, needs)
     n, v = hidden.shape[0], weight.shape[0]
@@ -158,12 +148,9 @@ def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref
     return _cast_back(dh, dw, db, weight, bias)
 
 
+@chunked.float64_here
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
                         temperature, needs, chunk_size):
-    if hidden.dtype == torch.float64:
-        return chunked.kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff,
-                                           direction=direction, temperature=temperature, needs=needs,
-                                           chunk_size=chunk_size)
     hidden, weight, bias = _c(hidden), _c(weight), _c(bias)
     dh, dw, db = _grad_outputs(hidden, weight, bias, needs)
     n, v = hidden.shape[0], weight.shape[0]

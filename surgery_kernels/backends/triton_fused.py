@@ -46,7 +46,6 @@ Fused-backward KL flops: forward 2 tiles (4 N*H*V when H' = H), backward 2 recom
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Optional
@@ -54,7 +53,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import Availability
+from . import Availability, chunked
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -100,21 +99,6 @@ def _check(hidden: torch.Tensor) -> None:
     if hidden.dtype not in _DTYPES:
         raise TypeError(f"backend='triton' takes hidden/weight in float32, bfloat16 or float16, got {hidden.dtype}; "
                         f"use backend='torch' for {hidden.dtype}")
-
-
-def _float64_to_torch(primitive):
-    """float64 inputs go to the chunked ``torch`` backend (as backends cpu and cuda do): the kernels
-    compute in float32 by design, and a float64 call is a reference computation, which the chunked
-    path does in float64. So ``auto`` may pick this backend for any floating dtype."""
-    @functools.wraps(primitive)
-    def run(hidden, *args, **kwargs):
-        if hidden.dtype == torch.float64:
-            from . import chunked  # noqa: PLC0415
-
-            return getattr(chunked, primitive.__name__)(hidden, *args, **kwargs)
-        _check(hidden)
-        return primitive(hidden, *args, **kwargs)
-    return run
 
 
 def _c(*tensors):
@@ -249,42 +233,48 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direc
     return _fake_stats(hidden, torch.float32, torch.float64, torch.float64) + _fake_grads(hidden, weight, bias, needs)
 
 
-@_float64_to_torch
+@chunked.float64_here
 def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
+    _check(hidden)
     return _ce_forward(hidden, weight, bias, target, ignore_index, softcap)
 
 
-@_float64_to_torch
+@chunked.float64_here
 def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
+    _check(hidden)
     grads = _ce_backward(hidden, weight, bias, target, lse, coeff, ignore_index, softcap, list(needs), chunk_size)
     return _none_where_unneeded(grads, needs, bias)
 
 
-@_float64_to_torch
+@chunked.float64_here
 def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
                         chunk_size):
+    _check(hidden)
     ce, lse, *grads = _ce_forward_backward(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap,
                                            list(needs), chunk_size)
     return (ce, lse) + _none_where_unneeded(grads, needs, bias)
 
 
-@_float64_to_torch
+@chunked.float64_here
 def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature,
                chunk_size):
+    _check(hidden)
     return _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature)
 
 
-@_float64_to_torch
+@chunked.float64_here
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
                 temperature, needs, chunk_size):
+    _check(hidden)
     grads = _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction,
                          temperature, list(needs), chunk_size)
     return _none_where_unneeded(grads, needs, bias)
 
 
-@_float64_to_torch
+@chunked.float64_here
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
                         temperature, needs, chunk_size):
+    _check(hidden)
     kl, lse, rlse, *grads = _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff,
                                                  direction, temperature, list(needs), chunk_size)
     return (kl, lse, rlse) + _none_where_unneeded(grads, needs, bias)
