@@ -154,7 +154,7 @@ def _ce_providers(h, w, t, tw):
 
     main = [("floor (3 GEMMs)", lambda: floor), ("triton", lambda: ours("triton")),
             ("triton, dW summed in bf16", lambda: _setting(ROWS, "DW_ACCUM", "input", ours("triton"))),
-            *_small_workspace_rows(ours("triton")),
+            *_workspace_rows(ours("triton"), (64,)),
             ("cuda", lambda: ours("cuda")),
             ("liger (unsigned)", liger), ("cce default filter (unsigned)", lambda: cce("default")),
             ("triton, fused backward (atomics)", lambda: _setting(*FUSED, ours("triton"))),
@@ -176,15 +176,6 @@ def _workspace_rows(run, sizes_mib):
                 return _setting(ROWS, "WORKSPACE_BYTES", mib << 20, _setting(ROWS, "DW_ACCUM", accum, run))
             out.append((f"triton: workspace {mib} MiB, dW summed in {label}", make))
     return out
-
-
-def _small_workspace_rows(run):
-    """(name, make) rows of ``run`` with 64 MiB workspaces (the issue's memory bar: 16 chunks at the
-    Llama-2-7B head, CE), dW summed in bf16 and in float32."""
-    def make(accum):
-        return _setting(ROWS, "WORKSPACE_BYTES", 64 << 20, _setting(ROWS, "DW_ACCUM", accum, run))
-    return [("triton 64 MiB, dW in bf16", lambda: make("input")),
-            ("triton 64 MiB, dW in float32", lambda: make("float32"))]
 
 
 def _dw_alone_providers(n, hdim, v, dt, dev, chunk=1024):
@@ -256,8 +247,7 @@ def _kl_providers(h, w, hr, wr):
             ("triton, dW summed in bf16", lambda: _setting(ROWS, "DW_ACCUM", "input", ours("triton"))),
             ("cuda", lambda: ours("cuda")), ("liger JSD beta=0", liger),
             ("triton, fused backward (atomics)", lambda: _setting(*FUSED, ours("triton"))),
-            *_small_workspace_rows(ours("triton")),
-            ("torch", lambda: ours("torch")), *_workspace_rows(ours("triton"), (256,)),
+            ("torch", lambda: ours("torch")), *_workspace_rows(ours("triton"), (64, 256)),
             ("floor again (drift within the group)", lambda: floor)]
 
 
