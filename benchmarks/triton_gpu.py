@@ -4,7 +4,9 @@ Llama-2-7B head by default: N = 16384 tokens, H = 4096, V = 32000, bf16, forward
 
 - signed CE (token weights +1 / -0.5, mean) of backend ``triton`` (default: the chunked gradient
   path of ``triton_kernels.rows``), the same with dW summed in bf16 (``DW_ACCUM="input"``), with
-  64 MiB workspaces (the issue's memory bar), dW summed in bf16 and in float32, with
+  64 MiB workspaces (the issue's memory bar), dW summed in bf16 and in float32, the tail layout
+  (``TAIL_WORKSPACE``: fewer chunks in the same bytes) with 64 and 128 MiB and the separate one
+  with 128 MiB (Liger's memory here), dW summed in bf16, with
   the fused backward (``BACKWARD="fused"``: tiles recomputed on chip, float32 atomics), backends
   ``cuda`` and ``torch``, against the floor (the three plain cuBLAS GEMMs z = h W^T, dH = z W,
   dW = z^T h), Liger-Kernel's ``LigerFusedLinearCrossEntropyFunction`` and cut-cross-entropy's
@@ -17,8 +19,9 @@ Llama-2-7B head by default: N = 16384 tokens, H = 4096, V = 32000, bf16, forward
   kernel), and the chunked step with 128 and 256 MiB workspaces (fewer, larger chunks), dW
   summed in float32 and in bf16 (the KL group has the same rows).
 - forward KL(p_ref || p) of ``triton`` (chunked and fused backward, 64 and 256 MiB
-  workspaces), ``cuda`` and ``torch`` against its floor (four GEMMs: both logits, dH, dW) and
-  Liger's fused linear JSD with beta = 0 (its forward-KL setting).
+  workspaces, the tail layout with 64 and 128 MiB), ``cuda`` and ``torch`` against its floor
+  (four GEMMs: both logits, dH, dW) and Liger's fused linear JSD with beta = 0 (its forward-KL
+  setting).
 - dW alone (16-bit inputs): the chunked path's dW accumulation over 16 chunks of 1024 tokens into
   a 16-bit and a float32 accumulator by cuBLAS, against one GEMM over all tokens: what the
   per-chunk read and write of dW costs.
@@ -155,6 +158,8 @@ def _ce_providers(h, w, t, tw):
     main = [("floor (3 GEMMs)", lambda: floor), ("triton", lambda: ours("triton")),
             ("triton, dW summed in bf16", lambda: _setting(ROWS, "DW_ACCUM", "input", ours("triton"))),
             *_workspace_rows(ours("triton"), (64,)),
+            *_workspace_rows(ours("triton"), (64, 128), ("input",), tail=True),
+            *_workspace_rows(ours("triton"), (128,), ("input",)),
             ("cuda", lambda: ours("cuda")),
             ("liger (unsigned)", liger), ("cce default filter (unsigned)", lambda: cce("default")),
             ("triton, fused backward (atomics)", lambda: _setting(*FUSED, ours("triton"))),
@@ -167,14 +172,18 @@ def _ce_providers(h, w, t, tw):
     return main, diagnostics
 
 
-def _workspace_rows(run, sizes_mib):
-    """(name, make) rows of ``run`` with other workspace sizes, dW summed in float32 and in bf16."""
+def _workspace_rows(run, sizes_mib, accums=("float32", "input"), tail=False):
+    """(name, make) rows of ``run`` with other workspace sizes, dW summed in float32 and/or bf16;
+    ``tail``: in the tail layout (``rows.TAIL_WORKSPACE``: the chunks' logits in dhidden's
+    unwritten rows and the workspace after them, so fewer chunks for the same bytes)."""
     out = []
     for mib in sizes_mib:
-        for accum, label in (("float32", "float32"), ("input", "bf16")):
+        for accum in accums:
             def make(mib=mib, accum=accum):
-                return _setting(ROWS, "WORKSPACE_BYTES", mib << 20, _setting(ROWS, "DW_ACCUM", accum, run))
-            out.append((f"triton: workspace {mib} MiB, dW summed in {label}", make))
+                fn = _setting(ROWS, "WORKSPACE_BYTES", mib << 20, _setting(ROWS, "DW_ACCUM", accum, run))
+                return _setting(ROWS, "TAIL_WORKSPACE", tail, fn)
+            label = "bf16" if accum == "input" else accum
+            out.append((f"triton: {'tail ' if tail else ''}workspace {mib} MiB, dW summed in {label}", make))
     return out
 
 
@@ -248,6 +257,7 @@ def _kl_providers(h, w, hr, wr):
             ("cuda", lambda: ours("cuda")), ("liger JSD beta=0", liger),
             ("triton, fused backward (atomics)", lambda: _setting(*FUSED, ours("triton"))),
             ("torch", lambda: ours("torch")), *_workspace_rows(ours("triton"), (64, 256)),
+            *_workspace_rows(ours("triton"), (64, 128), ("input",), tail=True),
             ("floor again (drift within the group)", lambda: floor)]
 
 
@@ -382,7 +392,8 @@ def main(argv=None):
     try:
         from surgery_kernels.backends.triton_kernels import rows as rows_k
 
-        lines.append(f"\nchunked path: workspace {rows_k.WORKSPACE_BYTES >> 20} MiB, DW_ACCUM {rows_k.DW_ACCUM}; "
+        lines.append(f"\nchunked path: workspace {rows_k.WORKSPACE_BYTES >> 20} MiB, DW_ACCUM {rows_k.DW_ACCUM}, "
+                     f"TAIL_WORKSPACE {rows_k.TAIL_WORKSPACE}; "
                      f"float32 dW via addmm(out_dtype=float32): {rows_k._ADDMM_OUT_DTYPE}")
         for label, kern in (("ce rows", rows_k.ce_rows_tuned), ("kl rows", rows_k.kl_rows_tuned)):
             lines.append(f"\n{label} config: {getattr(kern, 'best_config', None)}")

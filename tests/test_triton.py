@@ -596,6 +596,77 @@ def test_workspace_size_changes_nothing(device, dtype, monkeypatch):
         assert torch.isfinite(c).all() and _rel(c, a) <= tol
 
 
+@pytest.mark.parametrize("sides", [1, 2], ids=["ce", "kl"])
+def test_tail_workspace_plan(sides, monkeypatch):
+    """The tail layout (rows.Workspace, planned on meta tensors: no memory): chunks tile [0, N) in
+    order; chunk [s, e)'s logits, side after side on 64-element boundaries, lie after dhidden's
+    row e (so beyond the rows it writes) and inside the buffer of N*H + WORKSPACE_BYTES, of which
+    dhidden is the first N*H; never more chunks than the separate layout with the same bytes, and
+    at the Llama-2-7B head the counts the docstring gives."""
+    from surgery_kernels.backends.triton_kernels import rows
+
+    monkeypatch.setattr(rows, "TAIL_WORKSPACE", True)
+    dt = torch.bfloat16
+    for n, h, v, mib in ((16384, 4096, 32000, 64), (16384, 4096, 32000, 128), (16384, 4096, 32000, 256),
+                         (37, 48, 300, None), (1000, 300, 7, None), (5, 4096, 128256, 64), (3000, 17, 50021, 1)):
+        monkeypatch.setattr(rows, "WORKSPACE_BYTES", SMALL_WORKSPACE if mib is None else mib << 20)
+        hidden = torch.empty(n, h, dtype=dt, device="meta")
+        ws = rows.Workspace(hidden, v, [dt] * sides, None, True)
+        assert ws.tail and ws.dh.shape == (n, h) and ws.dh._base is ws.flat
+        assert ws.flat.numel() == n * h + max(rows.WORKSPACE_BYTES // 2, sides * (v + rows.ALIGN))
+        assert [s for s, _ in ws.bounds] == [0] + [e for _, e in ws.bounds[:-1]] and ws.bounds[-1][1] == n
+        for i, (s, e) in enumerate(ws.bounds):
+            views = ws.logits(i)
+            starts = [x.storage_offset() for x in views]
+            assert len(views) == sides and all(x.shape == (e - s, v) and x._base is ws.flat for x in views)
+            assert starts[0] >= e * h and all(o % rows.ALIGN == 0 for o in starts)
+            assert all(a + (e - s) * v <= b for a, b in zip(starts, starts[1:]))
+            assert starts[-1] + (e - s) * v <= ws.flat.numel()
+        monkeypatch.setattr(rows, "TAIL_WORKSPACE", False)
+        separate = rows.Workspace(hidden, v, [dt] * sides, None, True)
+        monkeypatch.setattr(rows, "TAIL_WORKSPACE", True)
+        assert not separate.tail and len(ws.bounds) <= len(separate.bounds)
+        if (n, mib, sides) == (16384, 64, 1):
+            assert (len(ws.bounds), len(separate.bounds)) == (10, 16)
+        if (n, mib, sides) == (16384, 256, 1):
+            assert (len(ws.bounds), len(separate.bounds)) == (4, 4)
+    # not taken: a chunk_size, dhidden not wanted, KL sides of two dtypes
+    hidden = torch.empty(64, 8, dtype=dt, device="meta")
+    assert not rows.Workspace(hidden, 10, [dt], 16, True).tail
+    assert not rows.Workspace(hidden, 10, [dt], None, False).tail
+    assert not rows.Workspace(hidden, 10, [dt, torch.float32], None, True).tail
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_tail_workspace(device, dtype, monkeypatch):
+    """TAIL_WORKSPACE (chunks of 18, 16, 3 rows here instead of 16, 16, 5 in float32): the CE with
+    ignored tokens, signed weights, softcap and reduction "none" under a random upstream gradient,
+    and the masked KL in both directions, against float64 like every case here; then the
+    gradients of both ops against the separate layout's, up to the order of additions into dW."""
+    from surgery_kernels.backends.triton_kernels import rows
+
+    h, w, b, t = _ce_inputs(device, dtype, bias=True)
+    hk, wk, bk_, rhk, rwk, rbk = _kl_inputs(device)
+    tw = torch.linspace(-1, 1, N, device=device)
+    separate = _ce_and_kl_grads(dtype, (h, w, b, t), (hk, wk, bk_, rhk, rwk, rbk), tw, ascent_cap=5.0)
+    monkeypatch.setattr(rows, "TAIL_WORKSPACE", True)
+    if dtype == torch.float32:
+        plan = rows.Workspace(h, V, [dtype], None, True)
+        assert [e - s for s, e in plan.bounds] == [18, 16, 3]
+    t = t.clone()
+    t[[0, 5]] = -100
+    up = torch.randn(N, generator=torch.Generator().manual_seed(4)).to(device)
+    _check_ce(device, dtype, h, w, t, bias=b, token_weight=tw, softcap=5.0, reduction="none", upstream=up)
+    mask = torch.arange(N, device=device) % 5 != 0
+    for direction in ("forward", "reverse"):
+        _check_kl(device, dtype, hk, wk, bk_, rhk, rwk, rbk, mask=mask, direction=direction)
+    t = _ce_inputs(device, dtype, bias=True)[3]
+    tail = _ce_and_kl_grads(dtype, (h, w, b, t), (hk, wk, bk_, rhk, rwk, rbk), tw, ascent_cap=5.0)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
+    for a, c in zip(separate, tail):
+        assert torch.isfinite(c).all() and _rel(c, a) <= tol
+
+
 @pytest.mark.parametrize("device", [d for d in DEVICES])
 def test_dweight_accumulated_in_the_input_dtype(device, monkeypatch):
     """DW_ACCUM="input": bf16 dW summed in bf16 over the chunks (no float32 accumulator): the
@@ -629,13 +700,19 @@ def test_dweight_accumulated_in_the_input_dtype(device, monkeypatch):
 
 @pytest.mark.parametrize("device", [d for d in DEVICES])
 @pytest.mark.parametrize("op", ["ce", "kl"])
-def test_gradient_path_holds_one_chunk_of_logits(device, op):
+@pytest.mark.parametrize("tail", [False, True], ids=["separate", "tail"])
+def test_gradient_path_holds_one_chunk_of_logits(device, op, tail, monkeypatch):
     """The gradient path's driver (run directly: the custom ops hide their insides from dispatch
     modes) creates nothing larger than one chunk of logits or the float32 dW accumulator, both
-    below the N x V logits."""
+    below the N x V logits; in the tail layout nothing larger than dhidden and a chunk's worth of
+    logits after it."""
     from surgery_kernels.backends.triton_kernels import rows
 
     n, h, v, chunk = 40, 8, 300, 16
+    sides = 1 if op == "ce" else 2
+    if tail:
+        monkeypatch.setattr(rows, "TAIL_WORKSPACE", True)
+        monkeypatch.setattr(rows, "WORKSPACE_BYTES", 4 * chunk * v * sides)
     g = torch.Generator().manual_seed(0)
     hidden, weight, ref_h, ref_w = (torch.randn(*s, generator=g).to(device) for s in ((n, h), (v, h), (n, h), (v, h)))
     target = torch.randint(0, v, (n,), generator=g).to(device)
@@ -643,13 +720,16 @@ def test_gradient_path_holds_one_chunk_of_logits(device, op):
     with RecordCreated() as rec:
         if op == "ce":
             out = rows.ce(hidden, weight, None, target, coeff, ignore_index=-100, softcap=None, ascent_cap=None,
-                          needs=(True, True, False), chunk_size=chunk, stats=True)
+                          needs=(True, True, False), chunk_size=None if tail else chunk, stats=True)
         else:
             out = rows.kl(hidden, weight, None, ref_h, ref_w, None, None, coeff, direction="forward", temperature=1.0,
-                          needs=(True, True, False), chunk_size=chunk, stats=True)
+                          needs=(True, True, False), chunk_size=None if tail else chunk, stats=True)
     assert out[-3] is not None and out[-2] is not None
     biggest = rec.largest_bytes()
-    assert biggest[0] <= 4 * max(chunk * v, v * h) < 4 * n * v, f"created {biggest[0]} bytes in {biggest[1]}"
+    bound = 4 * (n * h + chunk * v * sides) if tail else 4 * max(chunk * v, v * h)
+    assert biggest[0] <= bound < 4 * n * v, f"created {biggest[0]} bytes in {biggest[1]}"
+    if tail:
+        assert out[-3]._base is not None and out[-3]._base.numel() == n * h + chunk * v * sides
 
 
 def test_row_kernel_autotuning_restores_the_chunk(monkeypatch):

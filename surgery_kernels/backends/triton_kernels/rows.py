@@ -68,6 +68,9 @@ WORKSPACE_BYTES = 256 << 20
 # "auto" | "float32" | "input": how 16-bit dW accumulates over chunks (module docstring).
 DW_ACCUM = os.environ.get("SURGERY_TRITON_DW_ACCUM", "auto")
 MAX_INPUT_ACCUM_CHUNKS = 4
+# Whether the chunks' logits go into the not yet written rows of dhidden and WORKSPACE_BYTES after
+# it (``Workspace``), "1", or into WORKSPACE_BYTES of their own, "0" (default).
+TAIL_WORKSPACE = os.environ.get("SURGERY_TRITON_TAIL_WORKSPACE", "0") == "1"
 # Columns per step of the row loops and warps per row: autotuned on the GPU (per V, on the first
 # call: the kernels overwrite the chunk, so the tuning runs restore it); the interpreter takes one
 # small block. SURGERY_TRITON_AUTOTUNE=0 takes the first config.
@@ -86,6 +89,80 @@ def chunk_rows(n: int, v: int, itemsize: int, sides: int, chunk_size: int | None
         if rows >= 128:
             rows = rows // 128 * 128
     return max(1, min(n, rows))
+
+
+# Elements every chunk's logits start on in the tail layout (128 bytes of 16-bit logits), as a
+# buffer of its own would for the GEMMs' vectorized and TMA accesses.
+ALIGN = 64
+
+
+def _align(x: int) -> int:
+    return -(-x // ALIGN) * ALIGN
+
+
+class Workspace:
+    """Where each chunk's logits (and for KL the reference's) live, and dhidden.
+
+    Separate (the default, or ``chunk_size`` given, or dhidden not wanted, or KL sides of two
+    dtypes): one buffer of ``chunk_rows`` x V per side, reused by every chunk, freed with the call.
+
+    Tail (``TAIL_WORKSPACE``): one buffer of N*H + WORKSPACE_BYTES holds dhidden in its first
+    N*H elements and, for the chunk of rows [s, e), that chunk's logits right after dhidden's row e:
+    in the rows of dhidden that no chunk has written yet, then the extra bytes. A chunk writes
+    dhidden's rows [s, e) while it reads its logits from beyond them, and a later chunk overwrites
+    the logits' place only after this one's GEMMs (stream order). So the first chunks, with most of
+    dhidden still free, take more rows: ``(rows left * H + extra) // (H + sides * V)`` each,
+    10 chunks instead of 16 at the Llama-2-7B head (N = 16384) with 64 MiB, 6 instead of 8 with
+    128 MiB, and the same 4 with 256 MiB. The price: dhidden is a view of the whole buffer, so the
+    extra bytes live as long as dhidden does (until the caller's backward has consumed it), not
+    only during the call.
+    """
+
+    def __init__(self, hidden, v, dtypes, chunk_size, want_dh):
+        n, h = hidden.shape
+        sides = len(dtypes)
+        self.v, self.dtypes = v, dtypes
+        itemsize = max(dt.itemsize for dt in dtypes)
+        self.tail = bool(TAIL_WORKSPACE and want_dh and not chunk_size and n and len(set(dtypes)) == 1)
+        if not self.tail:
+            rows = chunk_rows(n, v, itemsize, sides, chunk_size)
+            self.bounds = [(s, min(s + rows, n)) for s in range(0, n, rows)]
+            self.rows, self.device, self.bufs = min(rows, n), hidden.device, None
+            self.dh = torch.empty_like(hidden) if want_dh else None
+            return
+        # at least one row of logits per side beyond dhidden, and the alignment slack of every side
+        slack = sides * ALIGN
+        extra = max(WORKSPACE_BYTES // itemsize, sides * v + slack)
+        self.bounds, self.offsets = [], []
+        s = 0
+        while s < n:
+            rows = ((n - s) * h + extra - slack) // (h + sides * v)
+            if rows >= n - s:
+                rows = n - s
+            elif rows >= 128:  # a multiple of 128 for the GEMMs' tiles, unless it is the last chunk
+                rows = rows // 128 * 128
+            e = s + max(1, rows)
+            self.bounds.append((s, e))
+            self.offsets.append(_align(e * h))
+            s = e
+        self.flat = torch.empty(n * h + extra, dtype=dtypes[0], device=hidden.device)
+        self.dh = self.flat[:n * h].view(n, h)
+
+    def logits(self, i):
+        """The buffers (rows of chunk ``i``, V), one per side, for that chunk's logits."""
+        s, e = self.bounds[i]
+        c = e - s
+        if not self.tail:
+            if self.bufs is None:  # allocated at the first chunk: a call with no chunk to run allocates none
+                self.bufs = [torch.empty((self.rows, self.v), dtype=dt, device=self.device) for dt in self.dtypes]
+            return [buf[:c] for buf in self.bufs]
+        off, size = self.offsets[i], c * self.v
+        out = []
+        for _ in self.dtypes:
+            assert off + size <= self.flat.numel()
+            out.append(self.flat[off:off + size].view(c, self.v))
+            off = _align(off + size)
+        return out
 
 
 @triton.jit
@@ -283,8 +360,8 @@ def accumulate_in_input_dtype(dtype: torch.dtype, chunks: int) -> bool:
 class _Grads:
     """dhidden (written chunk by chunk), dweight and dbias (accumulated) of one call."""
 
-    def __init__(self, hidden, weight, bias, needs, chunks):
-        self.dh = torch.empty_like(hidden) if needs[0] else None
+    def __init__(self, dh, weight, bias, needs, chunks):
+        self.dh = dh
         self.dw = self.dw_acc = None
         # dW and dbias start at the first chunk's product (no zero fill, no read of zeros)
         self.first = True
@@ -344,8 +421,8 @@ def ce(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap
     """Chunked CE: (ce float32, lse float64) when ``stats`` (else None, None), and the gradient of
     sum_i coeff_i * ce_i as (dhidden, dweight, dbias), None where not needed."""
     n, v = hidden.shape[0], weight.shape[0]
-    rows = chunk_rows(n, v, hidden.element_size(), 1, chunk_size)
-    grads = _Grads(hidden, weight, bias, needs, triton.cdiv(n, rows))
+    ws = Workspace(hidden, v, [hidden.dtype], chunk_size, needs[0])
+    grads = _Grads(ws.dh, weight, bias, needs, len(ws.bounds))
     ce_out = torch.zeros(n, dtype=torch.float32, device=hidden.device) if stats else None
     lse = torch.zeros(n, dtype=torch.float64, device=hidden.device) if stats else None
     want_grad = grads.any()
@@ -353,12 +430,11 @@ def ce(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap
         return (ce_out, lse) + grads.finish()
     d = common.dummy(hidden.device)
     coeff = d if coeff is None else coeff.float().contiguous()
-    ws = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
     flags = dict(SOFTCAP=softcap is not None, ASCENT_CAP=ascent_cap is not None, WRITE_STATS=stats,
                  WRITE_GRAD=want_grad)
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
-        z = _logits_into(ws[:e - s], hidden[s:e], weight, bias)
+    for i, (s, e) in enumerate(ws.bounds):
+        z, = ws.logits(i)
+        _logits_into(z, hidden[s:e], weight, bias)
         args = (z, target[s:e], coeff[s:e] if want_grad else d, ce_out[s:e] if stats else d,
                 lse[s:e] if stats else d, v, z.stride(0), ignore_index, 1.0 if softcap is None else float(softcap),
                 0.0 if ascent_cap is None else float(ascent_cap))
@@ -373,8 +449,8 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, d
     """Chunked KL: (kl float32, lse float64, ref_lse float64) when ``stats`` (else Nones) and the
     gradient of sum_i coeff_i * kl_i w.r.t. the trained side; ``mask`` None = every token."""
     n, v = hidden.shape[0], weight.shape[0]
-    rows = chunk_rows(n, v, max(hidden.element_size(), ref_hidden.element_size()), 2, chunk_size)
-    grads = _Grads(hidden, weight, bias, needs, triton.cdiv(n, rows))
+    ws = Workspace(hidden, v, [hidden.dtype, ref_hidden.dtype], chunk_size, needs[0])
+    grads = _Grads(ws.dh, weight, bias, needs, len(ws.bounds))
     f64 = dict(dtype=torch.float64, device=hidden.device)
     kl_out = torch.zeros(n, dtype=torch.float32, device=hidden.device) if stats else None
     lse, rlse = (torch.zeros(n, **f64), torch.zeros(n, **f64)) if stats else (None, None)
@@ -384,14 +460,12 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, d
     d = common.dummy(hidden.device)
     coeff = d if coeff is None else coeff.float().contiguous()
     mask = None if mask is None else mask.to(torch.uint8)
-    ws = torch.empty((rows, v), dtype=hidden.dtype, device=hidden.device)
-    ws_ref = torch.empty((rows, v), dtype=ref_hidden.dtype, device=hidden.device)
     flags = dict(REVERSE=direction == "reverse", HAS_MASK=mask is not None, WRITE_STATS=stats,
                  WRITE_GRAD=want_grad)
-    for s in range(0, n, rows):
-        e = min(s + rows, n)
-        z = _logits_into(ws[:e - s], hidden[s:e], weight, bias)
-        zr = _logits_into(ws_ref[:e - s], ref_hidden[s:e], ref_weight, ref_bias)
+    for i, (s, e) in enumerate(ws.bounds):
+        z, zr = ws.logits(i)
+        _logits_into(z, hidden[s:e], weight, bias)
+        _logits_into(zr, ref_hidden[s:e], ref_weight, ref_bias)
         args = (z, zr, d if mask is None else mask[s:e], coeff[s:e] if want_grad else d,
                 kl_out[s:e] if stats else d, lse[s:e] if stats else d, rlse[s:e] if stats else d, v, z.stride(0),
                 zr.stride(0), 1.0 / float(temperature))
