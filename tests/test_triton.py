@@ -699,6 +699,26 @@ def test_dweight_accumulated_in_the_input_dtype(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES])
+def test_auto_sums_bf16_dweight_over_16_chunks(device, monkeypatch):
+    """DW_ACCUM "auto" sums bf16 dW in bf16 over up to MAX_INPUT_ACCUM_CHUNKS = 16 chunks (a
+    float32 accumulator beyond): with 16 chunks of 3 tokens (N = 48) the signed CE with bias and
+    softcap and the masked reverse KL stay within 2x plain PyTorch's bf16 error, the bar of every
+    16-bit case here."""
+    from surgery_kernels.backends.triton_kernels import rows
+
+    dt, n, chunk = torch.bfloat16, 48, 3
+    assert rows.DW_ACCUM == "auto" and rows.MAX_INPUT_ACCUM_CHUNKS == 16
+    assert rows.accumulate_in_input_dtype(dt, n // chunk) and not rows.accumulate_in_input_dtype(dt, 17)
+    monkeypatch.setattr(rows, "WORKSPACE_BYTES", chunk * V * dt.itemsize)
+    assert rows.chunk_rows(n, V, dt.itemsize, 1, None) == chunk
+    h, w, b, t = _ce_inputs(device, dt, n=n, bias=True)
+    _check_ce(device, dt, h, w, t, bias=b, softcap=4.0, token_weight=torch.linspace(-1, 2, n, device=device))
+    monkeypatch.setattr(rows, "WORKSPACE_BYTES", 2 * chunk * V * dt.itemsize)
+    h, w, b, rh, rw, rb = _kl_inputs(device, n=n)
+    _check_kl(device, dt, h, w, b, rh, rw, rb, direction="reverse", mask=torch.arange(n, device=device) % 3 != 0)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
 @pytest.mark.parametrize("op", ["ce", "kl"])
 @pytest.mark.parametrize("tail", [False, True], ids=["separate", "tail"])
 def test_gradient_path_holds_one_chunk_of_logits(device, op, tail, monkeypatch):
