@@ -3,6 +3,7 @@ what was expected, raised before any kernel runs (DESIGN §2, "Bad input")."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -29,19 +30,28 @@ def same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; move them to one device")
 
 
-def same_dtype(ref_name: str, ref: torch.Tensor, **others) -> None:
+def same_dtype(ref_name: str, ref: torch.Tensor, *, autocast: torch.dtype | None = None, **others) -> None:
+    """``autocast``: the dtypes are those after autocast's cast to it (float64 is not cast)."""
     for name, x in others.items():
         if x is not None and x.dtype != ref.dtype:
+            if autocast is not None:
+                raise TypeError(
+                    f"under torch.autocast({autocast}) {name} is {x.dtype} but {ref_name} is {ref.dtype}: autocast "
+                    f"casts float32/16-bit tensors, not float64 ones (as for nn.Linear); pass one precision")
             raise TypeError(
                 f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; outside torch.autocast they must match "
                 f"(cast one, or run under torch.autocast)")
 
 
-def hidden_weight_bias(prefix: str, hidden, weight, bias) -> None:
-    """hidden (..., H), weight (V, H), bias (V,) | None."""
+def hidden_weight_bias(prefix: str, hidden, weight, bias, *, match_dtypes: bool = True) -> None:
+    """hidden (..., H), weight (V, H), bias (V,) | None; of one dtype if ``match_dtypes`` (under
+    autocast the dtypes are checked after its cast instead)."""
     tensor(f"{prefix}hidden", hidden, floating=True)
     if hidden.dim() < 1:
         raise ValueError(f"{prefix}hidden must have shape (..., H), got a 0-d tensor")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{prefix}hidden must have a hidden size H >= 1 (its last dimension), "
+                         f"got shape {tuple(hidden.shape)}")
     tensor(f"{prefix}weight", weight, dims=2, floating=True)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{prefix}weight must have shape (V, H) with H = {prefix}hidden.shape[-1] = "
@@ -53,7 +63,8 @@ def hidden_weight_bias(prefix: str, hidden, weight, bias) -> None:
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{prefix}bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     same_device(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
-    same_dtype(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
+    if match_dtypes:
+        same_dtype(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
 
 
 def per_token(name: str, x, hidden: torch.Tensor, *, kind: str) -> None:
@@ -81,8 +92,8 @@ def choice(name: str, value, options) -> None:
 def positive(name: str, value, *, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number{' or None' if allow_none else ''}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number{' or None' if allow_none else ''}, got {value!r}")
 
 
 def flag(name: str, value) -> None:

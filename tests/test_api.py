@@ -39,6 +39,9 @@ BAD_CE = [
     ("ascent-cap-zero", dict(ascent_cap=0.0), ValueError, ["ascent_cap", "positive"]),
     ("ascent-cap-negative", dict(ascent_cap=-1), ValueError, ["ascent_cap"]),
     ("softcap-zero", dict(softcap=0), ValueError, ["softcap"]),
+    ("softcap-inf", dict(softcap=float("inf")), ValueError, ["softcap", "finite"]),
+    ("ascent-cap-inf", dict(ascent_cap=float("inf")), ValueError, ["ascent_cap", "finite", "None"]),
+    ("hidden-size-zero", dict(hidden=torch.randn(8, 0), weight=torch.randn(10, 0)), ValueError, ["hidden", "H >= 1"]),
     ("chunk-size", dict(chunk_size=0), ValueError, ["chunk_size"]),
     ("ignore-index-float", dict(ignore_index=-100.0), TypeError, ["ignore_index"]),
     ("return-values-int", dict(return_values=1), TypeError, ["return_values", "True or False"]),
@@ -72,6 +75,7 @@ BAD_KL = [
     ("mask-shape", dict(mask=torch.ones(5, dtype=torch.bool)), ValueError, ["mask"]),
     ("direction", dict(direction="backward"), ValueError, ["direction", "'backward'"]),
     ("temperature", dict(temperature=0.0), ValueError, ["temperature"]),
+    ("temperature-inf", dict(temperature=float("inf")), ValueError, ["temperature", "finite"]),
     ("reduction", dict(reduction="max"), ValueError, ["reduction"]),
     ("return-values-none", dict(return_values=None), TypeError, ["return_values"]),
 ]

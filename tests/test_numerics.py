@@ -352,6 +352,39 @@ def test_autocast(bd):
         assert torch.equal(g, e.float())
 
 
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_autocast_mixed_dtypes(bd):
+    """Under torch.autocast the inputs may differ in dtype, as nn.Linear's may (bf16 hidden states
+    from an autocast layer, a float32 head): they are cast first, so CE and KL equal the calls on
+    the cast tensors, and each gradient comes back in its input's dtype. float64 is not cast (as
+    autocast leaves it alone): float64 with a float32 weight is a TypeError naming autocast."""
+    backend, device = bd
+    inp = make_ce_inputs(48, 32, 200, device=device, dtype=torch.float32, bias=True)
+    h16 = inp["hidden"].detach().bfloat16().requires_grad_()
+    w, b, t = inp["weight"], inp["bias"], inp["target"]
+    ref_h = torch.randn(48, 24, device=device, dtype=torch.bfloat16)
+    ref_w = torch.randn(200, 24, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        ce = linear_cross_entropy(h16, w, t, bias=b, backend=backend)
+        kl = linear_kl_div(h16, w, ref_h, ref_w, bias=b, backend=backend)
+    cast = [x.detach().bfloat16().requires_grad_() for x in (w, b)]
+    expect = (linear_cross_entropy(h16, cast[0], t, bias=cast[1], backend=backend),
+              linear_kl_div(h16, cast[0], ref_h, ref_w.bfloat16(), bias=cast[1], backend=backend))
+    for out, exp in zip((ce, kl), expect):
+        grads = torch.autograd.grad(out, (h16, w, b))
+        assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+        assert torch.equal(out.detach(), exp.detach())
+        for g, e in zip(grads, torch.autograd.grad(exp, (h16, *cast))):
+            assert torch.equal(g, e.to(g.dtype))
+    h64 = inp["hidden"].detach().double()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out64 = linear_cross_entropy(h64, w.detach().double(), t, backend=backend)
+        with pytest.raises(TypeError, match=r"autocast.*weight is torch.bfloat16 but hidden is torch.float64"):
+            linear_cross_entropy(h64, w, t, backend=backend)
+    assert out64.dtype == torch.float64
+    assert torch.allclose(out64, linear_cross_entropy_ref(h64, w.detach().double(), t), rtol=1e-12)
+
+
 def test_chunk_size_does_not_change_the_result():
     inp = make_ce_inputs(100, 16, 300, device="cpu", dtype=torch.float64, signed=True, bias=True)
     outs = []
