@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import torch
 
 LOSSES = ("ascent", "descent", "kl")
 REFERENCES = ("copy", "adapter", "cache")
@@ -74,6 +77,7 @@ class EvalSet:
         if self.kind not in ("auto", "choice", "perplexity"):
             raise ValueError(f"EvalSet {self.name!r}: kind must be 'auto', 'choice' or 'perplexity', got {self.kind!r}")
         _positive_int_or_none(f"EvalSet {self.name!r}: batch_size", self.batch_size)
+        _positive_int_or_none(f"EvalSet {self.name!r}: max_length", self.max_length)
 
 
 @dataclass
@@ -117,13 +121,27 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {v!r}")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise ValueError(f"train.lr must be a positive number, got {self.lr!r}")
-        if len(tuple(self.betas)) != 2:
-            raise ValueError(f"train.betas must be two numbers, got {self.betas!r}")
-        self.betas = tuple(float(b) for b in self.betas)
-        if self.clip is not None and self.clip < 0:
-            raise ValueError(f"train.clip must be >= 0 or null, got {self.clip!r}")
+        _number("train.lr", self.lr, low=0.0, low_ok=False)
+        _number("train.eps", self.eps, low=0.0, low_ok=False)
+        _number("train.weight_decay", self.weight_decay, low=0.0)
+        if self.clip is not None:
+            _number("train.clip", self.clip, low=0.0, what="a number >= 0 or null")
+        betas = self.betas
+        if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {betas!r}")
+        for b in betas:
+            _number("train.betas", b, low=0.0, high=1.0, what="two numbers in [0, 1)")
+        self.betas = tuple(float(b) for b in betas)
+        if self.device is not None:
+            if not isinstance(self.device, str):
+                raise ValueError(f"train.device must be a string such as 'cpu' or 'cuda:0', or null, got {self.device!r}")
+            try:
+                dev = torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"train.device: {e}") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"train.device is {self.device!r} but this machine has no CUDA GPU "
+                                 f"(torch {torch.__version__})")
         if self.mixed_precision not in (None, "bfloat16", "float16"):
             raise ValueError(f"train.mixed_precision must be null, 'bfloat16' or 'float16', got {self.mixed_precision!r}")
         if self.kl_direction not in ("forward", "reverse"):
@@ -172,6 +190,19 @@ class SurgeryConfig:
     reference: str = "copy"
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str | None = None
+
+
+def _number(name, v, *, low=None, high=None, low_ok=True, what=None):
+    """A finite real number (not a bool) with low <= v (low < v if not low_ok) and v < high."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and low is not None:
+        ok = v >= low if low_ok else v > low
+    if ok and high is not None:
+        ok = v < high
+    if not ok:
+        if what is None:
+            what = "a positive number" if (low == 0 and not low_ok) else f"a number >= {low}"
+        raise ValueError(f"{name} must be {what}, got {v!r}")
 
 
 def _positive_int_or_none(name, v, allow_none=True):
@@ -231,7 +262,10 @@ def apply_override(cfg: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ValueError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {assignment!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
     parts = key.strip().split(".")
     node = cfg
     for i, part in enumerate(parts):
@@ -328,7 +362,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SurgeryConfi
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a config must be a YAML mapping, got {type(raw).__name__}")
     preset = raw.get("preset")

@@ -159,17 +159,23 @@ class Example:
 
 def tokenize_lm(records: list[dict], tokenizer, max_length: int) -> list[Example]:
     """Tokenize LM records: text as one sequence; prompt + completion tokenized separately and joined
-    (completion without special tokens), so the boundary is exact. Truncated to ``max_length``."""
+    (completion without special tokens), so the boundary is exact. Truncated to ``max_length``
+    from the end; a prompt of ``max_length`` tokens or more loses its start instead, so that the
+    completion (what carries the loss) keeps ``max_length - 1`` tokens or all of its own, as the
+    evaluation does for a long question."""
     out = []
     for rec in records:
         if "text" in rec:
-            ids = list(tokenizer(rec["text"])["input_ids"])
+            ids = list(tokenizer(rec["text"])["input_ids"])[:max_length]
             start = 1
         else:
             p = list(tokenizer(rec["prompt"])["input_ids"])
             c = list(tokenizer(rec["completion"], add_special_tokens=False)["input_ids"])
-            ids, start = p + c, max(len(p), 1)
-        out.append(Example(ids[:max_length], start))
+            if len(p) >= max_length and c:
+                keep = min(len(c), max_length - 1)
+                p, c = p[len(p) - (max_length - keep):], c[:keep]
+            ids, start = (p + c)[:max_length], max(len(p), 1)
+        out.append(Example(ids, start))
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 
 import torch
 from torch import nn
@@ -96,6 +97,15 @@ def load_model(path: str | None = None, config: dict | None = None, dtype: str =
         # transformers < 4.56 names the argument torch_dtype (and would ignore dtype=).
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
         key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            # A LoRA adapter (a LoRA run's final/ or checkpoint): its base model with the adapter on,
+            # trainable, so that eval scores the trained adapter and train continues it.
+            try:
+                from peft import AutoPeftModelForCausalLM
+            except ImportError as e:  # pragma: no cover - peft is in the hf extra
+                raise ImportError(f"{path} holds a LoRA adapter, which needs peft: "
+                                  f"pip install 'surgery-kernels[hf]'") from e
+            return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, **{key: dt})
         return AutoModelForCausalLM.from_pretrained(path, **{key: dt})
     cfg = dict(config)
     cfg_obj = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -105,8 +115,9 @@ def load_model(path: str | None = None, config: dict | None = None, dtype: str =
     return model.to(dt)
 
 
-def add_lora(model: nn.Module, lora: dict | None):
-    """Wrap ``model`` with peft LoRA adapters (in place: the model object is modified)."""
+def add_lora(model: nn.Module, lora: dict | None, seed: int = 0):
+    """Wrap ``model`` with peft LoRA adapters (in place: the model object is modified), their
+    random initialisation drawn from ``seed`` (not from the caller's global RNG state)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover - peft is in the hf extra
@@ -120,7 +131,9 @@ def add_lora(model: nn.Module, lora: dict | None):
                      lora_dropout=float(lora.get("dropout", 0.0)),
                      target_modules=lora.get("target_modules", "all-linear"),
                      modules_to_save=lora.get("modules_to_save"), task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, cfg)
 
 
 def is_peft(model: nn.Module) -> bool:

@@ -92,6 +92,8 @@ class Surgery:
             raise ValueError(f"stream names must be unique, got {names}")
         self.eval_sets = [e if isinstance(e, EvalSet) else EvalSet(**e) for e in eval]
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        if reference == "cache" and self.output_dir is None and any(s.loss == "kl" for s in self.streams):
+            raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
         self.on_step = on_step
         self.dist = distributed.init()
         self.history: list[dict] = []
@@ -117,10 +119,19 @@ class Surgery:
                 lora = model.lora
             if trainable is None and model.trainable != "all":
                 trainable = model.trainable
-            model = load_model(model.path, model.config, model.dtype, seed=self.cfg.seed)
+            try:
+                model = load_model(model.path, model.config, model.dtype, seed=self.cfg.seed)
+            except OSError as e:  # transformers' "not a local folder nor a model id on the hub" and friends
+                raise ValueError(f"model.path {model.path!r}: {' '.join(str(e).split())}") from e
         if tokenizer is None:
             raise ValueError("tokenizer: pass a tokenizer object or directory with an nn.Module model")
-        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        if isinstance(tokenizer, (str, os.PathLike)):
+            try:
+                self.tokenizer = load_tokenizer(tokenizer)
+            except OSError as e:
+                raise ValueError(f"tokenizer {str(tokenizer)!r}: {' '.join(str(e).split())}") from e
+        else:
+            self.tokenizer = tokenizer
         if self.tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad_token_id (set tokenizer.pad_token)")
         self.model_config = model_cfg
@@ -131,7 +142,10 @@ class Surgery:
         if trainable is None:
             trainable = "lora" if (lora is not None or is_peft(model)) else "all"
         if lora is not None and not is_peft(model):
-            model = add_lora(model, lora)
+            model = add_lora(model, lora, seed=self.cfg.seed)
+        elif lora is not None:
+            log.warning("the model already carries LoRA adapters (a peft model, or model.path holds an adapter): "
+                        "they are used as they are and the lora settings are ignored")
         if reference == "adapter" and not is_peft(model):
             raise ValueError("reference='adapter' needs LoRA: pass lora={...} or a peft model")
         self.trainable_names = select_trainable(model, trainable)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from surgery import DataError, Stream, Surgery, load_config
-from surgery.config import PRESETS, TrainConfig, apply_override
+from surgery.config import PRESETS, EvalSet, TrainConfig, apply_override
 from surgery.data import IGNORE, StreamSampler, collate, read_records, tokenize_lm
 from surgery.testing import all_words, word_tokenizer
 
@@ -102,6 +103,20 @@ def test_collate_masks_padding_prompt_and_last(tok):
     assert [len(e.ids) for e in tr] == [3, 3]
 
 
+def test_prompt_longer_than_max_length_keeps_the_completion(tok):
+    """A prompt of max_length tokens or more loses its start, not the completion: the record still
+    carries loss on max_length - 1 completion tokens, or on all of them if fewer."""
+    p = tok("the capital of alba is")["input_ids"]  # 6 tokens with <s>
+    c = tok(" amber brook cliff", add_special_tokens=False)["input_ids"]
+    for max_length, kept in ((6, 3), (4, 3), (3, 2), (10, 3)):
+        e = tokenize_lm([{"prompt": "the capital of alba is", "completion": " amber brook cliff"}], tok, max_length)[0]
+        b = collate([e], tok.pad_token_id)
+        assert len(e.ids) <= max_length
+        assert [t for t in b.target[0].tolist() if t != IGNORE] == c[:kept], max_length
+        if len(p) >= max_length:
+            assert e.ids[:len(e.ids) - kept] == p[len(p) - (len(e.ids) - kept):]
+
+
 def test_sampler_resumes_and_splits_like_one_process():
     one = StreamSampler(5, seed=3, name="u")
     seq = [one.draw(2) for _ in range(6)]  # crosses epochs: 12 draws of 5 records
@@ -156,6 +171,30 @@ def test_override_errors():
     for cap in (0, -1.0, "5"):  # the kernels' bounded ascent takes a positive cap
         with pytest.raises(ValueError, match="train.ascent_cap must be a positive number or null"):
             TrainConfig(ascent_cap=cap)
+    # every numeric option: one ValueError naming it (the CLI turns those into one line, exit 2)
+    for kw, what in ((dict(clip="abc"), "train.clip must be a number >= 0 or null"),
+                     (dict(clip=-1), "train.clip"), (dict(eps="abc"), "train.eps must be a positive number"),
+                     (dict(eps=0), "train.eps"), (dict(weight_decay=-0.1), "train.weight_decay must be a number >= 0"),
+                     (dict(weight_decay=float("nan")), "train.weight_decay"), (dict(lr=float("inf")), "train.lr"),
+                     (dict(betas=0.9), "train.betas must be two numbers"), (dict(betas="ab"), "train.betas"),
+                     (dict(betas=[0.9, 1.5]), r"train.betas must be two numbers in \[0, 1\)"),
+                     (dict(device=3), "train.device must be a string"), (dict(device="gpu0"), "train.device")):
+        with pytest.raises(ValueError, match=what):
+            TrainConfig(**kw)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.device is 'cuda' but this machine has no CUDA GPU"):
+            TrainConfig(device="cuda")
+    for n in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="EvalSet 'e': max_length"):
+            EvalSet("e", [], max_length=n)
+    with pytest.raises(ValueError, match="not valid YAML"):
+        apply_override(cfg, "train.betas=[0.9,")
+
+
+def test_config_file_with_bad_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {path: m\nstreams: []\n")
+    with pytest.raises(ValueError, match=r"c\.yaml: not valid YAML"):
+        load_config(tmp_path / "c.yaml")
 
 
 @pytest.mark.parametrize("name", ["paper", "lora", "layers"])

@@ -258,6 +258,45 @@ def test_lora_adapter_reference_equals_copy(tok, data, tmp_path):
     assert (tmp_path / "adapter" / "final" / "adapter_config.json").is_file()
 
 
+def test_lora_init_follows_the_seed(tok, data):
+    """LoRA adapters are drawn from train.seed, whatever the global RNG state: the same seed gives
+    the same adapters (so a LoRA run is reproducible), another seed others."""
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+    def adapters(seed, global_seed):
+        torch.manual_seed(global_seed)
+        r = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="adapter", lora=lora,
+                    train=_train(seed=seed))
+        return {n: p.detach().clone() for n, p in r.model.named_parameters() if "lora_A" in n}
+
+    a, b, c = adapters(0, 1), adapters(0, 2), adapters(1, 1)
+    assert a and all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], c[n]) for n in a)
+
+
+def test_lora_final_dir_loads_as_the_trained_adapter(tok, data, tmp_path):
+    """model.path at a LoRA run's final/ (an adapter directory) loads the base model with that
+    adapter, trainable: evaluating it gives the run's "after" numbers, not the untrained model's,
+    even with the run's lora settings still in the config."""
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    _model(tok).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    _, _, r, q = data
+    evals = [EvalSet("qa", q), EvalSet("ppl", r)]
+    run = Surgery(model={"path": str(tmp_path / "base"), "lora": lora}, streams=_streams(data), reference="adapter",
+                  train=_train(steps=3, lr=5e-2), eval=evals, output_dir=tmp_path / "out")
+    summary = run.run()
+    assert summary["after"] != summary["before"]
+    again = Surgery(model={"path": str(tmp_path / "out" / "final"), "lora": lora}, tokenizer=tmp_path / "base",
+                    streams=_streams(data), reference="adapter", eval=evals)
+    got = again.evaluate()
+    assert got.keys() == summary["after"].keys()
+    for name, metrics in summary["after"].items():
+        assert got[name] == pytest.approx(metrics, rel=1e-6), name
+    assert got["ppl"]["perplexity"] != pytest.approx(summary["before"]["ppl"]["perplexity"], rel=1e-3)
+    assert again.trainable_names and all("lora_" in n for n in again.trainable_names)
+
+
 def test_trainable_patterns_only_train_those(tok, data):
     model = _model(tok)
     before = _params(model)
