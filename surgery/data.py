@@ -94,6 +94,12 @@ def _json_records(path: Path) -> list[tuple[Any, int]]:
             rec, end = dec.raw_decode(text, pos)
             out.append((rec, text.count("\n", 0, pos) + 1))
             pos = end
+    if path.suffix == ".json" and stripped.startswith("{"):
+        # One record, possibly over several lines (else the file is JSON Lines named .json).
+        try:
+            return [(json.loads(text), text[:len(text) - len(stripped)].count("\n") + 1)]
+        except json.JSONDecodeError:
+            pass
     out = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -49,6 +49,19 @@ def test_json_array_error_line(tmp_path):
         read_records(f, "lm")
 
 
+def test_json_file_with_one_record(tmp_path):
+    """A .json file holding one pretty-printed record is that record; a .json file of JSON Lines
+    still reads line by line."""
+    f = tmp_path / "one.json"
+    f.write_text('\n{\n  "prompt": "the capital of",\n  "completion": " alba"\n}\n')
+    assert read_records(f, "lm") == [{"prompt": "the capital of", "completion": " alba"}]
+    f.write_text('{\n  "prompt": "x"\n}\n')
+    with pytest.raises(DataError, match=r"one\.json:line 1: .*'completion'"):
+        read_records(f, "lm")
+    f.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert read_records(f, "lm") == [{"text": "a"}, {"text": "b"}]
+
+
 @pytest.mark.parametrize("rec, what", [
     ({"question": "q", "choices": ["a", "b"], "answer": 2}, "outside choices"),
     ({"question": "q", "choices": ["a"], "answer": 0}, ">= 2 non-empty"),
