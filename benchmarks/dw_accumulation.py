@@ -4,8 +4,8 @@ The chunked gradient paths add each chunk's ``G_c^T @ hidden_c`` into dW. In a f
 accumulator the finished sum is rounded to bf16 once, as a plain PyTorch backward does; summed in
 the bf16 gradient itself (``triton_kernels.rows.DW_ACCUM="input"``) it is rounded once per chunk.
 This script measures both against float64 for 1 to 64 chunks, as multiples of plain PyTorch's
-own bf16 error (one GEMM over all tokens), on the CPU in seconds. ``rows.MAX_INPUT_ACCUM_CHUNKS``
-is set from it.
+own bf16 error (one GEMM over all tokens), on the CPU in seconds (``rows``'s docstring quotes it;
+the default is the float32 accumulator).
 
 The logit gradient G is the same for every variant (computed once from bf16 logits, float32
 softmax, rounded to bf16), so only the summation differs. Usage::

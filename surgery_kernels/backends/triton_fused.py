@@ -20,7 +20,7 @@ hold: atomics move N*H*V*4*(1/BLOCK_N + 1/BLOCK_V) bytes (~128 GiB here with 128
 and a kernel that owns vocabulary blocks instead would recompute every tile H / BLOCK_K times
 (a float32 BLOCK_V x H accumulator is 2 MiB at H = 4096). Writing the logit gradient once in 16
 bits and letting cuBLAS run the dH and dW GEMMs costs 2 bytes per logit. What the chunked path
-costs instead is memory (a chunk, and for more than 16 chunks of 16-bit weights a float32 dW
+costs instead is memory (a chunk, and for 16-bit weights over several chunks a float32 dW
 accumulator; see ``triton_kernels.rows``).
 
 float64 inputs go to the chunked ``torch`` backend (as with ``cpu`` and ``cuda``): the kernels

@@ -40,22 +40,21 @@ than cuBLAS in every config tried (16 chunks into bf16: 8.55 ms at best against 
 removed (it is in the history at 44eccca, ``triton_kernels/gemm.py``).
 
 ``DW_ACCUM`` (16-bit weights; float32 weights always accumulate in place, exactly):
-``"float32"`` keeps a float32 (V, H) accumulator (4*V*H bytes, 500 MiB at the Llama-2-7B head)
-and rounds the finished sum once, like a plain PyTorch backward; ``"input"`` accumulates into the
-16-bit gradient itself, one rounding per chunk, so its error grows with the number of chunks:
-``python benchmarks/dw_accumulation.py`` (CPU, N = 8192, H = 128, V = 2000, bf16, the same logit
-gradient summed both ways) measured dW's error against float64 at 1.25x that of one GEMM over all
-tokens with 4 chunks, 1.5x with 8, 2.0x with 16, 3.6x with 64 (the tests allow 2x plain
-PyTorch's error; against the whole plain bf16 path, whose logits are rounded too, the ratios are
-smaller: 1.05x / 1.11x / 1.23x at 4 / 8 / 16 chunks in review).
-``"auto"`` (default) takes ``"input"`` up to ``MAX_INPUT_ACCUM_CHUNKS`` = 16 chunks, where dW's
-error stays within the 2x of plain PyTorch's that every 16-bit path here is held to, and
-``"float32"`` beyond. It was 4 until 2026-11-28: but the float32 accumulator is larger than the
-workspace whenever V*H > 2**26 (every LLM head: 500 MiB at Llama-2-7B's, 2 GiB at Llama-3's
-V = 128256, where the default workspace already makes 16 chunks of N = 16384 tokens), so a call
-that was given less memory (a smaller ``chunk_size`` or workspace) took 2 to 9 times more
-(measured on the H100, 64 MiB chunks: 563 MiB beyond inputs and gradients with dW in float32,
-63 MiB in bf16, which also ran 12 % faster).
+``"float32"`` (default) keeps a float32 (V, H) accumulator (4*V*H bytes, 500 MiB at the
+Llama-2-7B head, 2 GiB at Llama-3's V = 128256) and rounds the finished sum once, like a plain
+PyTorch backward and like the ``torch`` and ``cuda`` backends; ``"input"`` accumulates into the
+16-bit gradient itself, one rounding per chunk, no accumulator: the memory of the 64 MiB setting.
+Its error is relative to the partial sums, not to the result, so it grows with the number of
+chunks and with cancellation between them: ``python benchmarks/dw_accumulation.py`` (CPU, N =
+8192, H = 128, V = 2000, bf16, signed weights -0.1 / +2, the same logit gradient summed both
+ways) measured 1.25x the error of one GEMM over all tokens with 4 chunks, 1.5x with 8, 2.0x with
+16, 3.6x with 64; and where ascent and descent rows nearly cancel (one signed call with ascent
+rows first, as the surgery objective makes, weights -1 and +1.1 on like rows; review,
+2026-11-28) 1.6-4.4x plain PyTorch's error with 4 chunks and 2.5-9.1x with 16 — past the 2x
+every 16-bit path here is held to. Hence float32 by default. (From 2026-11-27 to 28 the default
+took ``"input"`` up to 4, then 16 chunks; measured on the H100, the float32 accumulator costs
+little time at 4 to 8 chunks — 21.34 against 21.78 ms for the CE, 29.70 against 29.91 ms for the
+KL in one group — and 3.0 ms at 16 chunks, 25.50 against 22.47 ms.)
 """
 
 from __future__ import annotations
@@ -71,9 +70,8 @@ from .common import online_kl, online_lse, round_bf16_by_hand, tanh
 
 # Bytes of logits one call keeps in memory when it passes no chunk_size (both sides together for KL).
 WORKSPACE_BYTES = 256 << 20
-# "auto" | "float32" | "input": how 16-bit dW accumulates over chunks (module docstring).
-DW_ACCUM = os.environ.get("SURGERY_TRITON_DW_ACCUM", "auto")
-MAX_INPUT_ACCUM_CHUNKS = 16
+# "float32" | "input": how 16-bit dW accumulates over chunks (module docstring).
+DW_ACCUM = os.environ.get("SURGERY_TRITON_DW_ACCUM", "float32")
 # Whether the chunks' logits go into the not yet written rows of dhidden and WORKSPACE_BYTES after
 # it (``Workspace``), "1", or into WORKSPACE_BYTES of their own, "0" (default).
 TAIL_WORKSPACE = os.environ.get("SURGERY_TRITON_TAIL_WORKSPACE", "0") == "1"
@@ -326,15 +324,15 @@ def _row_launch(kernel, tuned, rows, args, flags, dtype):
 # -- gradients: dhidden per chunk, dweight and dbias accumulated over chunks ---------------------
 
 # Whether torch.addmm takes out_dtype=float32 for 16-bit inputs here (CUDA, torch >= 2.8);
-# None until the first try. Where it does not (CPU, older torch), dW's chunk products go
-# through a 16-bit scratch of at most the workspace size, one slice of the vocabulary at a time.
+# None until the first try. Where it does not (CPU, older torch), dW's chunk products are float32
+# GEMMs of the upcast operands, one slice of the vocabulary at a time (scratch of at most the
+# workspace size): slower, as exact.
 _ADDMM_OUT_DTYPE: bool | None = None
 
 
 def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """acc (V, H) float32 += a (V, c) @ b (c, H) (``first``: acc = a @ b), a and b 16-bit. With
-    addmm's out_dtype the chunk's product goes into acc unrounded; in the fallback each slice's
-    product is rounded to 16 bits first (one rounding per chunk and element, then float32 sums)."""
+    """acc (V, H) float32 += a (V, c) @ b (c, H) (``first``: acc = a @ b), a and b 16-bit, the
+    chunk's product added unrounded (float32 products and sums of the 16-bit operands)."""
     global _ADDMM_OUT_DTYPE
     if _ADDMM_OUT_DTYPE is not False:
         try:
@@ -346,21 +344,22 @@ def _addmm_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: 
             if _ADDMM_OUT_DTYPE:
                 raise
             _ADDMM_OUT_DTYPE = False
-    step = max(1, WORKSPACE_BYTES // (a.element_size() * max(1, b.shape[1])))
+    bf = b.float()
+    step = max(1, WORKSPACE_BYTES // (4 * max(1, a.shape[1] + bf.shape[1])))
     for v0 in range(0, a.shape[0], step):
         if first:
-            acc[v0:v0 + step].copy_(a[v0:v0 + step] @ b)
+            torch.mm(a[v0:v0 + step].float(), bf, out=acc[v0:v0 + step])
         else:
-            acc[v0:v0 + step] += a[v0:v0 + step] @ b
+            acc[v0:v0 + step].addmm_(a[v0:v0 + step].float(), bf)
 
 
 def accumulate_in_input_dtype(dtype: torch.dtype, chunks: int) -> bool:
-    """Whether dW of ``dtype`` weights sums over ``chunks`` chunks in that dtype (see DW_ACCUM)."""
-    if DW_ACCUM not in ("auto", "float32", "input"):
-        raise ValueError(f"SURGERY_TRITON_DW_ACCUM must be 'auto', 'float32' or 'input', got {DW_ACCUM!r}")
-    if dtype == torch.float32:
-        return True
-    return DW_ACCUM == "input" or (DW_ACCUM == "auto" and chunks <= MAX_INPUT_ACCUM_CHUNKS)
+    """Whether dW of ``dtype`` weights sums over the call's ``chunks`` chunks in that dtype (see
+    DW_ACCUM): float32 weights always, 16-bit ones with "input" or when there is one chunk (one
+    GEMM, one rounding, as plain PyTorch)."""
+    if DW_ACCUM not in ("float32", "input"):
+        raise ValueError(f"SURGERY_TRITON_DW_ACCUM must be 'float32' or 'input', got {DW_ACCUM!r}")
+    return dtype == torch.float32 or DW_ACCUM == "input" or chunks <= 1
 
 
 class _Grads:
