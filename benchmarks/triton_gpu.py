@@ -28,7 +28,8 @@ Llama-2-7B head by default: N = 16384 tokens, H = 4096, V = 32000, bf16, forward
 
 Times: ``triton.testing.do_bench`` median (ms) after a first untimed call (compilation and
 autotuning happen there). Memory: peak allocated during one call minus what was allocated
-before (inputs) minus what the call returns (the gradients), in MiB. A provider that cannot run
+before (inputs) minus what the call returns (the gradients), in MiB; and what stays allocated
+beyond the gradients while they live ("held": the tail layout's extra bytes). A provider that cannot run
 prints why. Usage::
 
     python benchmarks/triton_gpu.py [--n 16384 --h 4096 --v 32000] [--dtype bf16] [--output DIR]
@@ -70,20 +71,22 @@ def _median_ms(fn, rep_ms, device):
 
 
 def _extra_mib(fn, device):
-    """Peak memory of one call beyond what was allocated before (the inputs) and beyond the
-    tensors it returns (the gradients, or the values), in MiB."""
+    """(peak, held) in MiB: the peak memory of one call and what is still allocated while its
+    results live, each beyond what was allocated before (the inputs) and beyond the tensors it
+    returns (the gradients, or the values, counted by their own elements: a returned view of a
+    larger buffer, as in the tail layout, shows its excess as held)."""
     if device == "cpu":
-        return None
+        return None, None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     out = fn()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
+    peak, now = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
     kept = sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t))
     del out
-    return (peak - base - kept) / 2**20
+    return (peak - base - kept) / 2**20, (now - base - kept) / 2**20
 
 
 def _setting(module_name, attr, value, fn):
@@ -342,7 +345,7 @@ def main(argv=None):
     for op, providers in groups:
         floor_ms = None
         for name, make in providers:
-            row = dict(op=op, provider=name, ms=None, x_floor=None, extra_mib=None, note="")
+            row = dict(op=op, provider=name, ms=None, x_floor=None, extra_mib=None, held_mib=None, note="")
             if time.time() - start > BUDGET_S:
                 row["note"] = f"skipped: the {BUDGET_S:.0f} s budget of this script is spent"
                 rows.append(row)
@@ -355,7 +358,7 @@ def main(argv=None):
                     torch.cuda.synchronize()
                 first = time.time() - t0
                 row["ms"] = _median_ms(fn, args.rep_ms, dev)
-                row["extra_mib"] = _extra_mib(fn, dev)
+                row["extra_mib"], row["held_mib"] = _extra_mib(fn, dev)
                 if name.startswith("floor") and floor_ms is None:
                     floor_ms = row["ms"]
                     if op != "dW alone":
@@ -367,17 +370,17 @@ def main(argv=None):
             except Exception as exc:  # a provider that cannot run says why, the others go on
                 row["note"] = f"cannot run: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             rows.append(row)
-            print(f"{op} | {name} | {row['ms']} ms | x floor {row['x_floor']} | {row['extra_mib']} MiB | {row['note']}",
-                  flush=True)
+            print(f"{op} | {name} | {row['ms']} ms | x floor {row['x_floor']} | {row['extra_mib']} MiB | "
+                  f"held {row['held_mib']} MiB | {row['note']}", flush=True)
             if dev == "cuda":
                 torch.cuda.empty_cache()
 
-    lines = [head, "", "| op | provider | median ms | x floor | MiB beyond inputs+grads | note |",
-             "|---|---|---:|---:|---:|---|"]
+    lines = [head, "", "| op | provider | median ms | x floor | MiB beyond inputs+grads | MiB held after | note |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
         lines.append(f"| {r['op']} | {r['provider']} | {fmt(r['ms'], '.2f')} | {fmt(r['x_floor'], '.2f')} | "
-                     f"{fmt(r['extra_mib'], '.0f')} | {r['note']} |")
+                     f"{fmt(r['extra_mib'], '.0f')} | {fmt(r.get('held_mib'), '.0f')} | {r['note']} |")
     lines += ["", *bars(rows)]
     ours = {r["op"]: r for r in rows if r["provider"] == "triton"}
     try:

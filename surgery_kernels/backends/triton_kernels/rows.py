@@ -107,19 +107,23 @@ def _align(x: int) -> int:
 class Workspace:
     """Where each chunk's logits (and for KL the reference's) live, and dhidden.
 
-    Separate (the default, or ``chunk_size`` given, or dhidden not wanted, or KL sides of two
-    dtypes): one buffer of ``chunk_rows`` x V per side, reused by every chunk, freed with the call.
+    Separate (the default): one buffer of ``chunk_rows`` x V per side, reused by every chunk and
+    freed with the call; dhidden a tensor of its own.
 
-    Tail (``TAIL_WORKSPACE``): one buffer of N*H + WORKSPACE_BYTES holds dhidden in its first
-    N*H elements and, for the chunk of rows [s, e), that chunk's logits right after dhidden's row e:
-    in the rows of dhidden that no chunk has written yet, then the extra bytes. A chunk writes
-    dhidden's rows [s, e) while it reads its logits from beyond them, and a later chunk overwrites
-    the logits' place only after this one's GEMMs (stream order). So the first chunks, with most of
-    dhidden still free, take more rows: ``(rows left * H + extra) // (H + sides * V)`` each,
-    10 chunks instead of 16 at the Llama-2-7B head (N = 16384) with 64 MiB, 6 instead of 8 with
-    128 MiB, and the same 4 with 256 MiB. The price: dhidden is a view of the whole buffer, so the
-    extra bytes live as long as dhidden does (until the caller's backward has consumed it), not
-    only during the call.
+    Tail (``TAIL_WORKSPACE``, taken when dhidden is wanted, no ``chunk_size`` is given, both KL
+    sides share a dtype, and it makes fewer chunks than the separate layout): one buffer holds
+    dhidden in its first N*H elements and, for the chunk of rows [s, e), that chunk's logits right
+    after dhidden's row e: in the rows of dhidden that no chunk has written yet, then at most
+    WORKSPACE_BYTES more. A chunk writes dhidden's rows [s, e) while it reads its logits from
+    beyond them, and a later chunk overwrites the logits' place only after this one's GEMMs
+    (stream order). So the first chunks, with most of dhidden still free, take more rows,
+    ``(rows left * H + extra) // (H + sides * V)`` each: 10 chunks instead of 16 at the Llama-2-7B
+    head (N = 16384) with 64 MiB, 6 instead of 8 with 128 MiB (4 either way with 256 MiB, where
+    the separate layout is taken). The price, why it is not the default until a GPU has measured
+    the gain: dhidden is a view of the whole buffer, so the extra bytes live as long as dhidden —
+    saved from a "mean"/"sum" forward to its backward (two calls before one backward hold two
+    extras), and as ``.grad`` of a leaf — not only during the call; and the first call's autotuning
+    copy (see README) is of a first chunk larger than WORKSPACE_BYTES.
     """
 
     def __init__(self, hidden, v, dtypes, chunk_size, want_dh):
@@ -127,30 +131,18 @@ class Workspace:
         sides = len(dtypes)
         self.v, self.dtypes = v, dtypes
         itemsize = max(dt.itemsize for dt in dtypes)
-        self.tail = bool(TAIL_WORKSPACE and want_dh and not chunk_size and n and len(set(dtypes)) == 1)
-        if not self.tail:
-            rows = chunk_rows(n, v, itemsize, sides, chunk_size)
-            self.bounds = [(s, min(s + rows, n)) for s in range(0, n, rows)]
-            self.rows, self.device, self.bufs = min(rows, n), hidden.device, None
-            self.dh = torch.empty_like(hidden) if want_dh else None
-            return
-        # at least one row of logits per side beyond dhidden, and the alignment slack of every side
-        slack = sides * ALIGN
-        extra = max(WORKSPACE_BYTES // itemsize, sides * v + slack)
-        self.bounds, self.offsets = [], []
-        s = 0
-        while s < n:
-            rows = ((n - s) * h + extra - slack) // (h + sides * v)
-            if rows >= n - s:
-                rows = n - s
-            elif rows >= 128:  # a multiple of 128 for the GEMMs' tiles, unless it is the last chunk
-                rows = rows // 128 * 128
-            e = s + max(1, rows)
-            self.bounds.append((s, e))
-            self.offsets.append(_align(e * h))
-            s = e
-        self.flat = torch.empty(n * h + extra, dtype=dtypes[0], device=hidden.device)
-        self.dh = self.flat[:n * h].view(n, h)
+        rows = chunk_rows(n, v, itemsize, sides, chunk_size)
+        self.bounds = [(s, min(s + rows, n)) for s in range(0, n, rows)]
+        self.tail = False
+        if TAIL_WORKSPACE and want_dh and not chunk_size and n and len(set(dtypes)) == 1:
+            bounds, offsets, end = tail_plan(n, h, v, sides, WORKSPACE_BYTES // itemsize)
+            if len(bounds) < len(self.bounds):
+                self.tail, self.bounds, self.offsets = True, bounds, offsets
+                self.flat = torch.empty(end, dtype=dtypes[0], device=hidden.device)
+                self.dh = self.flat[:n * h].view(n, h)
+                return
+        self.rows, self.device, self.bufs = min(rows, n), hidden.device, None
+        self.dh = torch.empty_like(hidden) if want_dh else None
 
     def logits(self, i):
         """The buffers (rows of chunk ``i``, V), one per side, for that chunk's logits."""
@@ -160,13 +152,34 @@ class Workspace:
             if self.bufs is None:  # allocated at the first chunk: a call with no chunk to run allocates none
                 self.bufs = [torch.empty((self.rows, self.v), dtype=dt, device=self.device) for dt in self.dtypes]
             return [buf[:c] for buf in self.bufs]
-        off, size = self.offsets[i], c * self.v
-        out = []
-        for _ in self.dtypes:
-            assert off + size <= self.flat.numel()
-            out.append(self.flat[off:off + size].view(c, self.v))
-            off = _align(off + size)
-        return out
+        return [self.flat[off:off + c * self.v].view(c, self.v) for off in self.offsets[i]]
+
+
+def tail_plan(n: int, h: int, v: int, sides: int, extra: int):
+    """The tail layout for N rows of H (dhidden) and at most ``extra`` elements after them:
+    (bounds [(s, e)], per chunk the start of each side's logits, the buffer's length), the
+    buffer only as long as the chunks need."""
+    slack = sides * ALIGN  # every side starts aligned
+    extra = max(extra, sides * v + slack)  # at least one row of logits per side
+    bounds, offsets, end = [], [], n * h
+    s = 0
+    while s < n:
+        rows = ((n - s) * h + extra - slack) // (h + sides * v)
+        if rows >= n - s:
+            rows = n - s
+        elif rows >= 128:  # a multiple of 128 for the GEMMs' tiles, unless it is the last chunk
+            rows = rows // 128 * 128
+        e = s + max(1, rows)
+        starts, off = [], _align(e * h)
+        for _ in range(sides):
+            starts.append(off)
+            end = max(end, off + (e - s) * v)
+            off = _align(off + (e - s) * v)
+        assert end <= n * h + extra
+        bounds.append((s, e))
+        offsets.append(starts)
+        s = e
+    return bounds, offsets, end
 
 
 @triton.jit
