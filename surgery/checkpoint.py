@@ -70,14 +70,17 @@ def save(directory: str | Path, objective, optimizer, *, step: int, cursors: lis
     return path
 
 
-def load(directory: str | Path, objective, optimizer, *, dist) -> dict:
-    """Restore parameters, optimizer and RNG; return ``{"step", "cursors", "extra"}``."""
+def load(directory: str | Path, objective, optimizer, *, dist, check=None) -> dict:
+    """Restore parameters, optimizer and RNG; return ``{"step", "cursors", "extra"}``.
+    ``check(extra)`` runs before anything is restored (it raises to refuse the checkpoint)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(directory) / STATE
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("world_size", 1) != dist.world_size:
         raise ValueError(f"{path} was written by {state['world_size']} process(es); resume with the same world size")
+    if check is not None:
+        check(state["extra"])
     set_model_state_dict(objective, state["model"], options=_options(strict=False))
     set_optimizer_state_dict(objective, optimizer, state["optimizer"], options=_options())
     set_rng_state(state["rng"][dist.rank])

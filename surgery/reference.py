@@ -48,9 +48,29 @@ class AdapterReference:
         return None, None, None
 
 
-def _fingerprint(model_config, stream_examples: dict) -> str:
+def weights_digest(model, all_reduce=None) -> list:
+    """Per parameter: name, shape, and the float64 sum and sum of squares of its values, to 9
+    significant digits (the same under FSDP, where each process sums its shard and ``all_reduce``
+    adds them, and whatever the summation order). Read in slices: no float64 copy of a parameter."""
+    names, sums = [], []
+    for name, p in model.named_parameters():
+        t = (p.to_local() if hasattr(p, "to_local") else p).detach().reshape(-1)
+        acc = torch.zeros(2, dtype=torch.float64, device=t.device)
+        for part in t.split(1 << 24):
+            part = part.double()
+            acc += torch.stack([part.sum(), part.square().sum()])
+        names.append([name, list(p.shape)])
+        sums.append(acc)
+    total = torch.stack(sums) if sums else torch.zeros(0, 2, dtype=torch.float64)
+    if all_reduce is not None:
+        all_reduce(total)
+    return [n + [f"{a:.9e}", f"{b:.9e}"] for n, (a, b) in zip(names, total.tolist())]
+
+
+def _fingerprint(model_config, stream_examples: dict, weights=None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(model_config, sort_keys=True, default=str).encode())
+    h.update(json.dumps(weights).encode())
     for name in sorted(stream_examples):
         h.update(name.encode())
         for e in stream_examples[name]:
@@ -62,17 +82,20 @@ class CacheReference:
     """Reference hidden states computed once by the untrained model and read from disk."""
 
     def __init__(self, directory: str | Path, objective, stream_examples: dict, *, pad_id: int, device,
-                 head_trainable: bool, batch_size: int = 4, rank: int = 0, world_size: int = 1, barrier=None):
+                 head_trainable: bool, batch_size: int = 4, rank: int = 0, world_size: int = 1, barrier=None,
+                 all_reduce=None):
         from safetensors.torch import load_file, save_file
 
         self.dir = Path(directory)
         self.device = device
         model_config = getattr(getattr(objective.model, "config", None), "to_dict", dict)()
-        fp = _fingerprint(model_config, stream_examples)
+        # The weights count too: the same config with other weights (another seed, a model directory
+        # overwritten in place, an in-memory model) must not reuse the hidden states.
+        fp = _fingerprint(model_config, stream_examples, weights_digest(objective.model, all_reduce))
         meta = self.dir / "meta.json"
         if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
-            raise ValueError(f"{self.dir} holds a reference cache of another model or data; delete it or use another "
-                             f"output_dir")
+            raise ValueError(f"{self.dir} holds a reference cache of another model (config or weights) or data; "
+                             f"delete it or use another output_dir")
         self.dir.mkdir(parents=True, exist_ok=True)
         was_training = objective.training
         objective.eval()

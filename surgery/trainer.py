@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -196,7 +197,7 @@ class Surgery:
                 self.output_dir / "reference_cache", self.objective,
                 {self.streams[i].name: self._examples[i] for i in kl}, pad_id=self.tokenizer.pad_token_id,
                 device=self.device, head_trainable=head.weight.requires_grad, rank=self.dist.rank,
-                world_size=self.dist.world_size, barrier=self.dist.barrier)
+                world_size=self.dist.world_size, barrier=self.dist.barrier, all_reduce=self.dist.all_reduce_sum)
         self._samplers = [StreamSampler(len(ex), self.cfg.seed, s.name) for s, ex in zip(self.streams, self._examples)]
 
     def _seed(self):
@@ -371,16 +372,41 @@ class Surgery:
         if self.output_dir is None:
             raise ValueError("save_checkpoint needs an output_dir")
         return ckpt.save(self.output_dir / "checkpoint", self.objective, self.optimizer, step=self.step,
-                         cursors=[s.cursor for s in self._samplers], extra={"before": self._before,
-                                                                             "history": self.history},
+                         cursors=[s.cursor for s in self._samplers],
+                         extra={"before": self._before, "history": self.history, "run": self._identity()},
                          dist=self.dist)
+
+    def _identity(self) -> dict:
+        """What a resumed run must share with the checkpoint's: the streams (their data positions
+        are restored by order) and the trained parameters (the optimizer state is theirs).
+        Weights, lr, steps and the other optimizer settings may change."""
+        return {"streams": [[s.name, s.loss] for s in self.streams], "trainable": list(self.trainable_names)}
+
+    def _check_resume(self, path, extra: dict) -> None:
+        saved, now = extra.get("run"), self._identity()
+        if saved is None:  # a checkpoint from before the identity was stored
+            return
+        for key, what in (("streams", "streams (name, loss)"), ("trainable", "trained parameters")):
+            if saved[key] != now[key]:
+                a, b = saved[key], now[key]
+                if key == "trainable":
+                    a, b = sorted(set(a) - set(b))[:3], sorted(set(b) - set(a))[:3]
+                    detail = f"only in the checkpoint: {a}, only in this run: {b}"
+                else:
+                    detail = f"checkpoint {a}, this run {b}"
+                raise ValueError(f"resume: {path} was written by a run with other {what} ({detail}); resume "
+                                 f"with the same ones, or start a new run in another output_dir")
 
     def _resume(self) -> bool:
         d = self.output_dir / "checkpoint" if self.output_dir is not None else None
         if d is None or not ckpt.exists(d):
             log.warning("resume: no checkpoint under %s; starting from step 0", d)
             return False
-        st = ckpt.load(d, self.objective, self.optimizer, dist=self.dist)
+        st = ckpt.load(d, self.objective, self.optimizer, dist=self.dist,
+                       check=lambda extra: self._check_resume(d, extra))
+        # The optimizer's settings come from this run's config, not the checkpoint (lr is set per step).
+        for g in self.optimizer.param_groups:
+            g.update(betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
         self.step = st["step"]
         for s, c in zip(self._samplers, st["cursors"]):
             s.cursor = c
@@ -391,10 +417,15 @@ class Surgery:
     def train(self, resume: bool = False) -> list[dict]:
         """Train up to ``train.steps`` steps (continuing from the checkpoint with ``resume=True``).
         Returns the per-step metrics of this run (also in ``self.history`` and metrics.jsonl)."""
-        self._seed()
+        if not resume and self.output_dir is not None and ckpt.exists(self.output_dir / "checkpoint") \
+                and self.step == 0:
+            raise ValueError(f"{self.output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "
+                             f"--resume (resume=True), or start over in another output_dir (or delete it)")
+        if self.step == 0:  # a second train() on this object continues its RNG streams, as one run would
+            self._seed()
         self._setup()
         resumed = resume and self._resume()
-        if not resumed and self.output_dir is not None and self.dist.main:
+        if not resumed and self.step == 0 and self.output_dir is not None and self.dist.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "metrics.jsonl").write_text("")
         if resumed and self.output_dir is not None and self.dist.main:
@@ -473,11 +504,21 @@ class Surgery:
                                                                                  cpu_offload=True))
             sd = {k[len("model."):]: v for k, v in full.items()}
         if self.dist.main:
-            path.mkdir(parents=True, exist_ok=True)
+            # Written beside and swapped in, so that path holds this model only (a full model after a
+            # LoRA run in the same output_dir must not sit next to the old adapter files, which
+            # would load instead) and a crash mid-write leaves the previous one whole.
+            tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+            for d in (tmp, old):
+                shutil.rmtree(d, ignore_errors=True)
+            tmp.mkdir(parents=True)
             if sd is not None:
-                self.model.save_pretrained(path, state_dict=sd)
+                self.model.save_pretrained(tmp, state_dict=sd)
             else:
-                self.model.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
+                self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if path.exists():
+                path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -205,6 +206,66 @@ def test_resume_is_exact(tok, data, tmp_path):
         assert torch.equal(a[n], b[n]), n
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_output_dir_of_an_earlier_run(tok, data, tmp_path):
+    """A fresh run does not take over an output_dir holding an earlier run's checkpoint (its
+    metrics and checkpoint stay; --resume continues it); a resume must have the checkpoint's
+    streams and trained parameters, while the optimizer's settings come from the new config;
+    train() again on the same object continues its run and its metrics.jsonl."""
+    first = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
+                    output_dir=tmp_path)
+    first.train()
+    first.cfg.steps = 3
+    first.train()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    saved = (tmp_path / "checkpoint" / "state.pt").read_bytes()
+    with pytest.raises(ValueError, match="holds an earlier run's checkpoint.*--resume"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
+                output_dir=tmp_path).train()
+    assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == saved
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(ValueError, match=r"other streams.*'unlearn', 'ascent'"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data)[1:], train=_train(steps=4),
+                output_dir=tmp_path).train(resume=True)
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}
+    with pytest.raises(ValueError, match="other trained parameters.*lora_A"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=lora, train=_train(steps=4),
+                output_dir=tmp_path).train(resume=True)
+    more = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
+                   train=_train(steps=4, eps=1e-3, weight_decay=0.5, betas=(0.5, 0.6)), output_dir=tmp_path)
+    more.train(resume=True)
+    g = more.optimizer.param_groups[0]
+    assert (g["eps"], g["weight_decay"], tuple(g["betas"])) == (1e-3, 0.5, (0.5, 0.6)) and more.step == 4
+
+
+def test_final_dir_holds_only_the_last_model(tok, data, tmp_path):
+    """final/ is replaced whole: a full model saved where a LoRA adapter was leaves no adapter
+    files (which would load instead of it)."""
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}
+    Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=lora, reference="adapter",
+            train=_train(steps=1)).save_final(tmp_path / "final")
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    full = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=1))
+    full.save_final(tmp_path / "final")
+    assert not (tmp_path / "final" / "adapter_config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert type(load_model(str(tmp_path / "final"))).__name__ == type(full.model).__name__
+
+
+def test_reference_cache_of_other_weights_is_refused(tok, data, tmp_path):
+    """The reference cache is keyed by the weights too: the same config with another seed's
+    weights does not reuse the hidden states."""
+    Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="cache",
+            train=_train(steps=1), output_dir=tmp_path).train()
+    shutil.rmtree(tmp_path / "checkpoint")
+    with pytest.raises(ValueError, match="reference cache of another model"):
+        Surgery(model=_model(tok, seed=1), tokenizer=tok, streams=_streams(data), reference="cache",
+                train=_train(steps=1), output_dir=tmp_path).train()
+    shutil.rmtree(tmp_path / "checkpoint", ignore_errors=True)
+    Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="cache",
+            train=_train(steps=1), output_dir=tmp_path).train()
 
 
 def test_nan_stops_with_last_good_checkpoint(tok, data, tmp_path):
