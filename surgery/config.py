@@ -254,9 +254,15 @@ def _merge(base, over):
     return copy.deepcopy(over)
 
 
-def apply_override(cfg: dict, assignment: str) -> None:
+# The keys whose values are file or directory paths.
+PATH_KEYS = ("path", "tokenizer", "data", "output_dir")
+
+
+def apply_override(cfg: dict, assignment: str, cwd: str | Path | None = None) -> None:
     """Apply one ``key.sub=value`` override in place (value parsed as YAML). List items are addressed
-    by index or, for streams and eval sets, by name."""
+    by index or, for streams and eval sets, by name. ``cwd``: a relative path given for a path key
+    (model.path, model.tokenizer, a stream's or eval set's data, output_dir) is taken relative to
+    it — on the command line, the directory the command runs in, not the config file's."""
     import yaml
 
     if "=" not in assignment:
@@ -267,6 +273,9 @@ def apply_override(cfg: dict, assignment: str) -> None:
     except yaml.YAMLError as e:
         raise ValueError(f"--set {assignment!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
     parts = key.strip().split(".")
+    if cwd is not None and parts[-1] in PATH_KEYS and isinstance(value, str) and value:
+        p = Path(value).expanduser()
+        value = str(p if p.is_absolute() else Path(cwd).resolve() / p)
     node = cfg
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -354,7 +363,8 @@ def _only(d: Mapping, cls, where: str) -> None:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SurgeryConfig:
     """Read a YAML config, apply ``key=value`` overrides, merge its preset, validate.
 
-    Relative data/model paths are resolved against the config file's directory.
+    Relative data/model paths in the file are resolved against its directory; those given in
+    ``overrides`` against the current directory.
     """
     import yaml
 
@@ -373,7 +383,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SurgeryConfi
         # Overrides address the merged config (e.g. streams.retain.data on the paper preset).
         raw = _merge(PRESETS[preset], {k: v for k, v in raw.items() if k != "preset"})
     for o in overrides:
-        apply_override(raw, o)
+        apply_override(raw, o, cwd=Path.cwd())
     return config_from_dict(raw, base_dir=path.parent)
 
 

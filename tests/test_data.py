@@ -4,6 +4,7 @@ batches mask padding and prompts; sampling is deterministic, resumable and rank-
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +172,20 @@ def test_config_errors(tmp_path, text, what):
         load_config(tmp_path / "c.yaml")
 
 
+def test_override_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
+    """Paths in the config file are relative to it; paths given with --set to the directory the
+    command runs in (where the user typed them)."""
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "cfg" / "c.yaml").write_text("model: {path: m}\nstreams: [{name: a, data: a.jsonl}]\n")
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = load_config("../cfg/c.yaml", ["streams.a.data=mine.jsonl", "output_dir=runs/x", "model.tokenizer=/abs/tok"])
+    assert cfg.streams[0].data == str(tmp_path / "work" / "mine.jsonl")
+    assert cfg.output_dir == str(tmp_path / "work" / "runs" / "x")
+    assert cfg.model.tokenizer == "/abs/tok"
+    assert Path(cfg.model.path).resolve() == (tmp_path / "cfg" / "m").resolve()
+
+
 def test_override_errors():
     cfg = {"streams": [{"name": "a"}], "train": {}}
     apply_override(cfg, "streams.0.weight=3")
@@ -212,8 +227,6 @@ def test_config_file_with_bad_yaml(tmp_path):
 
 @pytest.mark.parametrize("name", ["paper", "lora", "layers"])
 def test_example_configs_load(name):
-    from pathlib import Path
-
     cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "configs" / f"{name}.yaml")
     assert cfg.streams and cfg.output_dir
 
