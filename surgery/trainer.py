@@ -417,10 +417,7 @@ class Surgery:
     def train(self, resume: bool = False) -> list[dict]:
         """Train up to ``train.steps`` steps (continuing from the checkpoint with ``resume=True``).
         Returns the per-step metrics of this run (also in ``self.history`` and metrics.jsonl)."""
-        if not resume and self.output_dir is not None and ckpt.exists(self.output_dir / "checkpoint") \
-                and self.step == 0:
-            raise ValueError(f"{self.output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "
-                             f"--resume (resume=True), or start over in another output_dir (or delete it)")
+        self._refuse_earlier_checkpoint(resume)
         if self.step == 0:  # a second train() on this object continues its RNG streams, as one run would
             self._seed()
         self._setup()
@@ -466,9 +463,17 @@ class Surgery:
             self.save_checkpoint()
         return new
 
+    def _refuse_earlier_checkpoint(self, resume: bool) -> None:
+        """A fresh run does not take over an output_dir with another run's checkpoint in it."""
+        if not resume and self.step == 0 and self.output_dir is not None \
+                and ckpt.exists(self.output_dir / "checkpoint"):
+            raise ValueError(f"{self.output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "
+                             f"--resume (resume=True), or start over in another output_dir (or delete it)")
+
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Evaluate before, train, evaluate after; write final/ and summary.json. Returns the summary."""
         t0 = time.perf_counter()
+        self._refuse_earlier_checkpoint(resume)  # before the evaluation, not after it
         if self._before is None and not (resume and self.output_dir is not None
                                          and ckpt.exists(self.output_dir / "checkpoint")):
             self._before = self.evaluate()

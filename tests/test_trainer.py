@@ -224,6 +224,11 @@ def test_output_dir_of_an_earlier_run(tok, data, tmp_path):
     with pytest.raises(ValueError, match="holds an earlier run's checkpoint.*--resume"):
         Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
                 output_dir=tmp_path).train()
+    fresh = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
+                    output_dir=tmp_path)
+    fresh.evaluate = lambda: pytest.fail("run() evaluated before refusing the output_dir")
+    with pytest.raises(ValueError, match="holds an earlier run's checkpoint"):
+        fresh.run()
     assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == saved
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
     with pytest.raises(ValueError, match=r"other streams.*'unlearn', 'ascent'"):
