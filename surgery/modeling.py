@@ -131,9 +131,8 @@ def add_lora(model: nn.Module, lora: dict | None, seed: int = 0):
                      lora_dropout=float(lora.get("dropout", 0.0)),
                      target_modules=lora.get("target_modules", "all-linear"),
                      modules_to_save=lora.get("modules_to_save"), task_type="CAUSAL_LM")
-    # The model may already be on a GPU: fork (and seed) the CUDA generators too.
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    # peft initialises the adapters on the CPU and then moves them: the CPU generator is the one.
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, cfg)
 
