@@ -146,9 +146,8 @@ class TrainConfig:
             raise ValueError(f"train.mixed_precision must be null, 'bfloat16' or 'float16', got {self.mixed_precision!r}")
         if self.kl_direction not in ("forward", "reverse"):
             raise ValueError(f"train.kl_direction must be 'forward' or 'reverse', got {self.kl_direction!r}")
-        cap = self.ascent_cap
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
-            raise ValueError(f"train.ascent_cap must be a positive number or null, got {self.ascent_cap!r}")
+        if self.ascent_cap is not None:  # the kernels take a positive finite cap; null = unbounded
+            _number("train.ascent_cap", self.ascent_cap, low=0.0, low_ok=False, what="a positive number or null")
 
 
 @dataclass
@@ -327,7 +326,9 @@ def config_from_dict(raw: Mapping, base_dir: str | Path | None = None) -> Surger
         if p is None or not isinstance(p, (str, Path)) or base_dir is None:
             return p
         p = Path(p).expanduser()
-        return str(p if p.is_absolute() else Path(base_dir) / p)
+        # absolute: a LoRA run's adapter records its base model's path, which must not depend on
+        # the directory the run was started from
+        return str(p if p.is_absolute() else (Path(base_dir) / p).resolve())
 
     m = dict(raw["model"])
     _only(m, ModelConfig, "model")

@@ -165,10 +165,11 @@ class Example:
 
 def tokenize_lm(records: list[dict], tokenizer, max_length: int) -> list[Example]:
     """Tokenize LM records: text as one sequence; prompt + completion tokenized separately and joined
-    (completion without special tokens), so the boundary is exact. Truncated to ``max_length``
-    from the end; a prompt of ``max_length`` tokens or more loses its start instead, so that the
-    completion (what carries the loss) keeps ``max_length - 1`` tokens or all of its own, as the
-    evaluation does for a long question."""
+    (completion without special tokens), so the boundary is exact. At most ``max_length`` tokens:
+    text loses its end; a prompt + completion keeps the whole completion (what carries the loss)
+    when it fits in ``max_length - 1`` tokens, the prompt losing its start to make room, as the
+    evaluation does for a long question; a longer completion keeps the prompt's last
+    ``max_length // 2`` tokens (or all of a shorter prompt) and loses its own end."""
     out = []
     for rec in records:
         if "text" in rec:
@@ -177,10 +178,12 @@ def tokenize_lm(records: list[dict], tokenizer, max_length: int) -> list[Example
         else:
             p = list(tokenizer(rec["prompt"])["input_ids"])
             c = list(tokenizer(rec["completion"], add_special_tokens=False)["input_ids"])
-            if len(p) >= max_length and c:
-                keep = min(len(c), max_length - 1)
-                p, c = p[len(p) - (max_length - keep):], c[:keep]
-            ids, start = (p + c)[:max_length], max(len(p), 1)
+            if len(p) + len(c) > max_length:
+                keep_p = max_length - len(c) if len(c) < max_length else min(len(p), max_length // 2)
+                keep_p = max(0, min(len(p), keep_p))
+                p = p[len(p) - keep_p:]
+                c = c[:max_length - keep_p]
+            ids, start = p + c, max(len(p), 1)
         out.append(Example(ids, start))
     return out
 

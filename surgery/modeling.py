@@ -20,6 +20,7 @@ clear error rather than silently trained wrong.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 
@@ -97,7 +98,8 @@ def load_model(path: str | None = None, config: dict | None = None, dtype: str =
         # transformers < 4.56 names the argument torch_dtype (and would ignore dtype=).
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
         key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        adapter = os.path.join(path, "adapter_config.json")
+        if os.path.isfile(adapter):
             # A LoRA adapter (a LoRA run's final/ or checkpoint): its base model with the adapter on,
             # trainable, so that eval scores the trained adapter and train continues it.
             try:
@@ -105,6 +107,12 @@ def load_model(path: str | None = None, config: dict | None = None, dtype: str =
             except ImportError as e:  # pragma: no cover - peft is in the hf extra
                 raise ImportError(f"{path} holds a LoRA adapter, which needs peft: "
                                   f"pip install 'surgery-kernels[hf]'") from e
+            with open(adapter) as f:
+                base = json.load(f).get("base_model_name_or_path")
+            if not base or not os.path.isdir(base):
+                raise ValueError(f"{path} holds a LoRA adapter whose base model {base!r} is not a local directory "
+                                 f"(a base built from model.config is not saved; a moved base must be found at "
+                                 f"that path): load the base with model.path and the adapter with peft instead")
             return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, **{key: dt})
         return AutoModelForCausalLM.from_pretrained(path, **{key: dt})
     cfg = dict(config)

@@ -51,7 +51,9 @@ class AdapterReference:
 def weights_digest(model, all_reduce=None) -> list:
     """Per parameter: name, shape, and the float64 sum and sum of squares of its values, to 9
     significant digits (the same under FSDP, where each process sums its shard and ``all_reduce``
-    adds them, and whatever the summation order). Read in slices: no float64 copy of a parameter."""
+    adds them, and whatever the summation order). Read in slices: no float64 copy of a parameter.
+    Fresh LoRA adapters (every lora_B zero) leave the model as it is, so they do not count:
+    another seed or rank of them keeps the untrained model's hidden states valid."""
     names, sums = [], []
     for name, p in model.named_parameters():
         t = (p.to_local() if hasattr(p, "to_local") else p).detach().reshape(-1)
@@ -59,12 +61,16 @@ def weights_digest(model, all_reduce=None) -> list:
         for part in t.split(1 << 24):
             part = part.double()
             acc += torch.stack([part.sum(), part.square().sum()])
-        names.append([name, list(p.shape)])
+        names.append((name, list(p.shape)))
         sums.append(acc)
     total = torch.stack(sums) if sums else torch.zeros(0, 2, dtype=torch.float64)
     if all_reduce is not None:
         all_reduce(total)
-    return [n + [f"{a:.9e}", f"{b:.9e}"] for n, (a, b) in zip(names, total.tolist())]
+    rows = [(name, shape, a, b) for (name, shape), (a, b) in zip(names, total.tolist())]
+    lora = [r for r in rows if "lora_" in r[0]]
+    if lora and all(b == 0.0 for name, _, _, b in lora if "lora_B" in name):
+        rows = [r for r in rows if "lora_" not in r[0]]
+    return [[name, shape, f"{a:.9e}", f"{b:.9e}"] for name, shape, a, b in rows]
 
 
 def _fingerprint(model_config, stream_examples: dict, weights=None) -> str:

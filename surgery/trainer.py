@@ -468,7 +468,8 @@ class Surgery:
         if not resume and self.step == 0 and self.output_dir is not None \
                 and ckpt.exists(self.output_dir / "checkpoint"):
             raise ValueError(f"{self.output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "
-                             f"--resume (resume=True), or start over in another output_dir (or delete it)")
+                             f"--resume (resume=True), or start over in another output_dir (or delete that "
+                             f"checkpoint folder)")
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Evaluate before, train, evaluate after; write final/ and summary.json. Returns the summary."""
@@ -502,7 +503,11 @@ class Surgery:
         """The trained model (or LoRA adapter) and tokenizer, loadable with transformers / peft."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        path = Path(path)
+        path = Path(path).resolve()
+        if path.is_dir() and any(path.iterdir()) and not any(
+                (path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ValueError(f"save_final: {path} is a folder that holds no saved model; it would be replaced whole, "
+                             f"so give a new or model folder")
         sd = None
         if self.dist.enabled:
             full = get_model_state_dict(self.objective, options=StateDictOptions(full_state_dict=True,
@@ -513,6 +518,8 @@ class Surgery:
             # LoRA run in the same output_dir must not sit next to the old adapter files, which
             # would load instead) and a crash mid-write leaves the previous one whole.
             tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+            if old.is_dir() and not path.exists():  # a crash between the two renames: the old one back
+                old.rename(path)
             for d in (tmp, old):
                 shutil.rmtree(d, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -118,17 +118,18 @@ def test_collate_masks_padding_prompt_and_last(tok):
 
 
 def test_prompt_longer_than_max_length_keeps_the_completion(tok):
-    """A prompt of max_length tokens or more loses its start, not the completion: the record still
-    carries loss on max_length - 1 completion tokens, or on all of them if fewer."""
+    """A prompt + completion over max_length keeps the whole completion when it fits in
+    max_length - 1 tokens, the prompt losing its start (the record still trains on its answer,
+    however long the prompt); a completion that does not fit keeps the prompt's last
+    max_length // 2 tokens and loses its own end."""
     p = tok("the capital of alba is")["input_ids"]  # 6 tokens with <s>
     c = tok(" amber brook cliff", add_special_tokens=False)["input_ids"]
-    for max_length, kept in ((6, 3), (4, 3), (3, 2), (10, 3)):
+    for max_length, kept in ((10, 3), (9, 3), (8, 3), (7, 3), (6, 3), (4, 3), (3, 2), (2, 1)):
         e = tokenize_lm([{"prompt": "the capital of alba is", "completion": " amber brook cliff"}], tok, max_length)[0]
         b = collate([e], tok.pad_token_id)
-        assert len(e.ids) <= max_length
+        assert len(e.ids) == min(max_length, len(p) + len(c))
         assert [t for t in b.target[0].tolist() if t != IGNORE] == c[:kept], max_length
-        if len(p) >= max_length:
-            assert e.ids[:len(e.ids) - kept] == p[len(p) - (len(e.ids) - kept):]
+        assert e.ids[:len(e.ids) - kept] == p[len(p) - (len(e.ids) - kept):]
 
 
 def test_sampler_resumes_and_splits_like_one_process():
@@ -196,7 +197,7 @@ def test_override_errors():
         apply_override(cfg, "train.steps")
     with pytest.raises(ValueError, match="train.lr must be a positive number"):
         TrainConfig(lr=0)
-    for cap in (0, -1.0, "5"):  # the kernels' bounded ascent takes a positive cap
+    for cap in (0, -1.0, "5", float("inf")):  # the kernels' bounded ascent takes a positive finite cap
         with pytest.raises(ValueError, match="train.ascent_cap must be a positive number or null"):
             TrainConfig(ascent_cap=cap)
     # every numeric option: one ValueError naming it (the CLI turns those into one line, exit 2)

@@ -257,6 +257,17 @@ def test_final_dir_holds_only_the_last_model(tok, data, tmp_path):
     assert not (tmp_path / "final" / "adapter_config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert type(load_model(str(tmp_path / "final"))).__name__ == type(full.model).__name__
+    # a crash between the two renames left final.old and final.tmp: the next save starts from final.old
+    (tmp_path / "final").rename(tmp_path / "final.old")
+    (tmp_path / "final.tmp").mkdir()
+    full.save_final(tmp_path / "final")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    # a folder that holds no model is not replaced (save_final replaces its target whole)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds no saved model"):
+        full.save_final(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
 
 
 def test_reference_cache_of_other_weights_is_refused(tok, data, tmp_path):
@@ -271,6 +282,16 @@ def test_reference_cache_of_other_weights_is_refused(tok, data, tmp_path):
     shutil.rmtree(tmp_path / "checkpoint", ignore_errors=True)
     Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="cache",
             train=_train(steps=1), output_dir=tmp_path).train()
+    # fresh LoRA adapters (lora_B = 0) change nothing: any seed or rank of them shares one cache
+    from surgery.reference import weights_digest
+
+    lora = [Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="adapter",
+                    lora={"r": r, "target_modules": ["q_proj"]}, train=_train(seed=seed)).model
+            for r, seed in ((4, 0), (8, 3))]
+    assert weights_digest(lora[0]) == weights_digest(lora[1])
+    with torch.no_grad():
+        next(p for n, p in lora[1].named_parameters() if "lora_B" in n).add_(1.0)
+    assert weights_digest(lora[0]) != weights_digest(lora[1])
 
 
 def test_nan_stops_with_last_good_checkpoint(tok, data, tmp_path):
@@ -353,6 +374,8 @@ def test_lora_final_dir_loads_as_the_trained_adapter(tok, data, tmp_path):
                   train=_train(steps=3, lr=5e-2), eval=evals, output_dir=tmp_path / "out")
     summary = run.run()
     assert summary["after"] != summary["before"]
+    cfg = json.loads((tmp_path / "out" / "final" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "base")
     again = Surgery(model={"path": str(tmp_path / "out" / "final"), "lora": lora}, tokenizer=tmp_path / "base",
                     streams=_streams(data), reference="adapter", eval=evals)
     got = again.evaluate()
@@ -361,6 +384,11 @@ def test_lora_final_dir_loads_as_the_trained_adapter(tok, data, tmp_path):
         assert got[name] == pytest.approx(metrics, rel=1e-6), name
     assert got["ppl"]["perplexity"] != pytest.approx(summary["before"]["ppl"]["perplexity"], rel=1e-3)
     assert again.trainable_names and all("lora_" in n for n in again.trainable_names)
+    # an adapter whose base is not a local folder (here: a base built from model.config) says so
+    Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="adapter", lora=lora,
+            train=_train(steps=1)).save_final(tmp_path / "cfg_final")
+    with pytest.raises(ValueError, match="base model None is not a local directory"):
+        load_model(str(tmp_path / "cfg_final"))
 
 
 def test_trainable_patterns_only_train_those(tok, data):
