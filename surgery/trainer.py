@@ -93,8 +93,6 @@ class Surgery:
             raise ValueError(f"stream names must be unique, got {names}")
         self.eval_sets = [e if isinstance(e, EvalSet) else EvalSet(**e) for e in eval]
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        if reference == "cache" and self.output_dir is None and any(s.loss == "kl" for s in self.streams):
-            raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
         self.on_step = on_step
         self.dist = distributed.init()
         self.history: list[dict] = []
@@ -464,7 +462,11 @@ class Surgery:
         return new
 
     def _refuse_earlier_checkpoint(self, resume: bool) -> None:
-        """A fresh run does not take over an output_dir with another run's checkpoint in it."""
+        """Checks a training run makes before any work (evaluate() alone needs neither): a fresh
+        run does not take over an output_dir with another run's checkpoint in it, and the cache
+        reference needs an output_dir."""
+        if self.reference_mode == "cache" and self.output_dir is None and any(s.loss == "kl" for s in self.streams):
+            raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
         if not resume and self.step == 0 and self.output_dir is not None \
                 and ckpt.exists(self.output_dir / "checkpoint"):
             raise ValueError(f"{self.output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "

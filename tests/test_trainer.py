@@ -245,6 +245,19 @@ def test_output_dir_of_an_earlier_run(tok, data, tmp_path):
     assert (g["eps"], g["weight_decay"], tuple(g["betas"])) == (1e-3, 0.5, (0.5, 0.6)) and more.step == 4
 
 
+def test_cache_reference_needs_an_output_dir_to_train_not_to_evaluate(tok, data):
+    """reference='cache' without output_dir: evaluate() runs (it needs no reference); run() and
+    train() refuse before any work (run() before its "before" evaluation)."""
+    _, _, r, _ = data
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="cache",
+                  train=_train(steps=1), eval=[EvalSet("ppl", r)])
+    assert "perplexity" in run.evaluate()["ppl"]
+    run.evaluate = lambda: pytest.fail("run() evaluated before refusing")
+    for call in (run.run, run.train):
+        with pytest.raises(ValueError, match="reference='cache' stores hidden states under output_dir"):
+            call()
+
+
 def test_final_dir_holds_only_the_last_model(tok, data, tmp_path):
     """final/ is replaced whole: a full model saved where a LoRA adapter was leaves no adapter
     files (which would load instead of it)."""
