@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -420,6 +421,44 @@ void check_target(int64_t t, int64_t V, int64_t ignore_index) {
                     ") or ignore_index=", ignore_index, ", got ", t);
 }
 
+// One side of a loss: the rows and head whose logits a chunk computes.
+struct Side {
+  const at::Tensor& hidden;
+  const at::Tensor& weight;
+  const std::optional<at::Tensor>& bias;
+};
+
+// The chunk driver of every op: per chunk of C rows, each side's logits by one GEMM into its
+// buffer (input dtype), then row(i, row, zp, fp) for the chunk's rows in parallel (zp[k]: side k's
+// logits of the chunk in the input dtype, fp[k] the float32 buffer for them, which is zp[k] itself
+// for float32 input; row i at offset i * V), then, with grads, the gradient GEMMs from side 0's
+// buffer (which the row pass has overwritten with the logit gradient).
+template <typename T, size_t S, typename RowFn>
+void for_each_chunk(const std::array<Side, S>& sides, int64_t N, int64_t C, int64_t V, Grads* grads, RowFn&& row) {
+  std::array<at::Tensor, S> zbuf, fbuf;
+  for (size_t k = 0; k < S; ++k) {
+    zbuf[k] = at::empty({C, V}, sides[k].hidden.options());
+    fbuf[k] = float_buffer(zbuf[k]);
+  }
+  for (int64_t s = 0; s < N; s += C) {
+    const int64_t r = std::min(C, N - s);
+    std::array<at::Tensor, S> z, zf;
+    std::array<T*, S> zp;
+    std::array<float*, S> fp;
+    for (size_t k = 0; k < S; ++k) {
+      z[k] = zbuf[k].narrow(0, 0, r);
+      zf[k] = fbuf[k].narrow(0, 0, r);
+      logits_gemm(z[k], sides[k].hidden.narrow(0, s, r), sides[k].weight, sides[k].bias);
+      zp[k] = z[k].template mutable_data_ptr<T>();
+      fp[k] = zf[k].template mutable_data_ptr<float>();
+    }
+    at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) row(i, s + i, zp, fp);
+    });
+    if (grads != nullptr) grads->accumulate(z[0], zf[0], sides[0].hidden, sides[0].weight, s, r);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cross-entropy.
 
@@ -480,8 +519,6 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
   const bool with_grad = coeff.has_value();
   const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.0f;
   const double acap = ascent_cap.value_or(0.0);
-  at::Tensor zbuf = at::empty({C, V}, hidden.options());
-  at::Tensor fbuf = float_buffer(zbuf);
   const int64_t* tgt = target.const_data_ptr<int64_t>();
   const float* cf = with_grad ? coeff->const_data_ptr<float>() : nullptr;
   float* ce_p = ce.mutable_data_ptr<float>();
@@ -490,28 +527,18 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
   dispatch_dtype(hidden.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T* b = row_bias<T>(bias);
-    for (int64_t s = 0; s < N; s += C) {
-      const int64_t r = std::min(C, N - s);
-      at::Tensor z = zbuf.narrow(0, 0, r), zf = fbuf.narrow(0, 0, r);
-      logits_gemm(z, hidden.narrow(0, s, r), weight, bias);
-      T* zp = z.mutable_data_ptr<T>();
-      float* fp = zf.mutable_data_ptr<float>();
-      at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t row = s + i;
-          float* x = fp + i * V;
-          const int64_t t = tgt[row];
-          check_target(t, V, ignore_index);
-          load_row<T>(x, zp + i * V, b, V);
-          const CeRow res = ce_row_(x, V, t, t != ignore_index, with_grad ? cf[row] : 0.0f, cap, with_grad,
-                                    ascent_cap.has_value() ? &acap : nullptr);
-          lse_p[row] = res.lse;
-          ce_p[row] = res.ce;
-          if (with_grad) store_row<T>(zp + i * V, x, V);
-        }
-      });
-      if (with_grad) grads.accumulate(z, zf, hidden, weight, s, r);
-    }
+    std::array<Side, 1> sides{Side{hidden, weight, bias}};
+    for_each_chunk<T>(sides, N, C, V, with_grad ? &grads : nullptr, [&](int64_t i, int64_t row, auto& zp, auto& fp) {
+      float* x = fp[0] + i * V;
+      const int64_t t = tgt[row];
+      check_target(t, V, ignore_index);
+      load_row<T>(x, zp[0] + i * V, b, V);
+      const CeRow res = ce_row_(x, V, t, t != ignore_index, with_grad ? cf[row] : 0.0f, cap, with_grad,
+                                ascent_cap.has_value() ? &acap : nullptr);
+      lse_p[row] = res.lse;
+      ce_p[row] = res.ce;
+      if (with_grad) store_row<T>(zp[0] + i * V, x, V);
+    });
   });
   grads.finish(N);
   return {ce, lse};
@@ -535,38 +562,26 @@ void ce_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
     return;
   }
   const float cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.0f;
-  at::Tensor zbuf = at::empty({C, V}, hidden.options());
-  at::Tensor fbuf = float_buffer(zbuf);
   const int64_t* tgt = target.const_data_ptr<int64_t>();
   const float* cf = coeff.const_data_ptr<float>();
 
   dispatch_dtype(hidden.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const T* b = row_bias<T>(bias);
-    for (int64_t s = 0; s < N; s += C) {
-      const int64_t r = std::min(C, N - s);
-      at::Tensor z = zbuf.narrow(0, 0, r), zf = fbuf.narrow(0, 0, r);
-      logits_gemm(z, hidden.narrow(0, s, r), weight, bias);
-      T* zp = z.mutable_data_ptr<T>();
-      float* fp = zf.mutable_data_ptr<float>();
-      at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t row = s + i;
-          float* x = fp + i * V;
-          const int64_t t = tgt[row];
-          check_target(t, V, ignore_index);
-          const float c = t != ignore_index ? cf[row] : 0.0f;
-          if (c == 0.0f) {
-            std::fill(x, x + V, 0.0f);
-          } else {
-            load_row<T>(x, zp + i * V, b, V);
-            ce_row_(x, V, t, true, c, cap, true, nullptr);
-          }
-          store_row<T>(zp + i * V, x, V);
-        }
-      });
-      grads.accumulate(z, zf, hidden, weight, s, r);
-    }
+    std::array<Side, 1> sides{Side{hidden, weight, bias}};
+    for_each_chunk<T>(sides, N, C, V, &grads, [&](int64_t i, int64_t row, auto& zp, auto& fp) {
+      float* x = fp[0] + i * V;
+      const int64_t t = tgt[row];
+      check_target(t, V, ignore_index);
+      const float c = t != ignore_index ? cf[row] : 0.0f;
+      if (c == 0.0f) {
+        std::fill(x, x + V, 0.0f);
+      } else {
+        load_row<T>(x, zp[0] + i * V, b, V);
+        ce_row_(x, V, t, true, c, cap, true, nullptr);
+      }
+      store_row<T>(zp[0] + i * V, x, V);
+    });
   });
 }
 
@@ -607,8 +622,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
   }
   const bool with_grad = coeff.has_value();
   const float inv_t = static_cast<float>(1.0 / temperature);
-  at::Tensor zbuf = at::empty({C, V}, hidden.options()), rzbuf = at::empty({C, V}, hidden.options());
-  at::Tensor fbuf = float_buffer(zbuf), rfbuf = float_buffer(rzbuf);
   const bool* mk = mask.const_data_ptr<bool>();
   const float* cf = with_grad ? coeff->const_data_ptr<float>() : nullptr;
   float* kl_p = kl.mutable_data_ptr<float>();
@@ -619,48 +632,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
     using T = decltype(tag);
     const T* b = row_bias<T>(bias);
     const T* rb = row_bias<T>(ref_bias);
-    for (int64_t s = 0; s < N; s += C) {
-      const int64_t r = std::min(C, N - s);
-      at::Tensor z = zbuf.narrow(0, 0, r), zf = fbuf.narrow(0, 0, r);
-      at::Tensor zr = rzbuf.narrow(0, 0, r), zrf = rfbuf.narrow(0, 0, r);
-      logits_gemm(z, hidden.narrow(0, s, r), weight, bias);
-      logits_gemm(zr, ref_hidden.narrow(0, s, r), ref_weight, ref_bias);
-      T* zp = z.mutable_data_ptr<T>();
-      T* zrp = zr.mutable_data_ptr<T>();
-      float* fp = zf.mutable_data_ptr<float>();
-      float* rfp = zrf.mutable_data_ptr<float>();
-      at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t row = s + i;
-          float* x = fp + i * V;
-          float* y = rfp + i * V;
-          load_row<T>(x, zp + i * V, b, V);
-          load_row<T>(y, zrp + i * V, rb, V);
-          const float mx = transform_max_(x, V, 0.0f, inv_t);
-          const float my = transform_max_(y, V, 0.0f, inv_t);
-          const double lsx = std::log(sum_exp(x, V, mx)), lsy = std::log(sum_exp(y, V, my));
-          lse_p[row] = static_cast<float>(mx + lsx);
-          rlse_p[row] = static_cast<float>(my + lsy);
-          const float fx = static_cast<float>(lsx), fy = static_cast<float>(lsy);
-          const bool live = mk[row];
-          const float c = with_grad && live ? cf[row] * inv_t : 0.0f;
-          double k = 0.0;
-          if (live) {
-            if (!reverse) {
-              k = kl_forward_row_(x, y, V, mx, fx, my, fy, c);
-            } else {
-              k = kl_reverse_row_(x, y, V, mx, fx, my, fy, c != 0.0f);
-              if (c != 0.0f) kl_reverse_grad_(x, y, V, static_cast<float>(k), c);
-            }
-          }
-          kl_p[row] = static_cast<float>(k);
-          if (!with_grad) continue;
-          if (c == 0.0f) std::fill(x, x + V, 0.0f);
-          store_row<T>(zp + i * V, x, V);
+    std::array<Side, 2> sides{Side{hidden, weight, bias}, Side{ref_hidden, ref_weight, ref_bias}};
+    for_each_chunk<T>(sides, N, C, V, with_grad ? &grads : nullptr, [&](int64_t i, int64_t row, auto& zp, auto& fp) {
+      float* x = fp[0] + i * V;
+      float* y = fp[1] + i * V;
+      load_row<T>(x, zp[0] + i * V, b, V);
+      load_row<T>(y, zp[1] + i * V, rb, V);
+      const float mx = transform_max_(x, V, 0.0f, inv_t);
+      const float my = transform_max_(y, V, 0.0f, inv_t);
+      const double lsx = std::log(sum_exp(x, V, mx)), lsy = std::log(sum_exp(y, V, my));
+      lse_p[row] = static_cast<float>(mx + lsx);
+      rlse_p[row] = static_cast<float>(my + lsy);
+      const float fx = static_cast<float>(lsx), fy = static_cast<float>(lsy);
+      const bool live = mk[row];
+      const float c = with_grad && live ? cf[row] * inv_t : 0.0f;
+      double k = 0.0;
+      if (live) {
+        if (!reverse) {
+          k = kl_forward_row_(x, y, V, mx, fx, my, fy, c);
+        } else {
+          k = kl_reverse_row_(x, y, V, mx, fx, my, fy, c != 0.0f);
+          if (c != 0.0f) kl_reverse_grad_(x, y, V, static_cast<float>(k), c);
         }
-      });
-      if (with_grad) grads.accumulate(z, zf, hidden, weight, s, r);
-    }
+      }
+      kl_p[row] = static_cast<float>(k);
+      if (!with_grad) return;
+      if (c == 0.0f) std::fill(x, x + V, 0.0f);
+      store_row<T>(zp[0] + i * V, x, V);
+    });
   });
   grads.finish(N);
   return {kl, lse, rlse};
@@ -686,8 +685,6 @@ void kl_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
     return;
   }
   const float inv_t = static_cast<float>(1.0 / temperature);
-  at::Tensor zbuf = at::empty({C, V}, hidden.options()), rzbuf = at::empty({C, V}, hidden.options());
-  at::Tensor fbuf = float_buffer(zbuf), rfbuf = float_buffer(rzbuf);
   const float* cf = coeff.const_data_ptr<float>();
   const float* kl_p = kl.const_data_ptr<float>();
 
@@ -695,40 +692,26 @@ void kl_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
     using T = decltype(tag);
     const T* b = row_bias<T>(bias);
     const T* rb = row_bias<T>(ref_bias);
-    for (int64_t s = 0; s < N; s += C) {
-      const int64_t r = std::min(C, N - s);
-      at::Tensor z = zbuf.narrow(0, 0, r), zf = fbuf.narrow(0, 0, r);
-      at::Tensor zr = rzbuf.narrow(0, 0, r), zrf = rfbuf.narrow(0, 0, r);
-      logits_gemm(z, hidden.narrow(0, s, r), weight, bias);
-      logits_gemm(zr, ref_hidden.narrow(0, s, r), ref_weight, ref_bias);
-      T* zp = z.mutable_data_ptr<T>();
-      T* zrp = zr.mutable_data_ptr<T>();
-      float* fp = zf.mutable_data_ptr<float>();
-      float* rfp = zrf.mutable_data_ptr<float>();
-      at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t row = s + i;
-          float* x = fp + i * V;
-          const float c = cf[row] * inv_t;
-          if (c == 0.0f) {
-            std::fill(x, x + V, 0.0f);
-          } else {
-            float* y = rfp + i * V;
-            load_row<T>(x, zp + i * V, b, V);
-            load_row<T>(y, zrp + i * V, rb, V);
-            // Row statistics are recomputed rather than read from lse/ref_lse: a float lse is
-            // not exact enough to form exp(z - lse) for logits ~1e4.
-            const float mx = transform_max_(x, V, 0.0f, inv_t);
-            const float my = transform_max_(y, V, 0.0f, inv_t);
-            const float lsx = static_cast<float>(std::log(sum_exp(x, V, mx)));
-            const float lsy = static_cast<float>(std::log(sum_exp(y, V, my)));
-            kl_grad_(x, y, V, mx, lsx, my, lsy, kl_p[row], c, reverse);
-          }
-          store_row<T>(zp + i * V, x, V);
-        }
-      });
-      grads.accumulate(z, zf, hidden, weight, s, r);
-    }
+    std::array<Side, 2> sides{Side{hidden, weight, bias}, Side{ref_hidden, ref_weight, ref_bias}};
+    for_each_chunk<T>(sides, N, C, V, &grads, [&](int64_t i, int64_t row, auto& zp, auto& fp) {
+      float* x = fp[0] + i * V;
+      const float c = cf[row] * inv_t;
+      if (c == 0.0f) {
+        std::fill(x, x + V, 0.0f);
+      } else {
+        float* y = fp[1] + i * V;
+        load_row<T>(x, zp[0] + i * V, b, V);
+        load_row<T>(y, zp[1] + i * V, rb, V);
+        // Row statistics are recomputed rather than read from lse/ref_lse: a float lse is
+        // not exact enough to form exp(z - lse) for logits ~1e4.
+        const float mx = transform_max_(x, V, 0.0f, inv_t);
+        const float my = transform_max_(y, V, 0.0f, inv_t);
+        const float lsx = static_cast<float>(std::log(sum_exp(x, V, mx)));
+        const float lsy = static_cast<float>(std::log(sum_exp(y, V, my)));
+        kl_grad_(x, y, V, mx, lsx, my, lsy, kl_p[row], c, reverse);
+      }
+      store_row<T>(zp[0] + i * V, x, V);
+    });
   });
 }
 
