@@ -43,9 +43,9 @@ def same_dtype(ref_name: str, ref: torch.Tensor, *, autocast: torch.dtype | None
                 f"(cast one, or run under torch.autocast)")
 
 
-def hidden_weight_bias(prefix: str, hidden, weight, bias, *, match_dtypes: bool = True) -> None:
-    """hidden (..., H), weight (V, H), bias (V,) | None; of one dtype if ``match_dtypes`` (under
-    autocast the dtypes are checked after its cast instead)."""
+def hidden_weight_bias(prefix: str, hidden, weight, bias) -> None:
+    """hidden (..., H), weight (V, H), bias (V,) | None, on one device. Their dtypes are checked
+    with the other inputs' after autocast's cast (functional._autocast)."""
     tensor(f"{prefix}hidden", hidden, floating=True)
     if hidden.dim() < 1:
         raise ValueError(f"{prefix}hidden must have shape (..., H), got a 0-d tensor")
@@ -63,8 +63,6 @@ def hidden_weight_bias(prefix: str, hidden, weight, bias, *, match_dtypes: bool 
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{prefix}bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
     same_device(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
-    if match_dtypes:
-        same_dtype(f"{prefix}hidden", hidden, **{f"{prefix}weight": weight, f"{prefix}bias": bias})
 
 
 def per_token(name: str, x, hidden: torch.Tensor, *, kind: str) -> None:

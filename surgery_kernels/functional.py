@@ -12,19 +12,18 @@ from .autograd import LinearCrossEntropyFunction, LinearKLDivFunction
 from .backends import resolve
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype of an enabled torch.autocast on this device type, else None."""
+def _autocast(device_type: str, **tensors):
+    """The named tensors (None allowed), cast for an enabled torch.autocast on ``device_type``, all
+    of one dtype — else a TypeError naming the one that differs from the first. Under autocast the
+    GEMMs run in its dtype, as nn.Linear's would: float32 and 16-bit tensors are cast to it,
+    float64 ones are not (autocast leaves float64 alone)."""
+    dt = None
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _autocast(dt: torch.dtype | None, *tensors):
-    """Under torch.autocast (``dt``) the GEMMs run in its dtype, as nn.Linear's would: float32 and
-    16-bit tensors are cast to it, float64 ones are not (autocast leaves float64 alone)."""
-    if dt is None:
-        return tensors
-    return tuple(t if t is None or t.dtype == torch.float64 else t.to(dt) for t in tensors)
+        dt = torch.get_autocast_dtype(device_type)
+        tensors = {k: t if t is None or t.dtype == torch.float64 else t.to(dt) for k, t in tensors.items()}
+    (first, ref), *rest = tensors.items()
+    checks.same_dtype(first, ref, autocast=dt, **dict(rest))
+    return tuple(tensors.values())
 
 
 def _needs(*tensors) -> tuple[bool, bool, bool]:
@@ -56,8 +55,7 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     gradient. With "mean"/"sum" this logs per-token or per-group losses while keeping the
     one-pass gradients ("none" recomputes the logits in its backward).
     """
-    autocast = _autocast_dtype(hidden.device.type) if isinstance(hidden, torch.Tensor) else None
-    checks.hidden_weight_bias("", hidden, weight, bias, match_dtypes=autocast is None)
+    checks.hidden_weight_bias("", hidden, weight, bias)
     checks.per_token("target", target, hidden, kind="int")
     checks.per_token("token_weight", token_weight, hidden, kind="float")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -68,12 +66,10 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     checks.target_range(target, ignore_index, weight.shape[0])
     checks.flag("return_values", return_values)
     device_type = hidden.device.type
+    h, w, b = _autocast(device_type, hidden=hidden, weight=weight, bias=bias)
     name = resolve(backend, device_type)
 
     needs = _needs(hidden, weight, bias)
-    h, w, b = _autocast(autocast, hidden, weight, bias)
-    if autocast is not None:
-        checks.same_dtype("hidden", h, autocast=autocast, weight=w, bias=b)
     lead = target.shape
     h = h.reshape(-1, h.shape[-1])
     t = target.reshape(-1).to(torch.int64)
@@ -98,9 +94,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     ``return_values`` (unweighted per-token ``kl_i``, 0 where masked) as in
     :func:`linear_cross_entropy`, the mean dividing by the number of unmasked tokens.
     """
-    autocast = _autocast_dtype(hidden.device.type) if isinstance(hidden, torch.Tensor) else None
-    checks.hidden_weight_bias("", hidden, weight, bias, match_dtypes=autocast is None)
-    checks.hidden_weight_bias("ref_", ref_hidden, ref_weight, ref_bias, match_dtypes=autocast is None)
+    checks.hidden_weight_bias("", hidden, weight, bias)
+    checks.hidden_weight_bias("ref_", ref_hidden, ref_weight, ref_bias)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have the vocabulary size of weight (V = {weight.shape[0]}), "
                          f"got shape {tuple(ref_weight.shape)}")
@@ -115,8 +110,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     checks.common(reduction, backend, chunk_size)
     checks.flag("return_values", return_values)
     device_type = hidden.device.type
-    h, w, b, rh, rw, rb = _autocast(autocast, hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    checks.same_dtype("hidden", h, autocast=autocast, weight=w, bias=b, ref_hidden=rh, ref_weight=rw, ref_bias=rb)
+    h, w, b, rh, rw, rb = _autocast(device_type, hidden=hidden, weight=weight, bias=bias,
+                                    ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
     name = resolve(backend, device_type)
 
     needs = _needs(hidden, weight, bias)
