@@ -253,6 +253,16 @@ def _merge(base, over):
     return copy.deepcopy(over)
 
 
+def _absolute(p, base: str | Path):
+    """A path value (str or Path; anything else, e.g. None or inline records, as it is) as an
+    absolute path string, relative ones taken from ``base``. Absolute, because a LoRA run's adapter
+    records its base model's path, which must not depend on the directory the run started from."""
+    if not isinstance(p, (str, Path)):
+        return p
+    p = Path(p).expanduser()
+    return str(p if p.is_absolute() else (Path(base) / p).resolve())
+
+
 # The keys whose values are file or directory paths.
 PATH_KEYS = ("path", "tokenizer", "data", "output_dir")
 
@@ -272,9 +282,8 @@ def apply_override(cfg: dict, assignment: str, cwd: str | Path | None = None) ->
     except yaml.YAMLError as e:
         raise ValueError(f"--set {assignment!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
     parts = key.strip().split(".")
-    if cwd is not None and parts[-1] in PATH_KEYS and isinstance(value, str) and value:
-        p = Path(value).expanduser()
-        value = str(p if p.is_absolute() else Path(cwd).resolve() / p)
+    if cwd is not None and parts[-1] in PATH_KEYS and value:
+        value = _absolute(value, cwd)
     node = cfg
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -323,12 +332,7 @@ def config_from_dict(raw: Mapping, base_dir: str | Path | None = None) -> Surger
         raise ValueError("config has no streams")
 
     def rel(p):
-        if p is None or not isinstance(p, (str, Path)) or base_dir is None:
-            return p
-        p = Path(p).expanduser()
-        # absolute: a LoRA run's adapter records its base model's path, which must not depend on
-        # the directory the run was started from
-        return str(p if p.is_absolute() else (Path(base_dir) / p).resolve())
+        return p if base_dir is None else _absolute(p, base_dir)
 
     m = dict(raw["model"])
     _only(m, ModelConfig, "model")
