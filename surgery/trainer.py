@@ -415,7 +415,7 @@ class Surgery:
     def train(self, resume: bool = False) -> list[dict]:
         """Train up to ``train.steps`` steps (continuing from the checkpoint with ``resume=True``).
         Returns the per-step metrics of this run (also in ``self.history`` and metrics.jsonl)."""
-        self._refuse_earlier_checkpoint(resume)
+        self._check_before_training(resume)
         if self.step == 0:  # a second train() on this object continues its RNG streams, as one run would
             self._seed()
         self._setup()
@@ -461,7 +461,7 @@ class Surgery:
             self.save_checkpoint()
         return new
 
-    def _refuse_earlier_checkpoint(self, resume: bool) -> None:
+    def _check_before_training(self, resume: bool) -> None:
         """Checks a training run makes before any work (evaluate() alone needs neither): a fresh
         run does not take over an output_dir with another run's checkpoint in it, and the cache
         reference needs an output_dir."""
@@ -476,7 +476,7 @@ class Surgery:
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Evaluate before, train, evaluate after; write final/ and summary.json. Returns the summary."""
         t0 = time.perf_counter()
-        self._refuse_earlier_checkpoint(resume)  # before the evaluation, not after it
+        self._check_before_training(resume)  # before the evaluation, not after it
         if self._before is None and not (resume and self.output_dir is not None
                                          and ckpt.exists(self.output_dir / "checkpoint")):
             self._before = self.evaluate()
