@@ -18,8 +18,6 @@ Errors are norm-wise relative to the float64 reference: float32 <= 1e-5; bf16/fp
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -68,17 +66,6 @@ def fused_backward(monkeypatch):
     """The fused backward kernels (ce.py / kl.py, float32 atomics) instead of the default path."""
     from surgery_kernels.backends import triton_fused
     monkeypatch.setattr(triton_fused, "BACKWARD", "fused")
-
-
-@contextlib.contextmanager
-def _setting(module, name, value):
-    """``module.name = value`` inside the block."""
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
 
 
 def _rel(x, ref):
@@ -683,7 +670,8 @@ def test_tail_workspace(device, dtype, monkeypatch):
         hh, ww, bb = (_leaf(x.to(dtype)) for x in (h, w, b))
         ce = torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, softcap=4.0,
                                                       ascent_cap=5.0, backend="triton"), (hh, ww, bb))
-        with _setting(rows, "WORKSPACE_BYTES", 2 * rows.WORKSPACE_BYTES):
+        with monkeypatch.context() as mp:
+            mp.setattr(rows, "WORKSPACE_BYTES", 2 * rows.WORKSPACE_BYTES)
             kl = torch.autograd.grad(linear_kl_div(hh, ww, rh.to(dtype), rw.to(dtype), bias=bb,
                                                    ref_bias=rb.to(dtype), direction="reverse", backend="triton"),
                                      (hh, ww, bb))
@@ -692,7 +680,8 @@ def test_tail_workspace(device, dtype, monkeypatch):
     separate = grads()
     monkeypatch.setattr(rows, "TAIL_WORKSPACE", True)
     for sides in (1, 2):
-        with _setting(rows, "WORKSPACE_BYTES", sides * rows.WORKSPACE_BYTES):
+        with monkeypatch.context() as mp:
+            mp.setattr(rows, "WORKSPACE_BYTES", sides * rows.WORKSPACE_BYTES)
             ws = rows.Workspace(h.to(dtype), v, [dtype] * sides, None, True)
             assert ws.tail and 5 <= len(ws.bounds) <= 6
     t2 = t.clone()
@@ -700,7 +689,8 @@ def test_tail_workspace(device, dtype, monkeypatch):
     up = torch.randn(n, generator=torch.Generator().manual_seed(4)).to(device)
     _check_ce(device, dtype, h, w, t2, bias=b, token_weight=tw, softcap=5.0, reduction="none", upstream=up)
     mask = torch.arange(n, device=device) % 5 != 0
-    with _setting(rows, "WORKSPACE_BYTES", 2 * rows.WORKSPACE_BYTES):
+    with monkeypatch.context() as mp:
+        mp.setattr(rows, "WORKSPACE_BYTES", 2 * rows.WORKSPACE_BYTES)
         for direction in ("forward", "reverse"):
             _check_kl(device, dtype, h, w, b, rh, rw, rb, mask=mask, direction=direction)
     tail = grads()

@@ -160,7 +160,7 @@ def tail_plan(n: int, h: int, v: int, sides: int, extra: int):
     (bounds [(s, e)], per chunk the start of each side's logits, the buffer's length), the
     buffer only as long as the chunks need."""
     slack = sides * ALIGN  # every side starts aligned
-    extra = max(extra, sides * v + slack)  # at least one row of logits per side
+    extra = max(extra, sides * v + slack)  # at least one row of logits per side: rows >= 1 below
     bounds, offsets, end = [], [], n * h
     s = 0
     while s < n:
@@ -169,7 +169,7 @@ def tail_plan(n: int, h: int, v: int, sides: int, extra: int):
             rows = n - s
         elif rows >= 128:  # a multiple of 128 for the GEMMs' tiles, unless it is the last chunk
             rows = rows // 128 * 128
-        e = s + max(1, rows)
+        e = s + rows
         starts, off = [], _align(e * h)
         for _ in range(sides):
             starts.append(off)
