@@ -3,6 +3,8 @@
 - ``fused``: the trainer's own step (``Surgery._train_step``): one forward of all streams through the
   base model, one signed ``linear_cross_entropy`` for the 3 CE streams, one ``linear_kl_div`` for
   the retain stream; no logits.
+- ``fused-mb1``: the same step with ``train.micro_batch_size=1``: one forward/backward pass per row
+  (here: per stream), so the activations of one row at a time, as the ``hf`` path holds them.
 - ``hf``: what the authors' code does: per stream ``model(input_ids, attention_mask, labels=...)``
   (its ``.loss`` is the mean CE over materialized logits) and, for the retain stream, the
   ``.logits`` of the model and of the reference turned into the token-level KL; the same signed,
@@ -94,9 +96,8 @@ def _hf_step(run):
     from surgery.data import IGNORE
     from surgery.modeling import is_peft
 
-    b, kb, rows, n_ce = run._batch()
-    b = b.to(run.device)
-    kb = None if kb is None else kb.to(run.device)
+    (p,), rows = run._passes()  # micro_batch_size is None outside the fused-mb1 step: one pass
+    b, kb, n_ce = p.batch, p.kl_batch, p.n_ce
     model = run.model
     model.train()
     total = 0.0
@@ -193,7 +194,14 @@ def measure(args, run, variants) -> list[dict]:
     machine load hits both alike. Peak memory per step is over the memory held just before it
     (weights, reference, optimizer state; gradients are freed between steps)."""
     device = args.device
-    steps = {"fused": lambda: run._train_step(), "hf": lambda: _hf_step(run)}
+    def fused(micro_batch_size):
+        run.cfg.micro_batch_size = micro_batch_size
+        try:
+            return run._train_step()
+        finally:
+            run.cfg.micro_batch_size = None
+
+    steps = {"fused": lambda: fused(None), "fused-mb1": lambda: fused(1), "hf": lambda: _hf_step(run)}
     start = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
     losses = {}
     for v in variants:
@@ -232,7 +240,7 @@ def measure(args, run, variants) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="Llama-2-7B shape on CUDA, bf16, LoRA, length 4096")
-    p.add_argument("--variants", default="fused,hf")
+    p.add_argument("--variants", default="fused,hf", help="comma-separated: fused, fused-mb1, hf")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--hidden", type=int)
@@ -250,6 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", help="default: cuda with --gpu, else cpu (--gpu --device cpu with small sizes "
                                     "smoke-tests the GPU recipe on a CPU)")
     args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - {"fused", "fused-mb1", "hf"}
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from fused, fused-mb1, hf")
     big = dict(hidden=4096, intermediate=11008, layers=32, heads=32, length=4096)
     small = dict(hidden=512, intermediate=1376, layers=4, heads=8, length=256)
     for k, v in (big if args.gpu else small).items():
@@ -280,15 +291,15 @@ def main(argv=None) -> int:
     print(f"# one surgery step — {machine} — torch {torch.__version__}")
     print(f"# {shape}; median of {args.steps} steps per variant, alternating, after {args.warmup} warm-up")
     mem = not (args.time_only and args.device == "cpu")
-    print(f"{'variant':<8} {'step s':>9} {'tokens/s':>10} {'peak extra MiB':>15}  first-step losses")
+    print(f"{'variant':<10} {'step s':>9} {'tokens/s':>10} {'peak extra MiB':>15}  first-step losses")
     for r in rows:
         peak = f"{r['peak_extra_mib']:>15.0f}" if mem else f"{'-':>15}"
-        print(f"{r['variant']:<8} {r['median_s']:>9.3f} {r['tokens'] / r['median_s']:>10.0f} {peak}  "
+        print(f"{r['variant']:<10} {r['median_s']:>9.3f} {r['tokens'] / r['median_s']:>10.0f} {peak}  "
               f"{r['first_step_losses']}")
-    if len(rows) == 2:
-        f, h = rows
+    f = rows[0]
+    for h in rows[1:]:
         ratio = f", peak memory x{h['peak_extra_mib'] / max(f['peak_extra_mib'], 1e-9):.2f}" if mem else ""
-        print(f"# hf / fused: time x{h['median_s'] / f['median_s']:.2f}{ratio}")
+        print(f"# {h['variant']} / {f['variant']}: time x{h['median_s'] / f['median_s']:.2f}{ratio}")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "shape": shape, "rows": rows}, indent=2))
     return 0

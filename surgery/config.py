@@ -95,6 +95,11 @@ class TrainConfig:
     warmup_steps: int = 0
     # Records per stream per step (per process under torchrun).
     batch_size: int = 1
+    # Rows (records of all streams, CE streams first) per forward/backward pass; a step's passes add
+    # their gradients before the one optimizer step, and each stream's mean still runs over all its
+    # tokens of the step: the same objective and gradient as one pass, with the activations of only
+    # micro_batch_size rows held at a time. None: all rows of a step in one pass (fastest).
+    micro_batch_size: int | None = None
     max_length: int = 4096
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -117,6 +122,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "max_length"):
             _positive_int_or_none(f"train.{name}", getattr(self, name), allow_none=False)
+        _positive_int_or_none("train.micro_batch_size", self.micro_batch_size)
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

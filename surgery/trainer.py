@@ -15,7 +15,9 @@ directory, a :class:`~surgery.config.ModelConfig` or its dict.
 Each step: one batch per stream (``StreamSampler``), all streams padded to one length and run
 through the model once (when short CE rows sit next to long KL rows: the CE rows and the KL rows
 as two batches of their own lengths, ``SPLIT_PADDING_RATIO``), the loss of ``SurgeryObjective``,
-backward, clip, AdamW. Per step one line in ``metrics.jsonl``: ``step``, ``loss/total``,
+backward, clip, AdamW. With ``train.micro_batch_size`` the step's rows go through the model and
+backward in passes of that many rows whose gradients add up (the per-stream token counts are
+the step's, so it is the same objective), before the one clip and AdamW step. Per step one line in ``metrics.jsonl``: ``step``, ``loss/total``,
 ``loss/<stream>`` (that stream's own mean CE or KL, before sign and weight; with ``ascent_cap``,
 capped tokens count at their real CE), with ``ascent_cap`` ``capped/<stream>`` (the fraction of an
 ascent stream's tokens past the cap, which no longer train), ``grad_norm``, ``lr``, ``tokens``,
@@ -57,6 +59,27 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+@dataclasses.dataclass
+class _Pass:
+    """One forward/backward pass of a step: its rows (CE rows first) as one batch, or as ``batch``
+    (CE rows) and ``kl_batch`` (KL rows) at their own lengths; ``rows``: per stream, its rows in
+    the pass ((a, a) where it has none); ``live_ce`` / ``live_kl``: live-token masks of the CE and
+    KL rows; ``start``, ``stop``: the pass's rows in the step."""
+
+    batch: Batch
+    kl_batch: Batch | None
+    rows: list[tuple[int, int]]
+    n_ce: int
+    live_ce: torch.Tensor
+    live_kl: torch.Tensor
+    start: int
+    stop: int
+
+    def live(self, a: int, z: int) -> torch.Tensor:
+        """Live-token mask of the pass's rows [a, z) (all CE rows or all KL rows)."""
+        return self.live_ce[a:z] if z <= self.n_ce else self.live_kl[a - self.n_ce:z - self.n_ce]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -215,25 +238,25 @@ class Surgery:
     # (under FSDP every forward gathers the sharded weights once more).
     SPLIT_PADDING_RATIO = 1.25
 
-    def _batch(self) -> tuple[Batch, Batch | None, list[tuple[int, int]], int]:
-        """This process's rows for the step, CE streams first, then KL streams: (batch, kl_batch,
-        rows per stream, number of CE rows). kl_batch is None when all rows share ``batch``;
-        otherwise ``batch`` holds the CE rows and ``kl_batch`` the KL rows, each at its own length."""
+    def _draw(self) -> tuple[list, list[int], list[tuple[int, int]], int]:
+        """This process's records for the step, CE streams first, then KL streams: (examples, their
+        record indices, rows (start, stop) of each stream, number of CE rows)."""
         order = [i for i, s in enumerate(self.streams) if s.loss != "kl"] + \
                 [i for i, s in enumerate(self.streams) if s.loss == "kl"]
-        parts = []
+        examples, index, rows = [], [], {}
         for i in order:
             bs = self.streams[i].batch_size or self.cfg.batch_size
             idx = self._samplers[i].draw(bs, self.dist.rank, self.dist.world_size)
-            parts.append((i, idx))
-        examples, index, rows, r = [], [], {}, 0
-        for i, idx in parts:
+            rows[i] = (len(examples), len(examples) + len(idx))
             examples += [self._examples[i][j] for j in idx]
             index += idx
-            rows[i] = (r, r + len(idx))
-            r += len(idx)
-        n_ce = sum(len(idx) for i, idx in parts if self.streams[i].loss != "kl")
-        rows = [rows[i] for i in range(len(self.streams))]
+        n_ce = sum(z - a for i, (a, z) in rows.items() if self.streams[i].loss != "kl")
+        return examples, index, [rows[i] for i in range(len(self.streams))], n_ce
+
+    def _collate(self, examples, index, n_ce) -> tuple[Batch, Batch | None]:
+        """One forward pass's rows (CE rows first, n_ce of them) as (batch, kl_batch): kl_batch is
+        None when all rows share ``batch``; otherwise ``batch`` holds the CE rows and ``kl_batch``
+        the KL rows, each at its own length."""
         pad = self.tokenizer.pad_token_id
         if 0 < n_ce < len(examples):
             len_ce = max(len(e.ids) for e in examples[:n_ce])
@@ -244,53 +267,71 @@ class Surgery:
                                 dtype=torch.float64, device=self.device)
             self.dist.all_reduce_sum(cost)
             if float(cost[0]) > self.SPLIT_PADDING_RATIO * float(cost[1]):
-                return (collate(examples[:n_ce], pad, index[:n_ce]), collate(examples[n_ce:], pad, index[n_ce:]),
-                        rows, n_ce)
-        return collate(examples, pad, index), None, rows, n_ce
+                return collate(examples[:n_ce], pad, index[:n_ce]), collate(examples[n_ce:], pad, index[n_ce:])
+        return collate(examples, pad, index), None
+
+    def _passes(self) -> tuple[list[_Pass], list[tuple[int, int]]]:
+        """The step's forward/backward passes, ``train.micro_batch_size`` rows each (all rows in one
+        pass when it is None) in the order of ``_draw``, and the rows of each stream in the step."""
+        examples, index, rows, n_ce = self._draw()
+        n = len(examples)
+        m = self.cfg.micro_batch_size or n
+        out = []
+        for r0 in range(0, n, m):
+            r1 = min(r0 + m, n)
+            nc = min(max(n_ce - r0, 0), r1 - r0)
+            b, kb = self._collate(examples[r0:r1], index[r0:r1], nc)
+            b, kb = b.to(self.device), None if kb is None else kb.to(self.device)
+            live_ce, live_kl = (b.mask[:nc], b.mask[nc:]) if kb is None else (b.mask, kb.mask)
+            out.append(_Pass(b, kb, [(min(max(a, r0), r1) - r0, min(max(z, r0), r1) - r0) for a, z in rows],
+                             nc, live_ce, live_kl, r0, r1))
+        return out, rows
 
     def _train_step(self) -> dict:
         t0 = time.perf_counter()
         lr = self.cfg.lr * min(1.0, (self.step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else self.cfg.lr
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        b, kb, rows, n_ce = self._batch()
-        b = b.to(self.device)
-        kb = None if kb is None else kb.to(self.device)
-        # Row-wise live masks of the CE rows and the KL rows (one batch or two of their own lengths).
-        live_ce, live_kl = (b.mask[:n_ce], b.mask[n_ce:]) if kb is None else (b.mask, kb.mask)
-        row_live = [live_ce[a:z] if z <= n_ce else live_kl[a - n_ce:z - n_ce] for a, z in rows]
-        # Live tokens per stream over all processes: the per-stream means are global means.
-        counts = torch.stack([m.sum() for m in row_live]).to(torch.float64)
+        passes, rows = self._passes()
+        # Live tokens per stream over all passes and processes: the per-stream means are global
+        # means, so the passes' losses add up to the one-pass objective (and their gradients too).
+        counts = torch.stack([sum(p.live(*p.rows[k]).sum() for p in passes)
+                              for k in range(len(self.streams))]).to(torch.float64)
         self.dist.all_reduce_sum(counts)
-        # Per row: sign_s / N_s (token weight) and c_s (coefficient), built on the device (no host sync).
+        # Per row of the step: sign_s / N_s (token weight) and c_s (coefficient), built on the device (no host sync).
         row_stream = torch.tensor([k for k, (a, z) in enumerate(rows) for _ in range(a, z)], device=self.device)
         sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device)
         coef = torch.tensor([s.weight for s in self.streams], device=self.device)
         row_w = (sign / counts.clamp_min(1).to(torch.float32))[row_stream]
         row_c = coef[row_stream]
-        L_ce, L_kl = live_ce.shape[1], live_kl.shape[1]
-        ce_w = row_w[:n_ce, None].expand(-1, L_ce).contiguous()
-        ce_c = row_c[:n_ce, None].expand(-1, L_ce)
-        kl_w = row_w[n_ce:, None].expand(-1, L_kl).contiguous()
-        kl_c = row_c[n_ce:, None].expand(-1, L_kl)
-        ref = (None, None, None)
-        kl_rows = b.rows(n_ce) if kb is None else kb
-        with self._autocast():
-            if kl_rows.input_ids.shape[0]:
-                ref = self._reference_hidden(kl_rows, rows, n_ce, L_kl)
-            self.objective.train()
-            total, terms, capped = self.objective(
-                "loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=n_ce, ce_weight=ce_w, ce_coeff=ce_c,
-                kl_weight=kl_w, kl_coeff=kl_c, ref_hidden=ref[0], ref_weight=ref[1], ref_bias=ref[2],
-                stream_rows=rows, kl_batch=None if kb is None else (kb.input_ids, kb.attention_mask, kb.target))
-        # FSDP averages gradients over processes; each process's loss is already a share of the
-        # global objective, so scale back up to get its sum.
-        (total * self.dist.world_size).backward()
+        stats = torch.zeros(1 + 2 * len(self.streams), dtype=torch.float64, device=self.device)
+        for p in passes:
+            b, kb, nc = p.batch, p.kl_batch, p.n_ce
+            w, c = row_w[p.start:p.stop], row_c[p.start:p.stop]
+            L_ce, L_kl = p.live_ce.shape[1], p.live_kl.shape[1]
+            ce_w = w[:nc, None].expand(-1, L_ce).contiguous()
+            ce_c = c[:nc, None].expand(-1, L_ce)
+            kl_w = w[nc:, None].expand(-1, L_kl).contiguous()
+            kl_c = c[nc:, None].expand(-1, L_kl)
+            ref = (None, None, None)
+            kl_rows = b.rows(nc) if kb is None else kb
+            with self._autocast():
+                if kl_rows.input_ids.shape[0]:
+                    ref = self._reference_hidden(kl_rows, p.rows, nc, L_kl)
+                self.objective.train()
+                total, terms, capped = self.objective(
+                    "loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=nc, ce_weight=ce_w, ce_coeff=ce_c,
+                    kl_weight=kl_w, kl_coeff=kl_c, ref_hidden=ref[0], ref_weight=ref[1], ref_bias=ref[2],
+                    stream_rows=p.rows, kl_batch=None if kb is None else (kb.input_ids, kb.attention_mask, kb.target))
+            # FSDP averages gradients over processes; each process's loss is already a share of the
+            # global objective, so scale back up to get its sum. Passes add their gradients.
+            (total * self.dist.world_size).backward()
+            stats += torch.cat([total.detach().reshape(1).to(torch.float64), terms.detach().to(torch.float64),
+                                capped.to(torch.float64)])
+            del total, terms, capped, ref
         clip = self.cfg.clip if self.cfg.clip else float("inf")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        stats = torch.cat([total.detach().reshape(1).to(torch.float64), terms.to(torch.float64),
-                           capped.to(torch.float64)])
         self.dist.all_reduce_sum(stats)
         gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         m = {"step": self.step + 1, "loss/total": float(stats[0])}
@@ -316,7 +357,7 @@ class Surgery:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
-        ntok = int(float(self.dist.all_reduce_sum((live_ce.sum() + live_kl.sum()).to(torch.float64))))
+        ntok = int(float(counts.sum()))
         m.update({"grad_norm": gn, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt, "time_s": dt})
         return m
 
@@ -331,7 +372,7 @@ class Surgery:
         return torch.autocast(self.device.type, dtype=self._mp_dtype)
 
     def _reference_hidden(self, kb: Batch, rows, n_ce: int, L: int):
-        """The reference's final hidden states (and head) for the KL rows ``kb`` (rows n_ce... of the step)."""
+        """The reference's final hidden states (and head) for the KL rows ``kb`` (rows n_ce... of the pass)."""
         if isinstance(self._reference, AdapterReference):
             return None, None, None
         if isinstance(self._reference, CopyReference):
@@ -339,7 +380,7 @@ class Surgery:
         # Cache: per KL stream, its records' stored states, padded to L.
         outs, w, bias = [], None, None
         for k, (s, (a, z)) in enumerate(zip(self.streams, rows)):
-            if s.loss != "kl":
+            if s.loss != "kl" or a == z:
                 continue
             a, z = a - n_ce, z - n_ce
             h, w, bias = self._reference.hidden(s.name, kb.rows(a, z), L)

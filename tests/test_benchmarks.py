@@ -209,3 +209,25 @@ def test_triton_gpu_bars_verdicts():
     assert "forward KL, triton: meets (1.30x)" in text and "forward KL, triton 64 MiB: misses" in text
     assert "signed CE: floor 10.00 ms at the start, 10.50 ms at the end (+5.0 %)" in text
     assert "MEETS ALL" not in "\n".join(bars(rows[:5] + rows[6:]))  # no Liger measured: not established
+
+
+def test_train_step_variants_start_from_the_same_step(tmp_path):
+    """benchmarks/train_step.py on a tiny Llama: every variant's warm-up step starts from the same
+    parameters and records, so their first-step losses agree (the fused step, the fused step in
+    one-row passes, the Hugging Face labels= path)."""
+    from benchmarks import train_step
+
+    out = tmp_path / "step.json"
+    n = torch.get_num_threads()
+    try:
+        assert train_step.main(["--variants", "fused,fused-mb1,hf", "--hidden", "32", "--intermediate", "64",
+                                "--layers", "1", "--heads", "2", "--vocab", "300", "--length", "16", "--steps", "1",
+                                "--time-only", "--threads", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(n)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fused", "fused-mb1", "hf"]
+    first = rows[0]["first_step_losses"]
+    assert set(first) == {"total", "problematic", "outdated", "updated", "retain"}
+    for r in rows[1:]:
+        assert r["first_step_losses"] == pytest.approx(first, rel=1e-4, abs=1e-4), r["variant"]

@@ -19,7 +19,7 @@ from surgery.testing import all_words, fact_streams, tiny_llama, word_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str) -> Path:
+def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str, micro_batch_size=None) -> Path:
     import yaml
 
     u, p, r, q = fact_streams()
@@ -32,7 +32,8 @@ def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str) -
                     {"name": "retain", "data": "r.jsonl", "loss": "kl", "weight": 0.5}],
         "eval": [{"name": "qa", "data": "q.jsonl"}, {"name": "ppl", "data": "r.jsonl"}],
         "reference": reference,
-        "train": {"steps": 4, "lr": 1e-2, "batch_size": batch_size, "progress": False, "device": "cpu"},
+        "train": {"steps": 4, "lr": 1e-2, "batch_size": batch_size, "progress": False, "device": "cpu",
+                  "micro_batch_size": micro_batch_size},
         "output_dir": out,
     }
     path = tmp_path / f"{out}.yaml"
@@ -40,10 +41,12 @@ def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str) -
     return path
 
 
-@pytest.mark.parametrize("reference", ["copy", "cache"])
-def test_fsdp_two_ranks_match_one(tmp_path, reference):
+@pytest.mark.parametrize("reference,micro_batch_size", [("copy", None), ("cache", 2)])
+def test_fsdp_two_ranks_match_one(tmp_path, reference, micro_batch_size):
+    """micro_batch_size 2: each rank's 3 rows (one per stream) in two forward/backward passes per
+    step, [unlearn, update] and [retain] (sharded gradients add up over the passes)."""
     tok = word_tokenizer(all_words(), save_dir=tmp_path / "tok")
-    two = _config(tmp_path, tok, reference=reference, batch_size=1, out="two")
+    two = _config(tmp_path, tok, reference=reference, batch_size=1, out="two", micro_batch_size=micro_batch_size)
     one = _config(tmp_path, tok, reference=reference, batch_size=2, out="one")
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")

@@ -497,13 +497,46 @@ def test_ce_and_kl_rows_as_two_batches_equal_one(tok, data, monkeypatch, tmp_pat
         r_ = Surgery(model=_model(tok).double(), tokenizer=tok, streams=streams, train=_train(steps=3),
                      reference=reference, lora=lora, output_dir=tmp_path / f"{reference}-{ratio}")
         r_._setup()
-        splits.append(r_._batch()[1] is not None)
+        splits.append(r_._passes()[0][0].kl_batch is not None)
         r_.train()
         runs.append(r_)
     assert splits == [False, True]
     for k in ("loss/unlearn", "loss/update", "loss/retain"):
         assert runs[0].history[-1][k] == pytest.approx(runs[1].history[-1][k], rel=1e-12)
     _assert_same_params(runs[0].model, runs[1].model)
+
+
+@pytest.mark.parametrize("reference", ["copy", "cache", "adapter"])
+def test_micro_batches_equal_one_pass(tok, data, tmp_path, reference):
+    """train.micro_batch_size splits a step's rows into forward/backward passes whose gradients
+    add up: the run equals the one-pass run (float64: metrics and parameters to rounding) with each
+    kind of reference, with ascent_cap, for passes of one row, and of rows of several streams
+    (CE and KL rows of one pass as two batches of their own lengths)."""
+    u, p, r, _ = data
+    long_r = [{"text": " ".join(x["text"] for x in r[i:i + 4])} for i in range(len(r))]  # ~40 tokens
+    streams = [Stream("unlearn", u, "ascent", 0.1), Stream("update", p, "descent", 2.0),
+               Stream("retain", long_r, "kl", 0.5, batch_size=3)]  # 2 + 2 + 3 rows a step
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]} if reference == "adapter" else None
+    runs = {}
+    for mbs in (None, 1, 3):
+        run = Surgery(model=_model(tok).double(), tokenizer=tok, streams=streams, reference=reference, lora=lora,
+                      train=_train(steps=3, micro_batch_size=mbs, ascent_cap=4.4),
+                      output_dir=tmp_path / f"{reference}-{mbs}")
+        run._setup()
+        passes, _ = run._passes()
+        runs[mbs] = (run, [(ps.stop - ps.start, ps.n_ce, ps.kl_batch is not None) for ps in passes])
+        run.train()
+    assert runs[None][1] == [(7, 4, True)]
+    assert runs[1][1] == [(1, 1, False)] * 4 + [(1, 0, False)] * 3
+    assert runs[3][1] == [(3, 3, False), (3, 1, True), (1, 0, False)]
+    ref_hist = runs[None][0].history
+    assert any(m["capped/unlearn"] > 0 for m in ref_hist) and any(m["capped/unlearn"] < 1 for m in ref_hist)
+    for mbs in (1, 3):
+        hist = runs[mbs][0].history
+        for k in ("loss/total", "loss/unlearn", "loss/update", "loss/retain", "capped/unlearn", "grad_norm",
+                  "tokens"):
+            assert [m[k] for m in hist] == pytest.approx([m[k] for m in ref_hist], rel=1e-12, abs=1e-15), k
+        _assert_same_params(runs[None][0].model, runs[mbs][0].model)
 
 
 ARCHS = {
