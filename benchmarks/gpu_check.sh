@@ -42,6 +42,10 @@ step tests ${TESTS_S:-200} env SURGERY_TRITON_AUTOTUNE=0 python3 -m pytest -q -r
   -p no:cacheprovider ${TESTS:-tests}
 # 4. performance: the benchmark suite's GPU table (every backend, naive, liger, cce, the GEMM floor)
 step bench ${BENCH_S:-200} python3 -m benchmarks run --device cuda --gpu-check --time-limit $(( ${BENCH_S:-200} - 25 )) --wheels .whl --output "$OUT/bench"
+# 5. opt-in (add train_step to GPU_CHECK_STEPS, ~90 s): one trainer step at the Llama-2-7B shape
+#    (LoRA, bf16, 4 streams x 4096 tokens): fused, fused in one-row passes (micro_batch_size 1), HF.
+step train_step ${TRAIN_STEP_S:-150} python3 benchmarks/train_step.py --gpu --variants fused,fused-mb1,hf \
+  --json "$OUT/train_step.json"
 step info 60 python3 -m surgery_kernels info
 # At most 8 files come back from the device machine: fold each results folder into one archive.
 for d in "$OUT"/*/; do [[ -d $d ]] && tar czf "${d%/}.tgz" -C "$OUT" "$(basename "$d")" && rm -rf "$d"; done
