@@ -11,6 +11,10 @@ the device, so nothing here synchronizes with the host.
   recomputes the logits with ``coeff_i = grad_out_i * weight_i``, so any upstream gradient,
   a per-token one included, is honoured.
 
+A ``token_weight`` that requires grad gets one, as ``(w * values).sum()`` in plain PyTorch would
+give it: ``d loss / d w_i`` is token i's value (times the mean's ``1 / sum(mask)``, 0 where masked
+or capped by ``ascent_cap``), kept from the forward (N floats) and scaled like the other gradients.
+
 Both functions return ``(loss, values)``: ``values`` are the unweighted per-token ce_i / kl_i
 (0 where masked), which either path computes anyway, marked non-differentiable (the public
 functions hand them out with ``return_values=True``). They let a caller log per-token or
@@ -30,11 +34,21 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _coefficients(live: torch.Tensor, token_weight: torch.Tensor | None, reduction: str, acc: torch.dtype):
-    """(per-token weight with the mask folded in, the same scaled for the reduction)."""
+    """(per-token weight with the mask folded in, the same scaled for the reduction, the scale)."""
     w = live.to(acc) if token_weight is None else torch.where(live, token_weight.to(acc), 0.0)
     if reduction == "mean":
-        return w, w / live.sum().clamp_min(1).to(acc)
-    return w, w
+        scale = 1 / live.sum().clamp_min(1).to(acc)
+        return w, w * scale, scale
+    return w, w, None
+
+
+def _weight_grad(values: torch.Tensor, gate: torch.Tensor, scale, need: bool):
+    """d loss / d token_weight for a unit upstream gradient: each gated token's value (times the
+    mean's scale); None when token_weight wants no gradient."""
+    if not need:
+        return None
+    g = torch.where(gate, values, 0.0)
+    return g if scale is None else g * scale
 
 
 def _scaled(ctx, grad_out):
@@ -65,27 +79,34 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, token_weight, backend, needs, ignore_index, reduction, softcap,
                 ascent_cap, chunk_size):
+        # needs: does (hidden, weight, bias, token_weight) want a gradient.
         impl = _impl(backend)
         acc = _acc(hidden.dtype)
         live = target != ignore_index
-        w, coeff = _coefficients(live, token_weight, reduction, acc)
+        w, coeff, scale = _coefficients(live, token_weight, reduction, acc)
+        needs, need_tw = needs[:3], needs[3]
         opts = dict(ignore_index=ignore_index, softcap=softcap, chunk_size=chunk_size)
         ctx.reduction, ctx.backend, ctx.needs, ctx.opts, ctx.scale = reduction, backend, needs, opts, None
-        fused = reduction != "none" and any(needs)
-        if fused:
+        ctx.fused = reduction != "none" and any(needs)
+        if ctx.fused:
             ce, lse, dh, dw, db = impl.ce_forward_backward(hidden, weight, bias, target, coeff, ascent_cap=ascent_cap,
                                                            needs=needs, **opts)
         else:
             ce, lse = impl.ce_forward(hidden, weight, bias, target, **opts)
+        gate = live
         if ascent_cap is not None:
             # Bounded ascent: a token pushed past the cap stops contributing (loss and gradient).
             capped = (w < 0) & (ce > ascent_cap)
             w = torch.where(capped, 0.0, w)
             coeff = torch.where(capped, 0.0, coeff)
-        if fused:
-            ctx.save_for_backward(dh, dw, db)
+            gate = live & ~capped
+        dtw = _weight_grad(ce, gate, scale, need_tw)
+        if ctx.fused:
+            ctx.save_for_backward(dh, dw, db, dtw)
+        elif any(needs):
+            ctx.save_for_backward(hidden, weight, bias, target, lse, w, dtw)
         else:
-            ctx.save_for_backward(hidden, weight, bias, target, lse, w)
+            ctx.save_for_backward(None, None, None, None, None, None, dtw)
         values = torch.where(live, ce, 0.0)
         ctx.mark_non_differentiable(values)
         if reduction == "none":
@@ -94,33 +115,43 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_values):
-        # Gradients are only wanted when some input needs one, so mean/sum took the fused path.
-        if ctx.reduction != "none":
-            dh, dw, db = _scaled(ctx, grad_out)
+        if ctx.fused:
+            dh, dw, db, dtw = _scaled(ctx, grad_out)
         else:
-            hidden, weight, bias, target, lse, w = ctx.saved_tensors
-            dh, dw, db = _impl(ctx.backend).ce_backward(hidden, weight, bias, target, lse, grad_out.to(w.dtype) * w,
-                                                        needs=ctx.needs, **ctx.opts)
-        return dh, dw, db, None, None, None, None, None, None, None, None, None
+            hidden, weight, bias, target, lse, w, dtw = ctx.saved_tensors
+            dh = dw = db = None
+            if any(ctx.needs):  # reduction "none" (a mean/sum with these gradients took the fused path)
+                dh, dw, db = _impl(ctx.backend).ce_backward(hidden, weight, bias, target, lse,
+                                                            grad_out.to(w.dtype) * w, needs=ctx.needs, **ctx.opts)
+            if dtw is not None:
+                dtw = dtw * grad_out.to(dtw.dtype)
+        return dh, dw, db, None, dtw, None, None, None, None, None, None, None
 
 
 class LinearKLDivFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, token_weight, backend, needs,
                 direction, temperature, reduction, chunk_size):
+        # needs: does (hidden, weight, bias, token_weight) want a gradient.
         impl = _impl(backend)
         acc = _acc(hidden.dtype)
-        w, coeff = _coefficients(mask, token_weight, reduction, acc)
+        w, coeff, scale = _coefficients(mask, token_weight, reduction, acc)
+        needs, need_tw = needs[:3], needs[3]
         opts = dict(direction=direction, temperature=temperature, chunk_size=chunk_size)
         ctx.reduction, ctx.backend, ctx.needs, ctx.opts, ctx.scale = reduction, backend, needs, opts, None
+        ctx.fused = reduction != "none" and any(needs)
         refs = (ref_hidden, ref_weight, ref_bias)
-        if reduction != "none" and any(needs):
+        if ctx.fused:
             kl, lse, rlse, dh, dw, db = impl.kl_forward_backward(hidden, weight, bias, *refs, mask, coeff,
                                                                  needs=needs, **opts)
-            ctx.save_for_backward(dh, dw, db)
+            ctx.save_for_backward(dh, dw, db, _weight_grad(kl, mask, scale, need_tw))
         else:
             kl, lse, rlse = impl.kl_forward(hidden, weight, bias, *refs, mask, **opts)
-            ctx.save_for_backward(hidden, weight, bias, *refs, lse, rlse, kl, w)
+            dtw = _weight_grad(kl, mask, scale, need_tw)
+            if any(needs):
+                ctx.save_for_backward(hidden, weight, bias, *refs, lse, rlse, kl, w, dtw)
+            else:
+                ctx.save_for_backward(*[None] * 10, dtw)
         values = torch.where(mask, kl, 0.0)
         ctx.mark_non_differentiable(values)
         if reduction == "none":
@@ -129,10 +160,14 @@ class LinearKLDivFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_values):
-        if ctx.reduction != "none":
-            dh, dw, db = _scaled(ctx, grad_out)
+        if ctx.fused:
+            dh, dw, db, dtw = _scaled(ctx, grad_out)
         else:
-            hidden, weight, bias, rh, rw, rb, lse, rlse, kl, w = ctx.saved_tensors
-            dh, dw, db = _impl(ctx.backend).kl_backward(hidden, weight, bias, rh, rw, rb, lse, rlse, kl,
-                                                        grad_out.to(w.dtype) * w, needs=ctx.needs, **ctx.opts)
-        return dh, dw, db, None, None, None, None, None, None, None, None, None, None, None
+            hidden, weight, bias, rh, rw, rb, lse, rlse, kl, w, dtw = ctx.saved_tensors
+            dh = dw = db = None
+            if any(ctx.needs):  # reduction "none" (a mean/sum with these gradients took the fused path)
+                dh, dw, db = _impl(ctx.backend).kl_backward(hidden, weight, bias, rh, rw, rb, lse, rlse, kl,
+                                                            grad_out.to(w.dtype) * w, needs=ctx.needs, **ctx.opts)
+            if dtw is not None:
+                dtw = dtw * grad_out.to(dtw.dtype)
+        return dh, dw, db, None, None, None, None, dtw, None, None, None, None, None, None

@@ -26,7 +26,7 @@ def _autocast(device_type: str, **tensors):
     return tuple(tensors.values())
 
 
-def _needs(*tensors) -> tuple[bool, bool, bool]:
+def _needs(*tensors) -> tuple[bool, ...]:
     on = torch.is_grad_enabled()
     return tuple(bool(on and t is not None and t.requires_grad) for t in tensors)
 
@@ -69,7 +69,7 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     h, w, b = _autocast(device_type, hidden=hidden, weight=weight, bias=bias)
     name = resolve(backend, device_type)
 
-    needs = _needs(hidden, weight, bias)
+    needs = _needs(hidden, weight, bias, token_weight)
     lead = target.shape
     h = h.reshape(-1, h.shape[-1])
     t = target.reshape(-1).to(torch.int64)
@@ -114,7 +114,7 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
                                     ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
     name = resolve(backend, device_type)
 
-    needs = _needs(hidden, weight, bias)
+    needs = _needs(hidden, weight, bias, token_weight)
     lead = hidden.shape[:-1]
     h = h.reshape(-1, h.shape[-1])
     rh = rh.detach().reshape(-1, rh.shape[-1])

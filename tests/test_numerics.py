@@ -312,27 +312,62 @@ def test_frozen_weight_only_hidden_grad(bd):
     assert rel_err(g, gr) <= F32_TOL
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_token_weight_gradient(bd, head, reduction):
+    """A token_weight that requires grad gets d loss / d w_i as plain PyTorch's ``(w * ce)`` would
+    give it (against the float64 reference): CE with signed weights, ignored tokens and ascent_cap
+    (capped tokens get 0), KL with masked tokens; with the other gradients wanted (the one-pass
+    path) and alone (hidden and weight frozen: the values-only forward)."""
+    backend, device = bd
+    grad = head == "trained"
+    ce = make_ce_inputs(64, 16, 120, device=device, dtype=torch.float32, signed=True, ignore_frac=0.2, scale=3.0)
+    kl = make_kl_inputs(64, 16, 16, 120, device=device, dtype=torch.float32, mask_frac=0.3, weighted=True)
+    up = None
+    if reduction == "none":
+        up = torch.randn(64, generator=torch.Generator().manual_seed(5)).to(device)
+    for name, inp, call, ref_call, opts in (
+            ("ce", ce, linear_cross_entropy, linear_cross_entropy_ref, dict(ascent_cap=5.0)),
+            ("kl", kl, linear_kl_div, linear_kl_div_ref, dict(direction="reverse", mask=kl["mask"]))):
+        tw = inp["token_weight"].clone().requires_grad_()
+        h, w = inp["hidden"].detach().requires_grad_(grad), inp["weight"].detach().requires_grad_(grad)
+        args = (h, w, inp["target"]) if name == "ce" else (h, w, inp["ref_hidden"], inp["ref_weight"])
+        out = call(*args, token_weight=tw, reduction=reduction, backend=backend, **opts)
+        ref = ref_call(*args, token_weight=tw, reduction=reduction, compute_dtype=torch.float64, **opts)
+        wanted = [tw] + ([h, w] if grad else [])
+        got = torch.autograd.grad(out, wanted, grad_outputs=up)
+        exp = torch.autograd.grad(ref, wanted, grad_outputs=None if up is None else up.double())
+        for what, g, e in zip(["d_token_weight", "d_hidden", "d_weight"], got, exp):
+            assert rel_err(g, e) <= F32_TOL, f"{name} {what}"
+        if name == "ce":  # some tokens are capped and get no gradient, others do
+            capped = (tw < 0) & (linear_cross_entropy_ref(*args, reduction="none", compute_dtype=torch.float64) > 5.0)
+            assert capped.any() and (got[0][capped] == 0).all() and (got[0][~capped] != 0).any()
+
+
 def test_gradcheck_float64():
-    """torch.autograd.gradcheck of both losses, every reduction, on a tiny float64 case."""
+    """torch.autograd.gradcheck of both losses, every reduction, on a tiny float64 case (token_weight
+    included)."""
     g = torch.Generator().manual_seed(0)
     h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
     t = torch.randint(0, 11, (7,), generator=g)
     t[2] = -100
-    tw = torch.randn(7, dtype=torch.float64, generator=g)
+    tw = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
     rh = torch.randn(7, 3, dtype=torch.float64, generator=g)
     rw = torch.randn(11, 3, dtype=torch.float64, generator=g)
     mask = torch.tensor([1, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
     for red in ["mean", "sum", "none"]:
         assert torch.autograd.gradcheck(
-            lambda h, w, b: linear_cross_entropy(h, w, t, bias=b, token_weight=tw, softcap=2.5, reduction=red,
-                                                 backend="torch", chunk_size=3), (h, w, b))
+            lambda h, w, b, tw: linear_cross_entropy(h, w, t, bias=b, token_weight=tw, softcap=2.5, reduction=red,
+                                                     backend="torch", chunk_size=3), (h, w, b, tw))
         for direction in ["forward", "reverse"]:
             assert torch.autograd.gradcheck(
-                lambda h, w, b: linear_kl_div(h, w, rh, rw, bias=b, mask=mask, token_weight=tw, direction=direction,
-                                              temperature=1.3, reduction=red, backend="torch", chunk_size=3),
-                (h, w, b))
+                lambda h, w, b, tw: linear_kl_div(h, w, rh, rw, bias=b, mask=mask, token_weight=tw,
+                                                  direction=direction, temperature=1.3, reduction=red,
+                                                  backend="torch", chunk_size=3),
+                (h, w, b, tw))
 
 
 @pytest.mark.parametrize("bd", BACKEND_CASES)
