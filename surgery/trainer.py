@@ -17,11 +17,11 @@ through the model once (when short CE rows sit next to long KL rows: the CE rows
 as two batches of their own lengths, ``SPLIT_PADDING_RATIO``), the loss of ``SurgeryObjective``,
 backward, clip, AdamW. With ``train.micro_batch_size`` the step's rows go through the model and
 backward in passes of that many rows whose gradients add up (the per-stream token counts are
-the step's, so it is the same objective), before the one clip and AdamW step. Per step one line in ``metrics.jsonl``: ``step``, ``loss/total``,
-``loss/<stream>`` (that stream's own mean CE or KL, before sign and weight; with ``ascent_cap``,
-capped tokens count at their real CE), with ``ascent_cap`` ``capped/<stream>`` (the fraction of an
-ascent stream's tokens past the cap, which no longer train), ``grad_norm``, ``lr``, ``tokens``,
-``tokens_per_s``, ``time_s``.
+the step's, so it is the same objective), before the one clip and AdamW step. Per step one line
+in ``metrics.jsonl``: ``step``, ``loss/total``, ``loss/<stream>`` (that stream's own mean CE or
+KL, before sign and weight; with ``ascent_cap``, capped tokens count at their real CE), with
+``ascent_cap`` ``capped/<stream>`` (the fraction of an ascent stream's tokens past the cap, which
+no longer train), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``, ``time_s``.
 """
 
 from __future__ import annotations
