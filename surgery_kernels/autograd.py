@@ -52,27 +52,33 @@ def _weight_grad(values: torch.Tensor, gate: torch.Tensor, scale, need: bool):
 
 
 def _scaled(ctx, grad_out):
-    """The gradients computed in the forward, times the scalar upstream gradient.
+    """The gradients computed in the forward (saved as dh, dw, db, d token_weight), times the
+    scalar upstream gradient.
 
-    The first backward scales them **in place** (an out-of-place product would hold a second
+    The first backward scales dh, dw, db **in place** (an out-of-place product would hold a second
     weight-sized and hidden-sized tensor at the peak of the backward), through ``.data`` so the
     saved tensors' version counters stay valid: with ``retain_graph=True`` a later backward
     (``gradcheck`` does several) unpacks them, already scaled by the first upstream gradient, and
     rescales out of place by the ratio. Without ``retain_graph`` autograd frees the saved
-    tensors right after this call and the returned ones become ``.grad`` without a copy."""
-    grads = ctx.saved_tensors
+    tensors right after this call and the returned ones become ``.grad`` without a copy. One
+    limit: when the first backward's tensors became a leaf's ``.grad`` and a second backward
+    accumulated into it, a third backward through the same graph finds them modified and raises
+    (autograd's version check) rather than return a wrong gradient. The token-weight gradient (N
+    floats) is always scaled out of place."""
+    *grads, dtw = ctx.saved_tensors
+    dtw = None if dtw is None else dtw * grad_out.to(dtw.dtype)
     if ctx.scale is None:
         ctx.scale = grad_out.detach().clone()
         for g in grads:
             if g is not None:
                 g.data.mul_(grad_out.to(g.dtype))
-        return grads
+        return (*grads, dtw)
     if bool(ctx.scale == 0):
         raise RuntimeError(f"backward through a reduction={ctx.reduction!r} loss a second time after a first "
                            "backward with upstream gradient 0, which consumed its in-place gradients; use "
                            "reduction='none' (the backward recomputes) to backpropagate through it this way")
     ratio = grad_out / ctx.scale
-    return tuple(None if g is None else g * ratio.to(g.dtype) for g in grads)
+    return (*(None if g is None else g * ratio.to(g.dtype) for g in grads), dtw)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

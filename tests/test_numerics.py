@@ -324,7 +324,8 @@ def test_token_weight_gradient(bd, head, reduction):
     grad = head == "trained"
     ce = make_ce_inputs(64, 16, 120, device=device, dtype=torch.float32, signed=True, ignore_frac=0.2, scale=3.0)
     kl = make_kl_inputs(64, 16, 16, 120, device=device, dtype=torch.float32, mask_frac=0.3, weighted=True)
-    up = None
+    # An upstream gradient other than 1 (per token for "none"): the token-weight gradient scales with it.
+    up = torch.tensor(2.5, device=device)
     if reduction == "none":
         up = torch.randn(64, generator=torch.Generator().manual_seed(5)).to(device)
     for name, inp, call, ref_call, opts in (
@@ -337,12 +338,29 @@ def test_token_weight_gradient(bd, head, reduction):
         ref = ref_call(*args, token_weight=tw, reduction=reduction, compute_dtype=torch.float64, **opts)
         wanted = [tw] + ([h, w] if grad else [])
         got = torch.autograd.grad(out, wanted, grad_outputs=up)
-        exp = torch.autograd.grad(ref, wanted, grad_outputs=None if up is None else up.double())
+        exp = torch.autograd.grad(ref, wanted, grad_outputs=up.double())
         for what, g, e in zip(["d_token_weight", "d_hidden", "d_weight"], got, exp):
             assert rel_err(g, e) <= F32_TOL, f"{name} {what}"
         if name == "ce":  # some tokens are capped and get no gradient, others do
             capped = (tw < 0) & (linear_cross_entropy_ref(*args, reduction="none", compute_dtype=torch.float64) > 5.0)
             assert capped.any() and (got[0][capped] == 0).all() and (got[0][~capped] != 0).any()
+
+
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_token_weight_grad_accumulates_over_retained_backwards(head):
+    """Three backward() calls through one mean loss with retain_graph accumulate three times the
+    token-weight gradient in its .grad (it is scaled out of place, so the first call's result,
+    which becomes .grad, is not the tensor a later call reads)."""
+    inp = make_ce_inputs(40, 16, 90, device="cpu", dtype=torch.float32, signed=True, ignore_frac=0.2)
+    h0 = inp["hidden"].detach().requires_grad_(head == "trained")
+    h = h0 * 1.0  # not a leaf: its gradient is copied into h0.grad, leaving the saved one intact
+    tw = inp["token_weight"].clone().requires_grad_()
+    loss_of = lambda: linear_cross_entropy(h, inp["weight"].detach(), inp["target"], token_weight=tw, backend="torch")
+    (once,) = torch.autograd.grad(loss_of(), [tw])
+    loss = loss_of()
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    assert torch.allclose(tw.grad, 3 * once, rtol=1e-6, atol=0)
 
 
 def test_gradcheck_float64():
