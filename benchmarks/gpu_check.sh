@@ -44,9 +44,16 @@ step tests ${TESTS_S:-200} env SURGERY_TRITON_AUTOTUNE=0 python3 -m pytest -q -r
 step bench ${BENCH_S:-200} python3 -m benchmarks run --device cuda --gpu-check --time-limit $(( ${BENCH_S:-200} - 25 )) --wheels .whl --output "$OUT/bench"
 # 5. opt-in (add train_step to GPU_CHECK_STEPS, ~90 s): one trainer step at the Llama-2-7B shape
 #    (LoRA, bf16, 4 streams x 4096 tokens): fused, fused in one-row passes (micro_batch_size 1), HF.
+mkdir -p "$OUT/train_step"
 step train_step ${TRAIN_STEP_S:-150} python3 benchmarks/train_step.py --gpu --variants fused,fused-mb1,hf \
-  --json "$OUT/train_step.json"
+  --json "$OUT/train_step/train_step.json"
+[[ -f $OUT/train_step.log ]] && mv "$OUT/train_step.log" "$OUT/train_step/"
+rmdir "$OUT/train_step" 2>/dev/null
 step info 60 python3 -m surgery_kernels info
-# At most 8 files come back from the device machine: fold each results folder into one archive.
+# At most 8 files come back from the device machine: fold each results folder into one archive,
+# and the logs into one more if that still leaves more than 8 files (the default stages leave 8).
 for d in "$OUT"/*/; do [[ -d $d ]] && tar czf "${d%/}.tgz" -C "$OUT" "$(basename "$d")" && rm -rf "$d"; done
+if (( $(find "$OUT" -maxdepth 1 -type f | wc -l) > 8 )); then
+  (cd "$OUT" && tar czf logs.tgz ./*.log env.txt && rm -f ./*.log env.txt)
+fi
 exit $status

@@ -4,7 +4,8 @@
   base model, one signed ``linear_cross_entropy`` for the 3 CE streams, one ``linear_kl_div`` for
   the retain stream; no logits.
 - ``fused-mb1``: the same step with ``train.micro_batch_size=1``: one forward/backward pass per row
-  (here: per stream), so the activations of one row at a time, as the ``hf`` path holds them.
+  (here: per stream), so the activations of one row at a time (``hf`` runs a forward per stream
+  but one backward, so it holds all of them, or with gradient checkpointing their layer inputs).
 - ``hf``: what the authors' code does: per stream ``model(input_ids, attention_mask, labels=...)``
   (its ``.loss`` is the mean CE over materialized logits) and, for the retain stream, the
   ``.logits`` of the model and of the reference turned into the token-level KL; the same signed,
@@ -18,9 +19,9 @@ frozen copy, float32. GPU (``--gpu``): Llama-2-7B shape (H 4096, 32 layers, V 32
 weights made on the GPU, bf16, LoRA r=16 on q/k/v/o/gate/up/down, gradient checkpointing,
 reference = adapters off.
 
-Both variants run in one process on one model: the warm-up step of each starts from the same
+All variants run in one process on one model: the warm-up step of each starts from the same
 parameters, optimizer state and records (their first-step losses are printed and must agree), then
-the timed steps alternate between the variants so changes in machine load hit both alike. Peak
+the timed steps alternate between the variants so changes in machine load hit all alike. Peak
 memory of a step is measured over what is held just before it (weights, reference, optimizer
 state): ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the resident size sampled every
 millisecond, with glibc told to return freed blocks at once (``MALLOC_MMAP_THRESHOLD_``).

@@ -58,7 +58,8 @@ def npo(hidden, weight, target, ref_hidden, ref_weight, *, beta=0.1, **kw):
 
 def simnpo(hidden, weight, target, *, beta=2.5, delta=0.0, **kw):
     """SimNPO (Fan et al., 2024): NPO without a reference, on the length-normalized NLL:
-    ``-(2 / beta) * mean_seq log sigmoid(beta * (nll / |y| - delta))``."""
+    ``-(2 / beta) * mean_seq log sigmoid(beta * (nll / |y| - delta))`` (``delta`` is the paper's
+    reward margin gamma divided by beta)."""
     n = (target != IGNORE).sum(-1).clamp_min(1)
     return -2.0 / beta * F.logsigmoid(beta * (sequence_nll(hidden, weight, target, **kw) / n - delta)).mean()
 

@@ -95,10 +95,11 @@ class TrainConfig:
     warmup_steps: int = 0
     # Records per stream per step (per process under torchrun).
     batch_size: int = 1
-    # Rows (records of all streams, CE streams first) per forward/backward pass; a step's passes add
-    # their gradients before the one optimizer step, and each stream's mean still runs over all its
-    # tokens of the step: the same objective and gradient as one pass, with the activations of only
-    # micro_batch_size rows held at a time. None: all rows of a step in one pass (fastest).
+    # Rows (records of all streams, CE streams first; per process under torchrun) per forward/backward
+    # pass; a step's passes add their gradients before the one optimizer step, and each stream's mean
+    # still runs over all its tokens of the step: the same objective and gradient as one pass (with
+    # dropout, each pass draws its own masks), with the activations of only micro_batch_size rows
+    # held at a time. None: all rows of a step in one pass (fastest).
     micro_batch_size: int | None = None
     max_length: int = 4096
     seed: int = 0

@@ -41,10 +41,11 @@ def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str, m
     return path
 
 
-@pytest.mark.parametrize("reference,micro_batch_size", [("copy", None), ("cache", 2)])
+@pytest.mark.parametrize("reference,micro_batch_size", [("copy", None), ("cache", None), ("copy", 2)])
 def test_fsdp_two_ranks_match_one(tmp_path, reference, micro_batch_size):
     """micro_batch_size 2: each rank's 3 rows (one per stream) in two forward/backward passes per
-    step, [unlearn, update] and [retain] (sharded gradients add up over the passes)."""
+    step, [unlearn, update] and [retain], each with its own forward of the sharded reference copy
+    (sharded gradients add up over the passes)."""
     tok = word_tokenizer(all_words(), save_dir=tmp_path / "tok")
     two = _config(tmp_path, tok, reference=reference, batch_size=1, out="two", micro_batch_size=micro_batch_size)
     one = _config(tmp_path, tok, reference=reference, batch_size=2, out="one")

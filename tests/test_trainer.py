@@ -511,11 +511,13 @@ def test_micro_batches_equal_one_pass(tok, data, tmp_path, reference):
     """train.micro_batch_size splits a step's rows into forward/backward passes whose gradients
     add up: the run equals the one-pass run (float64: metrics and parameters to rounding) with each
     kind of reference, with ascent_cap, for passes of one row, and of rows of several streams
-    (CE and KL rows of one pass as two batches of their own lengths)."""
+    (CE and KL rows of one pass as two batches of their own lengths; passes holding one of two
+    KL streams only)."""
     u, p, r, _ = data
     long_r = [{"text": " ".join(x["text"] for x in r[i:i + 4])} for i in range(len(r))]  # ~40 tokens
+    # 2 + 2 + 3 + 1 rows a step; two KL streams, so some passes hold rows of one of them only.
     streams = [Stream("unlearn", u, "ascent", 0.1), Stream("update", p, "descent", 2.0),
-               Stream("retain", long_r, "kl", 0.5, batch_size=3)]  # 2 + 2 + 3 rows a step
+               Stream("retain", long_r, "kl", 0.5, batch_size=3), Stream("retain_short", r, "kl", 0.2, batch_size=1)]
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]} if reference == "adapter" else None
     runs = {}
     for mbs in (None, 1, 3):
@@ -526,15 +528,15 @@ def test_micro_batches_equal_one_pass(tok, data, tmp_path, reference):
         passes, _ = run._passes()
         runs[mbs] = (run, [(ps.stop - ps.start, ps.n_ce, ps.kl_batch is not None) for ps in passes])
         run.train()
-    assert runs[None][1] == [(7, 4, True)]
-    assert runs[1][1] == [(1, 1, False)] * 4 + [(1, 0, False)] * 3
-    assert runs[3][1] == [(3, 3, False), (3, 1, True), (1, 0, False)]
+    assert runs[None][1] == [(8, 4, True)]
+    assert runs[1][1] == [(1, 1, False)] * 4 + [(1, 0, False)] * 4
+    assert runs[3][1] == [(3, 3, False), (3, 1, True), (2, 0, False)]
     ref_hist = runs[None][0].history
     assert any(m["capped/unlearn"] > 0 for m in ref_hist) and any(m["capped/unlearn"] < 1 for m in ref_hist)
     for mbs in (1, 3):
         hist = runs[mbs][0].history
-        for k in ("loss/total", "loss/unlearn", "loss/update", "loss/retain", "capped/unlearn", "grad_norm",
-                  "tokens"):
+        for k in ("loss/total", "loss/unlearn", "loss/update", "loss/retain", "loss/retain_short", "capped/unlearn",
+                  "grad_norm", "tokens"):
             assert [m[k] for m in hist] == pytest.approx([m[k] for m in ref_hist], rel=1e-12, abs=1e-15), k
         _assert_same_params(runs[None][0].model, runs[mbs][0].model)
 
