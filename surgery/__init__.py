@@ -15,10 +15,10 @@ Command line: ``surgery train CONFIG.yaml [--set key=value ...] [--resume]``, ``
 from .config import EvalSet, ModelConfig, Stream, SurgeryConfig, TrainConfig, load_config
 from .data import DataError
 from .evaluate import multiple_choice, perplexity
-from .trainer import NonFiniteLossError, Surgery
+from .trainer import NonFiniteLossError, Surgery, TrainingInterrupted
 
 __all__ = ["Surgery", "Stream", "EvalSet", "TrainConfig", "ModelConfig", "SurgeryConfig", "load_config",
-           "multiple_choice", "perplexity", "DataError", "NonFiniteLossError", "from_config"]
+           "multiple_choice", "perplexity", "DataError", "NonFiniteLossError", "TrainingInterrupted", "from_config"]
 
 
 def from_config(cfg: SurgeryConfig, **kwargs) -> Surgery:

@@ -5,6 +5,8 @@
     surgery demo [ARGS ...]                                       the embedded benchmark (surgery.demo)
 
 Errors in the config or the data are printed as one line (``surgery: error: ...``) with exit code 2.
+Ctrl-C or SIGTERM while training stops at the end of the step after a checkpoint (exit code 130;
+``--resume`` continues); a second one stops at once.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from . import from_config, load_config
-    from .trainer import NonFiniteLossError
+    from .trainer import NonFiniteLossError, TrainingInterrupted
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -80,6 +82,9 @@ def _run(args) -> int:
     except NonFiniteLossError as exc:
         print(f"surgery: stopped: {exc}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:
+        print(f"surgery: {exc}", file=sys.stderr)
+        return 130
     if run.dist.main:
         print(json.dumps({k: summary[k] for k in ("steps", "before", "after", "final")}, indent=2))
     return 0

@@ -34,6 +34,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -84,6 +86,18 @@ class _Pass:
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the weights were not updated."""
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """``train()`` stopped on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) at the end of
+    a whole step, after saving a checkpoint there: ``step``, and ``checkpoint``, its folder (None
+    without an output_dir). ``train(resume=True)`` (``surgery train ... --resume``) continues
+    exactly. A KeyboardInterrupt, so code that stops on Ctrl-C still does."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        self.step, self.checkpoint = step, checkpoint
+        where = (f"checkpoint saved to {checkpoint}; continue with resume=True (surgery train ... --resume)"
+                 if checkpoint is not None else "no output_dir, so nothing was saved")
+        super().__init__(f"interrupted after step {step}: {where}")
 
 
 class Surgery:
@@ -473,7 +487,10 @@ class Surgery:
 
             bar = tqdm(total=self.cfg.steps, initial=self.step, desc="surgery", dynamic_ncols=True)
         new = []
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._stop_on_signal())
+            if bar is not None:
+                stack.callback(bar.close)
             while self.step < self.cfg.steps:
                 m = self._train_step()
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
@@ -493,14 +510,62 @@ class Surgery:
                         bar.update(1)
                         bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in m.items()
                                          if k.startswith("loss/") and k != "loss/total"})
-                if self.output_dir is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                saved = self.output_dir is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0
+                if saved:
                     self.save_checkpoint()
-        finally:
-            if bar is not None:
-                bar.close()
+                if self._stop_agreed():
+                    path = None
+                    if self.output_dir is not None:
+                        path = self.output_dir / "checkpoint"
+                        if not saved:
+                            self.save_checkpoint()
+                    raise TrainingInterrupted(self.step, path)
         if self.output_dir is not None and (not self.cfg.save_every or self.step % self.cfg.save_every):
             self.save_checkpoint()
         return new
+
+    @contextlib.contextmanager
+    def _stop_on_signal(self):
+        """While training: a first SIGINT or SIGTERM asks to stop at the end of the current step
+        (``_stop_agreed``: checkpoint, then TrainingInterrupted); a second one does what it would
+        have done without this (Ctrl-C: KeyboardInterrupt at once; SIGTERM: the handler before,
+        by default the end of the process). Handlers are set from the main thread only."""
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if not self._stop_requested:
+                self._stop_requested = True
+                log.warning("%s: stopping at the end of this step, after a checkpoint; send it again to stop at once",
+                            signal.Signals(signum).name)
+                return
+            for s, h in before.items():
+                signal.signal(s, h)
+            prev = before[signum]
+            if callable(prev):
+                prev(signum, frame)
+            elif prev == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+        for s in before:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in before.items():
+                signal.signal(s, h)
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop after this step: asked by a signal here or, under torchrun, on any
+        process (all of them then stop after the same step, so the checkpoint's collectives match)."""
+        if not self.dist.enabled:
+            return self._stop_requested
+        flag = torch.tensor([float(self._stop_requested)], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce_sum(flag)
+        return bool(flag.item() > 0)
 
     def _check_before_training(self, resume: bool) -> None:
         """Checks a training run makes before any work (evaluate() alone needs neither): a fresh

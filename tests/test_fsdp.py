@@ -85,3 +85,50 @@ def test_fsdp_two_ranks_match_one(tmp_path, reference, micro_batch_size):
     ref = dict(single.model.named_parameters())
     for name, p in back.named_parameters():
         assert torch.allclose(p, ref[name], rtol=1e-4, atol=1e-5), name
+
+
+WORKER = """
+import os, signal, sys
+from surgery import TrainingInterrupted, from_config, load_config
+from surgery.distributed import shutdown
+
+run = from_config(load_config(sys.argv[1]))
+# on_step runs on rank 0 only: SIGTERM there alone, during step 2.
+run.on_step = lambda m: m["step"] == 2 and os.kill(os.getpid(), signal.SIGTERM)
+code = 0
+try:
+    run.run()
+except TrainingInterrupted as exc:
+    print(f"rank {run.dist.rank} stopped after step {exc.step}", flush=True)
+    code = 130
+shutdown()
+os._exit(code)
+"""
+
+
+def test_fsdp_sigterm_on_one_rank_stops_all_after_the_same_step(tmp_path):
+    """SIGTERM on rank 0 only: both ranks stop after the same step (they agree through a
+    collective, so the checkpoint's gathers match) with a checkpoint; --resume then ends where an
+    uninterrupted two-rank run ends."""
+    tok = word_tokenizer(all_words(), save_dir=tmp_path / "tok")
+    cut = _config(tmp_path, tok, reference="copy", batch_size=1, out="cut")
+    whole = _config(tmp_path, tok, reference="copy", batch_size=1, out="whole")
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(torchrun + [str(tmp_path / "worker.py"), str(cut)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0  # the workers exit with 130
+    out = proc.stdout + proc.stderr
+    assert "rank 0 stopped after step 2" in out and "rank 1 stopped after step 2" in out, out[-4000:]
+    for args in ([str(cut), "--resume"], [str(whole)]):
+        proc = subprocess.run(torchrun + ["-m", "surgery.cli", "train"] + args, env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("cut", "whole")}
+    assert [m["step"] for m in lines["cut"]] == [1, 2, 3, 4]
+    for a, b in zip(lines["cut"], lines["whole"]):
+        for k in ("loss/total", "loss/unlearn", "loss/update", "loss/retain", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)

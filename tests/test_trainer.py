@@ -208,6 +208,75 @@ def test_resume_is_exact(tok, data, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_stops_after_the_step_with_a_checkpoint(tok, data, tmp_path, sig):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM during step 2 of 6 (save_every 0: no checkpoint
+    would exist before the end) stops at the end of that step with a checkpoint and
+    TrainingInterrupted; the signal handlers are put back; resuming gives the uninterrupted run bit
+    for bit."""
+    import os
+    import signal
+
+    from surgery import TrainingInterrupted
+
+    straight = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
+                       output_dir=tmp_path / "a")
+    straight.train()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signum = getattr(signal, sig)
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
+                  output_dir=tmp_path / "b", on_step=lambda m: m["step"] == 2 and os.kill(os.getpid(), signum))
+    with pytest.raises(TrainingInterrupted, match="after step 2") as exc:
+        run.train()
+    assert exc.value.step == 2 and exc.value.checkpoint == tmp_path / "b" / "checkpoint"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    resumed = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
+                      output_dir=tmp_path / "b")
+    resumed.train(resume=True)
+    assert [m["loss/total"] for m in resumed.history] == [m["loss/total"] for m in straight.history]
+    a, b = _params(straight.model), _params(resumed.model)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
+def test_second_ctrl_c_stops_at_once(tok, data, tmp_path):
+    """A second Ctrl-C does what Ctrl-C does without the trainer: KeyboardInterrupt at once (not
+    after the step, no checkpoint)."""
+    import os
+    import signal
+
+    from surgery import TrainingInterrupted
+
+    def twice(m):
+        if m["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
+                  output_dir=tmp_path / "b", on_step=twice)
+    with pytest.raises(KeyboardInterrupt) as exc:
+        run.train()
+    assert not isinstance(exc.value, TrainingInterrupted)
+    assert not (tmp_path / "b" / "checkpoint").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cli_exit_code_when_interrupted(tmp_path, monkeypatch, capsys):
+    """surgery train maps TrainingInterrupted to exit code 130 and a one-line message saying how to resume."""
+    from surgery import cli
+    from surgery.trainer import TrainingInterrupted
+
+    def interrupted(self, resume=False):
+        raise TrainingInterrupted(3, tmp_path / "checkpoint")
+
+    monkeypatch.setattr(Surgery, "run", interrupted)
+    monkeypatch.setattr("surgery.from_config", lambda cfg: Surgery.__new__(Surgery))
+    monkeypatch.setattr("surgery.load_config", lambda path, overrides: None)
+    assert cli.main(["train", "x.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after step 3" in err and "--resume" in err
+
+
 def test_output_dir_of_an_earlier_run(tok, data, tmp_path):
     """A fresh run does not take over an output_dir holding an earlier run's checkpoint (its
     metrics and checkpoint stay; --resume continues it); a resume must have the checkpoint's
