@@ -5,8 +5,9 @@
     surgery demo [ARGS ...]                                       the embedded benchmark (surgery.demo)
 
 Errors in the config or the data are printed as one line (``surgery: error: ...``) with exit code 2.
-Ctrl-C or SIGTERM while training stops at the end of the step after a checkpoint (exit code 130;
-``--resume`` continues); a second one stops at once.
+Ctrl-C or SIGTERM while training stops at the end of the step after a checkpoint (``--resume``
+continues), prints where it is, and ends the process by that signal (``main(argv)`` called from
+Python returns 128 + its number instead); a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 
@@ -34,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_command = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         try:
@@ -50,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         rc = _run(args)
     finally:
         shutdown()
+    if as_command and rc - 128 in (signal.SIGINT, signal.SIGTERM):
+        # Interrupted (the checkpoint is saved, the message printed): die of the signal, so that a
+        # shell running us in a loop stops too, as it would for a process that did not catch it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(rc - 128, signal.SIG_DFL)
+        os.kill(os.getpid(), rc - 128)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, leave without the interpreter's teardown: on CPU runs of 2 gloo ranks it
         # aborted one rank in about 1 of 8 runs *after* a complete, saved run ('terminate called
@@ -84,7 +95,7 @@ def _run(args) -> int:
         return 1
     except TrainingInterrupted as exc:
         print(f"surgery: {exc}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
     if run.dist.main:
         print(json.dumps({k: summary[k] for k in ("steps", "before", "after", "final")}, indent=2))
     return 0

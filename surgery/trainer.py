@@ -89,15 +89,20 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """``train()`` stopped on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) at the end of
-    a whole step, after saving a checkpoint there: ``step``, and ``checkpoint``, its folder (None
-    without an output_dir). ``train(resume=True)`` (``surgery train ... --resume``) continues
-    exactly. A KeyboardInterrupt, so code that stops on Ctrl-C still does."""
+    a whole step, after saving a checkpoint there: ``step``, ``checkpoint`` (its folder; None
+    without an output_dir) and ``signum``, the signal. ``train(resume=True)`` (``surgery train ...
+    --resume``) continues exactly. A KeyboardInterrupt, so code that stops on Ctrl-C still does."""
 
-    def __init__(self, step: int, checkpoint: Path | None):
-        self.step, self.checkpoint = step, checkpoint
-        where = (f"checkpoint saved to {checkpoint}; continue with resume=True (surgery train ... --resume)"
-                 if checkpoint is not None else "no output_dir, so nothing was saved")
-        super().__init__(f"interrupted after step {step}: {where}")
+    def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGINT):
+        self.step, self.checkpoint, self.signum = step, checkpoint, int(signum)
+        if checkpoint is None:
+            where = "no output_dir, so nothing was saved"
+        else:
+            where = f"checkpoint saved to {checkpoint}; continue with resume=True (surgery train ... --resume)"
+        super().__init__(f"interrupted ({signal.Signals(self.signum).name}) after step {step}: {where}")
+
+    def __reduce__(self):  # pickling and copying (e.g. back from a worker process)
+        return type(self), (self.step, self.checkpoint, self.signum)
 
 
 class Surgery:
@@ -519,28 +524,41 @@ class Surgery:
                         path = self.output_dir / "checkpoint"
                         if not saved:
                             self.save_checkpoint()
-                    raise TrainingInterrupted(self.step, path)
-        if self.output_dir is not None and (not self.cfg.save_every or self.step % self.cfg.save_every):
-            self.save_checkpoint()
+                    raise TrainingInterrupted(self.step, path, self._stop_signal)
+            # The last save under the same handlers: a signal now waits for it, then stops the run
+            # (run() would go on to evaluate and write final/).
+            if self.output_dir is not None and (not self.cfg.save_every or self.step % self.cfg.save_every):
+                self.save_checkpoint()
+            if self._stop_agreed():
+                path = self.output_dir / "checkpoint" if self.output_dir is not None else None
+                raise TrainingInterrupted(self.step, path, self._stop_signal)
         return new
 
     @contextlib.contextmanager
     def _stop_on_signal(self):
         """While training: a first SIGINT or SIGTERM asks to stop at the end of the current step
-        (``_stop_agreed``: checkpoint, then TrainingInterrupted); a second one does what it would
-        have done without this (Ctrl-C: KeyboardInterrupt at once; SIGTERM: the handler before,
-        by default the end of the process). Handlers are set from the main thread only."""
-        self._stop_requested = False
+        (``_stop_agreed``: checkpoint, then TrainingInterrupted). A second Ctrl-C does what it would
+        have done without this (the handler before: KeyboardInterrupt at once, by default); a
+        repeated SIGTERM changes nothing (schedulers and torchrun may each send one, and follow
+        with SIGKILL when their grace period ends). The handler that was there is not called on
+        the first signal; a signal the process ignores (SIG_IGN, e.g. SIGINT for a background job)
+        stays ignored. Handlers are set from the main thread only, and put back on the way out."""
+        self._stop_requested, self._stop_signal = False, signal.SIGINT
         if threading.current_thread() is not threading.main_thread():
             yield
             return
         before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        # Only what we can put back: a handler set outside Python reads as None.
+        before = {s: h for s, h in before.items() if h is not None and h != signal.SIG_IGN}
 
         def handler(signum, frame):
             if not self._stop_requested:
-                self._stop_requested = True
-                log.warning("%s: stopping at the end of this step, after a checkpoint; send it again to stop at once",
-                            signal.Signals(signum).name)
+                self._stop_requested, self._stop_signal = True, signum
+                again = "press Ctrl-C again to stop at once" if signum == signal.SIGINT else "a repeat changes nothing"
+                log.warning("%s: stopping at the end of this step, after a checkpoint (%s)",
+                            signal.Signals(signum).name, again)
+                return
+            if signum != signal.SIGINT:
                 return
             for s, h in before.items():
                 signal.signal(s, h)
@@ -563,9 +581,16 @@ class Surgery:
         process (all of them then stop after the same step, so the checkpoint's collectives match)."""
         if not self.dist.enabled:
             return self._stop_requested
-        flag = torch.tensor([float(self._stop_requested)], dtype=torch.float64, device=self.device)
+        # Processes asked by SIGINT, by SIGTERM; the stop reports SIGTERM if any process had it.
+        asked = [self._stop_requested and self._stop_signal == s for s in (signal.SIGINT, signal.SIGTERM)]
+        flag = torch.tensor(asked, dtype=torch.float64, device=self.device)
         self.dist.all_reduce_sum(flag)
-        return bool(flag.item() > 0)
+        by_int, by_term = flag.tolist()
+        if by_term:
+            self._stop_signal = signal.SIGTERM
+        elif by_int:
+            self._stop_signal = signal.SIGINT
+        return bool(by_int or by_term)
 
     def _check_before_training(self, resume: bool) -> None:
         """Checks a training run makes before any work (evaluate() alone needs neither): a fresh

@@ -51,10 +51,8 @@ def test_fsdp_two_ranks_match_one(tmp_path, reference, micro_batch_size):
     one = _config(tmp_path, tok, reference=reference, batch_size=2, out="one")
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "surgery.cli",
-           "train", str(two)]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    rc, _, err = _torchrun(["-m", "surgery.cli", "train", str(two)], env, tmp_path)
+    assert rc == 0, err[-4000:]
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -89,43 +87,58 @@ def test_fsdp_two_ranks_match_one(tmp_path, reference, micro_batch_size):
 
 WORKER = """
 import os, signal, sys
-from surgery import TrainingInterrupted, from_config, load_config
-from surgery.distributed import shutdown
+import surgery.trainer as trainer
+from surgery import cli
 
-run = from_config(load_config(sys.argv[1]))
-# on_step runs on rank 0 only: SIGTERM there alone, during step 2.
-run.on_step = lambda m: m["step"] == 2 and os.kill(os.getpid(), signal.SIGTERM)
-code = 0
-try:
-    run.run()
-except TrainingInterrupted as exc:
-    print(f"rank {run.dist.rank} stopped after step {exc.step}", flush=True)
-    code = 130
-shutdown()
-os._exit(code)
+init = trainer.Surgery.__init__
+
+def with_signal(self, *args, **kwargs):
+    # on_step runs on rank 0 only: SIGTERM there alone, during step 2.
+    kwargs["on_step"] = lambda m: m["step"] == 2 and os.kill(os.getpid(), signal.SIGTERM)
+    init(self, *args, **kwargs)
+
+trainer.Surgery.__init__ = with_signal
+sys.exit(cli.main())  # the surgery command itself, arguments from sys.argv
 """
 
 
+def _torchrun(args, env, cwd, timeout=180):
+    """torchrun with 2 ranks; on a timeout it gets SIGTERM first, so it stops its workers (they
+    run in sessions of their own and would outlive a SIGKILL of torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + args
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun {args} timed out:\n{err[-4000:]}")
+    return proc.returncode, out, err
+
+
 def test_fsdp_sigterm_on_one_rank_stops_all_after_the_same_step(tmp_path):
-    """SIGTERM on rank 0 only: both ranks stop after the same step (they agree through a
-    collective, so the checkpoint's gathers match) with a checkpoint; --resume then ends where an
-    uninterrupted two-rank run ends."""
+    """surgery train under torchrun, SIGTERM on rank 0 only during step 2: both ranks stop after
+    step 2 (they agree through a collective, so the checkpoint's gathers match), save the
+    checkpoint, say so, and end by SIGTERM; --resume then ends where an uninterrupted two-rank run
+    ends."""
     tok = word_tokenizer(all_words(), save_dir=tmp_path / "tok")
     cut = _config(tmp_path, tok, reference="copy", batch_size=1, out="cut")
     whole = _config(tmp_path, tok, reference="copy", batch_size=1, out="whole")
     (tmp_path / "worker.py").write_text(WORKER)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(torchrun + [str(tmp_path / "worker.py"), str(cut)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0  # the workers exit with 130
-    out = proc.stdout + proc.stderr
-    assert "rank 0 stopped after step 2" in out and "rank 1 stopped after step 2" in out, out[-4000:]
+    rc, out, err = _torchrun([str(tmp_path / "worker.py"), "train", str(cut)], env, tmp_path)
+    assert rc != 0
+    assert err.count("surgery: interrupted (SIGTERM) after step 2: checkpoint saved") == 2, err[-4000:]
+    assert err.count("exitcode  : -15") == 2  # each rank ended by the signal, after its message
+    assert torch.load(tmp_path / "cut" / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     for args in ([str(cut), "--resume"], [str(whole)]):
-        proc = subprocess.run(torchrun + ["-m", "surgery.cli", "train"] + args, env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        rc, out, err = _torchrun(["-m", "surgery.cli", "train"] + args, env, tmp_path)
+        assert rc == 0, err[-4000:]
     lines = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
              for name in ("cut", "whole")}
     assert [m["step"] for m in lines["cut"]] == [1, 2, 3, 4]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import shutil
 
 import pytest
@@ -226,13 +227,18 @@ def test_signal_stops_after_the_step_with_a_checkpoint(tok, data, tmp_path, sig)
     signum = getattr(signal, sig)
     run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
                   output_dir=tmp_path / "b", on_step=lambda m: m["step"] == 2 and os.kill(os.getpid(), signum))
-    with pytest.raises(TrainingInterrupted, match="after step 2") as exc:
+    with pytest.raises(TrainingInterrupted, match=f"{sig}.* after step 2") as exc:
         run.train()
     assert exc.value.step == 2 and exc.value.checkpoint == tmp_path / "b" / "checkpoint"
+    assert exc.value.signum == signum
+    back = pickle.loads(pickle.dumps(exc.value))  # e.g. from a worker process
+    assert (type(back), back.step, back.checkpoint, back.signum, str(back)) == \
+        (TrainingInterrupted, 2, exc.value.checkpoint, signum, str(exc.value))
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert torch.load(tmp_path / "b" / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     resumed = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
                       output_dir=tmp_path / "b")
-    resumed.train(resume=True)
+    assert len(resumed.train(resume=True)) == 4
     assert [m["loss/total"] for m in resumed.history] == [m["loss/total"] for m in straight.history]
     a, b = _params(straight.model), _params(resumed.model)
     for n in a:
@@ -261,20 +267,74 @@ def test_second_ctrl_c_stops_at_once(tok, data, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_repeated_sigterm_and_ignored_sigint(tok, data, tmp_path):
+    """SIGTERM twice (a scheduler and torchrun may each send one) still stops after the step with
+    a checkpoint; a SIGINT the process ignores (a background job) stays ignored and is put back."""
+    import os
+    import signal
+
+    from surgery import TrainingInterrupted
+
+    def twice(m):
+        if m["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
+                  output_dir=tmp_path / "a", on_step=twice)
+    with pytest.raises(TrainingInterrupted, match="after step 2"):
+        run.train()
+    assert torch.load(tmp_path / "a" / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=4),
+                      on_step=lambda m: m["step"] == 2 and os.kill(os.getpid(), signal.SIGINT))
+        assert len(run.train()) == 4
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_signal_during_the_last_save_waits_for_it(tok, data, tmp_path, monkeypatch):
+    """Ctrl-C while the end-of-training checkpoint is written (the only one with save_every 0):
+    the save completes, then the run stops (run() would otherwise go on to evaluate)."""
+    import os
+    import signal
+
+    from surgery import TrainingInterrupted
+
+    save = Surgery.save_checkpoint
+
+    def interrupted_save(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return save(self)
+
+    monkeypatch.setattr(Surgery, "save_checkpoint", interrupted_save)
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=3),
+                  output_dir=tmp_path / "a")
+    with pytest.raises(TrainingInterrupted, match="after step 3"):
+        run.run()
+    assert torch.load(tmp_path / "a" / "checkpoint" / "state.pt", weights_only=False)["step"] == 3
+    assert not (tmp_path / "a" / "final").exists()
+
+
 def test_cli_exit_code_when_interrupted(tmp_path, monkeypatch, capsys):
-    """surgery train maps TrainingInterrupted to exit code 130 and a one-line message saying how to resume."""
+    """cli.main maps TrainingInterrupted to 128 + the signal and a one-line message saying how to
+    resume (as a command it then dies of the signal: tested through torchrun in test_fsdp)."""
+    import signal
+
     from surgery import cli
     from surgery.trainer import TrainingInterrupted
 
     def interrupted(self, resume=False):
-        raise TrainingInterrupted(3, tmp_path / "checkpoint")
+        raise TrainingInterrupted(3, tmp_path / "checkpoint", signal.SIGTERM)
 
     monkeypatch.setattr(Surgery, "run", interrupted)
     monkeypatch.setattr("surgery.from_config", lambda cfg: Surgery.__new__(Surgery))
     monkeypatch.setattr("surgery.load_config", lambda path, overrides: None)
-    assert cli.main(["train", "x.yaml"]) == 130
+    assert cli.main(["train", "x.yaml"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
-    assert "interrupted after step 3" in err and "--resume" in err
+    assert "interrupted (SIGTERM) after step 3" in err and "--resume" in err
 
 
 def test_output_dir_of_an_earlier_run(tok, data, tmp_path):
