@@ -180,7 +180,7 @@ def _head_forward(self, hidden, *args, **kwargs):
     return ph
 
 
-def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs):
+def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs, per_token: bool = False):
     if call.hidden is None:
         raise NotImplementedError("surgery_kernels.hf.patch: the model's forward did not call its output embeddings")
     scale, softcap = _interpret(call, logits)
@@ -197,6 +197,10 @@ def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs):
     if scale != 1.0:
         hidden = hidden * scale
         bias = bias * scale if bias is not None else None
+    if per_token:
+        return linear_cross_entropy(hidden, weight, shift_labels, bias=bias, ignore_index=ignore_index,
+                                    reduction="none", softcap=softcap, backend=state.backend,
+                                    chunk_size=state.chunk_size)
     num_items = loss_kwargs.get("num_items_in_batch")
     loss = linear_cross_entropy(hidden, weight, shift_labels, bias=bias, ignore_index=ignore_index,
                                 reduction="mean" if num_items is None else "sum", softcap=softcap,
@@ -206,14 +210,29 @@ def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs):
     return loss
 
 
+def _original_forward(model, state: _Patch):
+    if state.prev_forward is not None:
+        return state.prev_forward
+    return functools.partial(type(model).forward, model)
+
+
+def _armed_forward(model, state: _Patch, args, kwargs):
+    """The model's own forward with the output embeddings armed: (its output, what they recorded)."""
+    if state.takes_return_dict:
+        kwargs["return_dict"] = True
+    call = state.call = _Call()
+    try:
+        out = _original_forward(model, state)(*args, **kwargs)
+    finally:
+        state.call = None
+    if not isinstance(out, Mapping):
+        raise NotImplementedError(f"surgery_kernels.hf.patch: the model returned a {type(out).__name__}; a "
+                                  f"labelled call needs a ModelOutput (a mapping with 'logits')")
+    return out, call
+
+
 def _model_forward(self, *args, **kwargs):
     state: _Patch = getattr(self, _ATTR)
-
-    def original(*a, **k):
-        if state.prev_forward is not None:
-            return state.prev_forward(*a, **k)
-        return type(self).forward(self, *a, **k)
-
     labels = kwargs.pop("labels", None)
     if labels is None and state.labels_position is not None and len(args) > state.labels_position:
         args = list(args)
@@ -221,21 +240,12 @@ def _model_forward(self, *args, **kwargs):
     if not state.active or labels is None:
         if labels is not None:
             kwargs["labels"] = labels
-        return original(*args, **kwargs)
+        return _original_forward(self, state)(*args, **kwargs)
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(getattr(self, "config", None), "return_dict", True)
-    if state.takes_return_dict:
-        kwargs["return_dict"] = True
-    call = state.call = _Call()
-    try:
-        out = original(*args, **kwargs)
-    finally:
-        state.call = None
-    if not isinstance(out, Mapping):
-        raise NotImplementedError(f"surgery_kernels.hf.patch: the model returned a {type(out).__name__}; a "
-                                  f"labelled call needs a ModelOutput (a mapping with 'logits')")
+    out, call = _armed_forward(self, state, args, kwargs)
     loss = _causal_lm_loss(state, call, out.get("logits"), labels, loss_kwargs)
     aux = out.get("aux_loss")
     if aux is not None:
@@ -345,6 +355,30 @@ def unpatch(model):
                 module.__dict__["forward"] = prev
             module.__dict__.pop(_ATTR, None)
     return model
+
+
+def token_nll(model, *, labels, ignore_index: int = -100, shift_labels=None, **inputs) -> torch.Tensor:
+    """Per-token negative log-likelihood of ``labels`` under a patched causal LM, from the hidden
+    states its output embeddings receive — no logits — with the model's own logit scaling and
+    softcapping folded in, as the patched loss does.
+
+    ``token_nll(model, **batch)`` takes the keyword arguments of ``model(**batch)``; ``labels``
+    (B, T) are shifted as Hugging Face shifts them (or pass ``shift_labels``). Returns (B, T):
+    entry t is ``-log p(labels[t + 1] | tokens <= t)``, 0 where that label is ``ignore_index`` and
+    at the last position. Differentiable (``reduction="none"``: any upstream gradient), for
+    sequence-level objectives — ``token_nll(...).sum(-1)`` is NPO's or DPO's ``-log pi(y | x)`` —
+    and token-weighted ones. The MoE router loss is not included (it is not a likelihood).
+    """
+    state: _Patch | None = getattr(model, _ATTR, None)
+    if state is None or not state.active:
+        raise ValueError("token_nll needs a model patched with surgery_kernels.hf.patch(model)")
+    if not torch.is_tensor(labels):
+        raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
+    for k in ("return_dict", "num_items_in_batch"):  # a Trainer's batch may carry the latter
+        inputs.pop(k, None)
+    out, call = _armed_forward(model, state, (), inputs)
+    return _causal_lm_loss(state, call, out.get("logits"), labels,
+                           {"ignore_index": ignore_index, "shift_labels": shift_labels}, per_token=True)
 
 
 def is_patched(model) -> bool:

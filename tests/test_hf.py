@@ -96,6 +96,37 @@ def test_patched_loss_and_grads_equal_huggingface(arch, num_items):
     _assert_same_loss_and_grads(_loss_and_grads(model, **kwargs), ref)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "granite"])
+def test_token_nll_equals_per_token_ce_of_the_logits(arch):
+    """hf.token_nll on a patched model: per-token NLL (B, T) of the shifted labels, 0 where
+    ignored and at the last position, equal to the cross-entropy of the unpatched model's logits
+    (Gemma-2's softcapping and Granite's scaling folded in), with the same gradients for a
+    per-sequence objective (an NPO-like sum with per-row upstream weights); a model that is not
+    patched is refused."""
+    extra = {"gemma2": {"final_logit_softcapping": 2.0}, "granite": {"logits_scaling": 4.0}}.get(arch, {})
+    model = _model(arch, **extra)
+    ids, labels = _batch()
+    att = torch.ones_like(ids)
+    att[1, -2:] = 0
+    with pytest.raises(ValueError, match="patch"):
+        hf.token_nll(model, input_ids=ids, labels=labels)
+    logits = model(input_ids=ids, attention_mask=att).logits
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), shifted, reduction="none", ignore_index=-100)
+    rows = torch.tensor([0.3, -1.7])
+    model.zero_grad(set_to_none=True)
+    (ref.sum(-1) * rows).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    hf.patch(model, backend="torch", chunk_size=CHUNK)
+    model.zero_grad(set_to_none=True)
+    ours = hf.token_nll(model, input_ids=ids, attention_mask=att, labels=labels, num_items_in_batch=torch.tensor(3))
+    assert ours.shape == (B, T) and (ours[shifted == -100] == 0).all()
+    assert _rel(ours.detach(), ref.detach()) <= 1e-5
+    (ours.sum(-1) * rows).sum().backward()
+    for n, g in ref_grads.items():
+        assert _rel(dict(model.named_parameters())[n].grad, g) <= 1e-5, n
+
+
 def _backend_cases():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [pytest.param(b, dev, id=f"{b}-{dev}", marks=[pytest.mark.cuda] if dev == "cuda" else [])
