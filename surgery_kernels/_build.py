@@ -1,8 +1,8 @@
 """Build and load the C++/CUDA extension in ``csrc/`` (once per process, lazily).
 
-Sources are found at ``<repo>/csrc``: the package is meant to be used from a source checkout or an
-editable install (``pip install -e .``), where ``csrc/`` sits next to the ``surgery_kernels``
-package. ``torch.utils.cpp_extension.load`` compiles them with ninja into a cache directory
+Sources: ``surgery_kernels/_csrc`` in a regular install (the wheel ships ``csrc/`` there), else
+``<repo>/csrc`` of a source checkout or an editable install (``pip install -e .``), next to the
+``surgery_kernels`` package. ``torch.utils.cpp_extension.load`` compiles them with ninja into a cache directory
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); an unchanged source tree is not
 recompiled. The CUDA sources (``csrc/cuda/*.cu`` and ``csrc/cuda/*.cpp``) are added only when torch
 was built with CUDA and a CUDA toolkit (nvcc) is found; otherwise only ``csrc/*.cpp`` is built.
@@ -26,7 +26,17 @@ import torch
 log = logging.getLogger("surgery_kernels")
 
 NAME = "surgery_kernels_ext"
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _source_dir() -> Path:
+    """The C++/CUDA sources: the copy a regular install ships inside the package, else csrc/ of the
+    checkout the package is imported from (source tree or editable install)."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "_csrc"
+    return shipped if shipped.is_dir() else here.parent / "csrc"
+
+
+SOURCE_DIR = _source_dir()
 # The GPUs the CUDA build always targets (H100/H200), besides the one present at build time.
 CUDA_ARCHS = ("90",)
 
@@ -84,8 +94,8 @@ def _build(source_dir: Path, verbose: bool) -> BuildResult:
     from torch.utils import cpp_extension
 
     if not source_dir.is_dir():
-        return BuildResult(False, reason=f"extension sources not found at {source_dir} (the cpu/cuda backends need "
-                                         "a source checkout or an editable install of surgery-kernels)")
+        return BuildResult(False, reason=f"extension sources not found at {source_dir} (an install of "
+                                         "surgery-kernels without its csrc/; reinstall from the repository)")
     with_cuda = cuda_toolkit() is not None and any((source_dir / "cuda").glob("*.cu"))
     srcs = sources(source_dir, with_cuda)
     if not srcs:
