@@ -100,9 +100,11 @@ def _build(source_dir: Path, verbose: bool) -> BuildResult:
     srcs = sources(source_dir, with_cuda)
     if not srcs:
         return BuildResult(False, reason=f"no C++ sources in {source_dir}")
-    # One cache entry per source checkout: two checkouts sharing TORCH_EXTENSIONS_DIR would otherwise
-    # rebuild over each other's library.
-    tag = hashlib.sha1(str(source_dir.resolve()).encode()).hexdigest()[:8]
+    # One cache entry per source tree and torch build: two checkouts (or installs at one path in two
+    # images with different torch) sharing TORCH_EXTENSIONS_DIR would otherwise rebuild over, or
+    # load, each other's library.
+    key = f"{source_dir.resolve()}|{torch.__version__}|{torch.version.cuda}"
+    tag = hashlib.sha1(key.encode()).hexdigest()[:8]
     name = f"{NAME}_{'cuda' if with_cuda else 'cpu'}_{tag}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose))
     omp_c, omp_l = _openmp_flags()

@@ -57,8 +57,10 @@ from .backends import BACKENDS
 from .functional import linear_cross_entropy
 
 _ATTR = "_surgery_kernels_patch"
-# Keyword arguments that only the loss uses: taken out of a labelled call.
-_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+# Keyword arguments that only the loss uses: taken out of a labelled call. _PER_TOKEN (token_nll's):
+# the loss is the per-token NLL (B, T) instead of the mean, without the MoE router loss.
+_PER_TOKEN = "_surgery_kernels_per_token"
+_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index", _PER_TOKEN)
 
 
 @dataclass
@@ -246,8 +248,9 @@ def _model_forward(self, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(getattr(self, "config", None), "return_dict", True)
     out, call = _armed_forward(self, state, args, kwargs)
-    loss = _causal_lm_loss(state, call, out.get("logits"), labels, loss_kwargs)
-    aux = out.get("aux_loss")
+    per_token = bool(loss_kwargs.get(_PER_TOKEN))
+    loss = _causal_lm_loss(state, call, out.get("logits"), labels, loss_kwargs, per_token=per_token)
+    aux = None if per_token else out.get("aux_loss")
     if aux is not None:
         # Mixture-of-experts models (Mixtral, Qwen2-MoE, ... 30+ in transformers) add the router's
         # load-balancing loss to the loss when labels are given (output_router_logits=True).
@@ -357,28 +360,51 @@ def unpatch(model):
     return model
 
 
+def _find_patch(model) -> _Patch | None:
+    """The patch state of ``model`` or of the model a wrapper calls (DDP/FSDP ``.module``,
+    ``torch.compile``'s ``._orig_mod``; peft forwards the attribute itself)."""
+    for _ in range(8):
+        state = getattr(model, _ATTR, None)
+        if state is not None:
+            return state
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            return None
+    return None
+
+
 def token_nll(model, *, labels, ignore_index: int = -100, shift_labels=None, **inputs) -> torch.Tensor:
     """Per-token negative log-likelihood of ``labels`` under a patched causal LM, from the hidden
     states its output embeddings receive — no logits — with the model's own logit scaling and
     softcapping folded in, as the patched loss does.
 
-    ``token_nll(model, **batch)`` takes the keyword arguments of ``model(**batch)``; ``labels``
-    (B, T) are shifted as Hugging Face shifts them (or pass ``shift_labels``). Returns (B, T):
-    entry t is ``-log p(labels[t + 1] | tokens <= t)``, 0 where that label is ``ignore_index`` and
-    at the last position. Differentiable (``reduction="none"``: any upstream gradient), for
-    sequence-level objectives — ``token_nll(...).sum(-1)`` is NPO's or DPO's ``-log pi(y | x)`` —
-    and token-weighted ones. The MoE router loss is not included (it is not a likelihood).
+    ``token_nll(model, **batch)`` takes the keyword arguments of ``model(**batch)`` and calls
+    ``model(...)`` with them, so wrappers around the patched model (DDP, FSDP, ``torch.compile``,
+    peft) run as in any forward: DDP still averages the gradients. ``labels`` (B, T) are shifted as
+    Hugging Face shifts them (or pass ``shift_labels``). Returns float32 (B, T) (float64 for a
+    float64 model): entry t is ``-log p(labels[t + 1] | tokens <= t)``, 0 where that label is
+    ``ignore_index`` and at the last position. Differentiable (``reduction="none"``: any upstream
+    gradient), for sequence-level objectives — ``token_nll(...).sum(-1)`` is NPO's or DPO's
+    ``-log pi(y | x)`` — and token-weighted ones. The MoE router loss is not included (it is not a
+    likelihood). For a frozen reference model, call it under ``torch.no_grad()`` (and pass
+    ``use_cache=False`` to skip the key/value cache).
     """
-    state: _Patch | None = getattr(model, _ATTR, None)
+    state = _find_patch(model)
     if state is None or not state.active:
-        raise ValueError("token_nll needs a model patched with surgery_kernels.hf.patch(model)")
+        raise ValueError("token_nll needs a model patched with surgery_kernels.hf.patch(model) (or a DDP, FSDP, "
+                         "torch.compile or peft wrapper around one)")
     if not torch.is_tensor(labels):
         raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
-    for k in ("return_dict", "num_items_in_batch"):  # a Trainer's batch may carry the latter
-        inputs.pop(k, None)
-    out, call = _armed_forward(model, state, (), inputs)
-    return _causal_lm_loss(state, call, out.get("logits"), labels,
-                           {"ignore_index": ignore_index, "shift_labels": shift_labels}, per_token=True)
+    inputs.pop("num_items_in_batch", None)  # a Trainer's batch may carry it; it scales a mean only
+    inputs.update(labels=labels, ignore_index=ignore_index, return_dict=True, **{_PER_TOKEN: True})
+    if shift_labels is not None:
+        inputs["shift_labels"] = shift_labels
+    out = model(**inputs)
+    nll = out["loss"] if isinstance(out, Mapping) else None
+    if nll is None or nll.shape != labels.shape:
+        raise ValueError("token_nll: the model did not go through the patched forward (a wrapper that drops or "
+                         "renames keyword arguments?)")
+    return nll
 
 
 def is_patched(model) -> bool:

@@ -145,3 +145,42 @@ def test_fsdp_sigterm_on_one_rank_stops_all_after_the_same_step(tmp_path):
     for a, b in zip(lines["cut"], lines["whole"]):
         for k in ("loss/total", "loss/unlearn", "loss/update", "loss/retain", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
+
+
+DDP_WORKER = """
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from surgery_kernels import hf
+from surgery.testing import tiny_llama
+from surgery.modeling import load_model
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = hf.patch(load_model(config=tiny_llama(50), dtype="float32", seed=0), backend="torch")
+local = hf.patch(load_model(config=tiny_llama(50), dtype="float32", seed=0), backend="torch")
+g = torch.Generator().manual_seed(rank)  # each rank its own batch
+ids = torch.randint(3, 50, (2, 9), generator=g)
+weights = torch.tensor([1.0, -0.5])
+ddp = DDP(model)
+(hf.token_nll(ddp, input_ids=ids, labels=ids).sum(-1) * weights).sum().backward()
+(hf.token_nll(local, input_ids=ids, labels=ids).sum(-1) * weights).sum().backward()
+worst = 0.0
+for (n, p), q in zip(model.named_parameters(), local.parameters()):
+    mean = q.grad.clone()
+    dist.all_reduce(mean)
+    mean /= dist.get_world_size()
+    worst = max(worst, ((p.grad - mean).norm() / mean.norm().clamp_min(1e-30)).item())
+print(f"rank {rank} worst {worst:.3e}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_token_nll_under_ddp_averages_gradients(tmp_path):
+    """hf.token_nll(ddp_model, ...) goes through DDP's forward, so the backward averages the
+    gradients over the ranks (each rank's equal to the mean of the ranks' local gradients)."""
+    (tmp_path / "ddp.py").write_text(DDP_WORKER)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    rc, out, err = _torchrun([str(tmp_path / "ddp.py")], env, tmp_path)
+    assert rc == 0, err[-4000:]
+    worst = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("rank ")]
+    assert len(worst) == 2 and max(worst) < 1e-5, out

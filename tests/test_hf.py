@@ -96,14 +96,16 @@ def test_patched_loss_and_grads_equal_huggingface(arch, num_items):
     _assert_same_loss_and_grads(_loss_and_grads(model, **kwargs), ref)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "granite"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_token_nll_equals_per_token_ce_of_the_logits(arch):
     """hf.token_nll on a patched model: per-token NLL (B, T) of the shifted labels, 0 where
     ignored and at the last position, equal to the cross-entropy of the unpatched model's logits
-    (Gemma-2's softcapping and Granite's scaling folded in), with the same gradients for a
-    per-sequence objective (an NPO-like sum with per-row upstream weights); a model that is not
-    patched is refused."""
-    extra = {"gemma2": {"final_logit_softcapping": 2.0}, "granite": {"logits_scaling": 4.0}}.get(arch, {})
+    (Gemma-2's softcapping and Granite's scaling folded in, Mixtral's router loss left out), with
+    the same gradients for a per-sequence objective (an NPO-like sum with per-row upstream
+    weights); a model that is not patched is refused."""
+    extra = {"gemma2": {"final_logit_softcapping": 2.0}, "granite": {"logits_scaling": 4.0},
+             "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                             router_aux_loss_coef=0.5)}.get(arch, {})
     model = _model(arch, **extra)
     ids, labels = _batch()
     att = torch.ones_like(ids)
@@ -125,6 +127,22 @@ def test_token_nll_equals_per_token_ce_of_the_logits(arch):
     (ours.sum(-1) * rows).sum().backward()
     for n, g in ref_grads.items():
         assert _rel(dict(model.named_parameters())[n].grad, g) <= 1e-5, n
+
+
+def test_token_nll_through_wrappers():
+    """token_nll calls the model, so a wrapper around the patched model runs: torch.compile's
+    (the patch is found on the compiled module's original) and forward hooks; the result equals
+    the bare patched model's."""
+    model = _model("llama")
+    ids, labels = _batch()
+    hf.patch(model, backend="torch")
+    bare = hf.token_nll(model, input_ids=ids, labels=labels)
+    seen = []
+    handle = model.register_forward_hook(lambda *a: seen.append(1))
+    assert torch.equal(hf.token_nll(model, input_ids=ids, labels=labels), bare) and seen == [1]
+    handle.remove()
+    compiled = torch.compile(model, backend="eager")
+    assert torch.allclose(hf.token_nll(compiled, input_ids=ids, labels=labels), bare, rtol=1e-6, atol=0)
 
 
 def _backend_cases():
