@@ -1,5 +1,8 @@
 """Hugging Face integration: ``patch(model)`` makes ``model(input_ids=..., labels=...)`` compute its
 loss with :func:`surgery_kernels.linear_cross_entropy`, never materializing the ``(B, T, V)`` logits.
+On a patched model, ``token_nll`` (per-token NLL), ``token_kl`` (per-token KL to a reference) and
+``head_inputs`` (what the output embeddings receive) serve objectives beyond the mean CE, through
+the same forward.
 
 One mechanism for every causal LM, no copied ``forward``. ``patch`` sets two instance attributes:
 
@@ -49,18 +52,33 @@ import numbers
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from . import checks
 from .backends import BACKENDS
-from .functional import linear_cross_entropy
+from .functional import linear_cross_entropy, linear_kl_div
 
 _ATTR = "_surgery_kernels_patch"
 # Keyword arguments that only the loss uses: taken out of a labelled call. _PER_TOKEN (token_nll's):
 # the loss is the per-token NLL (B, T) instead of the mean, without the MoE router loss.
 _PER_TOKEN = "_surgery_kernels_per_token"
-_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index", _PER_TOKEN)
+# _HEAD (head_inputs'): no loss; the forward returns what the output embeddings received, as a
+# HeadInputs, labels or not.
+_HEAD = "_surgery_kernels_head"
+_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index", _PER_TOKEN, _HEAD)
+
+
+class HeadInputs(NamedTuple):
+    """What a patched model's logits are made of: ``softcap * tanh(z / softcap)`` (or ``z`` when
+    softcap is None) with ``z = hidden @ weight.T + bias``; the model's own logit scaling is folded
+    into ``hidden`` and ``bias``."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
 
 
 @dataclass
@@ -182,11 +200,19 @@ def _head_forward(self, hidden, *args, **kwargs):
     return ph
 
 
-def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs, per_token: bool = False):
+def _head_inputs(call: _Call, logits) -> HeadInputs:
     if call.hidden is None:
         raise NotImplementedError("surgery_kernels.hf.patch: the model's forward did not call its output embeddings")
     scale, softcap = _interpret(call, logits)
-    hidden, weight, bias = call.hidden, call.weight, call.bias
+    hidden, bias = call.hidden, call.bias
+    if scale != 1.0:
+        hidden = hidden * scale
+        bias = bias * scale if bias is not None else None
+    return HeadInputs(hidden, call.weight, bias, softcap)
+
+
+def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs, per_token: bool = False):
+    hidden, weight, bias, softcap = _head_inputs(call, logits)
     ignore_index = loss_kwargs.get("ignore_index", -100)
     shift_labels = loss_kwargs.get("shift_labels")
     if shift_labels is None:
@@ -196,9 +222,6 @@ def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs, per
     if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels must have the shape of the tokens that reach the output embeddings "
                          f"{tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)} (logits_to_keep with labels?)")
-    if scale != 1.0:
-        hidden = hidden * scale
-        bias = bias * scale if bias is not None else None
     if per_token:
         return linear_cross_entropy(hidden, weight, shift_labels, bias=bias, ignore_index=ignore_index,
                                     reduction="none", softcap=softcap, backend=state.backend,
@@ -239,7 +262,8 @@ def _model_forward(self, *args, **kwargs):
     if labels is None and state.labels_position is not None and len(args) > state.labels_position:
         args = list(args)
         labels, args[state.labels_position] = args[state.labels_position], None
-    if not state.active or labels is None:
+    head = state.active and kwargs.pop(_HEAD, False)
+    if not state.active or (labels is None and not head):
         if labels is not None:
             kwargs["labels"] = labels
         return _original_forward(self, state)(*args, **kwargs)
@@ -248,6 +272,8 @@ def _model_forward(self, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(getattr(self, "config", None), "return_dict", True)
     out, call = _armed_forward(self, state, args, kwargs)
+    if head:
+        return _head_inputs(call, out.get("logits"))
     per_token = bool(loss_kwargs.get(_PER_TOKEN))
     loss = _causal_lm_loss(state, call, out.get("logits"), labels, loss_kwargs, per_token=per_token)
     aux = None if per_token else out.get("aux_loss")
@@ -405,6 +431,59 @@ def token_nll(model, *, labels, ignore_index: int = -100, shift_labels=None, **i
         raise ValueError("token_nll: the model did not go through the patched forward (a wrapper that drops or "
                          "renames keyword arguments?)")
     return nll
+
+
+def head_inputs(model, **inputs) -> HeadInputs:
+    """``HeadInputs(hidden, weight, bias, softcap)`` of a patched causal LM for ``model(**inputs)``:
+    what its output embeddings receive (hidden (B, T, H) with the gradient path to the model),
+    their weight and bias, the model's logit scaling folded in — the inputs of
+    :func:`surgery_kernels.linear_kl_div` or ``linear_cross_entropy`` for any objective, without
+    logits. Calls ``model(...)``, so wrappers (DDP, FSDP, ``torch.compile``, peft) run; ``labels``
+    are ignored. For a LoRA model's adapters-off reference: ``with torch.no_grad(),
+    model.disable_adapter(): ref = head_inputs(model, **batch)``.
+    """
+    state = _find_patch(model)
+    if state is None or not state.active:
+        raise ValueError("head_inputs needs a model patched with surgery_kernels.hf.patch(model) (or a DDP, FSDP, "
+                         "torch.compile or peft wrapper around one)")
+    inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    out = model(**inputs, return_dict=True, **{_HEAD: True})
+    if not isinstance(out, HeadInputs):
+        raise ValueError("head_inputs: the model did not go through the patched forward (a wrapper that drops or "
+                         "renames keyword arguments?)")
+    return out
+
+
+def token_kl(model, reference, *, mask=None, direction: str = "forward", temperature: float = 1.0,
+             **inputs) -> torch.Tensor:
+    """Per-token KL (B, T) between a patched model and a frozen reference on ``model(**inputs)``,
+    without either's logits: ``direction="forward"`` is KL(p_ref || p), the retain term of
+    LLM Surgery and of most unlearning recipes; ``"reverse"`` KL(p || p_ref); at ``temperature``.
+
+    reference: another patched model (run under ``torch.no_grad()`` here), or its
+    :class:`HeadInputs` computed beforehand (e.g. the same LoRA model with its adapters disabled).
+    mask: (B, T) bool, tokens to score; default the ``attention_mask`` (all tokens without one);
+    0 elsewhere. Differentiable w.r.t. the model. Softcapped logits (Gemma-2) are refused: the KL
+    kernels take no softcap.
+    """
+    state = _find_patch(model)
+    if state is None or not state.active:
+        raise ValueError("token_kl needs a model patched with surgery_kernels.hf.patch(model)")
+    cur = head_inputs(model, **inputs)
+    if isinstance(reference, HeadInputs):
+        ref = reference
+    else:
+        with torch.no_grad():
+            ref = head_inputs(reference, **inputs)
+    if cur.softcap is not None or ref.softcap is not None:
+        raise NotImplementedError("token_kl: this model softcaps its logits (Gemma-2's final_logit_softcapping); "
+                                  "linear_kl_div takes no softcap")
+    if mask is None and inputs.get("attention_mask") is not None:
+        mask = inputs["attention_mask"].to(cur.hidden.device).bool()
+    return linear_kl_div(cur.hidden, cur.weight, ref.hidden.detach(), ref.weight.detach(), bias=cur.bias,
+                         ref_bias=None if ref.bias is None else ref.bias.detach(), mask=mask, direction=direction,
+                         temperature=temperature, reduction="none", backend=state.backend,
+                         chunk_size=state.chunk_size)
 
 
 def is_patched(model) -> bool:

@@ -161,9 +161,11 @@ local = hf.patch(load_model(config=tiny_llama(50), dtype="float32", seed=0), bac
 g = torch.Generator().manual_seed(rank)  # each rank its own batch
 ids = torch.randint(3, 50, (2, 9), generator=g)
 weights = torch.tensor([1.0, -0.5])
+reference = hf.patch(load_model(config=tiny_llama(50), dtype="float32", seed=1), backend="torch")
 ddp = DDP(model)
-(hf.token_nll(ddp, input_ids=ids, labels=ids).sum(-1) * weights).sum().backward()
-(hf.token_nll(local, input_ids=ids, labels=ids).sum(-1) * weights).sum().backward()
+for m in (ddp, local):  # an NPO-like sequence term and a retain KL, through DDP and locally
+    loss = (hf.token_nll(m, input_ids=ids, labels=ids).sum(-1) * weights).sum()
+    (loss + hf.token_kl(m, reference, input_ids=ids).sum()).backward()
 worst = 0.0
 for (n, p), q in zip(model.named_parameters(), local.parameters()):
     mean = q.grad.clone()
@@ -176,8 +178,9 @@ dist.destroy_process_group()
 
 
 def test_token_nll_under_ddp_averages_gradients(tmp_path):
-    """hf.token_nll(ddp_model, ...) goes through DDP's forward, so the backward averages the
-    gradients over the ranks (each rank's equal to the mean of the ranks' local gradients)."""
+    """hf.token_nll and hf.token_kl on a DDP model go through DDP's forward, so the backward
+    averages the gradients over the ranks (each rank's equal to the mean of the ranks' local
+    gradients)."""
     (tmp_path / "ddp.py").write_text(DDP_WORKER)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     rc, out, err = _torchrun([str(tmp_path / "ddp.py")], env, tmp_path)

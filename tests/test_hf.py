@@ -145,6 +145,83 @@ def test_token_nll_through_wrappers():
     assert torch.allclose(hf.token_nll(compiled, input_ids=ids, labels=labels), bare, rtol=1e-6, atol=0)
 
 
+def _logits_kl(logits, ref_logits, direction, temperature, dtype=torch.float64):
+    logq = torch.log_softmax(logits.to(dtype) / temperature, -1)
+    logp = torch.log_softmax(ref_logits.to(dtype) / temperature, -1)
+    if direction == "forward":
+        return (logp.exp() * (logp - logq)).sum(-1)
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
+def _assert_kl_close(got, logits, ref_logits, direction, temperature, mask=1):
+    """Against the KL of the logits in float64, within twice plain PyTorch's float32 error: these
+    KLs are small next to the logits (near models), so float32 statistics cancel (~1e-4 relative
+    here) in any implementation."""
+    exact = _logits_kl(logits, ref_logits, direction, temperature) * mask
+    plain = _logits_kl(logits, ref_logits, direction, temperature, torch.float32) * mask
+    assert _rel(got.detach(), exact.detach()) <= 2 * _rel(plain.detach(), exact.detach()) + 1e-6
+
+
+@pytest.mark.parametrize("arch,direction", [("llama", "forward"), ("granite", "reverse")])
+def test_token_kl_equals_the_kl_of_the_logits(arch, direction):
+    """hf.token_kl(model, reference, **batch): per-token KL between two patched models (Granite's
+    logit scaling folded in on both sides), 0 outside the attention mask, equal to the KL of their
+    logits at temperature 2 with the same gradients; head_inputs gives the pieces; softcapped
+    logits (Gemma-2) are refused."""
+    extra = {"granite": {"logits_scaling": 4.0}}.get(arch, {})
+    model, ref = _model(arch, seed=0, **extra), _model(arch, seed=1, **extra)
+    ids, _ = _batch()
+    att = torch.ones_like(ids)
+    att[1, -3:] = 0
+    logits, ref_logits = model(input_ids=ids, attention_mask=att).logits, ref(input_ids=ids, attention_mask=att).logits
+    up = torch.linspace(0.5, 1.5, T)
+    want = {}  # parameter gradients through the logits' KL in float64 ("exact") and float32 ("plain")
+    for name, dt in (("exact", torch.float64), ("plain", torch.float32)):
+        grads = torch.autograd.grad((_logits_kl(logits, ref_logits.detach(), direction, 2.0, dt) * att * up).sum(),
+                                    list(model.parameters()), retain_graph=True, allow_unused=True)
+        want[name] = {n: g for (n, _), g in zip(model.named_parameters(), grads) if g is not None}
+    for m in (model, ref):
+        hf.patch(m, backend="torch", chunk_size=CHUNK)
+    model.zero_grad(set_to_none=True)
+    got = hf.token_kl(model, ref, input_ids=ids, attention_mask=att, direction=direction, temperature=2.0)
+    assert got.shape == (B, T) and (got[att == 0] == 0).all()
+    _assert_kl_close(got, logits, ref_logits, direction, 2.0, att)
+    (got * up).sum().backward()
+    params = dict(model.named_parameters())
+    for n, g in want["exact"].items():
+        assert _rel(params[n].grad, g) <= 2 * _rel(want["plain"][n], g) + 1e-6, n
+    pieces = hf.head_inputs(model, input_ids=ids, attention_mask=att, labels=ids)
+    assert pieces.hidden.shape == (B, T, H) and pieces.softcap is None
+    gemma = hf.patch(_model("gemma2", final_logit_softcapping=2.0), backend="torch")
+    assert hf.head_inputs(gemma, input_ids=ids).softcap == pytest.approx(2.0)
+    with pytest.raises(NotImplementedError, match="softcap"):
+        hf.token_kl(gemma, gemma, input_ids=ids)
+
+
+def test_token_kl_against_the_adapters_off_reference():
+    """A LoRA model against itself with adapters off (the reference passed as HeadInputs): the KL
+    of the two logits, gradients reaching only the adapters."""
+    peft = pytest.importorskip("peft")
+    base = _model("llama")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # adapters that change the model
+    ids, _ = _batch()
+    with torch.no_grad(), model.disable_adapter():
+        ref_logits = model(input_ids=ids).logits
+    logits = model(input_ids=ids).logits
+    expect = _logits_kl(logits, ref_logits, "forward", 1.0)
+    hf.patch(model, backend="torch")
+    with torch.no_grad(), model.disable_adapter():
+        ref = hf.head_inputs(model, input_ids=ids)
+    got = hf.token_kl(model, ref, input_ids=ids)
+    assert expect.min() > 0
+    _assert_kl_close(got, logits, ref_logits, "forward", 1.0)
+    got.sum().backward()
+    assert all((p.grad is not None) == ("lora_" in n) for n, p in model.named_parameters() if p.requires_grad)
+
+
 def _backend_cases():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [pytest.param(b, dev, id=f"{b}-{dev}", marks=[pytest.mark.cuda] if dev == "cuda" else [])
