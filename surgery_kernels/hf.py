@@ -200,6 +200,20 @@ def _head_forward(self, hidden, *args, **kwargs):
     return ph
 
 
+class _LinkHead(torch.autograd.Function):
+    """Identity on the hidden states whose graph node also lists the head's weight and bias, so
+    that DDP's search for unused parameters (it walks the graph from the forward's outputs) finds
+    them when the head is used after the forward; no gradient flows through this link."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias):
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
 def _head_inputs(call: _Call, logits) -> HeadInputs:
     if call.hidden is None:
         raise NotImplementedError("surgery_kernels.hf.patch: the model's forward did not call its output embeddings")
@@ -273,7 +287,13 @@ def _model_forward(self, *args, **kwargs):
         return_dict = getattr(getattr(self, "config", None), "return_dict", True)
     out, call = _armed_forward(self, state, args, kwargs)
     if head:
-        return _head_inputs(call, out.get("logits"))
+        pieces = _head_inputs(call, out.get("logits"))
+        if not torch.is_grad_enabled():
+            # A reference: a snapshot of the head, which a later optimizer step must not change.
+            return pieces._replace(weight=pieces.weight.detach().clone() if pieces.weight.requires_grad
+                                   else pieces.weight.detach(),
+                                   bias=None if pieces.bias is None else pieces.bias.detach().clone())
+        return pieces._replace(hidden=_LinkHead.apply(pieces.hidden, pieces.weight, pieces.bias))
     per_token = bool(loss_kwargs.get(_PER_TOKEN))
     loss = _causal_lm_loss(state, call, out.get("logits"), labels, loss_kwargs, per_token=per_token)
     aux = None if per_token else out.get("aux_loss")
@@ -439,14 +459,19 @@ def head_inputs(model, **inputs) -> HeadInputs:
     their weight and bias, the model's logit scaling folded in — the inputs of
     :func:`surgery_kernels.linear_kl_div` or ``linear_cross_entropy`` for any objective, without
     logits. Calls ``model(...)``, so wrappers (DDP, FSDP, ``torch.compile``, peft) run; ``labels``
-    are ignored. For a LoRA model's adapters-off reference: ``with torch.no_grad(),
-    model.disable_adapter(): ref = head_inputs(model, **batch)``.
+    are ignored. With gradients enabled, ``weight`` and ``bias`` are the live parameters (use them
+    in this step); under ``torch.no_grad()`` — a reference — they are a snapshot (a copy when the
+    head is trained), so an optimizer step does not change a reference taken before it. For a LoRA
+    model's adapters-off reference: ``with torch.no_grad(), model.disable_adapter(): ref =
+    head_inputs(model, **batch)``. Under FSDP2, shard the head with the root module (or with
+    ``reshard_after_forward=False``): its weight is read after the forward, here and in the
+    patched loss alike.
     """
     state = _find_patch(model)
     if state is None or not state.active:
         raise ValueError("head_inputs needs a model patched with surgery_kernels.hf.patch(model) (or a DDP, FSDP, "
                          "torch.compile or peft wrapper around one)")
-    inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_dict")}
     out = model(**inputs, return_dict=True, **{_HEAD: True})
     if not isinstance(out, HeadInputs):
         raise ValueError("head_inputs: the model did not go through the patched forward (a wrapper that drops or "
@@ -460,11 +485,16 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
     without either's logits: ``direction="forward"`` is KL(p_ref || p), the retain term of
     LLM Surgery and of most unlearning recipes; ``"reverse"`` KL(p || p_ref); at ``temperature``.
 
-    reference: another patched model (run under ``torch.no_grad()`` here), or its
-    :class:`HeadInputs` computed beforehand (e.g. the same LoRA model with its adapters disabled).
-    mask: (B, T) bool, tokens to score; default the ``attention_mask`` (all tokens without one);
-    0 elsewhere. Differentiable w.r.t. the model. Softcapped logits (Gemma-2) are refused: the KL
-    kernels take no softcap.
+    Entry t compares the two next-token distributions after token t (the positions of the logits,
+    not of shifted labels: a mask built from labels needs their shift). The true KL at temperature
+    T, without distillation's T² factor.
+
+    reference: another patched model (run under ``torch.no_grad()`` here, on its own device), or
+    its :class:`HeadInputs` computed beforehand under ``torch.no_grad()`` (e.g. the same LoRA model
+    with its adapters disabled); it may differ from the model in dtype or device (it is cast to
+    the model's). mask: (B, T), tokens to score (nonzero = scored); default the ``attention_mask``
+    (all tokens without one); 0 elsewhere. Differentiable w.r.t. the model. Softcapped logits
+    (Gemma-2) are refused: the KL kernels take no softcap.
     """
     state = _find_patch(model)
     if state is None or not state.active:
@@ -473,16 +503,20 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
     if isinstance(reference, HeadInputs):
         ref = reference
     else:
+        dev = next(iter(reference.parameters()), cur.hidden).device
         with torch.no_grad():
-            ref = head_inputs(reference, **inputs)
+            ref = head_inputs(reference, **{k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()})
     if cur.softcap is not None or ref.softcap is not None:
         raise NotImplementedError("token_kl: this model softcaps its logits (Gemma-2's final_logit_softcapping); "
                                   "linear_kl_div takes no softcap")
-    if mask is None and inputs.get("attention_mask") is not None:
-        mask = inputs["attention_mask"].to(cur.hidden.device).bool()
-    return linear_kl_div(cur.hidden, cur.weight, ref.hidden.detach(), ref.weight.detach(), bias=cur.bias,
-                         ref_bias=None if ref.bias is None else ref.bias.detach(), mask=mask, direction=direction,
-                         temperature=temperature, reduction="none", backend=state.backend,
+    to = dict(device=cur.hidden.device, dtype=cur.hidden.dtype)
+    ref = HeadInputs(*(None if t is None else t.detach().to(**to) for t in ref[:3]), ref.softcap)
+    if mask is None:
+        mask = inputs.get("attention_mask")
+    if mask is not None:
+        mask = mask.to(device=cur.hidden.device, dtype=torch.bool)
+    return linear_kl_div(cur.hidden, cur.weight, ref.hidden, ref.weight, bias=cur.bias, ref_bias=ref.bias, mask=mask,
+                         direction=direction, temperature=temperature, reduction="none", backend=state.backend,
                          chunk_size=state.chunk_size)
 
 

@@ -149,6 +149,7 @@ def test_fsdp_sigterm_on_one_rank_stops_all_after_the_same_step(tmp_path):
 
 
 DDP_WORKER = """
+import gc, sys
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from surgery_kernels import hf
@@ -157,23 +158,29 @@ from surgery.modeling import load_model
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-model = hf.patch(load_model(config=tiny_llama(50), dtype="float32", seed=0), backend="torch")
-local = hf.patch(load_model(config=tiny_llama(50), dtype="float32", seed=0), backend="torch")
+make = lambda seed: hf.patch(load_model(config=tiny_llama(50), dtype="float32", seed=seed), backend="torch")
+reference = make(1)
 g = torch.Generator().manual_seed(rank)  # each rank its own batch
 ids = torch.randint(3, 50, (2, 9), generator=g)
 weights = torch.tensor([1.0, -0.5])
-reference = hf.patch(load_model(config=tiny_llama(50), dtype="float32", seed=1), backend="torch")
-ddp = DDP(model)
-for m in (ddp, local):  # an NPO-like sequence term and a retain KL, through DDP and locally
-    loss = (hf.token_nll(m, input_ids=ids, labels=ids).sum(-1) * weights).sum()
-    (loss + hf.token_kl(m, reference, input_ids=ids).sum()).backward()
 worst = 0.0
-for (n, p), q in zip(model.named_parameters(), local.parameters()):
-    mean = q.grad.clone()
-    dist.all_reduce(mean)
-    mean /= dist.get_world_size()
-    worst = max(worst, ((p.grad - mean).norm() / mean.norm().clamp_min(1e-30)).item())
-print(f"rank {rank} worst {worst:.3e}", flush=True)
+# The head is untied (tiny_llama): with find_unused_parameters DDP must still find it, although
+# token_kl uses it after the forward.
+for find_unused in (False, True):
+    model, local = make(0), make(0)
+    ddp = DDP(model, find_unused_parameters=find_unused)
+    for m in (ddp, local):  # an NPO-like sequence term and a retain KL, through DDP and locally
+        loss = (hf.token_nll(m, input_ids=ids, labels=ids).sum(-1) * weights).sum()
+        (loss + hf.token_kl(m, reference, input_ids=ids).sum()).backward()
+    for (n, p), q in zip(model.named_parameters(), local.parameters()):
+        mean = q.grad.clone()
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+        worst = max(worst, ((p.grad - mean).norm() / mean.norm().clamp_min(1e-30)).item())
+    del ddp
+sys.stdout.write(f"rank {rank} worst {worst:.3e}\\n")
+sys.stdout.flush()
+gc.collect()  # the DDP objects before the process group (gloo aborted at exit otherwise)
 dist.destroy_process_group()
 """
 

@@ -222,6 +222,30 @@ def test_token_kl_against_the_adapters_off_reference():
     assert all((p.grad is not None) == ("lora_" in n) for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_head_inputs_reference_is_a_snapshot():
+    """Under no_grad head_inputs gives a snapshot: an optimizer step on a trained head after it
+    leaves a reference taken before unchanged (the KL against it is the KL against the old model,
+    not 0). token_kl takes a reference in another dtype (a bf16 model against a float32 one) and an
+    integer mask."""
+    model = hf.patch(_model("llama"), backend="torch")
+    ids, _ = _batch()
+    with torch.no_grad():
+        ref = hf.head_inputs(model, input_ids=ids)
+        before = model(input_ids=ids, labels=ids)  # the patched loss: logits None; keep the model as it was
+    assert before.logits is None
+    w0 = ref.weight.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert torch.equal(ref.weight, w0) and not torch.equal(model.lm_head.weight, w0)
+    assert hf.token_kl(model, ref, input_ids=ids).min() > 0
+    low = hf.patch(_model("llama", dtype=torch.bfloat16), backend="torch")
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kl = hf.token_kl(low, hf.patch(_model("llama", seed=1), backend="torch"), input_ids=ids, mask=mask)
+    assert kl.dtype == torch.float32 and (kl[0, :3] == 0).all() and (kl[mask.bool()] > 0).all()
+
+
 def _backend_cases():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [pytest.param(b, dev, id=f"{b}-{dev}", marks=[pytest.mark.cuda] if dev == "cuda" else [])
