@@ -149,7 +149,7 @@ def test_fsdp_sigterm_on_one_rank_stops_all_after_the_same_step(tmp_path):
 
 
 DDP_WORKER = """
-import gc, sys
+import gc, os, sys
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from surgery_kernels import hf
@@ -182,6 +182,7 @@ sys.stdout.write(f"rank {rank} worst {worst:.3e}\\n")
 sys.stdout.flush()
 gc.collect()  # the DDP objects before the process group (gloo aborted at exit otherwise)
 dist.destroy_process_group()
+os._exit(0)  # no interpreter teardown either (as surgery.cli does under torchrun)
 """
 
 
