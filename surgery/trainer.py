@@ -67,17 +67,24 @@ def enable_checkpointing(model) -> None:
 class _Pass:
     """One forward/backward pass of a step: its rows (CE rows first) as one batch, or as ``batch``
     (CE rows) and ``kl_batch`` (KL rows) at their own lengths; ``rows``: per stream, its rows in
-    the pass ((a, a) where it has none); ``live_ce`` / ``live_kl``: live-token masks of the CE and
-    KL rows; ``start``, ``stop``: the pass's rows in the step."""
+    the pass ((a, a) where it has none); ``start``, ``stop``: the pass's rows in the step."""
 
     batch: Batch
     kl_batch: Batch | None
     rows: list[tuple[int, int]]
     n_ce: int
-    live_ce: torch.Tensor
-    live_kl: torch.Tensor
     start: int
     stop: int
+
+    @property
+    def live_ce(self) -> torch.Tensor:
+        """Live-token mask of the CE rows."""
+        return self.batch.mask[:self.n_ce]
+
+    @property
+    def live_kl(self) -> torch.Tensor:
+        """Live-token mask of the KL rows."""
+        return self.batch.mask[self.n_ce:] if self.kl_batch is None else self.kl_batch.mask
 
     def live(self, a: int, z: int) -> torch.Tensor:
         """Live-token mask of the pass's rows [a, z) (all CE rows or all KL rows)."""
@@ -86,6 +93,7 @@ class _Pass:
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the weights were not updated."""
+
 
 class TrainingInterrupted(KeyboardInterrupt):
     """``train()`` stopped on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) at the end of
@@ -301,9 +309,8 @@ class Surgery:
             nc = min(max(n_ce - r0, 0), r1 - r0)
             b, kb = self._collate(examples[r0:r1], index[r0:r1], nc)
             b, kb = b.to(self.device), None if kb is None else kb.to(self.device)
-            live_ce, live_kl = (b.mask[:nc], b.mask[nc:]) if kb is None else (b.mask, kb.mask)
             out.append(_Pass(b, kb, [(min(max(a, r0), r1) - r0, min(max(z, r0), r1) - r0) for a, z in rows],
-                             nc, live_ce, live_kl, r0, r1))
+                             nc, r0, r1))
         return out, rows
 
     def _train_step(self) -> dict:
@@ -518,20 +525,12 @@ class Surgery:
                 saved = self.output_dir is not None and self.cfg.save_every and self.step % self.cfg.save_every == 0
                 if saved:
                     self.save_checkpoint()
-                if self._stop_agreed():
-                    path = None
-                    if self.output_dir is not None:
-                        path = self.output_dir / "checkpoint"
-                        if not saved:
-                            self.save_checkpoint()
-                    raise TrainingInterrupted(self.step, path, self._stop_signal)
+                self._stop_if_asked(saved)
             # The last save under the same handlers: a signal now waits for it, then stops the run
             # (run() would go on to evaluate and write final/).
             if self.output_dir is not None and (not self.cfg.save_every or self.step % self.cfg.save_every):
                 self.save_checkpoint()
-            if self._stop_agreed():
-                path = self.output_dir / "checkpoint" if self.output_dir is not None else None
-                raise TrainingInterrupted(self.step, path, self._stop_signal)
+            self._stop_if_asked(saved=True)
         return new
 
     @contextlib.contextmanager
@@ -575,6 +574,18 @@ class Surgery:
         finally:
             for s, h in before.items():
                 signal.signal(s, h)
+
+    def _stop_if_asked(self, saved: bool) -> None:
+        """After a whole step: if a signal asked to stop (``_stop_agreed``), save a checkpoint
+        unless this step's is ``saved`` already, and raise TrainingInterrupted."""
+        if not self._stop_agreed():
+            return
+        path = None
+        if self.output_dir is not None:
+            path = self.output_dir / "checkpoint"
+            if not saved:
+                self.save_checkpoint()
+        raise TrainingInterrupted(self.step, path, self._stop_signal)
 
     def _stop_agreed(self) -> bool:
         """Whether to stop after this step: asked by a signal here or, under torchrun, on any

@@ -150,14 +150,15 @@ class LinearKLDivFunction(torch.autograd.Function):
         if ctx.fused:
             kl, lse, rlse, dh, dw, db = impl.kl_forward_backward(hidden, weight, bias, *refs, mask, coeff,
                                                                  needs=needs, **opts)
-            ctx.save_for_backward(dh, dw, db, _weight_grad(kl, mask, scale, need_tw))
         else:
             kl, lse, rlse = impl.kl_forward(hidden, weight, bias, *refs, mask, **opts)
-            dtw = _weight_grad(kl, mask, scale, need_tw)
-            if any(needs):
-                ctx.save_for_backward(hidden, weight, bias, *refs, lse, rlse, kl, w, dtw)
-            else:
-                ctx.save_for_backward(*[None] * 10, dtw)
+        dtw = _weight_grad(kl, mask, scale, need_tw)
+        if ctx.fused:
+            ctx.save_for_backward(dh, dw, db, dtw)
+        elif any(needs):
+            ctx.save_for_backward(hidden, weight, bias, *refs, lse, rlse, kl, w, dtw)
+        else:
+            ctx.save_for_backward(*[None] * 10, dtw)
         values = torch.where(mask, kl, 0.0)
         ctx.mark_non_differentiable(values)
         if reduction == "none":

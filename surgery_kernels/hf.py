@@ -64,10 +64,10 @@ _ATTR = "_surgery_kernels_patch"
 # Keyword arguments that only the loss uses: taken out of a labelled call. _PER_TOKEN (token_nll's):
 # the loss is the per-token NLL (B, T) instead of the mean, without the MoE router loss.
 _PER_TOKEN = "_surgery_kernels_per_token"
-# _HEAD (head_inputs'): no loss; the forward returns what the output embeddings received, as a
+_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index", _PER_TOKEN)
+# head_inputs' flag: no loss; the forward returns what the output embeddings received, as a
 # HeadInputs, labels or not.
 _HEAD = "_surgery_kernels_head"
-_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index", _PER_TOKEN, _HEAD)
 
 
 class HeadInputs(NamedTuple):
@@ -236,14 +236,11 @@ def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs, per
     if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels must have the shape of the tokens that reach the output embeddings "
                          f"{tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)} (logits_to_keep with labels?)")
-    if per_token:
-        return linear_cross_entropy(hidden, weight, shift_labels, bias=bias, ignore_index=ignore_index,
-                                    reduction="none", softcap=softcap, backend=state.backend,
-                                    chunk_size=state.chunk_size)
-    num_items = loss_kwargs.get("num_items_in_batch")
+    num_items = None if per_token else loss_kwargs.get("num_items_in_batch")
+    reduction = "none" if per_token else "mean" if num_items is None else "sum"
     loss = linear_cross_entropy(hidden, weight, shift_labels, bias=bias, ignore_index=ignore_index,
-                                reduction="mean" if num_items is None else "sum", softcap=softcap,
-                                backend=state.backend, chunk_size=state.chunk_size)
+                                reduction=reduction, softcap=softcap, backend=state.backend,
+                                chunk_size=state.chunk_size)
     if num_items is not None:
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
     return loss
@@ -419,6 +416,14 @@ def _find_patch(model) -> _Patch | None:
     return None
 
 
+def _require_patch(model, what: str) -> _Patch:
+    state = _find_patch(model)
+    if state is None or not state.active:
+        raise ValueError(f"{what} needs a model patched with surgery_kernels.hf.patch(model) (or a DDP, FSDP, "
+                         f"torch.compile or peft wrapper around one)")
+    return state
+
+
 def token_nll(model, *, labels, ignore_index: int = -100, shift_labels=None, **inputs) -> torch.Tensor:
     """Per-token negative log-likelihood of ``labels`` under a patched causal LM, from the hidden
     states its output embeddings receive — no logits — with the model's own logit scaling and
@@ -435,10 +440,7 @@ def token_nll(model, *, labels, ignore_index: int = -100, shift_labels=None, **i
     likelihood). For a frozen reference model, call it under ``torch.no_grad()`` (and pass
     ``use_cache=False`` to skip the key/value cache).
     """
-    state = _find_patch(model)
-    if state is None or not state.active:
-        raise ValueError("token_nll needs a model patched with surgery_kernels.hf.patch(model) (or a DDP, FSDP, "
-                         "torch.compile or peft wrapper around one)")
+    _require_patch(model, "token_nll")
     if not torch.is_tensor(labels):
         raise TypeError(f"labels must be a tensor of token ids, got {type(labels).__name__}")
     inputs.pop("num_items_in_batch", None)  # a Trainer's batch may carry it; it scales a mean only
@@ -467,10 +469,7 @@ def head_inputs(model, **inputs) -> HeadInputs:
     ``reshard_after_forward=False``): its weight is read after the forward, here and in the
     patched loss alike.
     """
-    state = _find_patch(model)
-    if state is None or not state.active:
-        raise ValueError("head_inputs needs a model patched with surgery_kernels.hf.patch(model) (or a DDP, FSDP, "
-                         "torch.compile or peft wrapper around one)")
+    _require_patch(model, "head_inputs")
     inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_dict")}
     out = model(**inputs, return_dict=True, **{_HEAD: True})
     if not isinstance(out, HeadInputs):
@@ -496,9 +495,7 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
     (all tokens without one); 0 elsewhere. Differentiable w.r.t. the model. Softcapped logits
     (Gemma-2) are refused: the KL kernels take no softcap.
     """
-    state = _find_patch(model)
-    if state is None or not state.active:
-        raise ValueError("token_kl needs a model patched with surgery_kernels.hf.patch(model)")
+    state = _require_patch(model, "token_kl")
     cur = head_inputs(model, **inputs)
     if isinstance(reference, HeadInputs):
         ref = reference

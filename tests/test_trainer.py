@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 import shutil
+import signal
 
 import pytest
 import torch
 
-from surgery import EvalSet, NonFiniteLossError, Stream, Surgery
+from surgery import EvalSet, NonFiniteLossError, Stream, Surgery, TrainingInterrupted
 from surgery.data import IGNORE, collate, tokenize_lm
 from surgery.evaluate import multiple_choice, perplexity
 from surgery.modeling import load_model
@@ -209,24 +211,28 @@ def test_resume_is_exact(tok, data, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
 
 
+def _signal_at(step, *signums):
+    """An on_step callback that sends this process the signals ``signums`` after step ``step``."""
+    def on_step(m):
+        if m["step"] == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+    return on_step
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_signal_stops_after_the_step_with_a_checkpoint(tok, data, tmp_path, sig):
     """Ctrl-C (SIGINT) or a scheduler's SIGTERM during step 2 of 6 (save_every 0: no checkpoint
     would exist before the end) stops at the end of that step with a checkpoint and
     TrainingInterrupted; the signal handlers are put back; resuming gives the uninterrupted run bit
     for bit."""
-    import os
-    import signal
-
-    from surgery import TrainingInterrupted
-
     straight = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
                        output_dir=tmp_path / "a")
     straight.train()
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     signum = getattr(signal, sig)
     run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
-                  output_dir=tmp_path / "b", on_step=lambda m: m["step"] == 2 and os.kill(os.getpid(), signum))
+                  output_dir=tmp_path / "b", on_step=_signal_at(2, signum))
     with pytest.raises(TrainingInterrupted, match=f"{sig}.* after step 2") as exc:
         run.train()
     assert exc.value.step == 2 and exc.value.checkpoint == tmp_path / "b" / "checkpoint"
@@ -248,18 +254,8 @@ def test_signal_stops_after_the_step_with_a_checkpoint(tok, data, tmp_path, sig)
 def test_second_ctrl_c_stops_at_once(tok, data, tmp_path):
     """A second Ctrl-C does what Ctrl-C does without the trainer: KeyboardInterrupt at once (not
     after the step, no checkpoint)."""
-    import os
-    import signal
-
-    from surgery import TrainingInterrupted
-
-    def twice(m):
-        if m["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-
     run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
-                  output_dir=tmp_path / "b", on_step=twice)
+                  output_dir=tmp_path / "b", on_step=_signal_at(2, signal.SIGINT, signal.SIGINT))
     with pytest.raises(KeyboardInterrupt) as exc:
         run.train()
     assert not isinstance(exc.value, TrainingInterrupted)
@@ -270,25 +266,15 @@ def test_second_ctrl_c_stops_at_once(tok, data, tmp_path):
 def test_repeated_sigterm_and_ignored_sigint(tok, data, tmp_path):
     """SIGTERM twice (a scheduler and torchrun may each send one) still stops after the step with
     a checkpoint; a SIGINT the process ignores (a background job) stays ignored and is put back."""
-    import os
-    import signal
-
-    from surgery import TrainingInterrupted
-
-    def twice(m):
-        if m["step"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
-
     run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=6),
-                  output_dir=tmp_path / "a", on_step=twice)
+                  output_dir=tmp_path / "a", on_step=_signal_at(2, signal.SIGTERM, signal.SIGTERM))
     with pytest.raises(TrainingInterrupted, match="after step 2"):
         run.train()
     assert torch.load(tmp_path / "a" / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=4),
-                      on_step=lambda m: m["step"] == 2 and os.kill(os.getpid(), signal.SIGINT))
+                      on_step=_signal_at(2, signal.SIGINT))
         assert len(run.train()) == 4
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
@@ -298,11 +284,6 @@ def test_repeated_sigterm_and_ignored_sigint(tok, data, tmp_path):
 def test_signal_during_the_last_save_waits_for_it(tok, data, tmp_path, monkeypatch):
     """Ctrl-C while the end-of-training checkpoint is written (the only one with save_every 0):
     the save completes, then the run stops (run() would otherwise go on to evaluate)."""
-    import os
-    import signal
-
-    from surgery import TrainingInterrupted
-
     save = Surgery.save_checkpoint
 
     def interrupted_save(self):
@@ -321,10 +302,7 @@ def test_signal_during_the_last_save_waits_for_it(tok, data, tmp_path, monkeypat
 def test_cli_exit_code_when_interrupted(tmp_path, monkeypatch, capsys):
     """cli.main maps TrainingInterrupted to 128 + the signal and a one-line message saying how to
     resume (as a command it then dies of the signal: tested through torchrun in test_fsdp)."""
-    import signal
-
     from surgery import cli
-    from surgery.trainer import TrainingInterrupted
 
     def interrupted(self, resume=False):
         raise TrainingInterrupted(3, tmp_path / "checkpoint", signal.SIGTERM)
