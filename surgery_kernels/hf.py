@@ -101,6 +101,7 @@ class _Patch:
     prev_head_forward: object
     labels_position: int | None  # index of ``labels`` among the positional parameters
     takes_return_dict: bool  # whether forward accepts return_dict (by name or **kwargs)
+    takes_use_cache: bool = False  # whether forward accepts use_cache (by name, or **kwargs with config.use_cache)
     active: bool = True
     call: _Call | None = None  # set while a labelled forward is in flight
 
@@ -279,6 +280,12 @@ def _model_forward(self, *args, **kwargs):
             kwargs["labels"] = labels
         return _original_forward(self, state)(*args, **kwargs)
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
+    if (head or loss_kwargs.get(_PER_TOKEN)) and state.takes_use_cache:
+        # head_inputs and token_nll return no cache: without this a model whose config says
+        # use_cache (most, outside gradient checkpointing) keeps every layer's keys and values to
+        # the end of the forward — under no_grad, a reference's, memory it would otherwise free
+        # layer by layer (2 x layers x tokens x kv width: 16 GiB for Llama-2-7B at 32k tokens).
+        kwargs.setdefault("use_cache", False)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(getattr(self, "config", None), "return_dict", True)
@@ -363,7 +370,9 @@ def patch(model, backend: str = "auto", *, chunk_size: int | None = None):
     state = _Patch(backend=backend, chunk_size=chunk_size, head=head,
                    prev_forward=model.__dict__.get("forward"), prev_head_forward=head.__dict__.get("forward"),
                    labels_position=positional.index("labels") if "labels" in positional else None,
-                   takes_return_dict=any(p.name == "return_dict" or p.kind == p.VAR_KEYWORD for p in params))
+                   takes_return_dict=any(p.name == "return_dict" or p.kind == p.VAR_KEYWORD for p in params),
+                   takes_use_cache=any(p.name == "use_cache" or (p.kind == p.VAR_KEYWORD and hasattr(
+                       getattr(model, "config", None), "use_cache")) for p in params))
 
     # A fresh function per patch so that functools.wraps can give it the model's own signature.
     @functools.wraps(cls_forward)
@@ -437,8 +446,8 @@ def token_nll(model, *, labels, ignore_index: int = -100, shift_labels=None, **i
     ``ignore_index`` and at the last position. Differentiable (``reduction="none"``: any upstream
     gradient), for sequence-level objectives — ``token_nll(...).sum(-1)`` is NPO's or DPO's
     ``-log pi(y | x)`` — and token-weighted ones. The MoE router loss is not included (it is not a
-    likelihood). For a frozen reference model, call it under ``torch.no_grad()`` (and pass
-    ``use_cache=False`` to skip the key/value cache).
+    likelihood). For a frozen reference model, call it under ``torch.no_grad()``. The model runs
+    with ``use_cache=False`` unless the batch says otherwise (no key/value cache is returned).
     """
     _require_patch(model, "token_nll")
     if not torch.is_tensor(labels):

@@ -246,6 +246,28 @@ def test_head_inputs_reference_is_a_snapshot():
     assert kl.dtype == torch.float32 and (kl[0, :3] == 0).all() and (kl[mask.bool()] > 0).all()
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_head_inputs_and_token_nll_build_no_kv_cache(arch):
+    """head_inputs, token_kl and token_nll return no cache, so they run the model with
+    use_cache=False (a no_grad reference would otherwise keep every layer's keys and values to the
+    end of its forward); a batch's own use_cache wins; the plain labelled loss is left as the model
+    runs it."""
+    model = hf.patch(_model(arch), backend="torch")
+    assert model.config.use_cache
+    seen = []
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.transformer
+    decoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
+    ids, labels = _batch()
+    with torch.no_grad():
+        hf.head_inputs(model, input_ids=ids)
+        hf.token_nll(model, input_ids=ids, labels=labels)
+        hf.token_kl(model, model, input_ids=ids)
+        hf.head_inputs(model, input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, labels=labels)
+    assert seen == [False, False, False, False, True, None]
+    assert out.past_key_values is not None  # the labelled call still builds the cache the config asks for
+
+
 def _backend_cases():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [pytest.param(b, dev, id=f"{b}-{dev}", marks=[pytest.mark.cuda] if dev == "cuda" else [])
