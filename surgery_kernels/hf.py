@@ -42,6 +42,14 @@ plus ``router_aux_loss_coef * aux_loss`` for mixture-of-experts models that retu
 ``loss_function``, a z-loss) are refused at patch time; a model that adds some other
 label-dependent term inside its own forward cannot be detected. One difference: a batch with no
 live token gives 0 here and NaN in Hugging Face.
+
+Sharding: the loss reads the head's weight after the model's forward. Under DDP, FSDP2 with the
+head in the root's unit (the trainer's layout), or ``reshard_after_forward=False``, it is still
+there. A head that FSDP2 shards as a unit of its own (``fully_shard(model.lm_head)``, a size-based
+wrap policy) is resharded when its forward returns; the loss then runs inside a second call of
+the head, so FSDP2 gathers, reshards and reduce-scatters for it as for any forward of the unit
+(``_with_head``). Wrappers that release the weight otherwise (DeepSpeed ZeRO-3) are refused with
+an explanation.
 """
 
 from __future__ import annotations
@@ -104,6 +112,9 @@ class _Patch:
     takes_use_cache: bool = False  # whether forward accepts use_cache (by name, or **kwargs with config.use_cache)
     active: bool = True
     call: _Call | None = None  # set while a labelled forward is in flight
+    # Set while the loss runs inside a second call of the output embeddings (``_with_head``): what
+    # their forward computes then, from its input and their parameters.
+    inside_head: object = None
 
 
 class _Placeholder(torch.Tensor):
@@ -187,6 +198,9 @@ def _interpret(call: _Call, logits) -> tuple[float, float | None]:
 
 def _head_forward(self, hidden, *args, **kwargs):
     state: _Patch = getattr(self, _ATTR)
+    if state.inside_head is not None:
+        inside, state.inside_head = state.inside_head, None
+        return inside(hidden, self.weight, self.bias)
     call = state.call
     if not state.active or call is None:
         if state.prev_head_forward is not None:
@@ -215,19 +229,64 @@ class _LinkHead(torch.autograd.Function):
         return grad, None, None
 
 
-def _head_inputs(call: _Call, logits) -> HeadInputs:
+def _fsdp2_module():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return None
+    return FSDPModule
+
+
+def _released(state: _Patch, call: _Call) -> bool:
+    """Whether the output embeddings' parameters were released when their forward returned: a
+    head that FSDP2 shards as a unit of its own (``fully_shard(model.lm_head)``, a size-based wrap
+    policy) is resharded then; DeepSpeed ZeRO-3 empties a partitioned parameter's data."""
+    if call.weight.numel() == 0:
+        return True
+    fsdp = _fsdp2_module()
+    if fsdp is None or not isinstance(state.head, fsdp):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(state.head.weight, DTensor)
+
+
+def _with_head(state: _Patch, call: _Call, logits, fn):
+    """``fn(HeadInputs)`` (the loss, the KL, a snapshot) while the head's parameters hold their
+    values. Usually they still do after the model's forward, and ``fn`` runs on what the head
+    recorded. An FSDP2 head of its own was resharded when its forward returned: ``fn`` then runs
+    inside a second call of the head, so FSDP2 does for it what it does for any forward of the
+    unit — all-gathers the weight before, reshards after, all-gathers it again before this
+    result's backward (which recomputes from it for ``reduction="none"``) and reduce-scatters its
+    gradient when the gradient reaches the head's input."""
     if call.hidden is None:
         raise NotImplementedError("surgery_kernels.hf.patch: the model's forward did not call its output embeddings")
     scale, softcap = _interpret(call, logits)
-    hidden, bias = call.hidden, call.bias
-    if scale != 1.0:
-        hidden = hidden * scale
-        bias = bias * scale if bias is not None else None
-    return HeadInputs(hidden, call.weight, bias, softcap)
+
+    def pieces(hidden, weight, bias):
+        if scale != 1.0:
+            hidden = hidden * scale
+            bias = bias * scale if bias is not None else None
+        return HeadInputs(hidden, weight, bias, softcap)
+
+    if not _released(state, call):
+        return fn(pieces(call.hidden, call.weight, call.bias))
+    fsdp = _fsdp2_module()
+    if fsdp is None or not isinstance(state.head, fsdp):
+        raise NotImplementedError(
+            "surgery_kernels.hf.patch: the output embeddings' weight was released when their forward returned "
+            "(a sharding wrapper around the head, such as DeepSpeed ZeRO-3), and the loss reads it after that; "
+            "keep the head's parameters gathered for the model's forward (FSDP2's fully_shard(model.lm_head) "
+            "is supported)")
+    state.inside_head = lambda h, w, b: fn(pieces(h, w, b))
+    try:
+        return state.head(call.hidden)
+    finally:
+        state.inside_head = None
 
 
-def _causal_lm_loss(state: _Patch, call: _Call, logits, labels, loss_kwargs, per_token: bool = False):
-    hidden, weight, bias, softcap = _head_inputs(call, logits)
+def _causal_lm_loss(state: _Patch, head: HeadInputs, labels, loss_kwargs, per_token: bool = False):
+    hidden, weight, bias, softcap = head
     ignore_index = loss_kwargs.get("ignore_index", -100)
     shift_labels = loss_kwargs.get("shift_labels")
     if shift_labels is None:
@@ -290,16 +349,30 @@ def _model_forward(self, *args, **kwargs):
     if return_dict is None:
         return_dict = getattr(getattr(self, "config", None), "return_dict", True)
     out, call = _armed_forward(self, state, args, kwargs)
+    logits = out.get("logits")
+    if callable(head):  # token_kl: a result computed from the head inputs
+        return _with_head(state, call, logits, head)
     if head:
-        pieces = _head_inputs(call, out.get("logits"))
         if not torch.is_grad_enabled():
-            # A reference: a snapshot of the head, which a later optimizer step must not change.
-            return pieces._replace(weight=pieces.weight.detach().clone() if pieces.weight.requires_grad
-                                   else pieces.weight.detach(),
-                                   bias=None if pieces.bias is None else pieces.bias.detach().clone())
-        return pieces._replace(hidden=_LinkHead.apply(pieces.hidden, pieces.weight, pieces.bias))
+            # A reference: a snapshot of the head, which a later optimizer step (or resharding)
+            # must not change.
+            released = call.hidden is not None and _released(state, call)
+
+            def snapshot(p):
+                copy = p.weight.requires_grad or released
+                return p._replace(weight=p.weight.detach().clone() if copy else p.weight.detach(),
+                                  bias=None if p.bias is None else p.bias.detach().clone())
+            return _with_head(state, call, logits, snapshot)
+        if call.hidden is not None and _released(state, call):
+            raise NotImplementedError(
+                "head_inputs with gradients: this head's weight is released when its forward returns (FSDP2 "
+                "shards it as a unit of its own), before you could use it; use hf.token_kl, hf.token_nll or "
+                "the patched loss, which compute inside the head's unit, or fully_shard(model.lm_head, "
+                "reshard_after_forward=False)")
+        return _with_head(state, call, logits,
+                          lambda p: p._replace(hidden=_LinkHead.apply(p.hidden, p.weight, p.bias)))
     per_token = bool(loss_kwargs.get(_PER_TOKEN))
-    loss = _causal_lm_loss(state, call, out.get("logits"), labels, loss_kwargs, per_token=per_token)
+    loss = _with_head(state, call, logits, lambda p: _causal_lm_loss(state, p, labels, loss_kwargs, per_token))
     aux = None if per_token else out.get("aux_loss")
     if aux is not None:
         # Mixture-of-experts models (Mixtral, Qwen2-MoE, ... 30+ in transformers) add the router's
@@ -464,6 +537,11 @@ def token_nll(model, *, labels, ignore_index: int = -100, shift_labels=None, **i
     return nll
 
 
+def _model_inputs(inputs: dict) -> dict:
+    """A batch's arguments of the model's forward for head_inputs and token_kl (no loss)."""
+    return {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_dict")}
+
+
 def head_inputs(model, **inputs) -> HeadInputs:
     """``HeadInputs(hidden, weight, bias, softcap)`` of a patched causal LM for ``model(**inputs)``:
     what its output embeddings receive (hidden (B, T, H) with the gradient path to the model),
@@ -474,13 +552,14 @@ def head_inputs(model, **inputs) -> HeadInputs:
     in this step); under ``torch.no_grad()`` — a reference — they are a snapshot (a copy when the
     head is trained), so an optimizer step does not change a reference taken before it. For a LoRA
     model's adapters-off reference: ``with torch.no_grad(), model.disable_adapter(): ref =
-    head_inputs(model, **batch)``. Under FSDP2, shard the head with the root module (or with
-    ``reshard_after_forward=False``): its weight is read after the forward, here and in the
-    patched loss alike.
+    head_inputs(model, **batch)``. A head that FSDP2 shards as a unit of its own is resharded when
+    its forward returns: under ``torch.no_grad()`` the snapshot is taken inside a second call of
+    the head; with gradients that is refused (the weight would be freed before you use it) — use
+    ``token_kl``/``token_nll``/the patched loss, which compute inside the head's unit, or
+    ``fully_shard(model.lm_head, reshard_after_forward=False)``.
     """
     _require_patch(model, "head_inputs")
-    inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_dict")}
-    out = model(**inputs, return_dict=True, **{_HEAD: True})
+    out = model(**_model_inputs(inputs), return_dict=True, **{_HEAD: True})
     if not isinstance(out, HeadInputs):
         raise ValueError("head_inputs: the model did not go through the patched forward (a wrapper that drops or "
                          "renames keyword arguments?)")
@@ -505,25 +584,35 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
     (Gemma-2) are refused: the KL kernels take no softcap.
     """
     state = _require_patch(model, "token_kl")
-    cur = head_inputs(model, **inputs)
+    inputs = _model_inputs(inputs)
     if isinstance(reference, HeadInputs):
         ref = reference
     else:
-        dev = next(iter(reference.parameters()), cur.hidden).device
+        dev = next(iter(reference.parameters()), None)
+        dev = dev.device if dev is not None else None
         with torch.no_grad():
-            ref = head_inputs(reference, **{k: v.to(dev) if torch.is_tensor(v) else v for k, v in inputs.items()})
-    if cur.softcap is not None or ref.softcap is not None:
-        raise NotImplementedError("token_kl: this model softcaps its logits (Gemma-2's final_logit_softcapping); "
-                                  "linear_kl_div takes no softcap")
-    to = dict(device=cur.hidden.device, dtype=cur.hidden.dtype)
-    ref = HeadInputs(*(None if t is None else t.detach().to(**to) for t in ref[:3]), ref.softcap)
+            ref = head_inputs(reference, **{k: v.to(dev) if torch.is_tensor(v) and dev is not None else v
+                                            for k, v in inputs.items()})
     if mask is None:
         mask = inputs.get("attention_mask")
-    if mask is not None:
-        mask = mask.to(device=cur.hidden.device, dtype=torch.bool)
-    return linear_kl_div(cur.hidden, cur.weight, ref.hidden, ref.weight, bias=cur.bias, ref_bias=ref.bias, mask=mask,
-                         direction=direction, temperature=temperature, reduction="none", backend=state.backend,
-                         chunk_size=state.chunk_size)
+
+    def kl(cur: HeadInputs) -> torch.Tensor:
+        # Runs inside the model's forward (inside the head's, for an FSDP2 head of its own).
+        if cur.softcap is not None or ref.softcap is not None:
+            raise NotImplementedError("token_kl: this model softcaps its logits (Gemma-2's "
+                                      "final_logit_softcapping); linear_kl_div takes no softcap")
+        to = dict(device=cur.hidden.device, dtype=cur.hidden.dtype)
+        r = HeadInputs(*(None if t is None else t.detach().to(**to) for t in ref[:3]), ref.softcap)
+        m = None if mask is None else mask.to(device=cur.hidden.device, dtype=torch.bool)
+        return linear_kl_div(cur.hidden, cur.weight, r.hidden, r.weight, bias=cur.bias, ref_bias=r.bias, mask=m,
+                             direction=direction, temperature=temperature, reduction="none", backend=state.backend,
+                             chunk_size=state.chunk_size)
+
+    out = model(**inputs, return_dict=True, **{_HEAD: kl})
+    if not torch.is_tensor(out):
+        raise ValueError("token_kl: the model did not go through the patched forward (a wrapper that drops or "
+                         "renames keyword arguments?)")
+    return out
 
 
 def is_patched(model) -> bool:

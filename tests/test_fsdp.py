@@ -197,3 +197,76 @@ def test_token_nll_under_ddp_averages_gradients(tmp_path):
     # The two ranks print concurrently: their lines may run together.
     worst = {int(r): float(w) for r, w in re.findall(r"rank (\d) worst (\d\.\d+e[+-]\d+)", out)}
     assert set(worst) == {0, 1} and max(worst.values()) < 1e-5, out
+
+
+FSDP2_HEAD_WORKER = """
+import os, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from surgery_kernels import hf
+from surgery.testing import tiny_llama
+from surgery.modeling import load_model
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+make = lambda seed: hf.patch(load_model(config=tiny_llama(50), dtype="float32", seed=seed), backend="torch")
+
+
+def shard(m):  # every block, the (untied) head as a unit of its own, then the root
+    for block in m.model.layers:
+        fully_shard(block)
+    fully_shard(m.lm_head)
+    fully_shard(m)
+    return m
+
+
+model, local, reference, local_ref = shard(make(0)), make(0), shard(make(1)), make(1)
+g = torch.Generator().manual_seed(rank)  # each rank its own batch
+ids = torch.randint(3, 50, (2, 9), generator=g)
+weights = torch.tensor([1.0, -0.5])
+worst, lr = 0.0, 0.5
+for step in range(2):
+    for m, ref in ((model, reference), (local, local_ref)):
+        # the patched mean CE, an NPO-like sequence term and a retain KL to a no_grad reference
+        loss = m(input_ids=ids, labels=ids).loss + (hf.token_nll(m, input_ids=ids, labels=ids).sum(-1) * weights).sum()
+        (loss + hf.token_kl(m, ref, input_ids=ids).sum()).backward()
+    # the reference's head was resharded after its no_grad forwards, the model's after the backward
+    assert isinstance(reference.lm_head.weight, DTensor) and isinstance(model.lm_head.weight, DTensor)
+    with torch.no_grad():
+        for (n, p), q in zip(model.named_parameters(), local.parameters()):
+            mean = q.grad.clone()
+            dist.all_reduce(mean)
+            mean /= world
+            got = p.grad.full_tensor()
+            worst = max(worst, ((got - mean).norm() / mean.norm().clamp_min(1e-30)).item())
+            p -= lr * p.grad  # the same SGD step on the shard and on the whole parameter
+            q -= lr * mean
+            p.grad = q.grad = None
+try:  # with gradients the weight would be freed before the caller could use it: refused
+    hf.head_inputs(model, input_ids=ids)
+    raise AssertionError("head_inputs with gradients on a resharded head was not refused")
+except NotImplementedError as e:
+    assert "reshard_after_forward=False" in str(e)
+with torch.no_grad():  # a snapshot under no_grad: the whole weight, the head resharded after it
+    snap = hf.head_inputs(model, input_ids=ids).weight
+    assert not isinstance(snap, DTensor) and isinstance(model.lm_head.weight, DTensor)
+    worst = max(worst, ((snap - local.lm_head.weight).norm() / local.lm_head.weight.norm()).item())
+sys.stdout.write(f"rank {rank} worst {worst:.3e}\\n")
+sys.stdout.flush()
+dist.destroy_process_group()
+os._exit(0)
+"""
+
+
+def test_patched_model_with_the_head_as_its_own_fsdp2_unit(tmp_path):
+    """fully_shard(model.lm_head) reshards the head after its forward, before the patched loss,
+    token_nll, token_kl and head_inputs read its weight: they all-gather it again, the backward
+    reduce-scatters its gradient (two SGD steps match one process per rank with the ranks'
+    gradients averaged), and a no_grad call (the reference, a head_inputs snapshot) reshards it."""
+    (tmp_path / "fsdp2.py").write_text(FSDP2_HEAD_WORKER)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    rc, out, err = _torchrun([str(tmp_path / "fsdp2.py")], env, tmp_path)
+    assert rc == 0, err[-4000:]
+    worst = {int(r): float(w) for r, w in re.findall(r"rank (\d) worst (\d\.\d+e[+-]\d+)", out)}
+    assert set(worst) == {0, 1} and max(worst.values()) < 1e-5, out

@@ -143,6 +143,10 @@ def test_token_nll_through_wrappers():
     handle.remove()
     compiled = torch.compile(model, backend="eager")
     assert torch.allclose(hf.token_nll(compiled, input_ids=ids, labels=labels), bare, rtol=1e-6, atol=0)
+    # token_kl hands the model a function to run on the head inputs: through torch.compile too
+    reference = hf.patch(_model("llama", seed=1), backend="torch")
+    kl = hf.token_kl(model, reference, input_ids=ids)
+    assert torch.allclose(hf.token_kl(compiled, reference, input_ids=ids), kl, rtol=1e-6, atol=0)
 
 
 def _logits_kl(logits, ref_logits, direction, temperature, dtype=torch.float64):
@@ -266,6 +270,26 @@ def test_head_inputs_and_token_nll_build_no_kv_cache(arch):
         out = model(input_ids=ids, labels=labels)
     assert seen == [False, False, False, False, True, None]
     assert out.past_key_values is not None  # the labelled call still builds the cache the config asks for
+
+
+def test_a_head_released_after_its_forward_is_refused_clearly():
+    """A wrapper that empties the head's weight when its forward returns (DeepSpeed ZeRO-3 does,
+    simulated by a forward hook) would leave the loss reading freed memory: refused, naming it.
+    (FSDP2's fully_shard(model.lm_head) is supported: tests/test_fsdp.py.)"""
+    model = hf.patch(_model("llama"), backend="torch")
+    ids, labels = _batch()
+    keep = model.lm_head.weight.data
+
+    def release(module, args, out):
+        module.weight.data = torch.empty(0)
+    handle = model.lm_head.register_forward_hook(release)
+    for call in (lambda: model(input_ids=ids, labels=labels), lambda: hf.token_nll(model, input_ids=ids, labels=labels),
+                 lambda: hf.token_kl(model, model, input_ids=ids)):
+        with pytest.raises(NotImplementedError, match="weight was released when their forward returned"):
+            call()
+        model.lm_head.weight.data = keep
+    handle.remove()
+    assert torch.isfinite(model(input_ids=ids, labels=labels).loss)
 
 
 def _backend_cases():
