@@ -49,7 +49,8 @@ def main(argv=None) -> Trainer:
         trainer = Trainer(model=model, args=targs, train_dataset=data, eval_dataset=data,
                           data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
         trainer.train()
-        # Evaluation works too: the patched forward returns the loss, and no logits to gather.
+        # Evaluation works too: in eval mode the patched model makes its logits (compute_metrics
+        # and predictions need them; hf.patch(model, eval_logits=False) keeps the fused loss).
         metrics = trainer.evaluate()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     print(f"{'patched' if not args.no_patch else 'plain'}: loss {losses[0]:.4f} -> {losses[-1]:.4f} "

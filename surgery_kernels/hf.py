@@ -110,6 +110,7 @@ class _Patch:
     labels_position: int | None  # index of ``labels`` among the positional parameters
     takes_return_dict: bool  # whether forward accepts return_dict (by name or **kwargs)
     takes_use_cache: bool = False  # whether forward accepts use_cache (by name, or **kwargs with config.use_cache)
+    eval_logits: bool = True  # a labelled call in eval mode runs the model's own forward (logits and all)
     active: bool = True
     call: _Call | None = None  # set while a labelled forward is in flight
     # Set while the loss runs inside a second call of the output embeddings (``_with_head``): what
@@ -334,10 +335,15 @@ def _model_forward(self, *args, **kwargs):
         args = list(args)
         labels, args[state.labels_position] = args[state.labels_position], None
     head = state.active and kwargs.pop(_HEAD, False)
-    if not state.active or (labels is None and not head):
+    # A plain labelled call in eval mode (Trainer.evaluate, prediction_step): metrics and
+    # predictions need the logits, so the model computes them and its own loss, unpatched.
+    plain_eval = (labels is not None and not head and _PER_TOKEN not in kwargs and state.eval_logits
+                  and not self.training)
+    if not state.active or (labels is None and not head) or plain_eval:
         if labels is not None:
             kwargs["labels"] = labels
         return _original_forward(self, state)(*args, **kwargs)
+    _check_head(self, state)
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_KWARGS if k in kwargs}
     if (head or loss_kwargs.get(_PER_TOKEN)) and state.takes_use_cache:
         # head_inputs and token_nll return no cache: without this a model whose config says
@@ -378,6 +384,8 @@ def _model_forward(self, *args, **kwargs):
         # Mixture-of-experts models (Mixtral, Qwen2-MoE, ... 30+ in transformers) add the router's
         # load-balancing loss to the loss when labels are given (output_router_logits=True).
         coef = getattr(self, "router_aux_loss_coef", getattr(self, "aux_loss_coef", None))
+        if coef is None:  # vision-language MoE models keep it with the text model's config
+            coef = getattr(getattr(getattr(self, "config", None), "text_config", None), "router_aux_loss_coef", None)
         if coef is None:
             raise NotImplementedError("surgery_kernels.hf.patch: this model returns an aux_loss but has no "
                                       "router_aux_loss_coef; the patched loss would differ, so it is refused")
@@ -395,9 +403,28 @@ def _output_embeddings(model) -> torch.nn.Linear:
         raise TypeError(f"model must be a causal LM with output embeddings (get_output_embeddings()), "
                         f"got {type(model).__name__}")
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
+        cls = type(head)
         raise TypeError(f"model's output embeddings must be a plain torch.nn.Linear (the loss reads its weight and "
-                        f"bias), got {type(head).__name__}")
+                        f"bias), got {cls.__module__}.{cls.__qualname__}" + (
+                            " — a peft wrapper: LoRA or modules_to_save on the output embeddings is not supported "
+                            "(leave lm_head out of target_modules and modules_to_save)"
+                            if cls.__module__.startswith("peft") else ""))
     return head
+
+
+def _check_head(model, state: _Patch) -> None:
+    """The output embeddings the model calls now are the ones patch armed; else say what to do."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or head is state.head:
+        return
+    if isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward:
+        reason = "were replaced since patch (resize_token_embeddings or set_output_embeddings?)"
+    else:
+        reason = f"are now a {type(head).__module__}.{type(head).__qualname__} (a peft wrapper on lm_head?)"
+    raise RuntimeError(f"surgery_kernels.hf.patch: the model's output embeddings {reason}; call "
+                       f"surgery_kernels.hf.patch(model) again after changing them (a LoRA or modules_to_save "
+                       f"wrapper on the output embeddings is not supported)")
 
 
 def _check_loss_function(model) -> None:
@@ -419,13 +446,18 @@ def _check_extra_loss_terms(model) -> None:
                          f"does not compute; set it to 0 to patch")
 
 
-def patch(model, backend: str = "auto", *, chunk_size: int | None = None):
-    """Make ``model(..., labels=...)`` compute Hugging Face's causal-LM loss with
+def patch(model, backend: str = "auto", *, chunk_size: int | None = None, eval_logits: bool = True):
+    """Make ``model(..., labels=...)`` in training mode compute Hugging Face's causal-LM loss with
     :func:`surgery_kernels.linear_cross_entropy`, returning ``loss`` and ``logits=None``; without
     ``labels`` the model behaves as before. Returns ``model`` itself (changed in place).
 
     model: a Hugging Face causal LM (``*ForCausalLM``, or a peft model wrapping one) whose output
     embeddings are an ``nn.Linear``. backend, chunk_size: as in ``linear_cross_entropy``.
+    eval_logits: in eval mode (``model.eval()``, as ``Trainer.evaluate`` and ``predict`` run) a
+    labelled call returns the logits and the loss made from them, as the unpatched model does —
+    ``compute_metrics``, ``preprocess_logits_for_metrics`` and predictions need them; ``False``:
+    the fused loss and ``logits=None`` in eval mode too (loss-only evaluation without a
+    ``[B, T, V]`` tensor). ``token_nll``, ``token_kl`` and ``head_inputs`` never make logits.
     Patching a patched model replaces the options. Undo with :func:`unpatch`.
     """
     checks.choice("backend", backend, ("auto",) + BACKENDS)
@@ -440,29 +472,63 @@ def patch(model, backend: str = "auto", *, chunk_size: int | None = None):
     cls_forward = type(model).forward
     params = inspect.signature(cls_forward).parameters.values()
     positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
-    state = _Patch(backend=backend, chunk_size=chunk_size, head=head,
+    if not isinstance(eval_logits, bool):
+        raise TypeError(f"eval_logits must be True or False, got {eval_logits!r}")
+    state = _Patch(backend=backend, chunk_size=chunk_size, head=head, eval_logits=eval_logits,
                    prev_forward=model.__dict__.get("forward"), prev_head_forward=head.__dict__.get("forward"),
                    labels_position=positional.index("labels") if "labels" in positional else None,
                    takes_return_dict=any(p.name == "return_dict" or p.kind == p.VAR_KEYWORD for p in params),
                    takes_use_cache=any(p.name == "use_cache" or (p.kind == p.VAR_KEYWORD and hasattr(
                        getattr(model, "config", None), "use_cache")) for p in params))
 
-    # A fresh function per patch so that functools.wraps can give it the model's own signature.
-    @functools.wraps(cls_forward)
-    def forward(self, *args, **kwargs):
-        return _model_forward(self, *args, **kwargs)
-
-    @functools.wraps(type(head).forward)
-    def head_forward(self, hidden, *args, **kwargs):
-        return _head_forward(self, hidden, *args, **kwargs)
-
-    forward._surgery_kernels_wrapper = head_forward._surgery_kernels_wrapper = True
     # Plain object attributes (not submodules), so state_dict, parameters and repr are unchanged.
     object.__setattr__(model, _ATTR, state)
     object.__setattr__(head, _ATTR, state)
-    model.forward = types.MethodType(forward, model)
-    head.forward = types.MethodType(head_forward, head)
+    model.forward = _Forward(model, head=False)
+    head.forward = _Forward(head, head=True)
     return model
+
+
+class _Forward:
+    """The ``forward`` that :func:`patch` sets on the model (``_model_forward``) and on its output
+    embeddings (``_head_forward``): a bound method in all but two points.
+
+    - It pickles as "this wrapper of that module" (``__reduce__``). A bound method pickles as
+      ``getattr(module, "forward")``, which on loading finds the class's forward: a model saved
+      with ``torch.save(model)`` came back unpatched while ``is_patched`` said True.
+    - Its function (``__func__``, a fresh one per module so that it carries the class forward's
+      name, docs and signature) has no ``__wrapped__``: accelerate's ``unwrap_model`` walks that
+      chain from the forward it wrapped and would install the class's own forward.
+    """
+
+    _surgery_kernels_wrapper = True
+
+    def __init__(self, module, head: bool):
+        impl = _head_forward if head else _model_forward
+
+        def forward(self, *args, **kwargs):
+            return impl(self, *args, **kwargs)
+        cls_forward = type(module).forward
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            if hasattr(cls_forward, attr):
+                setattr(forward, attr, getattr(cls_forward, attr))
+        forward.__signature__ = inspect.signature(cls_forward)
+        forward._surgery_kernels_wrapper = True
+        self.__self__, self.__func__, self._head = module, forward, head
+        self.__name__, self.__doc__ = forward.__name__, forward.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(types.MethodType(self.__func__, self.__self__))
+
+    def __reduce__(self):
+        return _Forward, (self.__self__, self._head)
+
+    def __repr__(self):
+        return f"<surgery_kernels.hf patched forward of {type(self.__self__).__name__}>"
 
 
 def unpatch(model):
@@ -476,7 +542,7 @@ def unpatch(model):
         fwd = module.__dict__.get("forward")
         # Only remove our own wrapper; if something wrapped it again since, ours stays as a
         # pass-through (state.active is False) so that wrapper keeps working.
-        if isinstance(fwd, types.MethodType) and getattr(fwd.__func__, "_surgery_kernels_wrapper", False):
+        if getattr(getattr(fwd, "__func__", None), "_surgery_kernels_wrapper", False):
             if prev is None:
                 del module.__dict__["forward"]
             else:
@@ -593,6 +659,9 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
         with torch.no_grad():
             ref = head_inputs(reference, **{k: v.to(dev) if torch.is_tensor(v) and dev is not None else v
                                             for k, v in inputs.items()})
+    if not torch.is_inference_mode_enabled():
+        # A reference taken under inference_mode is copied: autograd cannot save inference tensors.
+        ref = HeadInputs(*(t.clone() if t is not None and t.is_inference() else t for t in ref[:3]), ref.softcap)
     if mask is None:
         mask = inputs.get("attention_mask")
 

@@ -7,6 +7,7 @@ models use chunk_size=5 so the chunked path runs several (and a ragged last) chu
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -290,6 +291,145 @@ def test_a_head_released_after_its_forward_is_refused_clearly():
         model.lm_head.weight.data = keep
     handle.remove()
     assert torch.isfinite(model(input_ids=ids, labels=labels).loss)
+
+
+def test_eval_mode_returns_logits_for_metrics_unless_told_not_to():
+    """In eval mode (Trainer.evaluate, predict) a labelled call returns the logits and the loss
+    made from them, as the unpatched model does — compute_metrics needs them; eval_logits=False
+    keeps the fused loss there too; token_nll never makes logits; training mode is fused."""
+    ref = _model("llama")
+    ids, labels = _batch()
+    want = ref(input_ids=ids, labels=labels)
+    model = hf.patch(copy.deepcopy(ref), backend="torch")
+    model.eval()
+    got = model(input_ids=ids, labels=labels)
+    assert got.logits is not None and torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+    assert hf.token_nll(model, input_ids=ids, labels=labels).shape == labels.shape
+    hf.patch(model, backend="torch", eval_logits=False)
+    fused = model(input_ids=ids, labels=labels)
+    assert fused.logits is None and torch.allclose(fused.loss, want.loss, rtol=1e-6, atol=0)
+    assert model.train()(input_ids=ids, labels=labels).logits is None
+    with pytest.raises(TypeError, match="eval_logits"):
+        hf.patch(model, eval_logits="yes")
+
+
+def test_trainer_evaluate_with_compute_metrics(tmp_path):
+    """The stock Trainer evaluates a patched model with compute_metrics as it does the unpatched
+    one (the same metrics), and trains it without logits."""
+    from transformers import Trainer, TrainingArguments
+
+    ids, labels = _batch()
+    data = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    seen = []
+
+    def metrics(pred):
+        seen.append(pred.predictions.shape)
+        logits, lab = torch.as_tensor(pred.predictions), torch.as_tensor(pred.label_ids)
+        ok = (logits[:, :-1].argmax(-1) == lab[:, 1:])[lab[:, 1:] != -100]
+        return {"accuracy": ok.float().mean().item()}
+
+    results = []
+    for patched in (False, True):
+        model = _model("llama")
+        if patched:
+            hf.patch(model, backend="torch")
+        args = TrainingArguments(output_dir=str(tmp_path / str(patched)), per_device_eval_batch_size=2, report_to=[],
+                                 use_cpu=True, max_steps=1, per_device_train_batch_size=2, save_strategy="no")
+        trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, compute_metrics=metrics)
+        results.append(trainer.evaluate())
+        trainer.train()
+    assert seen == [(B, T, V)] * 2
+    assert results[1]["eval_accuracy"] == results[0]["eval_accuracy"]
+    assert results[1]["eval_loss"] == pytest.approx(results[0]["eval_loss"], rel=1e-6)
+
+
+def test_patch_survives_pickle_and_accelerate_unwrap(tmp_path):
+    """torch.save(model) keeps the patch (a bound method pickled as getattr(model, "forward")
+    came back as the class's forward, unpatched while is_patched said True); so does accelerate's
+    unwrap_model(keep_fp32_wrapper=False), which walks the forward's __wrapped__ chain; the
+    Trainer still reads the model's own signature."""
+    model = hf.patch(_model("llama"), backend="torch")
+    ids, labels = _batch()
+    want = model(input_ids=ids, labels=labels).loss
+    assert list(inspect.signature(model.forward).parameters)[:2] == ["input_ids", "attention_mask"]
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    out = back(input_ids=ids, labels=labels)
+    assert hf.is_patched(back) and out.logits is None and torch.equal(out.loss, want)
+    assert back.forward.__self__ is back and back.lm_head.forward.__self__ is back.lm_head
+    hf.unpatch(back)
+    assert "forward" not in back.__dict__ and back(input_ids=ids, labels=labels).logits is not None
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a Trainer in this process set it up already
+    try:
+        acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+        prepared = acc.prepare(model)
+        assert prepared(input_ids=ids, labels=labels).logits is None
+        bare = acc.unwrap_model(prepared, keep_fp32_wrapper=False)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    out = bare(input_ids=ids, labels=labels)
+    assert out.logits is None and torch.equal(out.loss, want)
+
+
+def test_changed_output_embeddings_are_named():
+    """Output embeddings replaced after patch (resize_token_embeddings of an untied head) or
+    wrapped by peft are named in the error, with what to do; peft on lm_head at patch time too."""
+    model = hf.patch(_model("llama"), backend="torch")
+    ids, labels = _batch()
+    model.resize_token_embeddings(V + 3)
+    with pytest.raises(RuntimeError, match="replaced since patch .* call surgery_kernels.hf.patch"):
+        model(input_ids=ids, labels=labels)
+    hf.patch(model, backend="torch")
+    assert model(input_ids=ids, labels=labels).logits is None
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(TypeError, match="peft wrapper: LoRA or modules_to_save on the output embeddings"):
+        hf.patch(lora)
+    inner = hf.patch(_model("llama"), backend="torch")
+    lora = peft.get_peft_model(inner, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(RuntimeError, match="peft wrapper on lm_head"):
+        lora(input_ids=ids, labels=labels)
+
+
+def test_vision_language_moe_router_loss_coefficient():
+    """Vision-language MoE models keep router_aux_loss_coef in config.text_config; the patched
+    loss adds it as they do (it was refused as missing)."""
+    cls = getattr(tf, "Qwen3VLMoeForConditionalGeneration", None)
+    if cls is None:
+        pytest.skip("this transformers has no Qwen3-VL-MoE")
+    cfg = tf.Qwen3VLMoeConfig(
+        text_config=dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         intermediate_size=64, output_router_logits=True, router_aux_loss_coef=0.3,
+                         max_position_embeddings=64, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=H, patch_size=4,
+                           temporal_patch_size=1, spatial_merge_size=1))
+    torch.manual_seed(0)
+    model = cls(cfg)
+    ids, labels = _batch()
+    want = model(input_ids=ids, labels=labels)
+    assert want.aux_loss is not None and want.aux_loss > 0
+    got = hf.patch(model, backend="torch")(input_ids=ids, labels=labels)
+    assert got.logits is None and torch.allclose(got.loss, want.loss, rtol=1e-6, atol=0)
+
+
+def test_token_kl_against_an_inference_mode_reference():
+    """A reference taken under torch.inference_mode() (inference tensors, which autograd cannot
+    save) gives the same KL and gradients as one taken under no_grad."""
+    model = hf.patch(_model("llama"), backend="torch")
+    reference = hf.patch(_model("llama", seed=1), backend="torch")
+    ids, _ = _batch()
+    grads = []
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            ref = hf.head_inputs(reference, input_ids=ids)
+        model.zero_grad(set_to_none=True)
+        hf.token_kl(model, ref, input_ids=ids).sum().backward()
+        grads.append(model.lm_head.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
 
 
 def _backend_cases():
