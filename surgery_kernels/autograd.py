@@ -25,6 +25,7 @@ paying ``none``'s recomputation of the logits.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .backends import module as _impl
 
@@ -65,20 +66,60 @@ def _scaled(ctx, grad_out):
     accumulated into it, a third backward through the same graph finds them modified and raises
     (autograd's version check) rather than return a wrong gradient. The token-weight gradient (N
     floats) is always scaled out of place."""
-    *grads, dtw = ctx.saved_tensors
-    dtw = None if dtw is None else dtw * grad_out.to(dtw.dtype)
+    try:
+        *grads, dtw = ctx.saved_tensors
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e):
+            raise
+        raise RuntimeError(
+            f"backward through a reduction={ctx.reduction!r} loss a second time after the first backward's "
+            f"gradients were changed in place (optimizer.zero_grad(set_to_none=False), clip_grad_norm_, an "
+            f"optimizer step, or a third backward into the same .grad): the first backward hands out the "
+            f"gradients its forward computed without a copy. Keep the default zero_grad(set_to_none=True) "
+            f"between the backwards, or use reduction='none' (the backward recomputes)") from e
+    dtw = None if dtw is None else _times(dtw, grad_out)
     if ctx.scale is None:
         ctx.scale = grad_out.detach().clone()
         for g in grads:
             if g is not None:
-                g.data.mul_(grad_out.to(g.dtype))
+                _mul_(g.data, grad_out)
         return (*grads, dtw)
     if bool(ctx.scale == 0):
         raise RuntimeError(f"backward through a reduction={ctx.reduction!r} loss a second time after a first "
                            "backward with upstream gradient 0, which consumed its in-place gradients; use "
                            "reduction='none' (the backward recomputes) to backpropagate through it this way")
     ratio = grad_out / ctx.scale
-    return (*(None if g is None else g * ratio.to(g.dtype) for g in grads), dtw)
+    return (*(None if g is None else _times(g, ratio) for g in grads), dtw)
+
+
+def _times(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """g * s out of place, the product in s's precision (float32 or float64), rounded to g's dtype once."""
+    return (g.to(s.dtype) * s).to(g.dtype)
+
+
+def _mul_(g: torch.Tensor, s: torch.Tensor) -> None:
+    """g *= s in place, the product in float32 for a 16-bit g (s: the 0-dim float32 or float64
+    upstream gradient, never read on the host). Rounding s to float16 first, as ``g.mul_(s.to(g.dtype))``
+    did, made GradScaler's first scale, 65536, inf — every gradient inf or NaN, every step
+    skipped — and put a bias of up to 2**-9 on every bf16 gradient for scales such as 1/3."""
+    if g.dtype in (torch.float32, torch.float64) or g.device.type == "cpu":
+        # ATen reads a CPU 0-dim tensor as a float32 scalar for 16-bit tensors (opmath).
+        g.mul_(s.to(torch.float32) if g.dtype != torch.float64 else s)
+        return
+    if g.is_contiguous():
+        try:
+            from .backends.triton_kernels.common import scale_
+        except ImportError:  # CUDA without triton: float32 slices, 16 MiB at a time
+            pass
+        else:
+            scale_(g, s)
+            return
+    flat = g.view(-1) if g.is_contiguous() else None
+    if flat is None:
+        g.copy_(_times(g, s.to(torch.float32)))
+        return
+    for part in flat.split(1 << 22):
+        part.copy_(_times(part, s.to(torch.float32)))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -120,6 +161,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (coeff * ce).sum(), values
 
     @staticmethod
+    @once_differentiable  # no double backward: create_graph=True raises instead of a constant gradient
     def backward(ctx, grad_out, _grad_values):
         if ctx.fused:
             dh, dw, db, dtw = _scaled(ctx, grad_out)
@@ -166,6 +208,7 @@ class LinearKLDivFunction(torch.autograd.Function):
         return (coeff * kl).sum(), values
 
     @staticmethod
+    @once_differentiable  # no double backward: create_graph=True raises instead of a constant gradient
     def backward(ctx, grad_out, _grad_values):
         if ctx.fused:
             dh, dw, db, dtw = _scaled(ctx, grad_out)

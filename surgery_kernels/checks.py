@@ -74,7 +74,7 @@ def per_token(name: str, x, hidden: torch.Tensor, *, kind: str) -> None:
     if tuple(x.shape) != lead:
         raise ValueError(f"{name} must have the leading shape of hidden {lead}, got {tuple(x.shape)}")
     if kind == "int" and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
-        raise TypeError(f"{name} must hold integer class ids (int64), got {x.dtype}")
+        raise TypeError(f"{name} must hold integer class ids (an integer dtype), got {x.dtype}")
     if kind == "float" and not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if kind == "bool" and x.dtype != torch.bool:
@@ -99,11 +99,37 @@ def flag(name: str, value) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def common(reduction, backend, chunk_size) -> None:
+def common(reduction, backend, chunk_size) -> int | None:
+    """Checks reduction and backend; returns chunk_size as an int (numpy integers accepted)."""
     choice("reduction", reduction, REDUCTIONS)
     choice("backend", backend, ("auto",) + BACKENDS)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def integer(name: str, value) -> int:
+    """An int64 value (numpy integers accepted) as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return int(value)
+
+
+def plain_tensors(**tensors) -> None:
+    """torch.func transforms (vmap, grad, jvp) wrap their inputs; the custom autograd functions
+    and ops here do not support them (they would fail inside with messages that name neither the
+    loss nor the transform)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, x in tensors.items():
+        if x is not None and torch._C._functorch.is_functorch_wrapped_tensor(x):
+            raise NotImplementedError(f"{name} is being transformed by torch.func (vmap, grad, jvp, ...), which these "
+                                      f"losses do not support; call them outside the transform (per example: a loop, "
+                                      f"or reduction='none' over the batch)")
 
 
 def target_range(target: torch.Tensor, ignore_index: int, vocab: int) -> None:

@@ -56,11 +56,11 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     one-pass gradients ("none" recomputes the logits in its backward).
     """
     checks.hidden_weight_bias("", hidden, weight, bias)
+    checks.plain_tensors(hidden=hidden, weight=weight, bias=bias, target=target, token_weight=token_weight)
     checks.per_token("target", target, hidden, kind="int")
     checks.per_token("token_weight", token_weight, hidden, kind="float")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    checks.common(reduction, backend, chunk_size)
+    ignore_index = checks.integer("ignore_index", ignore_index)
+    chunk_size = checks.common(reduction, backend, chunk_size)
     checks.positive("softcap", softcap)
     checks.positive("ascent_cap", ascent_cap)
     checks.target_range(target, ignore_index, weight.shape[0])
@@ -96,6 +96,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     """
     checks.hidden_weight_bias("", hidden, weight, bias)
     checks.hidden_weight_bias("ref_", ref_hidden, ref_weight, ref_bias)
+    checks.plain_tensors(hidden=hidden, weight=weight, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                         ref_bias=ref_bias, mask=mask, token_weight=token_weight)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have the vocabulary size of weight (V = {weight.shape[0]}), "
                          f"got shape {tuple(ref_weight.shape)}")
@@ -107,7 +109,7 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     checks.per_token("token_weight", token_weight, hidden, kind="float")
     checks.choice("direction", direction, checks.DIRECTIONS)
     checks.positive("temperature", temperature, allow_none=False)
-    checks.common(reduction, backend, chunk_size)
+    chunk_size = checks.common(reduction, backend, chunk_size)
     checks.flag("return_values", return_values)
     device_type = hidden.device.type
     h, w, b, rh, rw, rb = _autocast(device_type, hidden=hidden, weight=weight, bias=bias,

@@ -461,7 +461,7 @@ def patch(model, backend: str = "auto", *, chunk_size: int | None = None, eval_l
     Patching a patched model replaces the options. Undo with :func:`unpatch`.
     """
     checks.choice("backend", backend, ("auto",) + BACKENDS)
-    checks.common("mean", backend, chunk_size)
+    chunk_size = checks.common("mean", backend, chunk_size)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _ATTR, None) is not None:

@@ -44,6 +44,7 @@ BAD_CE = [
     ("hidden-size-zero", dict(hidden=torch.randn(8, 0), weight=torch.randn(10, 0)), ValueError, ["hidden", "H >= 1"]),
     ("chunk-size", dict(chunk_size=0), ValueError, ["chunk_size"]),
     ("ignore-index-float", dict(ignore_index=-100.0), TypeError, ["ignore_index"]),
+    ("ignore-index-huge", dict(ignore_index=2**70), ValueError, ["ignore_index", "int64"]),
     ("return-values-int", dict(return_values=1), TypeError, ["return_values", "True or False"]),
 ]
 
@@ -269,3 +270,80 @@ def test_int64_indexing_beyond_2_31():
     for name, ours_g, r, nv in [("d_hidden", gh[-64:], ref_g[0], naive_g[0]), ("d_weight", gw, ref_g[1], naive_g[1])]:
         err = (ours_g.double() - r).norm() / r.norm()
         assert err <= 2 * (nv.double() - r).norm() / r.norm() + 1e-6, f"{name}: {err:.3g}"
+
+
+def test_numpy_integers_are_ints():
+    """chunk_size and ignore_index given as numpy integers work as the same Python ints."""
+    np = pytest.importorskip("numpy")
+    h, w, t = ce_args()
+    t[0] = 3
+    want = linear_cross_entropy(h, w, t, ignore_index=3, chunk_size=3, backend="torch")
+    got = linear_cross_entropy(h, w, t, ignore_index=np.int32(3), chunk_size=np.int64(3), backend="torch")
+    assert torch.equal(got, want)
+
+
+def test_torch_func_transforms_are_refused_by_name():
+    """vmap / grad of torch.func wrap the inputs; the losses refuse them, naming the transform,
+    instead of failing inside the checks or the autograd function."""
+    h, w, t = ce_args()
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.vmap(lambda x: linear_cross_entropy(x, w, t[:1].squeeze(0), backend="torch"))(h)
+    kw = kl_args()
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(lambda x: linear_kl_div(x, kw["weight"], kw["ref_hidden"], kw["ref_weight"], backend="torch"))(
+            kw["hidden"])
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_double_backward_is_refused(case):
+    """create_graph=True through the losses raises instead of returning a gradient that is silently
+    a constant (a gradient penalty on it would add nothing)."""
+    backend, device = case
+    h, w, t = (x.to(device) for x in ce_args())
+    h.requires_grad_(True)
+    for reduction in ("mean", "none"):
+        loss = linear_cross_entropy(h, w, t, reduction=reduction, backend=backend).sum()
+        with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+            (g,) = torch.autograd.grad(loss, h, create_graph=True)
+            g.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_upstream_scale_is_applied_in_float32(case, dtype):
+    """A "mean"/"sum" backward scales the forward's gradients by the upstream gradient in float32:
+    GradScaler's first scale, 65536, is inf in float16 (every gradient was inf); a scale of 1/3
+    rounded to bf16 first put a bias on every gradient. Against float64, with the scale applied
+    to the float64 gradients, no worse than twice the unscaled call's own error."""
+    backend, device = case
+    g = torch.Generator().manual_seed(1)
+    h = (torch.randn(64, 16, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
+    w = (torch.randn(40, 16, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
+    t = torch.randint(0, 40, (64,), generator=g).to(device)
+    h64, w64 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    linear_cross_entropy_ref(h64, w64, t).backward()
+    for scale in (1.0, 65536.0 if dtype == torch.float16 else 2.0**100, 1 / 3):
+        h.grad = w.grad = None
+        (linear_cross_entropy(h, w, t, backend=backend) * scale).backward()
+        for got, ref in ((h.grad, h64.grad), (w.grad, w64.grad)):
+            assert torch.isfinite(got).all()
+            err = ((got.double() / scale - ref).norm() / ref.norm()).item()
+            if scale == 1.0:
+                base = max(err, 1e-4)
+            else:
+                assert err <= 2 * base, (scale, err, base)
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_second_backward_after_in_place_grad_change_says_why(case):
+    """retain_graph, then the first gradients changed in place (zero_grad(set_to_none=False)), then a
+    second backward: the message says what happened and what to do, not autograd's version error."""
+    backend, device = case
+    h, w, t = (x.to(device) for x in ce_args())
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    loss = linear_cross_entropy(h, w, t, backend=backend)
+    loss.backward(retain_graph=True)
+    torch.optim.SGD([h, w], lr=0.1).zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match="changed in place .* zero_grad"):
+        loss.backward()

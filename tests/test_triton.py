@@ -169,6 +169,31 @@ def test_ce_softcap_with_bias(device, dtype):
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
+def test_ce_large_softcap(device, dtype):
+    """softcap far above the logits (tanh's argument near 0): tanh's exp formula had an absolute
+    error of ~1 ulp of 1 there, which softcap multiplied (2.6e-5 of the loss at 1e4, beyond the
+    1e-5 float32 contract); near 0 the kernels take tanh's Taylor polynomial."""
+    h, w, b, t = _ce_inputs(device, dtype, bias=True)
+    for softcap in (1e4, 1e6):
+        _check_ce(device, dtype, h, w, t, bias=b, softcap=softcap, token_weight=torch.linspace(-1, 1, N, device=device))
+
+
+@pytest.mark.parametrize("device", [d.values[0] for d in DEVICES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scale_kernel_multiplies_in_float32(device, dtype):
+    """common.scale_ (the in-place upstream scaling of 16-bit gradients on the GPU): the product in
+    float32 with the scale read on the device, rounded once — 65536 does not overflow float16, and
+    a scale of 1/3 is not rounded to 16 bits first."""
+    from surgery_kernels.backends.triton_kernels.common import scale_
+
+    g = (torch.randn(5000, generator=torch.Generator().manual_seed(0)) * 1e-3).to(device=device, dtype=dtype)
+    for s in (65536.0, 1 / 3, -2.5):
+        got = g.clone()
+        scale_(got, torch.tensor(s, device=device))
+        assert torch.equal(got, (g.float() * s).to(dtype)), s
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
 def test_ce_none_random_upstream(device, dtype):
     h, w, b, t = _ce_inputs(device, dtype, bias=True)
     t[[0, 5]] = -100
