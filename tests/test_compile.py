@@ -127,3 +127,33 @@ def test_patched_hf_model_compiles_without_graph_breaks():
     assert (loss - ref_loss).abs() <= 1e-5 * ref_loss.abs()
     for a, b in zip(grads, ref_grads):
         assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+@pytest.mark.no_poison  # as above
+@pytest.mark.parametrize("backend", [b for b, why in sk.available_backends("cpu").items()
+                                     if why == "available" and b != "torch"])
+def test_token_count_stays_dynamic(backend):
+    """torch.compile(dynamic=True, fullgraph=True) of a CE + KL step compiles once for every token
+    count (N varies each step when padding is dropped before the head): the C++ ops took a default
+    chunk of min(N, 2**24 // V), a guard on N that recompiled per N and failed fullgraph after 8.
+    The torch backend's Python loop over chunks does specialize on N (README)."""
+    from torch._dynamo.testing import CompileCounter
+
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(V, H, generator=g) * 0.3).requires_grad_(True)
+    ref_weight = torch.randn(V, H_REF, generator=g) * 0.3
+
+    def step(h, target, ref_hidden):
+        return (sk.linear_cross_entropy(h, weight, target, backend=backend)
+                + sk.linear_kl_div(h, weight, ref_hidden, ref_weight, backend=backend))
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    for n in range(5, 15):
+        h = torch.randn(n, H, generator=g).requires_grad_(True)
+        args = (h, torch.randint(0, V, (n,), generator=g), torch.randn(n, H_REF, generator=g))
+        compiled(*args).backward()
+        want = step(*args)
+        assert torch.allclose(compiled(*args), want, rtol=1e-5, atol=0)
+    assert counter.frame_count == 1

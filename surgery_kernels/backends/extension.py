@@ -81,7 +81,11 @@ def availability(name: str, device_type: str) -> Availability:
 
 
 def _chunk(chunk_size, n: int, v: int, device_type: str) -> int:
-    return chunk_size if chunk_size is not None else chunked.default_chunk_size(n, v, device_type)
+    """The op's chunk_size: the default does not depend on N (the op clamps it to N itself), so
+    that torch.compile(dynamic=True) keeps the token count symbolic instead of recompiling per N."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, chunked.CHUNK_ELEMENTS.get(device_type, 1 << 24) // max(v, 1))
 
 
 def _c(x):
