@@ -122,6 +122,16 @@ def _mul_(g: torch.Tensor, s: torch.Tensor) -> None:
         part.copy_(_times(part, s.to(torch.float32)))
 
 
+def _fused(reduction: str, needs, dtype: torch.dtype) -> bool:
+    """Whether the forward computes the gradients (mean/sum with a gradient wanted), so that the
+    backward only scales them. Not for float16: the upstream gradient — GradScaler's scale, 65536
+    at first — must meet the logit gradient before it is rounded to float16, as in plain PyTorch;
+    gradients formed at scale 1 lose their small components below float16's range (N = 8192,
+    V = 2000: dh 16.6x plain PyTorch's error under GradScaler, ``python benchmarks/fp16_scale.py``).
+    float16 mean/sum recompute the logits in the backward instead (one GEMM more)."""
+    return reduction != "none" and any(needs) and dtype != torch.float16
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, token_weight, backend, needs, ignore_index, reduction, softcap,
@@ -134,7 +144,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         needs, need_tw = needs[:3], needs[3]
         opts = dict(ignore_index=ignore_index, softcap=softcap, chunk_size=chunk_size)
         ctx.reduction, ctx.backend, ctx.needs, ctx.opts, ctx.scale = reduction, backend, needs, opts, None
-        ctx.fused = reduction != "none" and any(needs)
+        ctx.fused = _fused(reduction, needs, hidden.dtype)
         if ctx.fused:
             ce, lse, dh, dw, db = impl.ce_forward_backward(hidden, weight, bias, target, coeff, ascent_cap=ascent_cap,
                                                            needs=needs, **opts)
@@ -150,8 +160,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dtw = _weight_grad(ce, gate, scale, need_tw)
         if ctx.fused:
             ctx.save_for_backward(dh, dw, db, dtw)
-        elif any(needs):
-            ctx.save_for_backward(hidden, weight, bias, target, lse, w, dtw)
+        elif any(needs):  # the backward's per-token coefficient, times the upstream gradient
+            ctx.save_for_backward(hidden, weight, bias, target, lse, w if reduction == "none" else coeff, dtw)
         else:
             ctx.save_for_backward(None, None, None, None, None, None, dtw)
         values = torch.where(live, ce, 0.0)
@@ -168,7 +178,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             hidden, weight, bias, target, lse, w, dtw = ctx.saved_tensors
             dh = dw = db = None
-            if any(ctx.needs):  # reduction "none" (a mean/sum with these gradients took the fused path)
+            if any(ctx.needs):  # reduction "none", or a float16 mean/sum (_fused)
                 dh, dw, db = _impl(ctx.backend).ce_backward(hidden, weight, bias, target, lse,
                                                             grad_out.to(w.dtype) * w, needs=ctx.needs, **ctx.opts)
             if dtw is not None:
@@ -187,7 +197,7 @@ class LinearKLDivFunction(torch.autograd.Function):
         needs, need_tw = needs[:3], needs[3]
         opts = dict(direction=direction, temperature=temperature, chunk_size=chunk_size)
         ctx.reduction, ctx.backend, ctx.needs, ctx.opts, ctx.scale = reduction, backend, needs, opts, None
-        ctx.fused = reduction != "none" and any(needs)
+        ctx.fused = _fused(reduction, needs, hidden.dtype)
         refs = (ref_hidden, ref_weight, ref_bias)
         if ctx.fused:
             kl, lse, rlse, dh, dw, db = impl.kl_forward_backward(hidden, weight, bias, *refs, mask, coeff,
@@ -197,8 +207,8 @@ class LinearKLDivFunction(torch.autograd.Function):
         dtw = _weight_grad(kl, mask, scale, need_tw)
         if ctx.fused:
             ctx.save_for_backward(dh, dw, db, dtw)
-        elif any(needs):
-            ctx.save_for_backward(hidden, weight, bias, *refs, lse, rlse, kl, w, dtw)
+        elif any(needs):  # the backward's per-token coefficient, times the upstream gradient
+            ctx.save_for_backward(hidden, weight, bias, *refs, lse, rlse, kl, w if reduction == "none" else coeff, dtw)
         else:
             ctx.save_for_backward(*[None] * 10, dtw)
         values = torch.where(mask, kl, 0.0)
@@ -215,7 +225,7 @@ class LinearKLDivFunction(torch.autograd.Function):
         else:
             hidden, weight, bias, rh, rw, rb, lse, rlse, kl, w, dtw = ctx.saved_tensors
             dh = dw = db = None
-            if any(ctx.needs):  # reduction "none" (a mean/sum with these gradients took the fused path)
+            if any(ctx.needs):  # reduction "none", or a float16 mean/sum (_fused)
                 dh, dw, db = _impl(ctx.backend).kl_backward(hidden, weight, bias, rh, rw, rb, lse, rlse, kl,
                                                             grad_out.to(w.dtype) * w, needs=ctx.needs, **ctx.opts)
             if dtw is not None:
