@@ -70,17 +70,48 @@ def save(directory: str | Path, objective, optimizer, *, step: int, cursors: lis
     return path
 
 
+KEYS = ("model", "optimizer", "step", "rng", "cursors", "extra")
+
+
+def read(path: str | Path) -> dict:
+    """The contents of a ``state.pt``; a file that cannot be read (truncated, damaged, not ours)
+    raises ValueError naming it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
+        msg = " ".join(str(e).split())
+        raise ValueError(f"resume: cannot read checkpoint {path} ({type(e).__name__}: {msg[:160]}); the file is "
+                         f"damaged or truncated: restore it, or start over in another output_dir (or delete that "
+                         f"checkpoint folder)") from None
+    missing = [k for k in KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"resume: {path} is not a surgery checkpoint (no {', '.join(missing)}); restore it, or "
+                         f"start over in another output_dir (or delete that checkpoint folder)")
+    return state
+
+
 def load(directory: str | Path, objective, optimizer, *, dist, check=None) -> dict:
     """Restore parameters, optimizer and RNG; return ``{"step", "cursors", "extra"}``.
-    ``check(extra)`` runs before anything is restored (it raises to refuse the checkpoint)."""
+    ``check(state)`` runs before anything is restored (it raises to refuse the checkpoint); then
+    every saved parameter's shape is compared with the model's (e.g. another LoRA rank)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(directory) / STATE
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read(path)
     if state.get("world_size", 1) != dist.world_size:
         raise ValueError(f"{path} was written by {state['world_size']} process(es); resume with the same world size")
     if check is not None:
-        check(state["extra"])
+        check(state)
+    # Full (unsharded) shapes: under FSDP a parameter is a DTensor whose shape is the global one.
+    shapes = {n: tuple(p.shape) for n, p in objective.named_parameters()}
+    bad = [(n, tuple(t.shape), shapes[n]) for n, t in state["model"].items()
+           if n in shapes and hasattr(t, "shape") and tuple(t.shape) != shapes[n]]
+    if bad:
+        n, a, b = bad[0]
+        raise ValueError(f"resume: {path} holds {n} with shape {list(a)}, this run's is {list(b)} ({len(bad)} "
+                         f"parameter(s) differ: another model or LoRA setting such as lora.r); resume with the "
+                         f"checkpoint's settings, or start a new run in another output_dir")
     set_model_state_dict(objective, state["model"], options=_options(strict=False))
     set_optimizer_state_dict(objective, optimizer, state["optimizer"], options=_options())
     set_rng_state(state["rng"][dist.rank])

@@ -84,6 +84,11 @@ def _run(args) -> int:
             if run.dist.main:
                 print(json.dumps(out, indent=2))
             return 0
+        if cfg.output_dir is None:
+            # The Python API may train a model object in place without writing anything; a command
+            # that trains would keep nothing (no metrics, checkpoint or final model).
+            raise ValueError("output_dir is not set: surgery train would train and then save nothing; set "
+                             "output_dir in the config or add --set output_dir=DIR")
         run = from_config(cfg)
         summary = run.run(resume=args.resume)
     except (ValueError, FileNotFoundError) as exc:

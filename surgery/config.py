@@ -3,7 +3,9 @@
 A YAML config has the sections ``model``, ``streams``, ``eval``, ``reference``, ``train``,
 ``output_dir`` and optionally ``preset`` (a built-in base config, e.g. ``paper``). ``--set
 key=value`` overrides use dotted paths (``train.steps=10``, ``streams.0.weight=0.2``,
-``streams.retain.data=r.jsonl``); values are parsed as YAML.
+``streams.retain.data=r.jsonl``); values are parsed as YAML. YAML is read by ``load_yaml`` for both:
+PyYAML's YAML 1.1 rules plus YAML 1.2's scientific notation (``5e-4``, ``1e3`` are numbers, not
+strings).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -165,30 +169,54 @@ class ModelConfig:
     ``model_type`` and config fields for a randomly initialised model (seeded by train.seed).
     tokenizer: directory of the tokenizer (default: path).
     dtype: storage dtype of the weights.
-    trainable: "all" | "lora" | list of parameter-name patterns (fnmatch, e.g. ``"*layers.1[01].*"``).
-    lora: {r, alpha, dropout, target_modules} (implies trainable "lora" unless set otherwise).
+    trainable: "all" | "lora" | list of parameter-name patterns (fnmatch, e.g. ``"*layers.1[01].*"``);
+        None (the default): "lora" with LoRA (``lora`` set, or model.path holding an adapter), else "all".
+        With LoRA only the adapters (and ``lora.modules_to_save``) are saved to final/, so "all" or
+        patterns that reach base-model weights are refused.
+    lora: {r, alpha, dropout, target_modules, modules_to_save}.
     """
 
     path: str | None = None
     config: dict | None = None
     tokenizer: str | None = None
     dtype: str = "float32"
-    trainable: Any = "all"
+    trainable: Any = None
     lora: dict | None = None
 
     def __post_init__(self):
         if (self.path is None) == (self.config is None):
             raise ValueError("model: give exactly one of model.path (a local directory) or model.config "
                              "(a dict with model_type for random init)")
+        for key in ("path", "tokenizer"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, (str, os.PathLike)):
+                raise ValueError(f"model.{key} must be a directory path, got {v!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.config is not None and not isinstance(self.config, Mapping):
+            raise ValueError(f"model.config must be a mapping with model_type and config fields, got {self.config!r}")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("model.config must contain model_type (e.g. llama)")
+        if self.lora is not None and not isinstance(self.lora, Mapping):
+            raise ValueError(f"model.lora must be a mapping such as {{r: 8, alpha: 16, target_modules: [q_proj]}}, "
+                             f"got {self.lora!r}")
+        check_trainable(self.trainable, "model.trainable")
+
+
+def check_trainable(trainable, where: str = "trainable") -> None:
+    """None, "all", "lora" or a non-empty list of fnmatch patterns (strings)."""
+    if trainable is None or trainable in ("all", "lora"):
+        return
+    if isinstance(trainable, (list, tuple)) and trainable and all(isinstance(p, str) for p in trainable):
+        return
+    raise ValueError(f"{where} must be 'all', 'lora' or a list of parameter-name patterns, got {trainable!r}")
 
 
 @dataclass
 class SurgeryConfig:
-    """A whole run, as loaded from YAML."""
+    """A whole run, as loaded from YAML. ``output_dir`` None writes nothing (allowed from Python:
+    ``Surgery(..., output_dir=None)`` trains the model object in place); ``surgery train`` refuses it,
+    since it would train and then keep nothing."""
 
     model: ModelConfig
     streams: list[Stream]
@@ -224,7 +252,8 @@ PRESETS: dict[str, dict] = {
     # constant learning rate, bf16 compute over fp32 weights (their FSDP MixedPrecision: param bf16,
     # reduce fp32), gradient checkpointing, full fine-tuning. Model and data paths must be given.
     "paper": {
-        "model": {"dtype": "float32", "trainable": "all"},
+        # trainable left to its default: "all" (full fine-tuning), or the adapters when lora is added.
+        "model": {"dtype": "float32"},
         "streams": [
             {"name": "problematic", "loss": "ascent", "weight": 0.1},
             {"name": "outdated", "loss": "ascent", "weight": 0.1},
@@ -237,6 +266,27 @@ PRESETS: dict[str, dict] = {
                   "gradient_checkpointing": True, "mixed_precision": "bfloat16"},
     },
 }
+
+
+# YAML 1.2 reads 1e-3, 5e-4 and 1.0e3 as numbers; YAML 1.1 (PyYAML) needs a dot and a signed
+# exponent (1.0e-3), and would hand those values on as strings.
+_FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_LOADER = None
+
+
+def load_yaml(text):
+    """Parse YAML (a string or a file object) as ``yaml.safe_load`` does, but with YAML 1.2's
+    scientific notation: ``5e-4`` is the float 0.0005, not the string '5e-4'."""
+    global _LOADER
+    import yaml
+
+    if _LOADER is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_1_2, list("-+0123456789."))
+        _LOADER = Loader
+    return yaml.load(text, Loader=_LOADER)
 
 
 def _merge(base, over):
@@ -285,7 +335,7 @@ def apply_override(cfg: dict, assignment: str, cwd: str | Path | None = None) ->
         raise ValueError(f"--set expects key=value, got {assignment!r}")
     key, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError as e:
         raise ValueError(f"--set {assignment!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
     parts = key.strip().split(".")
@@ -341,28 +391,52 @@ def config_from_dict(raw: Mapping, base_dir: str | Path | None = None) -> Surger
     def rel(p):
         return p if base_dir is None else _absolute(p, base_dir)
 
-    m = dict(raw["model"])
+    m = dict(_section(raw["model"], "model", "a mapping such as {path: DIR} or {config: {model_type: ...}}"))
     _only(m, ModelConfig, "model")
     m["path"], m["tokenizer"] = rel(m.get("path")), rel(m.get("tokenizer"))
-    streams = []
-    for i, s in enumerate(raw["streams"]):
-        if not isinstance(s, Mapping):
-            raise ValueError(f"streams[{i}] must be a mapping, got {s!r}")
-        _only(s, Stream, f"streams[{i}]")
-        if "data" not in s or s["data"] is None:
-            raise ValueError(f"streams[{i}] ({s.get('name')!r}) has no data (set streams.{i}.data=FILE)")
-        streams.append(Stream(**{**s, "data": rel(s["data"])}))
-    evals = []
-    for i, e in enumerate(raw.get("eval") or []):
-        _only(e, EvalSet, f"eval[{i}]")
-        evals.append(EvalSet(**{**e, "data": rel(e.get("data"))}))
-    t = dict(raw.get("train") or {})
+    streams = [Stream(**_named(s, f"streams[{i}]", Stream, rel))
+               for i, s in enumerate(_list(raw["streams"], "streams", "{name, data, loss, weight}"))]
+    evals = [EvalSet(**_named(e, f"eval[{i}]", EvalSet, rel))
+             for i, e in enumerate(_list(raw.get("eval") or [], "eval", "{name, data}"))]
+    t = dict(_section(raw.get("train") or {}, "train", "a mapping such as {steps: 10, lr: 1.0e-4}"))
     _only(t, TrainConfig, "train")
     reference = raw.get("reference", "copy")
     if reference not in REFERENCES:
         raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    output_dir = raw.get("output_dir")
+    if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+        raise ValueError(f"output_dir must be a directory path, got {output_dir!r}")
     return SurgeryConfig(model=ModelConfig(**m), streams=streams, eval=evals, reference=reference,
-                         train=TrainConfig(**t), output_dir=rel(raw.get("output_dir")))
+                         train=TrainConfig(**t), output_dir=rel(output_dir))
+
+
+def _section(value, where: str, what: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where} must be {what}, got {value!r:.80}")
+    return value
+
+
+def _list(value, where: str, what: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where} must be a list of mappings {what}, got {value!r:.80}")
+    return list(value)
+
+
+def _named(item, where: str, cls, rel) -> dict:
+    """A stream's or eval set's mapping, checked: a mapping of known keys with a name and data
+    (paths made absolute by ``rel``)."""
+    what = "{name, data, loss, weight}" if cls is Stream else "{name, data}"
+    _section(item, where, f"a mapping {what}")
+    _only(item, cls, where)
+    if item.get("name") is None:
+        raise ValueError(f"{where} has no name (each needs a name: {what})")
+    if item.get("data") is None:
+        section = where.split("[")[0]
+        raise ValueError(f"{where} ({item.get('name')!r}) has no data (set {section}.{item['name']}.data=FILE)")
+    data = item["data"]
+    if not isinstance(data, (str, os.PathLike, list, tuple)):
+        raise ValueError(f"{where} ({item['name']!r}): data must be a file path or a list of records, got {data!r:.80}")
+    return {**item, "data": rel(data)}
 
 
 def _only(d: Mapping, cls, where: str) -> None:
@@ -385,7 +459,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SurgeryConfi
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
         try:
-            raw = yaml.safe_load(f) or {}
+            raw = load_yaml(f) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(raw, dict):

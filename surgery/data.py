@@ -74,11 +74,24 @@ def _check_choice(rec: Any, where: str) -> None:
         raise DataError(f"{where}: 'answer' {a!r} is not one of the choices {list(ch)!r:.120}")
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark dropped); other encodings are refused
+    naming the file and the line of the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}: "
+                        f"{e.reason}); save the file as UTF-8") from None
+
+
 def _json_records(path: Path) -> list[tuple[Any, int]]:
     """(record, line) pairs of a JSON array file or a JSONL file, with precise syntax errors."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     stripped = text.lstrip()
-    if path.suffix == ".json" and stripped.startswith("["):
+    is_json = path.suffix.lower() == ".json"
+    if is_json and stripped.startswith("["):
         dec = json.JSONDecoder()
         try:
             json.loads(text)
@@ -94,7 +107,7 @@ def _json_records(path: Path) -> list[tuple[Any, int]]:
             rec, end = dec.raw_decode(text, pos)
             out.append((rec, text.count("\n", 0, pos) + 1))
             pos = end
-    if path.suffix == ".json" and stripped.startswith("{"):
+    if is_json and stripped.startswith("{"):
         # One record, possibly over several lines (else the file is JSON Lines named .json).
         try:
             return [(json.loads(text), text[:len(text) - len(stripped)].count("\n") + 1)]
@@ -136,7 +149,8 @@ def read_records(data: Any, kind: str = "lm", *, name: str = "data") -> list[dic
                 ds = Dataset.from_parquet(str(path))
             except Exception as e:
                 raise DataError(f"{path}: cannot read Parquet file ({type(e).__name__}: {e})") from None
-            pairs = [(r, i) for i, r in enumerate(ds.to_list())]
+            # Rows counted from 1, as lines are.
+            pairs = [(r, i) for i, r in enumerate(ds.to_list(), 1)]
             unit = "row"
         src = str(path)
     elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
@@ -150,9 +164,19 @@ def read_records(data: Any, kind: str = "lm", *, name: str = "data") -> list[dic
         first = pairs[0][0]
         kind = "choice" if isinstance(first, dict) and "question" in first else "lm"
     check = _check_choice if kind == "choice" else _check_lm
-    for rec, line in pairs:
-        check(rec, _where(src, line, unit))
-    return [dict(r) for r, _ in pairs]
+    where = [_where(src, line, unit) for _, line in pairs]
+    for (rec, _), w in zip(pairs, where):
+        check(rec, w)
+    return Records([dict(r) for r, _ in pairs], where)
+
+
+class Records(list):
+    """A list of validated records that also knows where each came from (``where[i]``: file and
+    line or row, or the list's name and index), for errors found later, e.g. at tokenization."""
+
+    def __init__(self, records=(), where: Sequence[str] | None = None):
+        super().__init__(records)
+        self.where = list(where) if where is not None else None
 
 
 @dataclass
@@ -163,15 +187,21 @@ class Example:
     loss_from: int  # first token index that is predicted with loss (1 for plain text)
 
 
-def tokenize_lm(records: list[dict], tokenizer, max_length: int) -> list[Example]:
+def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss: bool = False) -> list[Example]:
     """Tokenize LM records: text as one sequence; prompt + completion tokenized separately and joined
     (completion without special tokens), so the boundary is exact. At most ``max_length`` tokens:
     text loses its end; a prompt + completion keeps the whole completion (what carries the loss)
     when it fits in ``max_length - 1`` tokens, the prompt losing its start to make room, as the
     evaluation does for a long question; a longer completion keeps the prompt's last
-    ``max_length // 2`` tokens (or all of a shorter prompt) and loses its own end."""
+    ``max_length // 2`` tokens (or all of a shorter prompt) and loses its own end.
+
+    require_loss: a record left with no token that carries a loss (text that tokenizes to one token,
+    e.g. BOS only; a completion that tokenizes to nothing) raises :class:`DataError` naming it (its
+    file and line when ``records`` came from ``read_records``) — training on it would add nothing
+    while its stream's log shows a loss of 0."""
+    where = getattr(records, "where", None)
     out = []
-    for rec in records:
+    for i, rec in enumerate(records):
         if "text" in rec:
             ids = list(tokenizer(rec["text"])["input_ids"])[:max_length]
             start = 1
@@ -184,6 +214,15 @@ def tokenize_lm(records: list[dict], tokenizer, max_length: int) -> list[Example
                 p = p[len(p) - keep_p:]
                 c = c[:max_length - keep_p]
             ids, start = p + c, max(len(p), 1)
+        if require_loss and len(ids) <= start:
+            at = where[i] if where is not None else f"record {i}"
+            if "text" in rec:
+                why = f"'text' {rec['text']!r:.60} tokenizes to {len(ids)} token(s) {ids[:4]}, nothing to predict"
+            else:
+                why = (f"'completion' {rec['completion']!r:.60} tokenizes to {len(c)} token(s) after "
+                       f"{len(p)} prompt token(s) (max_length {max_length})")
+            raise DataError(f"{at}: no token carries a loss ({why}); drop the record or give it text the "
+                            f"tokenizer keeps")
         out.append(Example(ids, start))
     return out
 

@@ -44,7 +44,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import REFERENCES, EvalSet, ModelConfig, Stream, TrainConfig, as_dataclass
+from .config import REFERENCES, EvalSet, ModelConfig, Stream, TrainConfig, as_dataclass, check_trainable
 from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
 from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
@@ -61,6 +61,49 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def _lora_and_base_weights(what: str, lost: list[str]) -> str:
+    """Why LoRA and trained base-model weights do not go together, and what to do instead."""
+    which = f" ({len(lost)} base-model parameters, e.g. {lost[0]})" if lost else ""
+    return (f"{what} with LoRA trains base-model weights{which}, but a LoRA run's final/ holds only the "
+            f"adapters (peft save_pretrained), so their training would be lost: use trainable: lora (the "
+            f"default with lora), list whole modules in lora.modules_to_save (e.g. [lm_head]), or drop lora to "
+            f"fine-tune the weights themselves")
+
+
+def _check_local_dir(path, key: str) -> None:
+    """A model or tokenizer folder that does not exist: say so, instead of the hub's "Repo id must be
+    in the form ..." error, when the value is clearly a local path (config paths always are)."""
+    p = str(path)
+    local = os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") > 1 or os.sep != "/" and os.sep in p
+    if local and not os.path.isdir(os.path.expanduser(p)):
+        what = "is a file, not a directory" if os.path.exists(os.path.expanduser(p)) else "does not exist"
+        raise ValueError(f"{key} {p!r}: the directory {what} (a local folder such as one written by "
+                         f"save_pretrained is expected)")
+
+
+def _check_final_dir(path) -> None:
+    """final/ is replaced whole: refuse a folder that holds something other than a saved model."""
+    path = Path(path).resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"save_final: {path} is a file; the model is saved as a folder there, so move that file "
+                         f"or give another output_dir")
+    if path.is_dir() and any(path.iterdir()) and not any(
+            (path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise ValueError(f"save_final: {path} is a folder that holds no saved model; it would be replaced whole, "
+                         f"so give a new or model folder")
+
+
+def _check_vocabulary(model, tokenizer) -> None:
+    """Every token id the tokenizer can give must have a row in the model's embedding: a larger
+    tokenizer would fail mid-forward with an index error."""
+    emb = unwrap(model).get_input_embeddings() if hasattr(unwrap(model), "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows "
+                         f"(vocab_size): ids >= {rows} have no embedding; use the model's own tokenizer "
+                         f"(model.tokenizer) or a model whose vocab_size covers it")
 
 
 @dataclasses.dataclass
@@ -122,7 +165,9 @@ class Surgery:
     :class:`EvalSet` (or dicts). output_dir: where metrics.jsonl, checkpoint/, final/ and
     summary.json go (None: nothing is written, no checkpoints).
     trainable: "all" | "lora" | list of fnmatch patterns over parameter names (default: "lora"
-    when ``lora`` is given or the model is already a peft model, else "all").
+    when ``lora`` is given or the model is already a peft model, else "all"). With LoRA, "all" or
+    patterns that reach base-model weights are refused: final/ (peft's save_pretrained) would hold
+    only the adapters; ``lora["modules_to_save"]`` trains whole modules and saves them.
     lora: {r, alpha, dropout, target_modules, modules_to_save} to add LoRA adapters.
     on_step: called with each step's metrics dict (on rank 0).
     """
@@ -166,15 +211,18 @@ class Surgery:
                 tokenizer = model.tokenizer or model.path
             if lora is None:
                 lora = model.lora
-            if trainable is None and model.trainable != "all":
+            if trainable is None:
                 trainable = model.trainable
-            try:
-                model = load_model(model.path, model.config, model.dtype, seed=self.cfg.seed)
-            except OSError as e:  # transformers' "not a local folder nor a model id on the hub" and friends
-                raise ValueError(f"model.path {model.path!r}: {' '.join(str(e).split())}") from e
+        check_trainable(trainable)
+        if lora is not None and trainable == "all":
+            # Before the model loads: an explicit "all" next to lora can only lose work.
+            raise ValueError(_lora_and_base_weights("trainable 'all'", []))
+        # The tokenizer and the tokenized data before the model: both are cheap, and a record left
+        # with nothing to train on stops the run before a large model loads.
         if tokenizer is None:
             raise ValueError("tokenizer: pass a tokenizer object or directory with an nn.Module model")
         if isinstance(tokenizer, (str, os.PathLike)):
+            _check_local_dir(tokenizer, "tokenizer" if model_cfg is None or model_cfg.tokenizer else "model.path")
             try:
                 self.tokenizer = load_tokenizer(tokenizer)
             except OSError as e:
@@ -183,9 +231,17 @@ class Surgery:
             self.tokenizer = tokenizer
         if self.tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad_token_id (set tokenizer.pad_token)")
-        self.model_config = model_cfg
-        self._examples = [tokenize_lm(r, self.tokenizer, s.max_length or self.cfg.max_length)
+        self._examples = [tokenize_lm(r, self.tokenizer, s.max_length or self.cfg.max_length, require_loss=True)
                           for s, r in zip(self.streams, self._records)]
+        if model_cfg is not None:
+            if model_cfg.path is not None:
+                _check_local_dir(model_cfg.path, "model.path")
+            try:
+                model = load_model(model_cfg.path, model_cfg.config, model_cfg.dtype, seed=self.cfg.seed)
+            except OSError as e:  # transformers' "not a local folder nor a model id on the hub" and friends
+                raise ValueError(f"model.path {model_cfg.path!r}: {' '.join(str(e).split())}") from e
+        self.model_config = model_cfg
+        _check_vocabulary(model, self.tokenizer)
 
         self.device = self._pick_device(model)
         if trainable is None:
@@ -198,6 +254,11 @@ class Surgery:
         if reference == "adapter" and not is_peft(model):
             raise ValueError("reference='adapter' needs LoRA: pass lora={...} or a peft model")
         self.trainable_names = select_trainable(model, trainable)
+        if is_peft(model):
+            # peft's save_pretrained (final/) writes the adapters and modules_to_save only.
+            lost = [n for n in self.trainable_names if "lora_" not in n and "modules_to_save" not in n]
+            if lost:
+                raise ValueError(_lora_and_base_weights(f"trainable {trainable!r}", lost))
         model.to(self.device)
         if self.cfg.gradient_checkpointing:
             enable_checkpointing(unwrap(model))
@@ -207,6 +268,7 @@ class Surgery:
                                           ascent_cap=self.cfg.ascent_cap)
         self._reference = None
         self.optimizer = None
+        self._scaler = None
         self.step = 0
         self._before: dict | None = None
 
@@ -237,6 +299,16 @@ class Surgery:
         params = [p for p in self.objective.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
                                            weight_decay=self.cfg.weight_decay)
+        # float16 autocast over float32 weights: small gradients underflow in float16, so the loss is
+        # scaled up before the backward and the gradients down before the clip; a step whose scaled
+        # gradients overflowed is skipped and the scale lowered (torch.amp.GradScaler). float16
+        # weights (model.dtype) cannot be unscaled in place and keep the unscaled path.
+        self._scaler = None
+        if self._mp_dtype == torch.float16 and not self.dist.enabled and all(p.dtype == torch.float32 for p in params):
+            self._scaler = torch.amp.GradScaler(self.device.type)
+        elif self._mp_dtype == torch.float16 and self.dist.enabled:
+            log.warning("train.mixed_precision float16 under torchrun runs without loss scaling (small gradients "
+                        "may underflow to 0); bfloat16 needs none")
         if kl and self.reference_mode == "cache":
             if self.output_dir is None:
                 raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
@@ -351,10 +423,15 @@ class Surgery:
                     stream_rows=p.rows, kl_batch=None if kb is None else (kb.input_ids, kb.attention_mask, kb.target))
             # FSDP averages gradients over processes; each process's loss is already a share of the
             # global objective, so scale back up to get its sum. Passes add their gradients.
-            (total * self.dist.world_size).backward()
+            loss = total * self.dist.world_size
+            (loss if self._scaler is None else self._scaler.scale(loss)).backward()
             stats += torch.cat([total.detach().reshape(1).to(torch.float64), terms.detach().to(torch.float64),
                                 capped.to(torch.float64)])
-            del total, terms, capped, ref
+            del total, terms, capped, ref, loss
+        scale = None
+        if self._scaler is not None:
+            scale = self._scaler.get_scale()
+            self._scaler.unscale_(self.optimizer)
         clip = self.cfg.clip if self.cfg.clip else float("inf")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -370,21 +447,38 @@ class Surgery:
                 if s.loss == "ascent":
                     m[f"capped/{s.name}"] = float(stats[1 + n + k]) / max(float(counts[k]), 1.0)
         bad = [k for k, v in m.items() if k.startswith("loss/") and not math.isfinite(v)]
-        if not math.isfinite(gn):
+        # With loss scaling, gradients past float16's range and finite losses are an overflow of
+        # the scaled gradients: the scaler skips the update and lowers the scale.
+        skipped = self._scaler is not None and not bad and not math.isfinite(gn)
+        if not math.isfinite(gn) and not skipped:
             bad.append("grad_norm")
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             last = self._last_checkpoint_note()
+            if any(p.dtype == torch.float16 for p in params):
+                last += (" float16 weights overflow easily in training (AdamW's eps of 1e-8 is 0 in float16): "
+                         "train float32 weights (model.dtype) with train.mixed_precision float16 or bfloat16.")
             raise NonFiniteLossError(
                 f"step {self.step + 1}: non-finite {', '.join(bad)} "
                 f"({', '.join(f'{k}={m[k]}' for k in m if k != 'step')}, grad_norm={gn}); stopped before updating "
                 f"the weights. {last}")
-        self.optimizer.step()
+        if self._scaler is None:
+            self.optimizer.step()
+        else:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+            if skipped:
+                log.info("step %d: float16 gradients overflowed at loss scale %g; the update was skipped and the "
+                         "scale lowered to %g", self.step + 1, scale, self._scaler.get_scale())
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
         ntok = int(float(counts.sum()))
-        m.update({"grad_norm": gn, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt, "time_s": dt})
+        # A skipped step logs grad_norm null (not Infinity, which is not JSON).
+        m.update({"grad_norm": None if skipped else gn, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt,
+                  "time_s": dt})
+        if self._scaler is not None:
+            m.update({"loss_scale": scale, "skipped": skipped})
         return m
 
     @property
@@ -438,7 +532,8 @@ class Surgery:
             raise ValueError("save_checkpoint needs an output_dir")
         return ckpt.save(self.output_dir / "checkpoint", self.objective, self.optimizer, step=self.step,
                          cursors=[s.cursor for s in self._samplers],
-                         extra={"before": self._before, "history": self.history, "run": self._identity()},
+                         extra={"before": self._before, "history": self.history, "run": self._identity(),
+                                "grad_scaler": None if self._scaler is None else self._scaler.state_dict()},
                          dist=self.dist)
 
     def _identity(self) -> dict:
@@ -447,8 +542,12 @@ class Surgery:
         Weights, lr, steps and the other optimizer settings may change."""
         return {"streams": [[s.name, s.loss] for s in self.streams], "trainable": list(self.trainable_names)}
 
-    def _check_resume(self, path, extra: dict) -> None:
-        saved, now = extra.get("run"), self._identity()
+    def _check_resume(self, path, state: dict) -> None:
+        if state["step"] > self.cfg.steps:
+            raise ValueError(f"resume: {path} is at step {state['step']}, past train.steps={self.cfg.steps}: nothing "
+                             f"would train and final/ would be rewritten; set train.steps above {state['step']} to "
+                             f"train more")
+        saved, now = state["extra"].get("run"), self._identity()
         if saved is None:  # a checkpoint from before the identity was stored
             return
         for key, what in (("streams", "streams (name, loss)"), ("trainable", "trained parameters")):
@@ -468,13 +567,15 @@ class Surgery:
             log.warning("resume: no checkpoint under %s; starting from step 0", d)
             return False
         st = ckpt.load(d, self.objective, self.optimizer, dist=self.dist,
-                       check=lambda extra: self._check_resume(d, extra))
+                       check=lambda state: self._check_resume(d, state))
         # The optimizer's settings come from this run's config, not the checkpoint (lr is set per step).
         for g in self.optimizer.param_groups:
             g.update(betas=self.cfg.betas, eps=self.cfg.eps, weight_decay=self.cfg.weight_decay)
         self.step = st["step"]
         for s, c in zip(self._samplers, st["cursors"]):
             s.cursor = c
+        if self._scaler is not None and st["extra"].get("grad_scaler"):
+            self._scaler.load_state_dict(st["extra"]["grad_scaler"])
         self._before = st["extra"].get("before")
         self.history = list(st["extra"].get("history") or [])
         return True
@@ -619,6 +720,9 @@ class Surgery:
         """Evaluate before, train, evaluate after; write final/ and summary.json. Returns the summary."""
         t0 = time.perf_counter()
         self._check_before_training(resume)  # before the evaluation, not after it
+        if self.output_dir is not None:
+            # Refused now, not after the training it would have to throw away.
+            _check_final_dir(self.output_dir / "final")
         if self._before is None and not (resume and self.output_dir is not None
                                          and ckpt.exists(self.output_dir / "checkpoint")):
             self._before = self.evaluate()
@@ -648,10 +752,7 @@ class Surgery:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         path = Path(path).resolve()
-        if path.is_dir() and any(path.iterdir()) and not any(
-                (path / f).is_file() for f in ("config.json", "adapter_config.json")):
-            raise ValueError(f"save_final: {path} is a folder that holds no saved model; it would be replaced whole, "
-                             f"so give a new or model folder")
+        _check_final_dir(path)
         sd = None
         if self.dist.enabled:
             full = get_model_state_dict(self.objective, options=StateDictOptions(full_state_dict=True,

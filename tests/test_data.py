@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from surgery import DataError, Stream, Surgery, load_config
-from surgery.config import PRESETS, EvalSet, TrainConfig, apply_override
+from surgery.config import PRESETS, EvalSet, TrainConfig, apply_override, load_yaml
 from surgery.data import IGNORE, StreamSampler, collate, read_records, tokenize_lm
 from surgery.testing import all_words, word_tokenizer
 
@@ -79,8 +79,9 @@ def test_choice_record_errors(tmp_path, rec, what):
 def test_parquet_through_datasets(tmp_path):
     from datasets import Dataset
 
+    # Rows count from 1, as lines do: the second row is row 2.
     Dataset.from_list([{"text": "a b"}, {"text": ""}]).to_parquet(str(tmp_path / "s.parquet"))
-    with pytest.raises(DataError, match=r"s\.parquet:row 1: 'text' must be a non-empty string"):
+    with pytest.raises(DataError, match=r"s\.parquet:row 2: 'text' must be a non-empty string"):
         read_records(tmp_path / "s.parquet", "lm")
     Dataset.from_list([{"prompt": "p", "completion": " c"}]).to_parquet(str(tmp_path / "ok.parquet"))
     assert read_records(tmp_path / "ok.parquet", "lm") == [{"prompt": "p", "completion": " c"}]
@@ -157,6 +158,9 @@ def test_config_paper_preset_and_overrides(tmp_path):
     assert cfg.model.dtype == "float32" and cfg.train.mixed_precision == "bfloat16"
     assert cfg.streams[0].data == str(tmp_path / "a.jsonl") and cfg.model.path == str(tmp_path / "m")
     assert PRESETS["paper"]["train"]["clip"] == 1.0
+    # full fine-tuning by default; with lora added the adapters train (not an explicit "all", refused with lora)
+    assert cfg.model.trainable is None
+    assert load_config(tmp_path / "c.yaml", ["model.lora={r: 4}"]).model.trainable is None
 
 
 @pytest.mark.parametrize("text, what", [
@@ -236,3 +240,82 @@ def test_mixed_answer_types_are_fine(tmp_path):
     f = _jsonl(tmp_path / "q.jsonl", [json.dumps({"question": "q", "choices": ["a", "b"], "answer": 1}),
                                       json.dumps({"question": "r", "choices": ["a", "b"], "answer": "a"})])
     assert [r["answer"] for r in read_records(f, "auto")] == [1, "a"]
+
+
+def test_json_suffix_in_capitals_and_file_encodings(tmp_path):
+    """.JSON is a JSON file like .json (an array, not JSON Lines); a file that is not UTF-8 is
+    refused naming the file and the line; a UTF-8 byte-order mark is fine."""
+    f = tmp_path / "arr.JSON"
+    f.write_text('[\n  {"text": "a"},\n  {"text": "b"}\n]\n')
+    assert read_records(f, "lm") == [{"text": "a"}, {"text": "b"}]
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl:line 2: not UTF-8 text .*save the file as UTF-8"):
+        read_records(f, "lm")
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes('{"text": "caf\u00e9"}\n'.encode("utf-8-sig"))
+    assert read_records(f, "lm") == [{"text": "caf\u00e9"}]
+
+
+def test_records_that_carry_no_loss_stop_before_the_model_loads(tmp_path, tok):
+    """Text that tokenizes to BOS alone and a completion that tokenizes to nothing would train on
+    nothing (their stream logging a loss of 0): refused with file and line, before the model
+    loads (the model directory here does not exist)."""
+    for lines, what in (([json.dumps({"text": "alba borin"}), json.dumps({"text": "   "})], "'text' '   '"),
+                        ([json.dumps({"prompt": "the capital of", "completion": "  "})], "'completion' '  '")):
+        f = _jsonl(tmp_path / "s.jsonl", lines)
+        with pytest.raises(DataError, match=rf"s\.jsonl:line {len(lines)}: no token carries a loss \({what}"):
+            Surgery(model=str(tmp_path / "no-model-here"), tokenizer=tok, streams=[Stream("u", str(f), "ascent")])
+    recs = [{"text": "alba"}]  # <s> alba: one token to predict
+    assert len(tokenize_lm(recs, tok, 8, require_loss=True)[0].ids) == 2
+    with pytest.raises(DataError, match=r"record 0: no token carries a loss"):
+        tokenize_lm(recs, tok, 1, require_loss=True)
+
+
+def test_missing_model_or_tokenizer_directory(tmp_path, tok):
+    """A local model.path or tokenizer that does not exist says so (not the hub's "Repo id must be
+    in the form ..."), naming the key."""
+    f = _jsonl(tmp_path / "s.jsonl", [json.dumps({"text": "alba borin"})])
+    streams = [Stream("u", str(f), "ascent")]
+    with pytest.raises(ValueError, match=r"model\.path '.*nowhere': the directory does not exist"):
+        Surgery(model=str(tmp_path / "nowhere"), streams=streams)
+    with pytest.raises(ValueError, match=r"tokenizer '.*no-tok': the directory does not exist"):
+        Surgery(model={"path": str(tmp_path / "nowhere"), "tokenizer": str(tmp_path / "no-tok")}, streams=streams)
+
+
+def test_yaml_reads_scientific_notation_as_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 5e-4 as a string; config files and --set values read it as the
+    number, as YAML 1.2 does, through one loader."""
+    assert load_yaml("[5e-4, 1e3, 1.0e3, -2E+2, .5e1, 1.0e-3, 5, 1.5, e5, 1e, 5e-4x, '1e-3']") == \
+        [5e-4, 1e3, 1e3, -200.0, 5.0, 1e-3, 5, 1.5, "e5", "1e", "5e-4x", "1e-3"]
+    (tmp_path / "c.yaml").write_text("model: {path: m}\nstreams: [{name: a, data: a.jsonl, weight: 1e-1}]\n"
+                                     "train: {lr: 1e-3, eps: 1e-6}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.train.lr, cfg.train.eps, cfg.streams[0].weight) == (1e-3, 1e-6, 0.1)
+    cfg = load_config(tmp_path / "c.yaml", ["train.lr=5e-4", "train.ascent_cap=2e1"])
+    assert (cfg.train.lr, cfg.train.ascent_cap) == (5e-4, 20.0)
+
+
+@pytest.mark.parametrize("override, what", [
+    ("streams=[{data: a.jsonl}]", r"streams\[0\] has no name"),
+    ("streams=5", "streams must be a list of mappings"),
+    ("streams=[a.jsonl]", r"streams\[0\] must be a mapping"),
+    ("eval=[{data: a.jsonl}]", r"eval\[0\] has no name"),
+    ("eval=[a.jsonl]", r"eval\[0\] must be a mapping \{name, data\}, got '.*a.jsonl'"),
+    ("eval=[{name: e}]", r"eval\[0\] \('e'\) has no data"),
+    ("train=5", "train must be a mapping"),
+    ("model=model", "model must be a mapping"),
+    ("model.lora=5", "model.lora must be a mapping"),
+    ("model.trainable=5", "model.trainable must be 'all', 'lora' or a list"),
+    ("model.path=[a]", "model.path must be a directory path"),
+    ("output_dir=5", "output_dir must be a directory path, got 5"),
+    ("streams.a.data=5", r"streams\[0\] \('a'\): data must be a file path or a list"),
+], ids=["stream-without-name", "streams-not-a-list", "stream-not-a-mapping", "eval-without-name",
+        "eval-not-a-mapping", "eval-without-data", "train-not-a-mapping", "model-not-a-mapping",
+        "lora-not-a-mapping", "trainable-number", "path-list", "output_dir-number", "data-number"])
+def test_config_sections_of_the_wrong_type(tmp_path, override, what):
+    """A section or value of the wrong type: one ValueError naming the key (the CLI prints it as
+    one line), not a TypeError from deep inside."""
+    (tmp_path / "c.yaml").write_text("model: {path: m}\nstreams: [{name: a, data: a.jsonl}]\n")
+    with pytest.raises(ValueError, match=what):
+        load_config(tmp_path / "c.yaml", [override])

@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import signal
+import types
 
 import pytest
 import torch
@@ -309,7 +310,7 @@ def test_cli_exit_code_when_interrupted(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(Surgery, "run", interrupted)
     monkeypatch.setattr("surgery.from_config", lambda cfg: Surgery.__new__(Surgery))
-    monkeypatch.setattr("surgery.load_config", lambda path, overrides: None)
+    monkeypatch.setattr("surgery.load_config", lambda path, overrides: types.SimpleNamespace(output_dir=str(tmp_path)))
     assert cli.main(["train", "x.yaml"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "interrupted (SIGTERM) after step 3" in err and "--resume" in err
@@ -836,3 +837,151 @@ def test_cuda_bf16_lora_adapter_run(tok, data):
     assert after[0] > before[0] + 0.05 and after[1] < before[1] - 0.1, (before, after)
     h = lora.history
     assert all(m["loss/retain"] >= 0 for m in h) and h[-1]["loss/retain"] > 0
+
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_lora_with_trained_base_weights_is_refused(tok, data, tmp_path):
+    """LoRA saves only its adapters to final/ (peft save_pretrained): base-model weights trained
+    next to them would be lost. An explicit trainable "all" with lora is refused before the model
+    loads (the model directory here does not exist), patterns reaching base weights once the
+    names are known, before any training; the default (None: "lora" with lora), adapter patterns
+    and modules_to_save still train."""
+    why = "final/ holds only the adapters.*trainable: lora.*modules_to_save.*drop lora"
+    with pytest.raises(ValueError, match=f"trainable 'all' with LoRA trains base-model weights.*{why}"):
+        Surgery(model={"path": str(tmp_path / "nowhere"), "lora": LORA, "trainable": "all"}, tokenizer=tok,
+                streams=_streams(data))
+    with pytest.raises(ValueError, match="trainable 'all' with LoRA"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=LORA, trainable="all")
+    with pytest.raises(ValueError, match=rf"trainable \['\*'\] with LoRA trains base-model weights \(\d+ "
+                                         rf"base-model parameters, e.g. .*embed_tokens.weight\).*{why}"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=LORA, trainable=["*"])
+    # a loaded adapter (a LoRA run's final/) with trainable all is a LoRA run too
+    _model(tok).save_pretrained(tmp_path / "base")
+    Surgery(model={"path": str(tmp_path / "base"), "lora": LORA}, tokenizer=tok, streams=_streams(data),
+            reference="adapter", train=_train(steps=1)).save_final(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="trainable 'all' with LoRA"):
+        Surgery(model={"path": str(tmp_path / "adapter"), "trainable": "all"}, tokenizer=tok, streams=_streams(data))
+    for kw in ({}, {"trainable": "lora"}, {"trainable": ["*lora_A*"]}):
+        run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=LORA, **kw)
+        assert run.trainable_names and all("lora_" in n for n in run.trainable_names), kw
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
+                  lora={**LORA, "modules_to_save": ["lm_head"]})
+    assert any("modules_to_save" in n for n in run.trainable_names)
+    # without lora, the default and an explicit "all" train everything
+    assert Surgery(model={"config": tiny_llama(len(tok)), "trainable": "all"}, tokenizer=tok,
+                   streams=_streams(data)).trainable_names == [n for n, _ in _model(tok).named_parameters()]
+
+
+def test_cli_train_needs_an_output_dir(tok, data, tmp_path, capsys):
+    """surgery train without output_dir would train and keep nothing: refused up front (exit 2),
+    before any model loads (model.path here does not exist); surgery eval does not need one."""
+    from surgery.cli import main
+
+    _write_jsonl(tmp_path / "u.jsonl", data[0])
+    (tmp_path / "c.yaml").write_text("model: {path: nowhere}\nstreams: [{name: u, data: u.jsonl}]\n")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert "output_dir is not set: surgery train would train and then save nothing" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "c.yaml"), "--set", "output_dir=out", "--set", "train.lr=5e-4"]) == 2
+    assert "model.path" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_final_folder_that_is_not_a_model_is_refused_before_training(tok, data, tmp_path):
+    """final/ is replaced whole: a final/ holding other files is refused before the "before"
+    evaluation and training, with nothing written (it used to train, then fail to save)."""
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "notes.txt").write_text("keep me")
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=1), output_dir=tmp_path)
+    run.evaluate = lambda: pytest.fail("run() evaluated before refusing final/")
+    with pytest.raises(ValueError, match=r"final is a folder that holds no saved model"):
+        run.run()
+    assert run.step == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_resume_refuses_other_shapes_damaged_files_and_fewer_steps(tok, data, tmp_path):
+    """Resume errors name the file and the problem, before any training: another LoRA rank (same
+    parameter names, other shapes), train.steps below the checkpoint's step (nothing would train
+    and final/ would be rewritten), a truncated state.pt."""
+    Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=LORA, reference="adapter",
+            train=_train(steps=2), output_dir=tmp_path).train()
+
+    def resume(lora=LORA, steps=3):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=lora, reference="adapter",
+                train=_train(steps=steps), output_dir=tmp_path).train(resume=True)
+
+    with pytest.raises(ValueError, match=r"state.pt holds .*lora_A.default.weight with shape \[4, 32\], this run's "
+                                         r"is \[8, 32\] \(8 parameter\(s\) differ.*lora.r"):
+        resume({**LORA, "r": 8})
+    with pytest.raises(ValueError, match=r"checkpoint is at step 2, past train.steps=1"):
+        resume(steps=1)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    state = tmp_path / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*state.pt \(RuntimeError.*damaged or truncated"):
+        resume()
+    torch.save({"step": 1}, state)
+    with pytest.raises(ValueError, match=r"state.pt is not a surgery checkpoint \(no model, optimizer"):
+        resume()
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(tok, data):
+    """Token ids past the model's embedding would fail mid-forward (IndexError): refused at load."""
+    with pytest.raises(ValueError, match=rf"tokenizer has {len(tok)} tokens but the model's embedding has 20 rows"):
+        Surgery(model=load_model(config=tiny_llama(20)), tokenizer=tok, streams=_streams(data))
+    # a model vocabulary larger than the tokenizer (padded, as many are) is fine
+    Surgery(model=load_model(config=tiny_llama(len(tok) + 5)), tokenizer=tok, streams=_streams(data))
+
+
+def test_float16_mixed_precision_scales_the_loss(tok, data, tmp_path, monkeypatch):
+    """mixed_precision float16 (float32 weights) scales the loss with torch.amp.GradScaler: a step
+    whose scaled gradients overflow is skipped (weights unchanged, logged as skipped with grad_norm
+    null, the scale halved) instead of stopping the run; the scale is checkpointed, so a resumed run
+    equals a straight one bit for bit (here the tiny model's first steps overflow at the default
+    scale, 2**16, which the resumed run must not start from again)."""
+    def run(steps, out, resume=False):
+        r = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
+                    train=_train(steps=steps, lr=1e-3, mixed_precision="float16"), output_dir=out)
+        r.train(resume=resume)
+        return r
+
+    straight = run(5, tmp_path / "a")
+    h = straight.history
+    assert isinstance(straight._scaler, torch.amp.GradScaler)
+    assert h[0]["loss_scale"] == 2.0 ** 16 and any(m["skipped"] for m in h) and not h[-1]["skipped"]
+    assert all((m["grad_norm"] is None) == m["skipped"] for m in h)
+    json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0], parse_constant=pytest.fail)
+    run(3, tmp_path / "b")
+    resumed = run(5, tmp_path / "b", resume=True)
+    assert [m["loss_scale"] for m in resumed.history] == [m["loss_scale"] for m in h]
+    a, b = _params(straight.model), _params(resumed.model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    import functools
+
+    scaler = torch.amp.GradScaler
+    # A scale that does not overflow: the gradients are unscaled before the clip and the update, so
+    # the run tracks the float32 one (grad norms 16x too large otherwise).
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(scaler, init_scale=2.0 ** 4))
+    runs = []
+    for mp in (None, "float16"):
+        r = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=3, mixed_precision=mp))
+        r.train()
+        runs.append(r.history)
+    assert not any(m["skipped"] for m in runs[1])
+    for a, b in zip(*runs):
+        # float16 keeps 11 bits of mantissa: losses and norms agree to about a percent.
+        assert (b["loss/total"], b["grad_norm"]) == pytest.approx((a["loss/total"], a["grad_norm"]), rel=2e-2)
+    # An enormous scale overflows every step: skipped, weights untouched, no NonFiniteLossError.
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(scaler, init_scale=2.0 ** 40))
+    r = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
+                train=_train(steps=2, mixed_precision="float16"))
+    before = _params(r.model)
+    r.train()
+    assert [(m["skipped"], m["loss_scale"]) for m in r.history] == [(True, 2.0 ** 40), (True, 2.0 ** 39)]
+    assert all(torch.equal(before[n], p) for n, p in _params(r.model).items())
+    # float16 weights (model.dtype) cannot be unscaled: a NaN there stops the run saying what to use.
+    r = Surgery(model=_model(tok, "float16"), tokenizer=tok, streams=_streams(data), train=_train(steps=1))
+    r.model.model.norm.register_forward_hook(lambda m, i, o: o * float("nan"))
+    with pytest.raises(NonFiniteLossError, match="float16 weights overflow easily.*model.dtype.*mixed_precision"):
+        r.train()
