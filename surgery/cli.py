@@ -13,11 +13,14 @@ Python returns 128 + its number instead); a second Ctrl-C stops at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
+from pathlib import Path
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +93,11 @@ def _run(args) -> int:
             raise ValueError("output_dir is not set: surgery train would train and then save nothing; set "
                              "output_dir in the config or add --set output_dir=DIR")
         run = from_config(cfg)
+        argv = ["surgery", "train", args.config] + [x for o in args.overrides for x in ("--set", o)]
+        run.command = {"command": shlex.join(argv + (["--resume"] if args.resume else [])),
+                       "resume_with": shlex.join(argv + ["--resume"]), "cwd": os.getcwd(),
+                       "config": str(Path(args.config).resolve()), "overrides": list(args.overrides),
+                       "resolved": dataclasses.asdict(cfg)}
         summary = run.run(resume=args.resume)
     except (ValueError, FileNotFoundError) as exc:
         # Config and data errors (DataError is a ValueError) name the file and what is wrong.

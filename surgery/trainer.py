@@ -270,6 +270,9 @@ class Surgery:
         self.optimizer = None
         self._scaler = None
         self.step = 0
+        # What started this run (set by the surgery command: its arguments and the resolved config);
+        # run() appends it to output_dir/runs.jsonl.
+        self.command: dict | None = None
         self._before: dict | None = None
 
     def _pick_device(self, model) -> torch.device:
@@ -723,6 +726,12 @@ class Surgery:
         if self.output_dir is not None:
             # Refused now, not after the training it would have to throw away.
             _check_final_dir(self.output_dir / "final")
+            if self.command is not None and self.dist.main:
+                # One line per start (the first and every --resume): how to repeat or continue it.
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.output_dir / "runs.jsonl", "a") as f:
+                    f.write(json.dumps(dict(self.command, resume=resume, from_step=self.step,
+                                            started=time.strftime("%Y-%m-%dT%H:%M:%S%z")), default=str) + "\n")
         if self._before is None and not (resume and self.output_dir is not None
                                          and ckpt.exists(self.output_dir / "checkpoint")):
             self._before = self.evaluate()

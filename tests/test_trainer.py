@@ -781,6 +781,12 @@ def test_cli_train_and_eval(tok, data, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["streams"][1]["weight"] == 1.5
     assert main(["train", str(tmp_path / "c.yaml"), "--set", "train.steps=4", "--resume"]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    # runs.jsonl: each start's command, how to continue it, and the resolved config
+    runs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert [(r["resume"], r["from_step"], r["overrides"]) for r in runs] == [
+        (False, 0, ["train.steps=3", "streams.update.weight=1.5"]), (True, 3, ["train.steps=4"])]
+    assert runs[0]["resume_with"].endswith("--set train.steps=3 --set streams.update.weight=1.5 --resume")
+    assert runs[0]["resolved"]["streams"][1]["weight"] == 1.5 and runs[1]["resolved"]["train"]["steps"] == 4
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "c.yaml")]) == 0
     assert '"accuracy"' in capsys.readouterr().out
