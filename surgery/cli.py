@@ -97,7 +97,7 @@ def _run(args) -> int:
         run.command = {"command": shlex.join(argv + (["--resume"] if args.resume else [])),
                        "resume_with": shlex.join(argv + ["--resume"]), "cwd": os.getcwd(),
                        "config": str(Path(args.config).resolve()), "overrides": list(args.overrides),
-                       "resolved": dataclasses.asdict(cfg)}
+                       "resolved": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None}
         summary = run.run(resume=args.resume)
     except (ValueError, FileNotFoundError) as exc:
         # Config and data errors (DataError is a ValueError) name the file and what is wrong.

@@ -271,7 +271,7 @@ class Surgery:
         self._scaler = None
         self.step = 0
         # What started this run (set by the surgery command: its arguments and the resolved config);
-        # run() appends it to output_dir/runs.jsonl.
+        # train() appends it to output_dir/runs.jsonl.
         self.command: dict | None = None
         self._before: dict | None = None
 
@@ -597,6 +597,12 @@ class Surgery:
         if resumed and self.output_dir is not None and self.dist.main:
             # Drop lines past the checkpoint (a crash after it) so the log matches the resumed run.
             (self.output_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.history))
+        if self.command is not None and self.output_dir is not None and self.dist.main:
+            # One line per start (the first and every --resume): how to repeat or continue it.
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "runs.jsonl", "a") as f:
+                f.write(json.dumps(dict(self.command, resume=resume, from_step=self.step,
+                                        started=time.strftime("%Y-%m-%dT%H:%M:%S%z")), default=str) + "\n")
         bar = None
         if self.cfg.progress and self.dist.main:
             from tqdm.auto import tqdm
@@ -726,12 +732,6 @@ class Surgery:
         if self.output_dir is not None:
             # Refused now, not after the training it would have to throw away.
             _check_final_dir(self.output_dir / "final")
-            if self.command is not None and self.dist.main:
-                # One line per start (the first and every --resume): how to repeat or continue it.
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-                with open(self.output_dir / "runs.jsonl", "a") as f:
-                    f.write(json.dumps(dict(self.command, resume=resume, from_step=self.step,
-                                            started=time.strftime("%Y-%m-%dT%H:%M:%S%z")), default=str) + "\n")
         if self._before is None and not (resume and self.output_dir is not None
                                          and ckpt.exists(self.output_dir / "checkpoint")):
             self._before = self.evaluate()
