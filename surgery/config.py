@@ -371,6 +371,27 @@ def _list_index(node: list, part: str, key: str) -> int:
     raise ValueError(f"--set {key}: no item named {part!r}")
 
 
+def _stream_names(streams) -> set:
+    return {x.get("name") for x in streams if isinstance(x, Mapping)} if isinstance(streams, list) else set()
+
+
+def _check_preset_streams(name: str, merged: Mapping, own: set) -> None:
+    """A preset stream left without data, named with the merge rule: a config whose streams have
+    other names keeps the preset's streams too (merged by name), which is rarely what was meant."""
+    names = [x["name"] for x in PRESETS[name].get("streams", ())]
+    streams = merged.get("streams")
+    given = {x.get("name"): x.get("data") for x in streams if isinstance(x, Mapping)} if isinstance(streams, list) else {}
+    empty = [n for n in names if given.get(n) is None]
+    if not empty:
+        return
+    mine = sorted(str(n) for n in own if n not in names)
+    raise ValueError(
+        f"preset {name!r} defines the streams {names}, merged with the config's by name, and {empty} "
+        f"{'has' if len(empty) == 1 else 'have'} no data: set streams.{empty[0]}.data=FILE"
+        + (f"; the config's streams {mine} are added to the preset's, not put in their place (to use only "
+           f"yours, drop the preset and give its train settings yourself)" if mine else ""))
+
+
 def config_from_dict(raw: Mapping, base_dir: str | Path | None = None) -> SurgeryConfig:
     """Build a :class:`SurgeryConfig` from a plain dict (preset merged, paths relative to ``base_dir``)."""
     raw = dict(raw)
@@ -378,7 +399,9 @@ def config_from_dict(raw: Mapping, base_dir: str | Path | None = None) -> Surger
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        own = _stream_names(raw.get("streams"))
         raw = _merge(PRESETS[preset], raw)
+        _check_preset_streams(preset, raw, own)
     known = {"model", "streams", "eval", "reference", "train", "output_dir"}
     unknown = set(raw) - known
     if unknown:
@@ -465,11 +488,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SurgeryConfi
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a config must be a YAML mapping, got {type(raw).__name__}")
     preset = raw.get("preset")
+    own = _stream_names(raw.get("streams"))
     if preset is not None and preset in PRESETS:
         # Overrides address the merged config (e.g. streams.retain.data on the paper preset).
         raw = _merge(PRESETS[preset], {k: v for k, v in raw.items() if k != "preset"})
     for o in overrides:
         apply_override(raw, o, cwd=Path.cwd())
+    if preset is not None and preset in PRESETS:
+        _check_preset_streams(preset, raw, own)
     return config_from_dict(raw, base_dir=path.parent)
 
 

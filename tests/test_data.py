@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from surgery import DataError, Stream, Surgery, load_config
-from surgery.config import PRESETS, EvalSet, TrainConfig, apply_override, load_yaml
+from surgery.config import PRESETS, EvalSet, TrainConfig, apply_override, config_from_dict, load_yaml
 from surgery.data import IGNORE, StreamSampler, collate, read_records, tokenize_lm
 from surgery.testing import all_words, word_tokenizer
 
@@ -161,6 +161,23 @@ def test_config_paper_preset_and_overrides(tmp_path):
     # full fine-tuning by default; with lora added the adapters train (not an explicit "all", refused with lora)
     assert cfg.model.trainable is None
     assert load_config(tmp_path / "c.yaml", ["model.lora={r: 4}"]).model.trainable is None
+
+
+def test_preset_streams_without_data_are_named_with_the_merge_rule(tmp_path):
+    """A config on the paper preset whose streams have other names keeps the preset's streams too
+    (merged by name): the error names the preset's streams, the empty ones and the config's own,
+    instead of 'streams[0] ('problematic') has no data' for a stream the user never wrote; with
+    the data set by --set it loads."""
+    (tmp_path / "c.yaml").write_text("preset: paper\nmodel: {path: m}\nstreams:\n"
+                                     "  - {name: forget, data: a.jsonl, loss: ascent}\n")
+    with pytest.raises(ValueError, match=r"preset 'paper' defines the streams \['problematic', 'outdated', "
+                                         r"'updated', 'retain'\].*no data.*streams \['forget'\] are added"):
+        load_config(tmp_path / "c.yaml")
+    sets = [f"streams.{n}.data=x.jsonl" for n in ("problematic", "outdated", "updated", "retain")]
+    assert [s.name for s in load_config(tmp_path / "c.yaml", sets).streams][-1] == "forget"
+    with pytest.raises(ValueError, match=r"\['retain'\] has no data"):
+        config_from_dict({"preset": "paper", "model": {"path": "m"},
+                          "streams": [{"name": n, "data": "x"} for n in ("problematic", "outdated", "updated")]})
 
 
 @pytest.mark.parametrize("text, what", [
