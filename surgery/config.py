@@ -339,8 +339,8 @@ def apply_override(cfg: dict, assignment: str, cwd: str | Path | None = None) ->
     except yaml.YAMLError as e:
         raise ValueError(f"--set {assignment!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
     parts = key.strip().split(".")
-    if cwd is not None and parts[-1] in PATH_KEYS and value:
-        value = _absolute(value, cwd)
+    if cwd is not None:
+        value = _paths_from(value, parts[-1], cwd)
     node = cfg
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -357,6 +357,19 @@ def apply_override(cfg: dict, assignment: str, cwd: str | Path | None = None) ->
                 node = node.setdefault(part, {})
         else:
             raise ValueError(f"--set {key}: {'.'.join(parts[:i])} is not a section")
+
+
+def _paths_from(value, key: str, cwd):
+    """``value`` given for ``key`` on the command line with its relative paths taken from ``cwd``:
+    a path key's string, and the path keys inside a mapping or a list of mappings (``--set
+    'streams.retain={name: retain, data: mine.jsonl}'``)."""
+    if isinstance(value, dict):
+        return {k: _paths_from(v, k, cwd) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_paths_from(v, key, cwd) if isinstance(v, dict) else v for v in value]
+    if key in PATH_KEYS and value:
+        return _absolute(value, cwd)
+    return value
 
 
 def _list_index(node: list, part: str, key: str) -> int:

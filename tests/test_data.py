@@ -203,6 +203,8 @@ def test_override_paths_are_relative_to_the_current_directory(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path / "work")
     cfg = load_config("../cfg/c.yaml", ["streams.a.data=mine.jsonl", "output_dir=runs/x", "model.tokenizer=/abs/tok"])
     assert cfg.streams[0].data == str(tmp_path / "work" / "mine.jsonl")
+    whole = load_config("../cfg/c.yaml", ["streams.a={name: a, data: sub/b.jsonl}"])  # inside a mapping too
+    assert whole.streams[0].data == str(tmp_path / "work" / "sub" / "b.jsonl")
     assert cfg.output_dir == str(tmp_path / "work" / "runs" / "x")
     assert cfg.model.tokenizer == "/abs/tok"
     assert Path(cfg.model.path).resolve() == (tmp_path / "cfg" / "m").resolve()
