@@ -259,6 +259,12 @@ class Surgery:
             lost = [n for n in self.trainable_names if "lora_" not in n and "modules_to_save" not in n]
             if lost:
                 raise ValueError(_lora_and_base_weights(f"trainable {trainable!r}", lost))
+        if reference == "adapter" and any(s.loss == "kl" for s in self.streams) \
+                and output_layer(model).weight.requires_grad:
+            # Said here, before the first evaluation, not at the first step (the objective checks too).
+            raise ValueError("reference='adapter' needs a frozen lm_head (the head is trained — e.g. lm_head in "
+                             "lora.modules_to_save — so the adapters-off model is not the original); use "
+                             "reference='copy' or 'cache'")
         model.to(self.device)
         if self.cfg.gradient_checkpointing:
             enable_checkpointing(unwrap(model))

@@ -875,6 +875,10 @@ def test_lora_with_trained_base_weights_is_refused(tok, data, tmp_path):
     run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
                   lora={**LORA, "modules_to_save": ["lm_head"]})
     assert any("modules_to_save" in n for n in run.trainable_names)
+    # ... but a trained head has no adapters-off reference: said at construction, not at the first step
+    with pytest.raises(ValueError, match="reference='adapter' needs a frozen lm_head"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="adapter",
+                lora={**LORA, "modules_to_save": ["lm_head"]})
     # without lora, the default and an explicit "all" train everything
     assert Surgery(model={"config": tiny_llama(len(tok)), "trainable": "all"}, tokenizer=tok,
                    streams=_streams(data)).trainable_names == [n for n, _ in _model(tok).named_parameters()]
