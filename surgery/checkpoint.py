@@ -94,7 +94,8 @@ def read(path: str | Path) -> dict:
 def load(directory: str | Path, objective, optimizer, *, dist, check=None) -> dict:
     """Restore parameters, optimizer and RNG; return ``{"step", "cursors", "extra"}``.
     ``check(state)`` runs before anything is restored (it raises to refuse the checkpoint); then
-    every saved parameter's shape is compared with the model's (e.g. another LoRA rank)."""
+    every saved parameter's shape and dtype is compared with the model's (e.g. another LoRA rank
+    or model.dtype)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(directory) / STATE
@@ -112,6 +113,14 @@ def load(directory: str | Path, objective, optimizer, *, dist, check=None) -> di
         raise ValueError(f"resume: {path} holds {n} with shape {list(a)}, this run's is {list(b)} ({len(bad)} "
                          f"parameter(s) differ: another model or LoRA setting such as lora.r); resume with the "
                          f"checkpoint's settings, or start a new run in another output_dir")
+    dtypes = {n: p.dtype for n, p in objective.named_parameters()}
+    cast = [(n, t.dtype, dtypes[n]) for n, t in state["model"].items()
+            if n in dtypes and torch.is_tensor(t) and t.dtype != dtypes[n]]
+    if cast:
+        # Loading would round (float32 -> bfloat16) silently and the run would not continue exactly.
+        n, a, b = cast[0]
+        raise ValueError(f"resume: {path} holds {n} in {a}, this run's model is {b} ({len(cast)} parameter(s) "
+                         f"differ: another model.dtype); resume with the checkpoint's model.dtype")
     set_model_state_dict(objective, state["model"], options=_options(strict=False))
     set_optimizer_state_dict(objective, optimizer, state["optimizer"], options=_options())
     set_rng_state(state["rng"][dist.rank])

@@ -912,7 +912,8 @@ def test_final_folder_that_is_not_a_model_is_refused_before_training(tok, data, 
 def test_resume_refuses_other_shapes_damaged_files_and_fewer_steps(tok, data, tmp_path):
     """Resume errors name the file and the problem, before any training: another LoRA rank (same
     parameter names, other shapes), train.steps below the checkpoint's step (nothing would train
-    and final/ would be rewritten), a truncated state.pt."""
+    and final/ would be rewritten), another model dtype (loading would round silently), a
+    truncated state.pt."""
     Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=LORA, reference="adapter",
             train=_train(steps=2), output_dir=tmp_path).train()
 
@@ -925,6 +926,12 @@ def test_resume_refuses_other_shapes_damaged_files_and_fewer_steps(tok, data, tm
         resume({**LORA, "r": 8})
     with pytest.raises(ValueError, match=r"checkpoint is at step 2, past train.steps=1"):
         resume(steps=1)
+    full = tmp_path / "full"
+    Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=1), output_dir=full).train()
+    with pytest.raises(ValueError, match=r"state.pt holds .* in torch.float32, this run's model is torch.bfloat16 .*"
+                                         r"model.dtype"):
+        Surgery(model=_model(tok).to(torch.bfloat16), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
+                output_dir=full).train(resume=True)
     metrics = (tmp_path / "metrics.jsonl").read_text()
     state = tmp_path / "checkpoint" / "state.pt"
     state.write_bytes(state.read_bytes()[:1000])
