@@ -39,6 +39,10 @@ def _where(source: str, line: int | None, kind: str = "line") -> str:
 def _check_lm(rec: Any, where: str) -> None:
     if not isinstance(rec, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    if "text" in rec and ("prompt" in rec or "completion" in rec):
+        # Which one to train on (all of the text, or the completion only) would be a guess.
+        raise DataError(f"{where}: a record has either 'text' or 'prompt' and 'completion', got all of "
+                        f"{sorted(k for k in rec if k in ('text', 'prompt', 'completion'))}")
     if "text" in rec:
         if not isinstance(rec["text"], str) or not rec["text"]:
             raise DataError(f"{where}: 'text' must be a non-empty string, got {rec['text']!r:.80}")

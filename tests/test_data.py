@@ -32,7 +32,9 @@ def _jsonl(path, lines):
     (['{"text": ""}'], "line 1", "non-empty string"),
     (['{"prompt": "q", "completion": 3}'], "line 1", "'completion' is 3"),
     (['["a"]'], "line 1", "JSON object"),
-], ids=["syntax", "missing-text", "empty-text", "bad-completion", "not-object"])
+    (['{"text": "a"}', '{"text": "a b", "prompt": "q", "completion": "c"}'], "line 2",
+     "either 'text' or 'prompt' and 'completion'"),
+], ids=["syntax", "missing-text", "empty-text", "bad-completion", "not-object", "text-and-prompt"])
 def test_jsonl_errors_name_file_and_line(tmp_path, lines, where, what):
     f = _jsonl(tmp_path / "s.jsonl", lines)
     with pytest.raises(DataError) as e:
