@@ -49,6 +49,10 @@ class Stream:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Stream name must be a non-empty string, got {self.name!r}")
+        if any(c in self.name for c in "/\\") or self.name in (".", ".."):
+            # It names metrics keys (loss/<name>) and the reference cache's folder.
+            raise ValueError(f"Stream name {self.name!r} must not contain '/' or '\\' (it names metrics keys "
+                             f"such as loss/<name> and a folder of the reference cache)")
         if self.loss not in LOSSES:
             raise ValueError(f"Stream {self.name!r}: loss must be one of {LOSSES}, got {self.loss!r}")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:

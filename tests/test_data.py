@@ -187,6 +187,7 @@ def test_preset_streams_without_data_are_named_with_the_merge_rule(tmp_path):
     ("model: {path: m}\nstreams: [{name: a, data: a.jsonl, weight: -1}]\n", "weight must be a number >= 0"),
     ("model: {path: m}\nstreams: [{name: a, data: a.jsonl}]\ntrain: {stpes: 3}\n", r"train: unknown key\(s\) \['stpes'\]"),
     ("model: {path: m}\nstreams: [{name: a}]\n", "has no data"),
+    ("model: {path: m}\nstreams: [{name: retain/wiki, data: a.jsonl}]\n", "must not contain '/'"),
     ("streams: [{name: a, data: a.jsonl}]\n", "no model section"),
     ("model: {path: m}\nstreams: [{name: a, data: a.jsonl}]\nreference: twin\n", "reference must be one of"),
 ])
