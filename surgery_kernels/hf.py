@@ -624,12 +624,29 @@ def head_inputs(model, **inputs) -> HeadInputs:
     ``token_kl``/``token_nll``/the patched loss, which compute inside the head's unit, or
     ``fully_shard(model.lm_head, reshard_after_forward=False)``.
     """
-    _require_patch(model, "head_inputs")
+    state = _require_patch(model, "head_inputs")
     out = model(**_model_inputs(inputs), return_dict=True, **{_HEAD: True})
     if not isinstance(out, HeadInputs):
         raise ValueError("head_inputs: the model did not go through the patched forward (a wrapper that drops or "
                          "renames keyword arguments?)")
+    w = state.head.weight
+    if out.weight.dtype != w.dtype and tuple(out.weight.shape) == tuple(w.shape) and not _is_dtensor(w):
+        # A mixed-precision wrapper converted the forward's outputs (accelerate's
+        # convert_outputs_to_fp32 makes float32 copies of a bf16 model's tensors: a V x H copy of
+        # the weight, and float32 GEMMs in the caller's loss): take them back as the model has
+        # them — the weight is the head's own parameter (a snapshot of it under no_grad).
+        weight = w if torch.is_grad_enabled() else w.detach().clone() if w.requires_grad else w.detach()
+        out = HeadInputs(out.hidden.to(w.dtype), weight, None if out.bias is None else out.bias.to(w.dtype),
+                         out.softcap)
     return out
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
 
 
 def token_kl(model, reference, *, mask=None, direction: str = "forward", temperature: float = 1.0,

@@ -432,6 +432,34 @@ def test_token_kl_against_an_inference_mode_reference():
     assert torch.equal(grads[0], grads[1])
 
 
+def test_head_inputs_through_accelerate_mixed_precision_keep_the_model_dtype():
+    """accelerate's mixed-precision wrapper converts a forward's bf16 outputs to float32, which
+    made head_inputs return a float32 copy of the whole weight (and float32 GEMMs after): the
+    weight is the head's own parameter again, the hidden states back in bf16, and the gradients
+    are those of the unwrapped model."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    ids, _ = _batch()
+    grads = []
+    for wrap in (False, True):
+        model = hf.patch(_model("llama", dtype=torch.bfloat16), backend="torch")
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            run = accelerate.Accelerator(cpu=True, mixed_precision="bf16").prepare(model) if wrap else model
+            got = hf.head_inputs(run, input_ids=ids)
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        assert got.weight is model.lm_head.weight and got.hidden.dtype == torch.bfloat16
+        from surgery_kernels import linear_cross_entropy
+        linear_cross_entropy(got.hidden, got.weight, ids, backend="torch").backward()
+        grads.append(model.lm_head.weight.grad.float())
+        with torch.no_grad():
+            snap = hf.head_inputs(run, input_ids=ids)
+        assert snap.weight.dtype == torch.bfloat16 and torch.equal(snap.weight, model.lm_head.weight)
+    assert torch.equal(grads[0], grads[1])
+
+
 def _backend_cases():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [pytest.param(b, dev, id=f"{b}-{dev}", marks=[pytest.mark.cuda] if dev == "cuda" else [])
