@@ -6,10 +6,10 @@ the device, so nothing here synchronizes with the host.
 
 - ``mean``/``sum`` with a gradient wanted: the backend's ``*_forward_backward`` computes values
   and gradients in one pass over the logits; ``backward`` only scales them, in place, by
-  the (scalar) upstream gradient (``_scaled``).
-- ``none`` (or no gradient wanted): ``*_forward`` keeps per-token statistics; ``backward``
-  recomputes the logits with ``coeff_i = grad_out_i * weight_i``, so any upstream gradient,
-  a per-token one included, is honoured.
+  the (scalar) upstream gradient, in float32 (``_scaled``). Not in float16 (``_fused``).
+- ``none``, float16 ``mean``/``sum``, or no gradient wanted: ``*_forward`` keeps per-token
+  statistics; ``backward`` recomputes the logits with ``coeff_i = grad_out_i * weight_i``, so any
+  upstream gradient, a per-token one included, is honoured.
 
 A ``token_weight`` that requires grad gets one, as ``(w * values).sum()`` in plain PyTorch would
 give it: ``d loss / d w_i`` is token i's value (times the mean's ``1 / sum(mask)``, 0 where masked
@@ -23,6 +23,8 @@ paying ``none``'s recomputation of the logits.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -97,6 +99,10 @@ def _times(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (g.to(s.dtype) * s).to(g.dtype)
 
 
+# Whether common.scale_ (Triton) works here: None until tried, then True or False.
+_TRITON_SCALE: bool | None = None
+
+
 def _mul_(g: torch.Tensor, s: torch.Tensor) -> None:
     """g *= s in place, the product in float32 for a 16-bit g (s: the 0-dim float32 or float64
     upstream gradient, never read on the host). Rounding s to float16 first, as ``g.mul_(s.to(g.dtype))``
@@ -106,20 +112,42 @@ def _mul_(g: torch.Tensor, s: torch.Tensor) -> None:
         # ATen reads a CPU 0-dim tensor as a float32 scalar for 16-bit tensors (opmath).
         g.mul_(s.to(torch.float32) if g.dtype != torch.float64 else s)
         return
-    if g.is_contiguous():
+    global _TRITON_SCALE
+    if g.is_contiguous() and _TRITON_SCALE is not False:
         try:
             from .backends.triton_kernels.common import scale_
-        except ImportError:  # CUDA without triton: float32 slices, 16 MiB at a time
-            pass
-        else:
+
             scale_(g, s)
+            _TRITON_SCALE = True
             return
+        except Exception as e:  # no triton, no compiler, an unsupported GPU: float32 slices, 16 MiB at a time
+            if _TRITON_SCALE:
+                raise  # it ran before: a real error
+            _TRITON_SCALE = False
+            import logging
+            logging.getLogger(__name__).info("scaling 16-bit gradients without Triton (%s: %s)", type(e).__name__, e)
     flat = g.view(-1) if g.is_contiguous() else None
     if flat is None:
         g.copy_(_times(g, s.to(torch.float32)))
         return
     for part in flat.split(1 << 22):
         part.copy_(_times(part, s.to(torch.float32)))
+
+
+def _first_order(backward):
+    """No double backward. ``once_differentiable`` alone raises only when the upstream gradient
+    requires grad; ``autograd.grad(loss, h, create_graph=True)`` passes one that does not, and the
+    returned gradient was silently a constant (a gradient penalty on it added nothing). Grad mode
+    is on in a backward exactly when the caller asked for create_graph."""
+    inner = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("surgery_kernels: the losses have no double backward: create_graph=True (a gradient "
+                               "penalty, a Hessian-vector product) is not supported through them")
+        return inner(ctx, *grads)
+    return wrapper
 
 
 def _fused(reduction: str, needs, dtype: torch.dtype) -> bool:
@@ -171,7 +199,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (coeff * ce).sum(), values
 
     @staticmethod
-    @once_differentiable  # no double backward: create_graph=True raises instead of a constant gradient
+    @_first_order
     def backward(ctx, grad_out, _grad_values):
         if ctx.fused:
             dh, dw, db, dtw = _scaled(ctx, grad_out)
@@ -218,7 +246,7 @@ class LinearKLDivFunction(torch.autograd.Function):
         return (coeff * kl).sum(), values
 
     @staticmethod
-    @once_differentiable  # no double backward: create_graph=True raises instead of a constant gradient
+    @_first_order
     def backward(ctx, grad_out, _grad_values):
         if ctx.fused:
             dh, dw, db, dtw = _scaled(ctx, grad_out)

@@ -6,11 +6,12 @@ the same forward.
 
 One mechanism for every causal LM, no copied ``forward``. ``patch`` sets two instance attributes:
 
-1. ``model.forward``: without ``labels`` it calls the model's own forward untouched. With
-   ``labels`` it takes the loss-only arguments out (``labels``, ``num_items_in_batch``,
-   ``shift_labels``, ``ignore_index``), arms the output embeddings, runs the model's own forward
-   (which, given no labels, computes no loss), then computes the loss from what the output
-   embeddings received and returns the output with ``loss`` set and ``logits=None``.
+1. ``model.forward``: without ``labels`` it calls the model's own forward untouched (with
+   ``labels`` in eval mode under no_grad too, unless ``eval_logits=False``: evaluation's metrics
+   need the logits). Otherwise it takes the loss-only arguments out (``labels``,
+   ``num_items_in_batch``, ``shift_labels``, ``ignore_index``), arms the output embeddings, runs the
+   model's own forward (which, given no labels, computes no loss), then computes the loss from what
+   the output embeddings received and returns the output with ``loss`` set and ``logits=None``.
 2. ``model.get_output_embeddings().forward`` (an ``nn.Linear``): while armed, it records its input
    hidden states and returns a zero-width placeholder ``(B, T, 0)`` instead of logits. Whatever the
    architecture does to its logits afterwards (Gemma's softcapping, Granite's scaling) is applied to
@@ -29,10 +30,11 @@ Why these hooks and not others:
   not), for every architecture; wrapping their ``forward`` is the narrowest cut.
 - Instance attributes rather than module hooks: a forward hook cannot stop ``nn.Linear`` from
   computing the logits, and peft's ``LoraModel`` calls ``self.model.forward(...)`` directly,
-  bypassing ``__call__`` hooks on the inner model. Both wrappers are methods bound to their module
-  and keep their state on it, so ``copy.deepcopy`` of a patched model gives a patched copy that
-  runs the copy, and ``inspect.signature(model.forward)`` is the model's own (the Trainer reads it
-  to choose dataset columns and to decide whether to pass ``num_items_in_batch``).
+  bypassing ``__call__`` hooks on the inner model. Both wrappers (``_Forward``) behave as methods
+  bound to their module and keep their state on it, so ``copy.deepcopy`` and pickling of a patched
+  model give a patched copy that runs the copy, and ``inspect.signature(model.forward)`` is the
+  model's own (the Trainer reads it to choose dataset columns and to decide whether to pass
+  ``num_items_in_batch``).
 
 The loss is Hugging Face's ``ForCausalLMLoss``: labels shifted left by one (``shift_labels``
 used as given when passed), tokens equal to ``ignore_index`` (-100) skipped, the mean over the
@@ -197,8 +199,7 @@ def _interpret(call: _Call, logits) -> tuple[float, float | None]:
     return pre * post, post
 
 
-def _head_forward(self, hidden, *args, **kwargs):
-    state: _Patch = getattr(self, _ATTR)
+def _head_forward(self, state: _Patch, hidden, *args, **kwargs):
     if state.inside_head is not None:
         inside, state.inside_head = state.inside_head, None
         return inside(hidden, self.weight, self.bias)
@@ -328,19 +329,23 @@ def _armed_forward(model, state: _Patch, args, kwargs):
     return out, call
 
 
-def _model_forward(self, *args, **kwargs):
-    state: _Patch = getattr(self, _ATTR)
+def _model_forward(self, state: _Patch, *args, **kwargs):
     labels = kwargs.pop("labels", None)
+    positional = False
     if labels is None and state.labels_position is not None and len(args) > state.labels_position:
         args = list(args)
         labels, args[state.labels_position] = args[state.labels_position], None
+        positional = labels is not None
     head = state.active and kwargs.pop(_HEAD, False)
-    # A plain labelled call in eval mode (Trainer.evaluate, prediction_step): metrics and
-    # predictions need the logits, so the model computes them and its own loss, unpatched.
+    # A plain labelled call in eval mode under no_grad (Trainer.evaluate, prediction_step): metrics
+    # and predictions need the logits, so the model computes them and its own loss, unpatched.
+    # With gradients enabled (training with dropout off) the loss stays fused.
     plain_eval = (labels is not None and not head and _PER_TOKEN not in kwargs and state.eval_logits
-                  and not self.training)
+                  and not self.training and not torch.is_grad_enabled())
     if not state.active or (labels is None and not head) or plain_eval:
-        if labels is not None:
+        if positional:
+            args[state.labels_position] = labels
+        elif labels is not None:
             kwargs["labels"] = labels
         return _original_forward(self, state)(*args, **kwargs)
     _check_head(self, state)
@@ -453,8 +458,8 @@ def patch(model, backend: str = "auto", *, chunk_size: int | None = None, eval_l
 
     model: a Hugging Face causal LM (``*ForCausalLM``, or a peft model wrapping one) whose output
     embeddings are an ``nn.Linear``. backend, chunk_size: as in ``linear_cross_entropy``.
-    eval_logits: in eval mode (``model.eval()``, as ``Trainer.evaluate`` and ``predict`` run) a
-    labelled call returns the logits and the loss made from them, as the unpatched model does —
+    eval_logits: in eval mode under ``torch.no_grad()`` (as ``Trainer.evaluate`` and ``predict``
+    run) a labelled call returns the logits and the loss made from them, as the unpatched model does —
     ``compute_metrics``, ``preprocess_logits_for_metrics`` and predictions need them; ``False``:
     the fused loss and ``logits=None`` in eval mode too (loss-only evaluation without a
     ``[B, T, V]`` tensor). ``token_nll``, ``token_kl`` and ``head_inputs`` never make logits.
@@ -484,8 +489,8 @@ def patch(model, backend: str = "auto", *, chunk_size: int | None = None, eval_l
     # Plain object attributes (not submodules), so state_dict, parameters and repr are unchanged.
     object.__setattr__(model, _ATTR, state)
     object.__setattr__(head, _ATTR, state)
-    model.forward = _Forward(model, head=False)
-    head.forward = _Forward(head, head=True)
+    model.forward = _Forward(model, head=False, state=state)
+    head.forward = _Forward(head, head=True, state=state)
     return model
 
 
@@ -499,22 +504,27 @@ class _Forward:
     - Its function (``__func__``, a fresh one per module so that it carries the class forward's
       name, docs and signature) has no ``__wrapped__``: accelerate's ``unwrap_model`` walks that
       chain from the forward it wrapped and would install the class's own forward.
+
+    It runs with the patch state it was made with, not whatever the module holds now: a wrapper
+    installed over it (accelerate's hooks) survives ``unpatch``, and when the model is patched
+    again the old, inactive wrapper must pass through rather than call the new patch's (which
+    calls it back).
     """
 
     _surgery_kernels_wrapper = True
 
-    def __init__(self, module, head: bool):
+    def __init__(self, module, head: bool, state: _Patch):
         impl = _head_forward if head else _model_forward
 
         def forward(self, *args, **kwargs):
-            return impl(self, *args, **kwargs)
+            return impl(self, state, *args, **kwargs)
         cls_forward = type(module).forward
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             if hasattr(cls_forward, attr):
                 setattr(forward, attr, getattr(cls_forward, attr))
         forward.__signature__ = inspect.signature(cls_forward)
         forward._surgery_kernels_wrapper = True
-        self.__self__, self.__func__, self._head = module, forward, head
+        self.__self__, self.__func__, self._head, self._state = module, forward, head, state
         self.__name__, self.__doc__ = forward.__name__, forward.__doc__
 
     def __call__(self, *args, **kwargs):
@@ -525,7 +535,7 @@ class _Forward:
         return inspect.signature(types.MethodType(self.__func__, self.__self__))
 
     def __reduce__(self):
-        return _Forward, (self.__self__, self._head)
+        return _Forward, (self.__self__, self._head, self._state)
 
     def __repr__(self):
         return f"<surgery_kernels.hf patched forward of {type(self.__self__).__name__}>"
@@ -542,7 +552,7 @@ def unpatch(model):
         fwd = module.__dict__.get("forward")
         # Only remove our own wrapper; if something wrapped it again since, ours stays as a
         # pass-through (state.active is False) so that wrapper keeps working.
-        if getattr(getattr(fwd, "__func__", None), "_surgery_kernels_wrapper", False):
+        if isinstance(fwd, _Forward):  # not a wrapper that copied its attributes (functools.update_wrapper)
             if prev is None:
                 del module.__dict__["forward"]
             else:

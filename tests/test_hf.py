@@ -294,19 +294,26 @@ def test_a_head_released_after_its_forward_is_refused_clearly():
 
 
 def test_eval_mode_returns_logits_for_metrics_unless_told_not_to():
-    """In eval mode (Trainer.evaluate, predict) a labelled call returns the logits and the loss
-    made from them, as the unpatched model does — compute_metrics needs them; eval_logits=False
-    keeps the fused loss there too; token_nll never makes logits; training mode is fused."""
+    """In eval mode under no_grad (Trainer.evaluate, predict) a labelled call returns the logits
+    and the loss made from them, as the unpatched model does — compute_metrics needs them (labels
+    given by keyword or by position); with gradients enabled (training with dropout off) and with
+    eval_logits=False the loss stays fused; token_nll never makes logits; training mode is fused."""
     ref = _model("llama")
     ids, labels = _batch()
     want = ref(input_ids=ids, labels=labels)
     model = hf.patch(copy.deepcopy(ref), backend="torch")
     model.eval()
-    got = model(input_ids=ids, labels=labels)
+    with torch.no_grad():
+        got = model(input_ids=ids, labels=labels)
+        positional = model(ids, None, None, None, None, labels)  # LlamaForCausalLM.forward's 6th: labels
     assert got.logits is not None and torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+    assert torch.equal(positional.loss, want.loss) and positional.logits is not None
+    grad = model(input_ids=ids, labels=labels)
+    assert grad.logits is None and torch.allclose(grad.loss, want.loss, rtol=1e-6, atol=0)
     assert hf.token_nll(model, input_ids=ids, labels=labels).shape == labels.shape
     hf.patch(model, backend="torch", eval_logits=False)
-    fused = model(input_ids=ids, labels=labels)
+    with torch.no_grad():
+        fused = model(input_ids=ids, labels=labels)
     assert fused.logits is None and torch.allclose(fused.loss, want.loss, rtol=1e-6, atol=0)
     assert model.train()(input_ids=ids, labels=labels).logits is None
     with pytest.raises(TypeError, match="eval_logits"):
@@ -458,6 +465,32 @@ def test_head_inputs_through_accelerate_mixed_precision_keep_the_model_dtype():
             snap = hf.head_inputs(run, input_ids=ids)
         assert snap.weight.dtype == torch.bfloat16 and torch.equal(snap.weight, model.lm_head.weight)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_unpatch_and_repatch_under_an_accelerate_hook():
+    """A hook accelerate adds after patch (cpu_offload, dispatch_model, add_hook_to_module) wraps
+    the patched forward and copies its attributes: unpatch leaves that wrapper (and its hook) in
+    place, the model works after the hook is removed, and patching again (to change options) keeps
+    the hook running once instead of recursing."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    calls = []
+
+    class Count(hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    ids, labels = _batch()
+    model = hf.patch(_model("llama"), backend="torch")
+    hooks.add_hook_to_module(model, Count())
+    hf.unpatch(model)
+    assert model(input_ids=ids, labels=labels).logits is not None and calls == [1]
+    hooks.remove_hook_from_module(model)
+    assert model(input_ids=ids, labels=labels).logits is not None and calls == [1]
+    again = hf.patch(_model("llama"), backend="torch")
+    hooks.add_hook_to_module(again, Count())
+    hf.patch(again, backend="torch", eval_logits=False)
+    assert again(input_ids=ids, labels=labels).logits is None and calls == [1, 1]
 
 
 def _backend_cases():
