@@ -72,6 +72,19 @@ def _lora_and_base_weights(what: str, lost: list[str]) -> str:
             f"fine-tune the weights themselves")
 
 
+def _not_saved_by_peft(model, names: list[str]) -> list[str]:
+    """The trained parameters (``names``) that peft's ``save_pretrained`` would not write: those
+    whose storage is not in ``get_peft_model_state_dict`` (its tensors alias the parameters)."""
+    from peft import get_peft_model_state_dict
+
+    peft_model = model
+    while not hasattr(peft_model, "peft_config") and hasattr(peft_model, "module"):
+        peft_model = peft_model.module
+    saved = {t.data_ptr() for t in get_peft_model_state_dict(peft_model).values() if torch.is_tensor(t)}
+    params = dict(model.named_parameters())
+    return [n for n in names if params[n].data_ptr() not in saved]
+
+
 def _check_local_dir(path, key: str) -> None:
     """A model or tokenizer folder that does not exist: say so, instead of the hub's "Repo id must be
     in the form ..." error, when the value is clearly a local path (config paths always are)."""
@@ -255,8 +268,9 @@ class Surgery:
             raise ValueError("reference='adapter' needs LoRA: pass lora={...} or a peft model")
         self.trainable_names = select_trainable(model, trainable)
         if is_peft(model):
-            # peft's save_pretrained (final/) writes the adapters and modules_to_save only.
-            lost = [n for n in self.trainable_names if "lora_" not in n and "modules_to_save" not in n]
+            # final/ is peft's save_pretrained: the adapter's state dict (adapters, modules_to_save,
+            # biases with bias="lora_only", trainable tokens, IA3 vectors ...), nothing else.
+            lost = _not_saved_by_peft(model, self.trainable_names)
             if lost:
                 raise ValueError(_lora_and_base_weights(f"trainable {trainable!r}", lost))
         if reference == "adapter" and any(s.loss == "kl" for s in self.streams) \

@@ -875,6 +875,12 @@ def test_lora_with_trained_base_weights_is_refused(tok, data, tmp_path):
     run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
                   lora={**LORA, "modules_to_save": ["lm_head"]})
     assert any("modules_to_save" in n for n in run.trainable_names)
+    # what peft saves decides, not parameter names: LoRA biases (bias="lora_only") are in final/
+    peft = pytest.importorskip("peft")
+    biased = peft.get_peft_model(load_model(config={**tiny_llama(len(tok)), "attention_bias": True}),
+                                 peft.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
+    run = Surgery(model=biased, tokenizer=tok, streams=_streams(data), reference="copy")
+    assert any(n.endswith("base_layer.bias") for n in run.trainable_names)
     # ... but a trained head has no adapters-off reference: said at construction, not at the first step
     with pytest.raises(ValueError, match="reference='adapter' needs a frozen lm_head"):
         Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="adapter",
