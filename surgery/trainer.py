@@ -74,13 +74,18 @@ def _lora_and_base_weights(what: str, lost: list[str]) -> str:
 
 def _not_saved_by_peft(model, names: list[str]) -> list[str]:
     """The trained parameters (``names``) that peft's ``save_pretrained`` would not write: those
-    whose storage is not in ``get_peft_model_state_dict`` (its tensors alias the parameters)."""
+    whose storage is in no adapter's ``get_peft_model_state_dict`` (its tensors alias the
+    parameters; every adapter, whatever its name, as save_pretrained writes them all). Embedding
+    layers are left out of that state dict: deciding whether peft would add them ("auto") looks the
+    base model up on the Hub when its path is not local."""
     from peft import get_peft_model_state_dict
 
     peft_model = model
     while not hasattr(peft_model, "peft_config") and hasattr(peft_model, "module"):
         peft_model = peft_model.module
-    saved = {t.data_ptr() for t in get_peft_model_state_dict(peft_model).values() if torch.is_tensor(t)}
+    saved = {t.data_ptr() for a in peft_model.peft_config
+             for t in get_peft_model_state_dict(peft_model, adapter_name=a, save_embedding_layers=False).values()
+             if torch.is_tensor(t)}
     params = dict(model.named_parameters())
     return [n for n in names if params[n].data_ptr() not in saved]
 

@@ -113,6 +113,10 @@ def _mul_(g: torch.Tensor, s: torch.Tensor) -> None:
         g.mul_(s.to(torch.float32) if g.dtype != torch.float64 else s)
         return
     global _TRITON_SCALE
+    if torch.compiler.is_compiling():
+        # Traced: one fused elementwise kernel from the compiler, no global state touched.
+        g.copy_(_times(g, s if g.dtype == torch.float64 else s.to(torch.float32)))
+        return
     if g.is_contiguous() and _TRITON_SCALE is not False:
         try:
             from .backends.triton_kernels.common import scale_

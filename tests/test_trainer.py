@@ -881,6 +881,11 @@ def test_lora_with_trained_base_weights_is_refused(tok, data, tmp_path):
                                  peft.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
     run = Surgery(model=biased, tokenizer=tok, streams=_streams(data), reference="copy")
     assert any(n.endswith("base_layer.bias") for n in run.trainable_names)
+    # every adapter counts, whatever its name (save_pretrained writes them all)
+    named = peft.get_peft_model(_model(tok), peft.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="unlearn")
+    named.add_adapter("second", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    named.set_adapter("second")
+    assert Surgery(model=named, tokenizer=tok, streams=_streams(data), reference="copy").trainable_names
     # ... but a trained head has no adapters-off reference: said at construction, not at the first step
     with pytest.raises(ValueError, match="reference='adapter' needs a frozen lm_head"):
         Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="adapter",
