@@ -157,3 +157,31 @@ def test_token_count_stays_dynamic(backend):
         want = step(*args)
         assert torch.allclose(compiled(*args), want, rtol=1e-5, atol=0)
     assert counter.frame_count == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.no_poison  # as above
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_mean_step_compiles_on_cuda():
+    """A bf16 mean CE + KL step under torch.compile(fullgraph=True) on CUDA, with auto's backend
+    (one compile: it costs the lent GPU's time): the backward scales the forward's 16-bit gradients
+    by the upstream gradient (autograd._mul_, common to every backend), which off the CPU calls a
+    Triton kernel in eager mode and must trace as plain tensor ops when compiled."""
+    backend = "auto"
+    proj, weight, args = _inputs("cuda")
+    proj, weight = proj.to(torch.bfloat16), torch.nn.Parameter(weight.detach().to(torch.bfloat16))
+    x, target, token_weight, ref_hidden, ref_weight, mask = args
+    args = (x.to(torch.bfloat16), target, token_weight, ref_hidden.to(torch.bfloat16), ref_weight.to(torch.bfloat16),
+            mask)
+
+    def step(proj, weight, x, target, token_weight, ref_hidden, ref_weight, mask):
+        h = proj(x)
+        return 3.0 * (sk.linear_cross_entropy(h, weight, target, token_weight=token_weight, backend=backend)
+                      + sk.linear_kl_div(h, weight, ref_hidden, ref_weight, mask=mask, backend=backend))
+
+    eager_loss, eager_grads = _run(step, proj, weight, args)
+    torch._dynamo.reset()
+    loss_c, grads_c = _run(torch.compile(step, fullgraph=True), proj, weight, args)
+    assert torch.allclose(loss_c, eager_loss, rtol=1e-2)
+    for a, b in zip(grads_c, eager_grads):
+        assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()
