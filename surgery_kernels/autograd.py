@@ -108,14 +108,18 @@ def _mul_(g: torch.Tensor, s: torch.Tensor) -> None:
     upstream gradient, never read on the host). Rounding s to float16 first, as ``g.mul_(s.to(g.dtype))``
     did, made GradScaler's first scale, 65536, inf — every gradient inf or NaN, every step
     skipped — and put a bias of up to 2**-9 on every bf16 gradient for scales such as 1/3."""
-    if g.dtype in (torch.float32, torch.float64) or g.device.type == "cpu":
+    if g.dtype == torch.float64:
+        g.mul_(s)
+        return
+    s32 = s.to(torch.float32)
+    if g.dtype == torch.float32 or g.device.type == "cpu":
         # ATen reads a CPU 0-dim tensor as a float32 scalar for 16-bit tensors (opmath).
-        g.mul_(s.to(torch.float32) if g.dtype != torch.float64 else s)
+        g.mul_(s32)
         return
     global _TRITON_SCALE
     if torch.compiler.is_compiling():
         # Traced: one fused elementwise kernel from the compiler, no global state touched.
-        g.copy_(_times(g, s if g.dtype == torch.float64 else s.to(torch.float32)))
+        g.copy_(_times(g, s32))
         return
     if g.is_contiguous() and _TRITON_SCALE is not False:
         try:
@@ -130,12 +134,8 @@ def _mul_(g: torch.Tensor, s: torch.Tensor) -> None:
             _TRITON_SCALE = False
             import logging
             logging.getLogger(__name__).info("scaling 16-bit gradients without Triton (%s: %s)", type(e).__name__, e)
-    flat = g.view(-1) if g.is_contiguous() else None
-    if flat is None:
-        g.copy_(_times(g, s.to(torch.float32)))
-        return
-    for part in flat.split(1 << 22):
-        part.copy_(_times(part, s.to(torch.float32)))
+    for part in g.view(-1).split(1 << 22) if g.is_contiguous() else (g,):
+        part.copy_(_times(part, s32))
 
 
 def _first_order(backward):
@@ -214,7 +214,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dh, dw, db = _impl(ctx.backend).ce_backward(hidden, weight, bias, target, lse,
                                                             grad_out.to(w.dtype) * w, needs=ctx.needs, **ctx.opts)
             if dtw is not None:
-                dtw = dtw * grad_out.to(dtw.dtype)
+                dtw = _times(dtw, grad_out)
         return dh, dw, db, None, dtw, None, None, None, None, None, None, None
 
 
@@ -261,5 +261,5 @@ class LinearKLDivFunction(torch.autograd.Function):
                 dh, dw, db = _impl(ctx.backend).kl_backward(hidden, weight, bias, rh, rw, rb, lse, rlse, kl,
                                                             grad_out.to(w.dtype) * w, needs=ctx.needs, **ctx.opts)
             if dtw is not None:
-                dtw = dtw * grad_out.to(dtw.dtype)
+                dtw = _times(dtw, grad_out)
         return dh, dw, db, None, None, None, None, dtw, None, None, None, None, None, None
