@@ -231,26 +231,19 @@ class _LinkHead(torch.autograd.Function):
         return grad, None, None
 
 
-def _fsdp2_module():
+def _is_fsdp2(module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch < 2.6
-        return None
-    return FSDPModule
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _released(state: _Patch, call: _Call) -> bool:
     """Whether the output embeddings' parameters were released when their forward returned: a
     head that FSDP2 shards as a unit of its own (``fully_shard(model.lm_head)``, a size-based wrap
     policy) is resharded then; DeepSpeed ZeRO-3 empties a partitioned parameter's data."""
-    if call.weight.numel() == 0:
-        return True
-    fsdp = _fsdp2_module()
-    if fsdp is None or not isinstance(state.head, fsdp):
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(state.head.weight, DTensor)
+    return call.weight.numel() == 0 or (_is_fsdp2(state.head) and _is_dtensor(state.head.weight))
 
 
 def _with_head(state: _Patch, call: _Call, logits, fn):
@@ -273,8 +266,7 @@ def _with_head(state: _Patch, call: _Call, logits, fn):
 
     if not _released(state, call):
         return fn(pieces(call.hidden, call.weight, call.bias))
-    fsdp = _fsdp2_module()
-    if fsdp is None or not isinstance(state.head, fsdp):
+    if not _is_fsdp2(state.head):
         raise NotImplementedError(
             "surgery_kernels.hf.patch: the output embeddings' weight was released when their forward returned "
             "(a sharding wrapper around the head, such as DeepSpeed ZeRO-3), and the loss reads it after that; "
