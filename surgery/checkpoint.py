@@ -105,17 +105,15 @@ def load(directory: str | Path, objective, optimizer, *, dist, check=None) -> di
     if check is not None:
         check(state)
     # Full (unsharded) shapes: under FSDP a parameter is a DTensor whose shape is the global one.
-    shapes = {n: tuple(p.shape) for n, p in objective.named_parameters()}
-    bad = [(n, tuple(t.shape), shapes[n]) for n, t in state["model"].items()
-           if n in shapes and hasattr(t, "shape") and tuple(t.shape) != shapes[n]]
+    params = dict(objective.named_parameters())
+    pairs = [(n, t, params[n]) for n, t in state["model"].items() if n in params and torch.is_tensor(t)]
+    bad = [(n, tuple(t.shape), tuple(p.shape)) for n, t, p in pairs if tuple(t.shape) != tuple(p.shape)]
     if bad:
         n, a, b = bad[0]
         raise ValueError(f"resume: {path} holds {n} with shape {list(a)}, this run's is {list(b)} ({len(bad)} "
                          f"parameter(s) differ: another model or LoRA setting such as lora.r); resume with the "
                          f"checkpoint's settings, or start a new run in another output_dir")
-    dtypes = {n: p.dtype for n, p in objective.named_parameters()}
-    cast = [(n, t.dtype, dtypes[n]) for n, t in state["model"].items()
-            if n in dtypes and torch.is_tensor(t) and t.dtype != dtypes[n]]
+    cast = [(n, t.dtype, p.dtype) for n, t, p in pairs if t.dtype != p.dtype]
     if cast:
         # Loading would round (float32 -> bfloat16) silently and the run would not continue exactly.
         n, a, b = cast[0]

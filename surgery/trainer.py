@@ -80,11 +80,8 @@ def _not_saved_by_peft(model, names: list[str]) -> list[str]:
     base model up on the Hub when its path is not local."""
     from peft import get_peft_model_state_dict
 
-    peft_model = model
-    while not hasattr(peft_model, "peft_config") and hasattr(peft_model, "module"):
-        peft_model = peft_model.module
-    saved = {t.data_ptr() for a in peft_model.peft_config
-             for t in get_peft_model_state_dict(peft_model, adapter_name=a, save_embedding_layers=False).values()
+    saved = {t.data_ptr() for a in model.peft_config
+             for t in get_peft_model_state_dict(model, adapter_name=a, save_embedding_layers=False).values()
              if torch.is_tensor(t)}
     params = dict(model.named_parameters())
     return [n for n in names if params[n].data_ptr() not in saved]
@@ -116,7 +113,8 @@ def _check_final_dir(path) -> None:
 def _check_vocabulary(model, tokenizer) -> None:
     """Every token id the tokenizer can give must have a row in the model's embedding: a larger
     tokenizer would fail mid-forward with an index error."""
-    emb = unwrap(model).get_input_embeddings() if hasattr(unwrap(model), "get_input_embeddings") else None
+    get = getattr(unwrap(model), "get_input_embeddings", None)
+    emb = get() if callable(get) else None
     rows = getattr(emb, "num_embeddings", None)
     if rows is not None and len(tokenizer) > rows:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows "
