@@ -190,13 +190,18 @@ def test_token_nll_under_ddp_averages_gradients(tmp_path):
     """hf.token_nll and hf.token_kl on a DDP model go through DDP's forward, so the backward
     averages the gradients over the ranks (each rank's equal to the mean of the ranks' local
     gradients)."""
-    (tmp_path / "ddp.py").write_text(DDP_WORKER)
+    worst, out = _worst_per_rank(tmp_path, "ddp.py", DDP_WORKER)
+    assert set(worst) == {0, 1} and max(worst.values()) < 1e-5, out
+
+
+def _worst_per_rank(tmp_path, name: str, source: str):
+    """Run a 2-rank worker script that prints "rank R worst E": ({rank: E}, its stdout)."""
+    (tmp_path / name).write_text(source)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    rc, out, err = _torchrun([str(tmp_path / "ddp.py")], env, tmp_path)
+    rc, out, err = _torchrun([str(tmp_path / name)], env, tmp_path)
     assert rc == 0, err[-4000:]
     # The two ranks print concurrently: their lines may run together.
-    worst = {int(r): float(w) for r, w in re.findall(r"rank (\d) worst (\d\.\d+e[+-]\d+)", out)}
-    assert set(worst) == {0, 1} and max(worst.values()) < 1e-5, out
+    return {int(r): float(w) for r, w in re.findall(r"rank (\d) worst (\d\.\d+e[+-]\d+)", out)}, out
 
 
 FSDP2_HEAD_WORKER = """
@@ -264,9 +269,5 @@ def test_patched_model_with_the_head_as_its_own_fsdp2_unit(tmp_path):
     token_nll, token_kl and head_inputs read its weight: they all-gather it again, the backward
     reduce-scatters its gradient (two SGD steps match one process per rank with the ranks'
     gradients averaged), and a no_grad call (the reference, a head_inputs snapshot) reshards it."""
-    (tmp_path / "fsdp2.py").write_text(FSDP2_HEAD_WORKER)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
-    rc, out, err = _torchrun([str(tmp_path / "fsdp2.py")], env, tmp_path)
-    assert rc == 0, err[-4000:]
-    worst = {int(r): float(w) for r, w in re.findall(r"rank (\d) worst (\d\.\d+e[+-]\d+)", out)}
+    worst, out = _worst_per_rank(tmp_path, "fsdp2.py", FSDP2_HEAD_WORKER)
     assert set(worst) == {0, 1} and max(worst.values()) < 1e-5, out
