@@ -328,13 +328,12 @@ class Surgery:
         # float16 autocast over float32 weights: small gradients underflow in float16, so the loss is
         # scaled up before the backward and the gradients down before the clip; a step whose scaled
         # gradients overflowed is skipped and the scale lowered (torch.amp.GradScaler). float16
-        # weights (model.dtype) cannot be unscaled in place and keep the unscaled path.
+        # weights (model.dtype) cannot be unscaled in place and keep the unscaled path. Under FSDP
+        # the gradients are float32 DTensor shards (reduce_dtype) and DTensor sums the scaler's
+        # overflow flag over the mesh, so every rank skips the same steps.
         self._scaler = None
-        if self._mp_dtype == torch.float16 and not self.dist.enabled and all(p.dtype == torch.float32 for p in params):
+        if self._mp_dtype == torch.float16 and all(p.dtype == torch.float32 for p in params):
             self._scaler = torch.amp.GradScaler(self.device.type)
-        elif self._mp_dtype == torch.float16 and self.dist.enabled:
-            log.warning("train.mixed_precision float16 under torchrun runs without loss scaling (small gradients "
-                        "may underflow to 0); bfloat16 needs none")
         if kl and self.reference_mode == "cache":
             if self.output_dir is None:
                 raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")

@@ -5,6 +5,7 @@ within float tolerance (only the padding length of each rank's batch differs).""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -146,6 +147,55 @@ def test_fsdp_sigterm_on_one_rank_stops_all_after_the_same_step(tmp_path):
     for a, b in zip(lines["cut"], lines["whole"]):
         for k in ("loss/total", "loss/unlearn", "loss/update", "loss/retain", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
+
+
+FP16_WORKER = """
+import functools, os, sys
+import torch, torch.distributed as dist
+from surgery import cli
+
+# A small first scale (no overflow of its own in this tiny model), and an inf planted in rank 1's
+# gradient shard only, at step 2.
+scaler = torch.amp.GradScaler
+torch.amp.GradScaler = functools.partial(scaler, init_scale=2.0 ** 4)
+unscale, calls = scaler.unscale_, []
+
+
+def unscale_(self, optimizer):
+    calls.append(1)
+    if len(calls) == 2 and dist.get_rank() == 1:
+        grads = [p.grad.to_local() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        next(g for g in grads if g.numel()).view(-1)[0] = float("inf")
+    return unscale(self, optimizer)
+
+
+scaler.unscale_ = unscale_
+sys.exit(cli.main())
+"""
+
+
+def test_fsdp_float16_scales_the_loss_and_skips_on_every_rank(tmp_path):
+    """mixed_precision float16 under torchrun: torch.amp.GradScaler over the float32 DTensor
+    gradient shards. An overflow in rank 1's shard alone makes rank 0 skip that step too and lower
+    its scale (the overflow flag is summed over the ranks), so the shards stay one model."""
+    import yaml
+
+    tok = word_tokenizer(all_words(), save_dir=tmp_path / "tok")
+    path = _config(tmp_path, tok, reference="copy", batch_size=1, out="fp16")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"]["mixed_precision"] = "float16"
+    path.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "worker.py").write_text(FP16_WORKER)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    rc, out, err = _torchrun([str(tmp_path / "worker.py"), "train", str(path)], env, tmp_path)
+    assert rc == 0, err[-4000:]
+    lines = [json.loads(x) for x in (tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["skipped"], m["loss_scale"]) for m in lines] == [(False, 16.0), (True, 16.0), (False, 8.0),
+                                                                (False, 8.0)]
+    assert lines[1]["grad_norm"] is None and all(m["grad_norm"] > 0 for m in lines if not m["skipped"])
+    assert all(math.isfinite(m["loss/total"]) for m in lines)
+    assert "without loss scaling" not in err
 
 
 DDP_WORKER = """
