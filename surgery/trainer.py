@@ -748,7 +748,10 @@ class Surgery:
                              f"checkpoint folder)")
 
     def run(self, resume: bool = False) -> dict[str, Any]:
-        """Evaluate before, train, evaluate after; write final/ and summary.json. Returns the summary."""
+        """Evaluate before, train, evaluate after; write final/ and summary.json. Returns the summary:
+        steps, the evaluations before and after, the first and final step's losses, the streams,
+        ``time_s`` (this call, evaluations included) and ``train_time_s`` (the steps of the whole run,
+        across resumes)."""
         t0 = time.perf_counter()
         self._check_before_training(resume)  # before the evaluation, not after it
         if self.output_dir is not None:
@@ -770,7 +773,10 @@ class Surgery:
             "reference": self.reference_mode,
             "trainable_parameters": len(self.trainable_names),
             "world_size": self.dist.world_size,
+            # This call's wall time (after a resume: the resumed part only), and the training steps'
+            # time over the whole run, resumed runs included.
             "time_s": time.perf_counter() - t0,
+            "train_time_s": sum(m.get("time_s", 0.0) for m in self.history),
         }
         if self.output_dir is not None:
             self.save_final(self.output_dir / "final")

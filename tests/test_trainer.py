@@ -212,6 +212,21 @@ def test_resume_is_exact(tok, data, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
 
 
+def test_summary_after_resume_times_the_whole_run(tok, data, tmp_path):
+    """summary.json's train_time_s sums the steps of the whole run, those before the resume too;
+    time_s is the resuming call's own."""
+    first = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
+                    output_dir=tmp_path / "b")
+    first.train()
+    second = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=4),
+                     output_dir=tmp_path / "b")
+    summary = second.run(resume=True)
+    steps = [json.loads(x)["time_s"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 4 and summary["train_time_s"] == pytest.approx(sum(steps), rel=1e-9)
+    assert summary["train_time_s"] > sum(steps[2:])
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["train_time_s"] == summary["train_time_s"]
+
+
 def _signal_at(step, *signums):
     """An on_step callback that sends this process the signals ``signums`` after step ``step``."""
     def on_step(m):
