@@ -80,8 +80,12 @@ def _run(args) -> int:
     from .trainer import NonFiniteLossError, TrainingInterrupted
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, evaluate_only=args.command == "eval")
         if args.command == "eval":
+            if not cfg.eval:
+                raise ValueError(f"{args.config} has no eval sets: nothing to evaluate (add a section "
+                                 f"eval: [{{name: ..., data: FILE}}])")
+            # The streams are not read: a trained model is evaluated without its training data.
             run = from_config(cfg)
             out = run.evaluate()
             if run.dist.main:

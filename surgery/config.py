@@ -409,8 +409,9 @@ def _check_preset_streams(name: str, merged: Mapping, own: set) -> None:
            f"yours, drop the preset and give its train settings yourself)" if mine else ""))
 
 
-def config_from_dict(raw: Mapping, base_dir: str | Path | None = None) -> SurgeryConfig:
-    """Build a :class:`SurgeryConfig` from a plain dict (preset merged, paths relative to ``base_dir``)."""
+def config_from_dict(raw: Mapping, base_dir: str | Path | None = None, *, evaluate_only: bool = False) -> SurgeryConfig:
+    """Build a :class:`SurgeryConfig` from a plain dict (preset merged, paths relative to ``base_dir``).
+    ``evaluate_only``: the streams are not read (``streams == []``; what ``surgery eval`` loads)."""
     raw = dict(raw)
     preset = raw.pop("preset", None)
     if preset is not None:
@@ -418,14 +419,17 @@ def config_from_dict(raw: Mapping, base_dir: str | Path | None = None) -> Surger
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
         own = _stream_names(raw.get("streams"))
         raw = _merge(PRESETS[preset], raw)
-        _check_preset_streams(preset, raw, own)
+        if not evaluate_only:
+            _check_preset_streams(preset, raw, own)
+    if evaluate_only:
+        raw.pop("streams", None)
     known = {"model", "streams", "eval", "reference", "train", "output_dir"}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"unknown config section(s) {sorted(unknown)}; expected {sorted(known)}")
     if "model" not in raw:
         raise ValueError("config has no model section (model: {path: DIR} or {config: {...}})")
-    if not raw.get("streams"):
+    if not raw.get("streams") and not evaluate_only:
         raise ValueError("config has no streams")
 
     def rel(p):
@@ -435,7 +439,7 @@ def config_from_dict(raw: Mapping, base_dir: str | Path | None = None) -> Surger
     _only(m, ModelConfig, "model")
     m["path"], m["tokenizer"] = rel(m.get("path")), rel(m.get("tokenizer"))
     streams = [Stream(**_named(s, f"streams[{i}]", Stream, rel))
-               for i, s in enumerate(_list(raw["streams"], "streams", "{name, data, loss, weight}"))]
+               for i, s in enumerate(_list(raw.get("streams") or [], "streams", "{name, data, loss, weight}"))]
     evals = [EvalSet(**_named(e, f"eval[{i}]", EvalSet, rel))
              for i, e in enumerate(_list(raw.get("eval") or [], "eval", "{name, data}"))]
     t = dict(_section(raw.get("train") or {}, "train", "a mapping such as {steps: 10, lr: 1.0e-4}"))
@@ -486,11 +490,12 @@ def _only(d: Mapping, cls, where: str) -> None:
         raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(names)}")
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SurgeryConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, evaluate_only: bool = False) -> SurgeryConfig:
     """Read a YAML config, apply ``key=value`` overrides, merge its preset, validate.
 
     Relative data/model paths in the file are resolved against its directory; those given in
-    ``overrides`` against the current directory.
+    ``overrides`` against the current directory. ``evaluate_only``: the streams are neither read
+    nor required (``streams == []``), for evaluating a model with the config's eval sets.
     """
     import yaml
 
@@ -511,9 +516,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> SurgeryConfi
         raw = _merge(PRESETS[preset], {k: v for k, v in raw.items() if k != "preset"})
     for o in overrides:
         apply_override(raw, o, cwd=Path.cwd())
-    if preset is not None and preset in PRESETS:
+    if preset is not None and preset in PRESETS and not evaluate_only:
         _check_preset_streams(preset, raw, own)
-    return config_from_dict(raw, base_dir=path.parent)
+    return config_from_dict(raw, base_dir=path.parent, evaluate_only=evaluate_only)
 
 
 def as_dataclass(cls, value, where: str):

@@ -176,7 +176,8 @@ class Surgery:
     """A surgery run. See the module docstring.
 
     model: ``nn.Module`` (a causal LM, trained in place), a local directory, a ModelConfig or dict.
-    streams: list of :class:`Stream` (or dicts). tokenizer: object or directory (default: the model's).
+    streams: list of :class:`Stream` (or dicts); empty for a run that only evaluates (``evaluate()``;
+    ``train()`` and ``run()`` refuse it). tokenizer: object or directory (default: the model's).
     reference: "copy" | "adapter" | "cache". train: :class:`TrainConfig` or dict. eval: list of
     :class:`EvalSet` (or dicts). output_dir: where metrics.jsonl, checkpoint/, final/ and
     summary.json go (None: nothing is written, no checkpoints).
@@ -197,8 +198,6 @@ class Surgery:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         self.reference_mode = reference
         self.streams = [s if isinstance(s, Stream) else Stream(**s) for s in streams]
-        if not self.streams:
-            raise ValueError("streams: give at least one Stream")
         names = [s.name for s in self.streams]
         if len(set(names)) != len(names):
             raise ValueError(f"stream names must be unique, got {names}")
@@ -736,9 +735,12 @@ class Surgery:
         return bool(by_int or by_term)
 
     def _check_before_training(self, resume: bool) -> None:
-        """Checks a training run makes before any work (evaluate() alone needs neither): a fresh
-        run does not take over an output_dir with another run's checkpoint in it, and the cache
-        reference needs an output_dir."""
+        """Checks a training run makes before any work (evaluate() alone needs none): streams to
+        train on, a fresh run does not take over an output_dir with another run's checkpoint in it,
+        and the cache reference needs an output_dir."""
+        if not self.streams:
+            raise ValueError("streams: give at least one Stream to train on (a run without streams can only "
+                             "evaluate())")
         if self.reference_mode == "cache" and self.output_dir is None and any(s.loss == "kl" for s in self.streams):
             raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
         if not resume and self.step == 0 and self.output_dir is not None \

@@ -325,7 +325,8 @@ def test_cli_exit_code_when_interrupted(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(Surgery, "run", interrupted)
     monkeypatch.setattr("surgery.from_config", lambda cfg: Surgery.__new__(Surgery))
-    monkeypatch.setattr("surgery.load_config", lambda path, overrides: types.SimpleNamespace(output_dir=str(tmp_path)))
+    monkeypatch.setattr("surgery.load_config",
+                        lambda path, overrides, **kw: types.SimpleNamespace(output_dir=str(tmp_path)))
     assert cli.main(["train", "x.yaml"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "interrupted (SIGTERM) after step 3" in err and "--resume" in err
@@ -810,6 +811,29 @@ def test_cli_train_and_eval(tok, data, tmp_path, capsys):
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err
     assert "u.jsonl:line 2" in err and "'text'" in err
+    # eval reads no training stream (u.jsonl is bad now, r.jsonl gone), here on the trained model.
+    (tmp_path / "r.jsonl").unlink()
+    trained = ["--set", f"model.path={out / 'final'}", "--set", "model.config=null"]
+    assert main(["eval", str(tmp_path / "c.yaml")] + trained) == 0
+    assert json.loads(capsys.readouterr().out)["qa"]["accuracy"] == pytest.approx(
+        json.loads((out / "summary.json").read_text())["after"]["qa"]["accuracy"])
+    cfg.pop("streams")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(tmp_path / "c.yaml")]) == 0
+    assert main(["train", str(tmp_path / "c.yaml"), "--set", "output_dir=other"]) == 2
+    assert "config has no streams" in capsys.readouterr().err
+    cfg.pop("eval")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(tmp_path / "c.yaml")]) == 2
+    assert "has no eval sets: nothing to evaluate" in capsys.readouterr().err
+
+
+def test_surgery_without_streams_only_evaluates(tok, data, tmp_path):
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=[], eval=[EvalSet("qa", data[3])])
+    assert set(run.evaluate()["qa"]) >= {"accuracy"}
+    for call in (run.train, run.run):
+        with pytest.raises(ValueError, match="at least one Stream to train on"):
+            call()
 
 
 def test_demo_subcommand_reports_missing_module(capsys, monkeypatch):
