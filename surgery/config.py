@@ -109,6 +109,11 @@ class TrainConfig:
     # dropout, each pass draws its own masks), with the activations of only micro_batch_size rows
     # held at a time. None: all rows of a step in one pass (fastest).
     micro_batch_size: int | None = None
+    # Each stream's mean in the objective: "tokens", over all its live tokens of the step (over all
+    # processes), so a long record weighs more; "records", each record's own token mean averaged over
+    # the stream's records of the step, so every record counts equally — the authors' runs (one
+    # record per GPU, the GPUs' gradients averaged). The same with one record per stream per step.
+    mean_over: str = "tokens"
     max_length: int = 4096
     seed: int = 0
     gradient_checkpointing: bool = False
@@ -132,6 +137,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "max_length"):
             _positive_int_or_none(f"train.{name}", getattr(self, name), allow_none=False)
         _positive_int_or_none("train.micro_batch_size", self.micro_batch_size)
+        if self.mean_over not in ("tokens", "records"):
+            raise ValueError(f"train.mean_over must be 'tokens' or 'records', got {self.mean_over!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -254,7 +261,8 @@ PRESETS: dict[str, dict] = {
     # The authors' setup (arXiv 2409.13054, akshajkumarv/llm_surgery_code config_surgery.yaml):
     # four streams, AdamW 2e-4 (0.9, 0.95), wd 0.01, clip 1.0, 120 steps, length 4096, batch 1,
     # constant learning rate, bf16 compute over fp32 weights (their FSDP MixedPrecision: param bf16,
-    # reduce fp32), gradient checkpointing, full fine-tuning. Model and data paths must be given.
+    # reduce fp32), gradient checkpointing, full fine-tuning, every record's token mean weighing
+    # the same (one record per GPU, gradients averaged). Model and data paths must be given.
     "paper": {
         # trainable left to its default: "all" (full fine-tuning), or the adapters when lora is added.
         "model": {"dtype": "float32"},
@@ -266,7 +274,8 @@ PRESETS: dict[str, dict] = {
         ],
         "reference": "copy",
         "train": {"steps": 120, "lr": 2.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8, "weight_decay": 0.01,
-                  "clip": 1.0, "warmup_steps": 0, "batch_size": 1, "max_length": 4096, "seed": 42,
+                  "clip": 1.0, "warmup_steps": 0, "batch_size": 1, "mean_over": "records", "max_length": 4096,
+                  "seed": 42,
                   "gradient_checkpointing": True, "mixed_precision": "bfloat16"},
     },
 }

@@ -8,11 +8,18 @@ Both score tokens with ``linear_cross_entropy(reduction="none")`` on the final h
 
 ``model`` is a causal LM (peft-wrapped or not) or the trainer's ``SurgeryObjective``.
 
-Multiple choice (the paper's method): each choice is scored by the summed log-likelihood of its
-tokens given the question, ``question`` and ``sep + choice`` tokenized separately and joined (so
-every choice sees the same question tokens). ``accuracy`` uses the summed log-likelihood (favours
-short choices); ``accuracy_per_token`` divides by the number of choice tokens. Ties go to the
-first choice.
+Multiple choice (the paper's method, as in the authors' code): each choice is scored by the mean
+log-likelihood of its tokens given the question — the choice with the lowest perplexity
+exp(mean NLL) wins — in ``accuracy``; ``accuracy_sum`` scores by the summed log-likelihood
+instead (it favours short choices). ``question + sep + choice`` is tokenized as one text and the
+choice's tokens are those after the question's own tokens, so a tokenizer that marks a word start
+(SentencePiece's "▁") scores the choice's tokens as they stand in the sentence; where the joint
+tokens do not begin with the question's (a merge across the boundary), question and choice are
+tokenized separately and joined. Ties go to the first choice.
+
+Perplexity: ``perplexity`` is the corpus's, exp(total NLL / tokens); ``perplexity_per_document``
+the mean over records of each one's exp(mean NLL), the paper's (its documents count equally,
+whatever their length).
 """
 
 from __future__ import annotations
@@ -70,23 +77,29 @@ def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: in
     """Accuracy of 3-option (or any-option) questions by answer log-likelihood.
 
     records: list of ``{"question", "choices", "answer"}`` (or a file path). Returns
-    ``{"accuracy", "accuracy_per_token", "n"}`` and, with ``details=True``, ``"questions"``: per
-    question the summed log-likelihood and token count of each choice, the pick and the answer.
+    ``{"accuracy", "accuracy_sum", "n"}`` (by mean and by summed log-likelihood, module
+    docstring) and, with ``details=True``, ``"questions"``: per question the summed
+    log-likelihood and token count of each choice, the picks (``pick`` by mean, ``pick_sum``) and
+    the answer.
     """
     records = read_records(records, "choice", name="eval records")
     examples, owner = [], []
     for qi, rec in enumerate(records):
         q = list(tokenizer(rec["question"])["input_ids"])
         for c in rec["choices"]:
-            c_ids = list(tokenizer(sep + c, add_special_tokens=False)["input_ids"])
-            ids = q + c_ids
+            ids = list(tokenizer(rec["question"] + sep + c)["input_ids"])
+            if ids[:len(q)] == q and len(ids) > len(q):
+                c_ids = ids[len(q):]
+            else:
+                c_ids = list(tokenizer(sep + c, add_special_tokens=False)["input_ids"])
+                ids = q + c_ids
             if max_length is not None:
                 # Keep the answer: drop the start of the question if it must go.
                 ids = ids[-max_length:]
             examples.append(Example(ids, max(1, len(ids) - len(c_ids))))
             owner.append(qi)
     nll = token_nll(model, examples, tokenizer, batch_size=batch_size, backend=backend, device=device)
-    correct = correct_norm = 0
+    correct = correct_sum = 0
     per_q = []
     k = 0
     for rec in records:
@@ -95,12 +108,12 @@ def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: in
         ntok = [int(nll[k + j].numel()) for j in range(n)]
         k += n
         ans = rec["answer"] if isinstance(rec["answer"], int) else rec["choices"].index(rec["answer"])
-        pick = max(range(n), key=lambda j: (ll[j], -j))
-        pick_norm = max(range(n), key=lambda j: (ll[j] / max(ntok[j], 1), -j))
+        pick = max(range(n), key=lambda j: (ll[j] / max(ntok[j], 1), -j))
+        pick_sum = max(range(n), key=lambda j: (ll[j], -j))
         correct += pick == ans
-        correct_norm += pick_norm == ans
-        per_q.append({"loglik": ll, "tokens": ntok, "pick": pick, "pick_per_token": pick_norm, "answer": ans})
-    out = {"accuracy": correct / len(records), "accuracy_per_token": correct_norm / len(records), "n": len(records)}
+        correct_sum += pick_sum == ans
+        per_q.append({"loglik": ll, "tokens": ntok, "pick": pick, "pick_sum": pick_sum, "answer": ans})
+    out = {"accuracy": correct / len(records), "accuracy_sum": correct_sum / len(records), "n": len(records)}
     if details:
         out["questions"] = per_q
     return out
@@ -108,8 +121,9 @@ def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: in
 
 def perplexity(model, tokenizer, records, *, batch_size: int = 16, max_length: int = 4096, backend: str = "auto",
                device=None) -> dict[str, Any]:
-    """Token-level perplexity ``exp(total NLL / tokens)`` over text records (``{"text"}``,
-    ``{"prompt", "completion"}``, plain strings, or a file path)."""
+    """Perplexity over text records (``{"text"}``, ``{"prompt", "completion"}``, plain strings, or a
+    file path): ``perplexity`` = exp(total NLL / tokens), ``perplexity_per_document`` = the mean of
+    each record's exp(mean NLL) (the paper's), ``nll`` = total NLL / tokens."""
     if isinstance(records, (list, tuple)) and records and all(isinstance(r, str) for r in records):
         records = [{"text": r} for r in records]
     records = read_records(records, "lm", name="perplexity records")
@@ -118,7 +132,9 @@ def perplexity(model, tokenizer, records, *, batch_size: int = 16, max_length: i
     total = sum(float(x.double().sum()) for x in nll)
     n = sum(int(x.numel()) for x in nll)
     mean = total / max(n, 1)
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": n, "n": len(records)}
+    per_doc = [math.exp(float(x.double().mean())) for x in nll if x.numel()]
+    return {"perplexity": math.exp(mean), "perplexity_per_document": sum(per_doc) / max(len(per_doc), 1), "nll": mean,
+            "tokens": n, "n": len(records)}
 
 
 def evaluate_set(model, tokenizer, eval_set, *, backend: str = "auto", device=None, max_length: int = 4096):

@@ -19,7 +19,7 @@ backward, clip, AdamW. With ``train.micro_batch_size`` the step's rows go throug
 backward in passes of that many rows whose gradients add up (the per-stream token counts are
 the step's, so it is the same objective), before the one clip and AdamW step. Per step one line
 in ``metrics.jsonl``: ``step``, ``loss/total``, ``loss/<stream>`` (that stream's own mean CE or
-KL, before sign and weight; with ``ascent_cap``, capped tokens count at their real CE), with
+KL — over its tokens, or of its records' means with ``train.mean_over: records`` — before sign and weight; with ``ascent_cap``, capped tokens count at their real CE), with
 ``ascent_cap`` ``capped/<stream>`` (the fraction of an ascent stream's tokens past the cap, which
 no longer train), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``, ``time_s``.
 """
@@ -424,7 +424,15 @@ class Surgery:
         row_stream = torch.tensor([k for k, (a, z) in enumerate(rows) for _ in range(a, z)], device=self.device)
         sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device)
         coef = torch.tensor([s.weight for s in self.streams], device=self.device)
-        row_w = (sign / counts.clamp_min(1).to(torch.float32))[row_stream]
+        if self.cfg.mean_over == "records":
+            # sign_s / (R_s * n_row): R_s = the stream's records with a live token, over all processes.
+            row_tokens = torch.cat([torch.cat([p.live_ce.sum(1), p.live_kl.sum(1)]) for p in passes]).to(self.device)
+            records = torch.zeros(len(self.streams), dtype=torch.float64, device=self.device)
+            records.index_add_(0, row_stream, (row_tokens > 0).to(torch.float64))
+            self.dist.all_reduce_sum(records)
+            row_w = sign[row_stream] / (records.clamp_min(1)[row_stream] * row_tokens.clamp_min(1)).to(torch.float32)
+        else:
+            row_w = (sign / counts.clamp_min(1).to(torch.float32))[row_stream]
         row_c = coef[row_stream]
         stats = torch.zeros(1 + 2 * len(self.streams), dtype=torch.float64, device=self.device)
         for p in passes:

@@ -21,7 +21,8 @@ from surgery.testing import all_words, fact_streams, tiny_llama, word_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str, micro_batch_size=None) -> Path:
+def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str, micro_batch_size=None,
+            mean_over="tokens") -> Path:
     import yaml
 
     u, p, r, q = fact_streams()
@@ -35,7 +36,7 @@ def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str, m
         "eval": [{"name": "qa", "data": "q.jsonl"}, {"name": "ppl", "data": "r.jsonl"}],
         "reference": reference,
         "train": {"steps": 4, "lr": 1e-2, "batch_size": batch_size, "progress": False, "device": "cpu",
-                  "micro_batch_size": micro_batch_size},
+                  "micro_batch_size": micro_batch_size, "mean_over": mean_over},
         "output_dir": out,
     }
     path = tmp_path / f"{out}.yaml"
@@ -43,14 +44,16 @@ def _config(tmp_path: Path, tok, *, reference: str, batch_size: int, out: str, m
     return path
 
 
-@pytest.mark.parametrize("reference,micro_batch_size", [("copy", None), ("cache", None), ("copy", 2)])
-def test_fsdp_two_ranks_match_one(tmp_path, reference, micro_batch_size):
+@pytest.mark.parametrize("reference,micro_batch_size,mean_over", [("copy", None, "tokens"), ("cache", None, "tokens"),
+                                                                 ("copy", 2, "tokens"), ("copy", None, "records")])
+def test_fsdp_two_ranks_match_one(tmp_path, reference, micro_batch_size, mean_over):
     """micro_batch_size 2: each rank's 3 rows (one per stream) in two forward/backward passes per
     step, [unlearn, update] and [retain], each with its own forward of the sharded reference copy
-    (sharded gradients add up over the passes)."""
+    (sharded gradients add up over the passes). mean_over records: the records counted over ranks."""
     tok = word_tokenizer(all_words(), save_dir=tmp_path / "tok")
-    two = _config(tmp_path, tok, reference=reference, batch_size=1, out="two", micro_batch_size=micro_batch_size)
-    one = _config(tmp_path, tok, reference=reference, batch_size=2, out="one")
+    two = _config(tmp_path, tok, reference=reference, batch_size=1, out="two", micro_batch_size=micro_batch_size,
+                  mean_over=mean_over)
+    one = _config(tmp_path, tok, reference=reference, batch_size=2, out="one", mean_over=mean_over)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
     rc, _, err = _torchrun(["-m", "surgery.cli", "train", str(two)], env, tmp_path)

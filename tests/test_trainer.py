@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import pickle
 import shutil
@@ -665,6 +666,63 @@ def test_micro_batches_equal_one_pass(tok, data, tmp_path, reference):
         _assert_same_params(runs[None][0].model, runs[mbs][0].model)
 
 
+def test_mean_over_records_averages_each_record_mean(tok, data):
+    """train.mean_over="records": each stream's term is the mean over its records of each record's
+    own token mean (the authors' weighting), checked in float64 against materialized logits on
+    records of different lengths; the default "tokens" differs there."""
+    u, p, r, _ = data
+    longer = lambda recs: [dict(x, text=" ".join([x["text"]] * (1 + i % 3))) for i, x in enumerate(recs)]  # noqa: E731
+    streams = [Stream("unlearn", longer(u), "ascent", 0.1), Stream("update", p, "descent", 2.0),
+               Stream("retain", longer(r), "kl", 0.5)]
+    got = {}
+    for mean_over in ("records", "tokens"):
+        model = _model(tok).double()
+        ref = copy.deepcopy(model)  # what the copy reference holds: the model at setup
+        # lr 1e-30: AdamW leaves float64 weights as they are, so the step's model is the one below.
+        run = Surgery(model=model, tokenizer=tok, streams=streams, reference="copy",
+                      train=_train(steps=1, batch_size=3, lr=1e-30, clip=0, mean_over=mean_over))
+        run._setup()
+        with torch.no_grad():  # the model moves away from its reference: the KL is not zero
+            for q in model.parameters():
+                q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel()),
+                                          dtype=q.dtype))
+        seen = []
+        draw = run._passes
+        run._passes = lambda: seen.append(draw()) or seen[-1]
+        run.train()
+        got[mean_over] = run.history[0]
+    (ps,), rows = seen[0]
+    assert len(set(ps.live(*rows[0]).sum(1).tolist())) > 1  # the ascent records differ in length
+    batch, kl_batch, nc = ps.batch, ps.kl_batch, ps.n_ce
+    total, means = 0.0, []
+    for (a, z), s in zip(rows, streams):
+        per_record = []
+        for i in range(a, z):
+            b, j = (batch, i) if i < nc else ((kl_batch, i - nc) if kl_batch is not None else (batch, i))
+            ids, att, tgt = b.input_ids[j:j + 1], b.attention_mask[j:j + 1], b.target[j:j + 1]
+            m = tgt != IGNORE
+            logq = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.double(), -1)
+            if s.loss == "kl":
+                with torch.no_grad():
+                    logp = torch.log_softmax(ref(input_ids=ids, attention_mask=att).logits.double(), -1)
+                per = (logp.exp() * (logp - logq)).sum(-1)
+            else:
+                per = -logq.gather(-1, tgt.clamp_min(0)[..., None]).squeeze(-1)
+            per_record.append(per[m].mean())
+        mean = torch.stack(per_record).mean()
+        means.append(mean)
+        total = total + (-1.0 if s.loss == "ascent" else 1.0) * s.weight * mean
+    total.backward()
+    norm = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]).norm()
+    m = got["records"]
+    assert m["loss/total"] == pytest.approx(total.item(), rel=1e-6)
+    for s, mean in zip(streams, means):
+        assert m[f"loss/{s.name}"] == pytest.approx(mean.item(), rel=1e-6), s.name
+    assert m["grad_norm"] == pytest.approx(norm.item(), rel=1e-6)
+    assert got["tokens"]["loss/unlearn"] != pytest.approx(means[0].item(), rel=1e-3)
+    assert got["tokens"]["loss/retain"] != pytest.approx(means[2].item(), rel=1e-2)
+
+
 ARCHS = {
     "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2),
@@ -731,37 +789,76 @@ def test_checkpoint_write_is_atomic(tok, data, tmp_path, monkeypatch):
 
 
 def test_multiple_choice_equals_logit_scoring(tok, data):
-    """Summed answer log-likelihood from the fused path == log_softmax over materialized logits."""
+    """Answer log-likelihood from the fused path == log_softmax over materialized logits; accuracy
+    picks by the mean over the answer's tokens (the paper's), accuracy_sum by the sum."""
     model = _model(tok)
-    q = data[3][:4]
+    q = data[3][:8]
     res = multiple_choice(model, tok, q, details=True)
+    means, sums = [], []
     for rec, d in zip(q, res["questions"]):
         qi = tok(rec["question"])["input_ids"]
+        mean, total = [], []
         for j, ch in enumerate(rec["choices"]):
-            ci = tok(" " + ch, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([qi + ci])
+            ids = tok(rec["question"] + " " + ch)["input_ids"]
+            ci = ids[len(qi):]
             with torch.no_grad():
-                lp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
+                lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits.double(), -1)[0]
             ll = sum(float(lp[len(qi) - 1 + k, t]) for k, t in enumerate(ci))
             assert d["loglik"][j] == pytest.approx(ll, rel=1e-5)
             assert d["tokens"][j] == len(ci)
-    picks = [max(range(3), key=lambda j: (d["loglik"][j], -j)) for d in res["questions"]]
-    assert res["accuracy"] == sum(p == 0 for p in picks) / 4
+            mean.append(ll / len(ci))
+            total.append(ll)
+        means.append(max(range(3), key=lambda j: (mean[j], -j)))
+        sums.append(max(range(3), key=lambda j: (total[j], -j)))
+        assert (d["pick"], d["pick_sum"]) == (means[-1], sums[-1])
+    assert res["accuracy"] == sum(p == d["answer"] for p, d in zip(means, res["questions"])) / 8
+    assert res["accuracy_sum"] == sum(p == d["answer"] for p, d in zip(sums, res["questions"])) / 8
+
+
+def test_multiple_choice_scores_the_choice_as_it_stands_in_the_sentence():
+    """A SentencePiece-style tokenizer ("▁" before every word, and before the text: " paris" alone
+    is "▁", "▁paris"): the choice is scored on its tokens in "question choice", not on a stray "▁"
+    that tokenizing " choice" by itself adds."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = "which city is the capital of france ? paris lyon nice".split()
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", "▁"] + ["▁" + w for w in words])}
+    sp = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Llama-2's tokenizer.json normalizer (prepend "▁", spaces to "▁"), words split before each "▁"
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.pre_tokenizer = pre_tokenizers.Split(Regex("▁"), behavior="merged_with_next")
+    sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, pad_token="<pad>", unk_token="<unk>", bos_token="<s>")
+    assert tok.convert_ids_to_tokens(tok(" paris", add_special_tokens=False)["input_ids"]) == ["▁", "▁paris"]
+    model = load_model(config=tiny_llama(len(vocab)), dtype="float32", seed=0)
+    rec = {"question": "which city is the capital of france ?", "choices": ["paris", "lyon", "nice"], "answer": 0}
+    d = multiple_choice(model, tok, [rec], details=True)["questions"][0]
+    assert d["tokens"] == [1, 1, 1]
+    ids = tok(rec["question"] + " paris")["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits.double(), -1)[0]
+    assert d["loglik"][0] == pytest.approx(float(lp[-2, vocab["▁paris"]]), rel=1e-5)
 
 
 def test_perplexity_equals_logits(tok, data):
     model = _model(tok)
     texts = [r["text"] for r in data[2][:3]]
     res = perplexity(model, tok, texts, batch_size=2)
-    nll, n = 0.0, 0
+    nll, n, docs, lengths = 0.0, 0, [], []
     for t in texts:
         ids = torch.tensor([tok(t)["input_ids"]])
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
-        nll -= float(lp[:-1].gather(-1, ids[0, 1:, None]).sum())
+        doc = -float(lp[:-1].gather(-1, ids[0, 1:, None]).sum())
+        nll += doc
         n += ids.shape[1] - 1
+        docs.append(math.exp(doc / (ids.shape[1] - 1)))
+        lengths.append(ids.shape[1])
     assert res["tokens"] == n
     assert res["nll"] == pytest.approx(nll / n, rel=1e-5)
+    assert res["perplexity_per_document"] == pytest.approx(sum(docs) / len(docs), rel=1e-5)
+    assert len(set(lengths)) > 1 and res["perplexity_per_document"] != pytest.approx(res["perplexity"], rel=1e-4)
 
 
 

@@ -169,7 +169,7 @@ def run(args) -> dict:
         "fallback": fallback_reason,
         "trained": f"{trained_desc} ({n_trainable} tensors), AdamW, {cfg.steps} steps per variant",
         "scoring": "3-option accuracy; a choice's score is log p(choice | question) - log p(choice | 'Answer:') "
-                   "(PMI); *_sum fields: summed log-likelihood (the paper's)",
+                   "(PMI); *_mean fields: mean log-likelihood per answer token (the paper's)",
         "probe": pr,
         "sets_detail": sets["facts"],
         "text_titles": sets["text_titles"],

@@ -111,7 +111,7 @@ def probe_key(model_name: str, all_facts: list[F.Fact], seed: int, norm: str) ->
     import hashlib
 
     h = hashlib.sha256(json.dumps([model_name, [asdict(f) for f in all_facts], F.PROBE_TEMPLATES, seed, norm,
-                                   "probe-v1"]).encode())
+                                   "probe-v2"]).encode())
     return h.hexdigest()[:16]
 
 
@@ -126,10 +126,10 @@ def probe(model, tok, all_facts: list[F.Fact], seed: int, norm: str = "pmi", pro
         ok = max(range(len(s)), key=lambda j: (s[j], -j)) == q["answer"]
         right.setdefault(q["code"], []).append(ok)
         per_framing[q["framing"]] += ok
-    sum_right = sum(max(range(len(s)), key=lambda j: (s[j], -j)) == q["answer"]
-                    for q, s in zip(qs, scores["sum"]) if q["framing"] == 0)
+    mean_right = sum(max(range(len(s)), key=lambda j: (s[j], -j)) == q["answer"]
+                     for q, s in zip(qs, scores["mean"]) if q["framing"] == 0)
     return {"known": [c for c, v in right.items() if all(v)], "per_framing": per_framing,
-            "question_sum_norm": sum_right, "n": len(all_facts), "norm": norm}
+            "question_mean_norm": mean_right, "n": len(all_facts), "norm": norm}
 
 
 # ------------------------------------------------------------------------------------------ sets
@@ -214,7 +214,7 @@ def build_sets(all_facts: list[F.Fact], known_codes: list[str], paragraphs: list
 
 # ------------------------------------------------------------------------------------ evaluation
 def evaluate(model, tok, sets: dict, cfg: DemoConfig, progress=None) -> dict:
-    """Accuracy per set (``cfg.norm`` scoring, and the summed log-likelihood's next to it) and
+    """Accuracy per set (``cfg.norm`` scoring, and the paper's per-token log-likelihood's next to it) and
     perplexity on the held-out paragraphs."""
     from surgery.evaluate import perplexity
 
@@ -227,10 +227,10 @@ def evaluate(model, tok, sets: dict, cfg: DemoConfig, progress=None) -> dict:
     for n in names:
         m = len(qs[n])
         out[n] = {"accuracy": accuracy(qs[n], scores[cfg.norm][k:k + m]),
-                  "accuracy_sum": accuracy(qs[n], scores["sum"][k:k + m]), "n": m}
+                  "accuracy_mean": accuracy(qs[n], scores["mean"][k:k + m]), "n": m}
         if n == "update":
             out["outdated"] = {"accuracy": accuracy(qs["outdated"], scores[cfg.norm][k:k + m]),
-                               "accuracy_sum": accuracy(qs["outdated"], scores["sum"][k:k + m]), "n": m}
+                               "accuracy_mean": accuracy(qs["outdated"], scores["mean"][k:k + m]), "n": m}
         k += m
     ppl = perplexity(model, tok, sets["ppl_text"], max_length=cfg.ppl_max_tokens, batch_size=16, backend=cfg.backend)
     out["ppl"] = ppl["perplexity"]
@@ -280,12 +280,12 @@ def results_dict(before: dict, after: dict[str, dict], cfg: DemoConfig, meta: di
     main = "full" if "full" in after else list(after)[-1]
     res = {
         "sets": {n: {"before": before[n]["accuracy"], "after": after[main][n]["accuracy"], "n": before[n]["n"],
-                     "before_sum": before[n]["accuracy_sum"], "after_sum": after[main][n]["accuracy_sum"]}
+                     "before_mean": before[n]["accuracy_mean"], "after_mean": after[main][n]["accuracy_mean"]}
                  for n in SETS},
         "retain_ppl": {"before": before["ppl"], "after": after[main]["ppl"]},
         "main_variant": main,
         "ablations": {v: {"sets": {n: a[n]["accuracy"] for n in SETS},
-                          "sets_sum": {n: a[n]["accuracy_sum"] for n in SETS},
+                          "sets_mean": {n: a[n]["accuracy_mean"] for n in SETS},
                           "retain_ppl": a["ppl"], "final_losses": a.get("final_losses", {})}
                       for v, a in after.items()},
         "config": asdict(cfg),

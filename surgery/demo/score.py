@@ -2,15 +2,16 @@
 (``surgery.evaluate.multiple_choice``: answer log-likelihoods through
 ``surgery_kernels.linear_cross_entropy(reduction="none")``, no ``[tokens, vocab]`` tensor).
 
-The paper scores a choice by its summed log-likelihood given the question. Summed
-log-likelihood favours short and frequent names, so the demo scores by **PMI** instead:
+The paper scores a choice by the mean log-likelihood of its tokens given the question (the
+lowest perplexity wins). Answer likelihood, summed or per token, favours frequent names, so the
+demo scores by **PMI** instead:
 log p(choice | question) - log p(choice | "Answer:"), how much the question raises the choice's
 likelihood over a neutral prompt (Holtzman et al. 2021, "Surface Form Competition"). It also puts
 an invented name (the edit set's new capitals) on equal footing with a real one: its low prior is
 divided out. Measured on SmolLM2-135M-Instruct, 179 capitals, the demo's question and same-region
 distractors (2026-11-27): summed 125/179 right, per token 121/179, PMI 137/179 (choices in a fixed
-order); with the demo's shuffled choices (seed 0) summed 127/179, PMI 131/179. The summed score's
-accuracy is reported next to PMI's in results.json (``*_sum``).
+order); with the demo's shuffled choices (seed 0) summed 127/179, PMI 131/179. The per-token
+(paper's) score's accuracy is reported next to PMI's in results.json (``*_mean``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def choice_scores(model, tok, questions: list[dict], batch_size: int = 64, progr
     under each normalization: ``{"pmi": [[...], ...], "sum": ..., "mean": ...}``.
 
     "pmi": log-likelihood given the question minus given ``NEUTRAL_PROMPT``; "sum": the summed
-    log-likelihood (the paper's score); "mean": per answer token.
+    log-likelihood; "mean": per answer token (the paper's score).
     """
     if not questions:
         return {n: [] for n in NORMS}
