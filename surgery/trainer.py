@@ -19,7 +19,8 @@ backward, clip, AdamW. With ``train.micro_batch_size`` the step's rows go throug
 backward in passes of that many rows whose gradients add up (the per-stream token counts are
 the step's, so it is the same objective), before the one clip and AdamW step. Per step one line
 in ``metrics.jsonl``: ``step``, ``loss/total``, ``loss/<stream>`` (that stream's own mean CE or
-KL — over its tokens, or of its records' means with ``train.mean_over: records`` — before sign and weight; with ``ascent_cap``, capped tokens count at their real CE), with
+KL — over its tokens, or of its records' means with ``train.mean_over: records`` — before sign
+and weight; with ``ascent_cap``, capped tokens count at their real CE), with
 ``ascent_cap`` ``capped/<stream>`` (the fraction of an ascent stream's tokens past the cap, which
 no longer train), ``grad_norm``, ``lr``, ``tokens``, ``tokens_per_s``, ``time_s``.
 """
