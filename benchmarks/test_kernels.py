@@ -5,7 +5,9 @@
 
 The shape comes from the environment (defaults: the SmolLM2 head, N=1024, float32, CPU --
 about a second per call on a 2-core CPU): ``BENCH_SHAPE`` (llama2-7b | llama3-8b | smollm2),
-``BENCH_N``, ``BENCH_DTYPE`` (float32 | bfloat16), ``BENCH_DEVICE`` (cpu | cuda). This suite
+``BENCH_N``, ``BENCH_DTYPE`` (float32 | bfloat16), ``BENCH_DEVICE`` (cpu | cuda), ``BENCH_PROVIDERS``
+(comma-separated names; default all, except on the CPU ``torch-lce`` and ``torch-lce-tuned``,
+whose CPU calls take tens of seconds each on the 2-core VM — name them to include them). This suite
 gives times only (in one process, so memory is not comparable across providers here); the
 one command gives memory, ratios and the report.
 """
@@ -27,6 +29,7 @@ SHAPE = os.environ.get("BENCH_SHAPE", "smollm2")
 N = int(os.environ.get("BENCH_N", "1024"))
 DTYPE = os.environ.get("BENCH_DTYPE", "float32")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+PROVIDERS = [x for x in os.environ.get("BENCH_PROVIDERS", "").split(",") if x]
 
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("BENCH_DEVICE=cuda but no CUDA device", allow_module_level=True)
@@ -40,6 +43,10 @@ def _sync():
 def _params():
     out = []
     for p in registry():
+        if PROVIDERS and p.name not in PROVIDERS:
+            continue
+        if not PROVIDERS and DEVICE == "cpu" and p.name.startswith("torch-lce"):
+            continue
         for op in OPS:
             for mode in MODES:
                 why = p.unavailable(DEVICE) if op in p.ops else f"{p.name} has no {op} op"

@@ -342,6 +342,19 @@ def main(argv=None):
     dw_alone = _dw_alone_providers(n, hdim, v, dt, dev) if dt != torch.float32 else []
     groups = (("signed CE", ce_main), ("forward KL", _kl_providers(h, w, hr, wr)), ("dW alone", dw_alone),
               ("CE diagnostics", ce_diag))
+    try:
+        _run_groups(groups, rows, start, args, dev)
+    except KeyboardInterrupt:  # gpu_check.sh's time limit (SIGINT): report what was measured
+        rows.append(dict(op="interrupted", provider="-", ms=None, x_floor=None, extra_mib=None, held_mib=None,
+                         note=f"SIGINT after {time.time() - start:.0f} s: the rows after this were not run"))
+    _report(rows, head, dt, start, args)
+    ours = {r["op"]: r for r in rows if r["provider"] == "triton"}
+    return 0 if all(r["ms"] is not None for r in ours.values()) and ours else 1
+
+
+def _run_groups(groups, rows, start, args, dev):
+    """Time every provider of every group into ``rows``; with ``--output`` the rows so far are
+    written to triton_gpu.json after each one, so a killed run keeps them."""
     for op, providers in groups:
         floor_ms = None
         for name, make in providers:
@@ -372,9 +385,16 @@ def main(argv=None):
             rows.append(row)
             print(f"{op} | {name} | {row['ms']} ms | x floor {row['x_floor']} | {row['extra_mib']} MiB | "
                   f"held {row['held_mib']} MiB | {row['note']}", flush=True)
+            if args.output:
+                os.makedirs(args.output, exist_ok=True)
+                with open(os.path.join(args.output, "triton_gpu.json"), "w") as f:
+                    json.dump(dict(header="(partial)", rows=rows), f, indent=1)
             if dev == "cuda":
                 torch.cuda.empty_cache()
 
+
+def _report(rows, head, dt, start, args):
+    """The table, the bars, the kernels' configs: printed, and with ``--output`` written."""
     lines = [head, "", "| op | provider | median ms | x floor | MiB beyond inputs+grads | MiB held after | note |",
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -382,7 +402,6 @@ def main(argv=None):
         lines.append(f"| {r['op']} | {r['provider']} | {fmt(r['ms'], '.2f')} | {fmt(r['x_floor'], '.2f')} | "
                      f"{fmt(r['extra_mib'], '.0f')} | {fmt(r.get('held_mib'), '.0f')} | {r['note']} |")
     lines += ["", *bars(rows)]
-    ours = {r["op"]: r for r in rows if r["provider"] == "triton"}
     try:
         from surgery_kernels.backends.triton_kernels import ce as ce_k, kl as kl_k
 
@@ -411,7 +430,6 @@ def main(argv=None):
             f.write(text + "\n")
         with open(os.path.join(args.output, "triton_gpu.json"), "w") as f:
             json.dump(dict(header=head, rows=rows), f, indent=1)
-    return 0 if all(r["ms"] is not None for r in ours.values()) and ours else 1
 
 
 if __name__ == "__main__":
