@@ -691,18 +691,24 @@ def test_tail_workspace(device, dtype, monkeypatch):
     tw = torch.linspace(-1, 1, n, device=device)
     monkeypatch.setattr(rows, "WORKSPACE_BYTES", 4 * v * dtype.itemsize)
 
-    def grads():
-        hh, ww, bb = (_leaf(x.to(dtype)) for x in (h, w, b))
-        ce = torch.autograd.grad(linear_cross_entropy(hh, ww, t, bias=bb, token_weight=tw, softcap=4.0,
-                                                      ascent_cap=5.0, backend="triton"), (hh, ww, bb))
+    def grads(dt=dtype, ref=False):
+        """ref: plain PyTorch (materialized logits) in dt, from the same dtype-rounded inputs."""
+        hh, ww, bb = (_leaf(x.to(dtype).to(dt)) for x in (h, w, b))
+        ce_fn, kl_fn = (linear_cross_entropy_ref, linear_kl_div_ref) if ref else (linear_cross_entropy, linear_kl_div)
+        kw = {} if ref else {"backend": "triton"}
+        ce = torch.autograd.grad(ce_fn(hh, ww, t, bias=bb, token_weight=tw.to(dt), softcap=4.0, ascent_cap=5.0, **kw),
+                                 (hh, ww, bb))
         with monkeypatch.context() as mp:
             mp.setattr(rows, "WORKSPACE_BYTES", 2 * rows.WORKSPACE_BYTES)
-            kl = torch.autograd.grad(linear_kl_div(hh, ww, rh.to(dtype), rw.to(dtype), bias=bb,
-                                                   ref_bias=rb.to(dtype), direction="reverse", backend="triton"),
-                                     (hh, ww, bb))
+            kl = torch.autograd.grad(kl_fn(hh, ww, rh.to(dtype).to(dt), rw.to(dtype).to(dt), bias=bb,
+                                           ref_bias=rb.to(dtype).to(dt), direction="reverse", **kw), (hh, ww, bb))
         return ce + kl
 
     separate = grads()
+    # float32: the two layouts may differ by float32's own error (GEMMs over other row counts
+    # round differently; the reverse KL's gradient amplifies it): at most twice plain PyTorch's.
+    f64, plain = grads(torch.float64, ref=True), grads(torch.float32, ref=True)
+    plain_err = [_rel(p_, r_) for p_, r_ in zip(plain, f64)]
     monkeypatch.setattr(rows, "TAIL_WORKSPACE", True)
     for sides in (1, 2):
         with monkeypatch.context() as mp:
@@ -719,8 +725,8 @@ def test_tail_workspace(device, dtype, monkeypatch):
         for direction in ("forward", "reverse"):
             _check_kl(device, dtype, h, w, b, rh, rw, rb, mask=mask, direction=direction)
     tail = grads()
-    tol = 1e-6 if dtype == torch.float32 else 4e-3
-    for a, c in zip(separate, tail):
+    for a, c, e in zip(separate, tail, plain_err):
+        tol = max(1e-6, 2 * e) if dtype == torch.float32 else 4e-3
         assert torch.isfinite(c).all() and _rel(c, a) <= tol
 
 
