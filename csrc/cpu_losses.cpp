@@ -184,8 +184,9 @@ SK_MULTIVERSION void softcap_softmax_grad_(float* x, int64_t V, float m, float l
 // lsx = log sum exp(x - mx), lsy likewise: log q = (x - mx) - lsx is exact even for logits ~1e4.
 #define SK_LOGQ_LOGP float logq = (x[j] - mx) - lsx, logp = (y[j] - my) - lsy
 
-// Forward KL(p || q) of one row: sum_j p_j (log p_j - log q_j). When c != 0, x is overwritten by
-// c * (q - p) in the same loop.
+// Forward KL(p || q) of one row: sum_j p_j (log p_j - log q_j), 0 * log 0 = 0 (a column whose
+// reference logit is -inf adds nothing; -inf - -inf would be NaN). When c != 0, x is overwritten
+// by c * (q - p) in the same loop.
 SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, float mx, float lsx, float my, float lsy,
                                        float c) {
   double kl = 0.0;
@@ -197,14 +198,14 @@ SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, floa
       for (int64_t j = j0; j < j1; ++j) {
         SK_LOGQ_LOGP;
         float p = exp_approx(logp);
-        b += p * (logp - logq);
+        b += logp > -INFINITY ? p * (logp - logq) : 0.0f;
         x[j] = c * (exp_approx(logq) - p);
       }
     } else {
 #pragma omp simd reduction(+ : b)
       for (int64_t j = j0; j < j1; ++j) {
         SK_LOGQ_LOGP;
-        b += exp_approx(logp) * (logp - logq);
+        b += logp > -INFINITY ? exp_approx(logp) * (logp - logq) : 0.0f;
       }
     }
     kl += b;
@@ -212,8 +213,9 @@ SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, floa
   return kl;
 }
 
-// Reverse KL(q || p) of one row: sum_j q_j (log q_j - log p_j). When keep is set, x -> q (log q -
-// log p) and y -> q, for kl_reverse_grad_ once the row's kl is known.
+// Reverse KL(q || p) of one row: sum_j q_j (log q_j - log p_j), 0 * log 0 = 0 (as above, for q).
+// When keep is set, x -> q (log q - log p) and y -> q, for kl_reverse_grad_ once the row's kl is
+// known.
 SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, float lsx, float my, float lsy,
                                        bool keep) {
   double kl = 0.0;
@@ -225,7 +227,7 @@ SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, 
       for (int64_t j = j0; j < j1; ++j) {
         SK_LOGQ_LOGP;
         float q = exp_approx(logq);
-        float v = q * (logq - logp);
+        float v = logq > -INFINITY ? q * (logq - logp) : 0.0f;
         b += v;
         x[j] = v;
         y[j] = q;
@@ -234,7 +236,7 @@ SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, 
 #pragma omp simd reduction(+ : b)
       for (int64_t j = j0; j < j1; ++j) {
         SK_LOGQ_LOGP;
-        b += exp_approx(logq) * (logq - logp);
+        b += logq > -INFINITY ? exp_approx(logq) * (logq - logp) : 0.0f;
       }
     }
     kl += b;
@@ -255,7 +257,7 @@ SK_MULTIVERSION void kl_grad_(float* x, const float* y, int64_t V, float mx, flo
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
       SK_LOGQ_LOGP;
-      x[j] = c * exp_approx(logq) * (logq - logp - kl);
+      x[j] = logq > -INFINITY ? c * exp_approx(logq) * (logq - logp - kl) : 0.0f;
     }
   } else {
 #pragma omp simd

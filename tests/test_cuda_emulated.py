@@ -206,6 +206,48 @@ def test_ce_rows_extreme_and_invalid(emu, dtype):
     assert torch.equal(z.double(), grad)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ce_rows_minus_inf_bias(emu, dtype):
+    """A -inf bias on the first 1000 columns (banned vocabulary): every thread's first values are
+    -inf, which must add nothing to the running sum (exp(-inf - -inf) is NaN); values and gradient
+    as float64, zero gradient on the banned columns."""
+    v = 4100
+    values, b, target, coeff = _ce_case(v, dtype, bias=True, softcap=None, seed=5)
+    b[:1000] = float("-inf")
+    target = torch.where(target == IGNORE, target, 1000 + target % (v - 1000))
+    z = _rows(values, dtype, 1)
+    lse_ref, ce_ref, grad, live = ce_reference(z, b, target, None)
+    ce, lse = _run_ce(emu, z, b, target, coeff=coeff)
+    _check_stat(lse, lse_ref, v)
+    _check_stat(ce, ce_ref, v)
+    _check_grad(z, torch.where(live, coeff, 0.0).double()[:, None] * grad, dtype, coeff)
+    assert torch.equal(z[:, :1000].double(), torch.zeros(5, 1000, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kl_rows_minus_inf_bias(emu, dtype, reverse):
+    """Both sides ban the same columns with a -inf bias: those columns have probability 0 on
+    both and add 0 to the KL (0 * log 0 = 0) instead of NaN; the gradient there is 0."""
+    v, rows = 4100, 4
+    g = torch.Generator().manual_seed(7 + reverse)
+    base = torch.randn(rows, v, generator=g, dtype=torch.float64) * 3
+    z = _rows(base + torch.randn(rows, v, generator=g, dtype=torch.float64), dtype, 1)
+    zr = _rows(base, dtype, 0)
+    b = torch.zeros(v, dtype=dtype)
+    b[:1000] = float("-inf")
+    rb = b.clone()
+    mask = torch.ones(rows, dtype=torch.bool)
+    coeff = torch.randn(rows, generator=g, dtype=torch.float32)
+    lse_ref, rlse_ref, kl_ref, _, grad = kl_reference(z, zr, b, rb, mask, reverse, 1.0)
+    assert torch.isfinite(kl_ref).all() and torch.isfinite(grad).all()
+    kl, lse, rlse = _run_kl(emu, z, zr, b, rb, mask=mask, coeff=coeff, reverse=reverse, temperature=1.0)
+    spread = (z.double() - zr.double()).abs().max().item()
+    _check_stat(lse, lse_ref, v)
+    _check_stat(kl, kl_ref, v, spread)
+    _check_grad(z, coeff.double()[:, None] * grad, dtype, coeff)
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 def test_ce_rows_logits_near_1e4(emu, backward):
     """Logits 1e4 + O(1): lse ~ 1e4 has a float32 ulp of ~1e-3, so exp(z - lse) would be off by
@@ -233,8 +275,9 @@ def kl_reference(z, zr, bias, ref_bias, mask, reverse, temperature):
     lse, rlse = torch.logsumexp(a, 1), torch.logsumexp(r, 1)
     logq, logp = a - lse[:, None], r - rlse[:, None]
     q, p = logq.exp(), logp.exp()
-    kl = (q * (logq - logp)).sum(1) if reverse else (p * (logp - logq)).sum(1)
-    grad = q * (logq - logp - kl[:, None]) / temperature if reverse else (q - p) / temperature
+    # 0 * log 0 = 0 where the weighting side has a -inf logit
+    kl = (q * torch.where(q > 0, logq - logp, 0.0)).sum(1) if reverse else (p * torch.where(p > 0, logp - logq, 0.0)).sum(1)
+    grad = q * torch.where(q > 0, logq - logp - kl[:, None], 0.0) / temperature if reverse else (q - p) / temperature
     return lse, rlse, torch.where(mask, kl, 0.0), kl, grad
 
 

@@ -273,6 +273,46 @@ def test_kl_zero_when_models_agree_and_shared_weight(bd, direction):
         assert rel_err(x.detach(), r.detach()) <= F32_TOL
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_minus_inf_bias_bans_vocabulary(bd, direction):
+    """A -inf bias (banned or padded vocabulary entries) over the first 130 columns — every
+    kernel's first block, every thread's first columns — and over the last 20: CE and KL with
+    both sides banning them match float64, the KL taking 0 * log 0 = 0 (not NaN); the banned
+    columns get no gradient. Banned only on the reference side, forward KL(p || q) stays finite
+    and the reverse one is +inf (q > 0 where p = 0): the true KL."""
+    backend, device = bd
+    banned = torch.zeros(301, dtype=torch.bool)
+    banned[:130] = banned[-20:] = True
+    inp = make_ce_inputs(77, 32, 301, device=device, dtype=torch.float32, bias=True)
+    with torch.no_grad():
+        inp["bias"][banned.to(device)] = float("-inf")
+    inp["target"] = torch.randint(130, 281, (77,), generator=torch.Generator().manual_seed(2)).to(device)
+    for reduction in ("sum", "none"):
+        res, refs, naives, budget = ce_results(backend, device, inp, reduction, chunk_size=19)
+        assert_close(res, refs, naives, torch.float32, f"{backend}/ce/{reduction}", budget)
+        assert torch.equal(res[3][banned.to(device)].cpu(), torch.zeros(int(banned.sum())))
+    inp = make_kl_inputs(70, 32, 48, 301, device=device, dtype=torch.float32, bias=True)
+    with torch.no_grad():
+        inp["bias"][banned.to(device)] = float("-inf")
+        inp["ref_bias"][banned.to(device)] = float("-inf")
+    for reduction in ("sum", "none"):
+        res, refs, naives, budget = kl_results(backend, device, inp, reduction, chunk_size=19, direction=direction)
+        assert_close(res, refs, naives, torch.float32, f"{backend}/kl/{direction}/{reduction}", budget)
+        assert torch.equal(res[3][banned.to(device)].cpu(), torch.zeros(int(banned.sum())))
+    with torch.no_grad():
+        inp["bias"][banned.to(device)] = 0.0
+        kl = linear_kl_div(inp["hidden"], inp["weight"], inp["ref_hidden"], inp["ref_weight"], bias=inp["bias"],
+                           ref_bias=inp["ref_bias"], direction=direction, reduction="none", backend=backend)
+        ref = linear_kl_div_ref(inp["hidden"], inp["weight"], inp["ref_hidden"], inp["ref_weight"],
+                                bias=inp["bias"], ref_bias=inp["ref_bias"], direction=direction, reduction="none",
+                                compute_dtype=torch.float64)
+    if direction == "forward":
+        assert rel_err(kl, ref) <= F32_TOL
+    else:
+        assert torch.isinf(ref).all() and torch.isinf(kl).all() and (kl > 0).all()
+
+
 @pytest.mark.parametrize("bd", BACKEND_CASES)
 def test_kl_all_masked(bd):
     backend, device = bd

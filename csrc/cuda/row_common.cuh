@@ -118,7 +118,9 @@ __device__ __forceinline__ void row_update(T* p, const T* q, int64_t n, F&& f) {
 
 // Online softmax statistics of a set of values x: m = max x, d = sum exp(x - m) and
 // s = sum exp(x - m) * y for a second value y attached to each x (the KL's log-ratio).
-// An empty set is (-inf, 0, 0).
+// An empty set is (-inf, 0, 0). x = -inf (a -inf bias: a banned or padded vocabulary entry)
+// has weight 0 and adds nothing, y included (0 * log 0 = 0): without the test, exp(-inf - -inf)
+// is NaN while m is still -inf, and 0 * y is NaN for y = -inf - -inf.
 struct SoftmaxStats {
   float m = -INFINITY;
   float d = 0.f;
@@ -128,7 +130,7 @@ struct SoftmaxStats {
     if (x > m) {
       d = d * expf(m - x) + 1.f;
       m = x;
-    } else {
+    } else if (x > -INFINITY) {
       d += expf(x - m);
     }
   }
@@ -139,7 +141,7 @@ struct SoftmaxStats {
       d = d * scale + 1.f;
       s = s * scale + y;
       m = x;
-    } else {
+    } else if (x > -INFINITY) {
       const float w = expf(x - m);
       d += w;
       s += w * y;

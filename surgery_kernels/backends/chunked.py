@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 
+import math
+
 import torch
 
 from . import Availability
@@ -171,11 +173,12 @@ def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, ac
     """Tempered log-probs of both sides, both lse's and the per-token kl."""
     logq, lse = _tempered_logprobs(h, weight, bias, temperature, acc)
     logp, rlse = _tempered_logprobs(rh, rweight, rbias, temperature, acc)
-    # forward: sum p (log p - log q); reverse: sum q (log q - log p)
+    # forward: sum p (log p - log q); reverse: sum q (log q - log p); 0 * log 0 = 0 where the
+    # weighting side has a -inf logit (-inf - -inf would be NaN)
     if direction == "forward":
-        kl = (logp.exp() * (logp - logq)).sum(-1)
+        kl = (logp.exp() * (logp - logq).masked_fill_(logp == -math.inf, 0.0)).sum(-1)
     else:
-        kl = (logq.exp() * (logq - logp)).sum(-1)
+        kl = (logq.exp() * (logq - logp).masked_fill_(logq == -math.inf, 0.0)).sum(-1)
     kl = torch.where(m, kl, torch.zeros_like(kl))
     return logq, logp, lse, rlse, kl
 
@@ -187,8 +190,8 @@ def _kl_logit_grad_(logq, logp, kl, coeff, direction, temperature):
         # (q - p) / T
         logp.exp_()
         return logq.exp_().sub_(logp).mul_(c)
-    # q * (log q - log p - kl) / T
-    d = (logq - logp).sub_(kl[:, None])
+    # q * (log q - log p - kl) / T, 0 where q = 0 (a -inf logit)
+    d = (logq - logp).sub_(kl[:, None]).masked_fill_(logq == -math.inf, 0.0)
     return logq.exp_().mul_(d).mul_(c)
 
 

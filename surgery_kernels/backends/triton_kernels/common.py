@@ -73,13 +73,20 @@ def round_bf16_by_hand(x, ON: tl.constexpr):
 
 
 @triton.jit
+def _finite_or_zero(m):
+    """The running max to shift by: 0 while every logit seen so far is -inf (a block banned by a
+    -inf bias, or masked columns), where exp(z - m) would be exp(-inf + inf) = NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def online_lse(m, s, z):
     """One vocabulary block of a running log-sum-exp, per row of the (R, C) tile ``z`` (-inf in
     masked columns): the row max ``m`` and the sum ``s`` of exp(z - m) so far, (R,) each ->
-    updated. Every row of the block needs a live column, so the new max is finite and the masked
-    columns add exp(-inf) = 0."""
+    updated. A row with no finite logit yet keeps m = -inf and s = 0 (its lse m + log s: -inf)."""
     m_new = tl.maximum(m, tl.max(z, axis=1))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    shift = _finite_or_zero(m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
     return m_new, s
 
 
@@ -89,21 +96,25 @@ def online_kl(mq, sq, mp, sp, e, x, y, d, REVERSE: tl.constexpr):
     the trained and the reference side's tempered logits (-inf in masked columns), ``d = y - x``
     (0 there). Each side's running max and sum of exp(. - max) (mq, sq; mp, sp) and ``e``, the
     sum of exp(a - max_a) * d under the weighting side a (p forward, q reverse), (R,) each ->
-    updated. Every row of the block needs a live column (as ``online_lse``)."""
+    updated. A side with no finite logit yet keeps max -inf and sum 0 (as ``online_lse``)."""
     # one side after the other: on the fused forward's 128x128 tiles this order spills least
     # (16 B against 152 B interleaved, ptxas for sm_90)
     mq_new = tl.maximum(mq, tl.max(x, axis=1))
-    eq = tl.exp(x - mq_new[:, None])
-    aq = tl.exp(mq - mq_new)
+    shift = _finite_or_zero(mq_new)  # (as in online_lse)
+    eq = tl.exp(x - shift[:, None])
+    aq = tl.exp(mq - shift)
     sq = sq * aq + tl.sum(eq, axis=1)
     mp_new = tl.maximum(mp, tl.max(y, axis=1))
-    ep = tl.exp(y - mp_new[:, None])
-    ap = tl.exp(mp - mp_new)
+    shift = _finite_or_zero(mp_new)
+    ep = tl.exp(y - shift[:, None])
+    ap = tl.exp(mp - shift)
     sp = sp * ap + tl.sum(ep, axis=1)
+    # 0 * log 0 = 0: a column the weighting side gives probability 0 (a -inf logit) adds nothing,
+    # whatever d is there (-inf - -inf is NaN); one the other side gives 0 makes the KL +inf.
     if REVERSE:
-        e = e * aq + tl.sum(eq * d, axis=1)
+        e = e * aq + tl.sum(eq * tl.where(x == float("-inf"), 0.0, d), axis=1)
     else:
-        e = e * ap + tl.sum(ep * d, axis=1)
+        e = e * ap + tl.sum(ep * tl.where(y == float("-inf"), 0.0, d), axis=1)
     return mq_new, sq, mp_new, sp, e
 
 

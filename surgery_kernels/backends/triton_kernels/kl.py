@@ -68,11 +68,12 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr,
     tl.store(psq_ptr + offs, tl.log(b_sq), mask=mask_n)
     tl.store(pmp_ptr + offs, b_mp, mask=mask_n)
     tl.store(psp_ptr + offs, tl.log(b_sp), mask=mask_n)
-    # Every split is non-empty, so its weighting sum is >= 1.
+    # A split's weighting sum is >= 1 unless the weighting side gives every column of it
+    # probability 0 (a -inf bias): then it weighs 0 in the merge, and its expectation is 0, not 0/0.
     if REVERSE:
-        b_e = b_e / b_sq
+        b_e = tl.where(b_sq > 0.0, b_e / b_sq, 0.0)
     else:
-        b_e = b_e / b_sp
+        b_e = tl.where(b_sp > 0.0, b_e / b_sp, 0.0)
     tl.store(pd_ptr + offs, b_e, mask=mask_n)
 
 
@@ -110,7 +111,8 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
         b_q = tl.exp(b_logq)
         if REVERSE:
             b_kl = tl.load(kl_ptr + offs_n, mask=mask_n, other=0.0)
-            b_g = b_q * (b_logq - b_logp - b_kl[:, None])
+            # q = 0 (a -inf logit) has gradient 0, not 0 * (-inf - log p)
+            b_g = tl.where(b_logq == float("-inf"), 0.0, b_q * (b_logq - b_logp - b_kl[:, None]))
         else:
             b_g = b_q - tl.exp(b_logp)
         b_g = tl.where(live[:, None] & mask_v[None, :], b_g, 0.0)

@@ -305,7 +305,7 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
             b_lp = tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - mp - log_sp
             b_q = tl.exp(b_lq)
             if REVERSE:
-                b_g = b_q * (b_lq - b_lp - kl)
+                b_g = tl.where(b_lq == float("-inf"), 0.0, b_q * (b_lq - b_lp - kl))  # q = 0: gradient 0
             else:
                 b_g = b_q - tl.exp(b_lp)
             b_g = round_bf16_by_hand(b_g * c, BF16_BY_HAND)
