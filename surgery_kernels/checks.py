@@ -87,11 +87,19 @@ def choice(name: str, value, options) -> None:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
 
 
-def positive(name: str, value, *, allow_none: bool = True) -> None:
+_F32 = torch.finfo(torch.float32)
+
+
+def positive(name: str, value, *, allow_none: bool = True, float32: bool = False) -> None:
+    """A positive finite number; ``float32``: one the kernels can divide by in float32 (a normal
+    float32: softcap 1e39 would be inf there, and softcap * tanh(z / softcap) NaN)."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive finite number{' or None' if allow_none else ''}, got {value!r}")
+    if float32 and not _F32.tiny <= value <= _F32.max:
+        raise ValueError(f"{name} must lie in [{_F32.tiny:.3g}, {_F32.max:.3g}] (the kernels compute in float32), "
+                         f"got {value!r}")
 
 
 def flag(name: str, value) -> None:
@@ -107,7 +115,8 @@ def common(reduction, backend, chunk_size) -> int | None:
         return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return int(chunk_size)
+    # Past any token count, and within the ops' int64 (2**70 means one chunk, as it would in torch).
+    return int(min(chunk_size, 2**62))
 
 
 def integer(name: str, value) -> int:

@@ -61,9 +61,10 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     checks.per_token("token_weight", token_weight, hidden, kind="float")
     ignore_index = checks.integer("ignore_index", ignore_index)
     chunk_size = checks.common(reduction, backend, chunk_size)
-    checks.positive("softcap", softcap)
+    checks.positive("softcap", softcap, float32=True)
     checks.positive("ascent_cap", ascent_cap)
-    checks.target_range(target, ignore_index, weight.shape[0])
+    # compared as int64, as the kernels read it: in uint8, say, ignore_index -100 would be 156
+    checks.target_range(target.to(torch.int64), ignore_index, weight.shape[0])
     checks.flag("return_values", return_values)
     device_type = hidden.device.type
     h, w, b = _autocast(device_type, hidden=hidden, weight=weight, bias=bias)
@@ -108,7 +109,7 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     checks.per_token("mask", mask, hidden, kind="bool")
     checks.per_token("token_weight", token_weight, hidden, kind="float")
     checks.choice("direction", direction, checks.DIRECTIONS)
-    checks.positive("temperature", temperature, allow_none=False)
+    checks.positive("temperature", temperature, allow_none=False, float32=True)
     chunk_size = checks.common(reduction, backend, chunk_size)
     checks.flag("return_values", return_values)
     device_type = hidden.device.type

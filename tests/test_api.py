@@ -32,6 +32,9 @@ BAD_CE = [
     ("target-wrong-shape", dict(target=torch.zeros(7, dtype=torch.int64)), ValueError, ["target", "(8,)"]),
     ("target-too-big", dict(target=torch.full((8,), 10)), ValueError, ["target", "[0, 10)", "found 10"]),
     ("target-negative", dict(target=torch.full((8,), -1)), ValueError, ["target", "ignore_index=-100"]),
+    # in uint8, ignore_index -100 is 156: the class id 156 must not pass for it
+    ("target-uint8-156", dict(target=torch.full((8,), 156, dtype=torch.uint8)), ValueError,
+     ["target", "[0, 10)", "found 156"]),
     ("token-weight-int", dict(token_weight=torch.ones(8, dtype=torch.int64)), TypeError, ["token_weight"]),
     ("token-weight-shape", dict(token_weight=torch.ones(3)), ValueError, ["token_weight", "(8,)"]),
     ("reduction", dict(reduction="avg"), ValueError, ["reduction", "'avg'"]),
@@ -41,6 +44,7 @@ BAD_CE = [
     ("softcap-zero", dict(softcap=0), ValueError, ["softcap"]),
     ("softcap-inf", dict(softcap=float("inf")), ValueError, ["softcap", "finite"]),
     ("ascent-cap-inf", dict(ascent_cap=float("inf")), ValueError, ["ascent_cap", "finite", "None"]),
+    ("softcap-past-float32", dict(softcap=1e39), ValueError, ["softcap", "float32", "1e+39"]),
     ("hidden-size-zero", dict(hidden=torch.randn(8, 0), weight=torch.randn(10, 0)), ValueError, ["hidden", "H >= 1"]),
     ("chunk-size", dict(chunk_size=0), ValueError, ["chunk_size"]),
     ("ignore-index-float", dict(ignore_index=-100.0), TypeError, ["ignore_index"]),
@@ -77,6 +81,7 @@ BAD_KL = [
     ("direction", dict(direction="backward"), ValueError, ["direction", "'backward'"]),
     ("temperature", dict(temperature=0.0), ValueError, ["temperature"]),
     ("temperature-inf", dict(temperature=float("inf")), ValueError, ["temperature", "finite"]),
+    ("temperature-below-float32", dict(temperature=1e-39), ValueError, ["temperature", "float32"]),
     ("reduction", dict(reduction="max"), ValueError, ["reduction"]),
     ("return-values-none", dict(return_values=None), TypeError, ["return_values"]),
 ]
@@ -91,6 +96,15 @@ def test_bad_kl_input(what, override, exc, words):
         linear_kl_div(*args, **kw)
     for word in words:
         assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_chunk_size_past_int64_is_one_chunk(backend):
+    """A chunk_size larger than any token count (even past int64, where the ops' argument would
+    not fit) means one chunk."""
+    h, w, t = ce_args()
+    one = linear_cross_entropy(h, w, t, backend=backend, chunk_size=8)
+    assert torch.equal(linear_cross_entropy(h, w, t, backend=backend, chunk_size=2**70), one)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
