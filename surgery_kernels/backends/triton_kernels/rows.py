@@ -47,11 +47,12 @@ PyTorch backward and like the ``torch`` and ``cuda`` backends; ``"input"`` accum
 Its error is relative to the partial sums, not to the result, so it grows with the number of
 chunks and with cancellation between them: ``python benchmarks/dw_accumulation.py`` (CPU, N =
 8192, H = 128, V = 2000, bf16, signed weights -0.1 / +2, the same logit gradient summed both
-ways) measured 1.25x the error of one GEMM over all tokens with 4 chunks, 1.5x with 8, 2.0x with
-16, 3.6x with 64; and where ascent and descent rows nearly cancel (one signed call with ascent
-rows first, as the surgery objective makes, weights -1 and +1.1 on like rows; review,
-2026-11-28) 1.6-4.4x plain PyTorch's error with 4 chunks and 2.5-9.1x with 16 — past the 2x
-every 16-bit path here is held to. Hence float32 by default. (From 2026-11-27 to 28 the default
+ways) measured 1.25x the error of one GEMM over all tokens with 4 chunks, 2.0x with 16 (seeds
+0-2); and where ascent and descent rows nearly cancel (``--cancel``: one signed call with ascent
+rows first, as the surgery objective makes, weights -1 and +1.1 on like rows) 8-10x plain
+PyTorch's error with 4 chunks and 15-19x with 16 (benchmarks/results/2026-12-07-cpu/dw-accumulation;
+a review on 2026-11-28 had quoted 1.6-4.4x and 2.5-9.1x, which the script does not reproduce) —
+past the 2x every 16-bit path here is held to. Hence float32 by default. (From 2026-11-27 to 28 the default
 took ``"input"`` up to 4, then 16 chunks; measured on the H100, the float32 accumulator costs
 little time at 4 to 8 chunks — 21.34 against 21.78 ms for the CE, 29.70 against 29.91 ms for the
 KL in one group — and 3.0 ms at 16 chunks, 25.50 against 22.47 ms.)
