@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 import time
 import traceback
@@ -125,6 +126,16 @@ def case_cpu(c: Case, names: list[str], device: str, repeats: int, max_call_s: f
              **{k: v for k, v in r.items() if k != "samples_ms"}, samples_ms=samples)
 
 
+# Errors after which the CUDA context is unusable: every later call in this process fails too.
+_STICKY = ("CUDA error", "device-side assert", "illegal memory access", "unspecified launch failure",
+           "misaligned address", "illegal instruction")
+
+
+def poisons_context(exc: BaseException) -> bool:
+    """Whether ``exc`` left the CUDA context broken (out of memory does not)."""
+    return not isinstance(exc, torch.cuda.OutOfMemoryError) and any(m in str(exc) for m in _STICKY)
+
+
 def case_cuda(c: Case, names: list[str], device: str, emit) -> None:
     provs = by_name()
     for name in ["floor"] + names:
@@ -155,6 +166,11 @@ def case_cuda(c: Case, names: list[str], device: str, emit) -> None:
         except Exception as exc:  # out of memory included: record why, go on
             traceback.print_exc()
             emit(name, status="failed", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+            if poisons_context(exc):
+                # Leave: the runner records this case's other providers as failed and starts a
+                # fresh worker (a fresh context) for the cases after it.
+                sys.stderr.flush()
+                os._exit(3)
         finally:
             x = fn = None
             gc.collect()

@@ -231,3 +231,15 @@ def test_train_step_variants_start_from_the_same_step(tmp_path):
     assert set(first) == {"total", "problematic", "outdated", "updated", "retain"}
     for r in rows[1:]:
         assert r["first_step_losses"] == pytest.approx(first, rel=1e-4, abs=1e-4), r["variant"]
+
+
+def test_worker_leaves_after_an_error_that_breaks_the_cuda_context():
+    """After an illegal memory access or a device-side assert every later CUDA call of the process
+    fails: the worker exits and the runner starts a fresh one for the remaining cases. Out of
+    memory and ordinary errors do not end it."""
+    from benchmarks.worker import poisons_context
+
+    assert poisons_context(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert poisons_context(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not poisons_context(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not poisons_context(ValueError("liger_kernel: shape mismatch"))
