@@ -93,9 +93,11 @@ def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: in
             else:
                 c_ids = list(tokenizer(sep + c, add_special_tokens=False)["input_ids"])
                 ids = q + c_ids
-            if max_length is not None:
-                # Keep the answer: drop the start of the question if it must go.
-                ids = ids[-max_length:]
+            if max_length is not None and len(ids) > max_length:
+                # Keep the answer: drop the start of the question if it must go, but not its BOS
+                # (the model has always seen one first).
+                keep_bos = ids[0] == tokenizer.bos_token_id and max_length > len(c_ids) + 1
+                ids = ids[:1] + ids[len(ids) - max_length + 1:] if keep_bos else ids[-max_length:]
             examples.append(Example(ids, max(1, len(ids) - len(c_ids))))
             owner.append(qi)
     nll = token_nll(model, examples, tokenizer, batch_size=batch_size, backend=backend, device=device)

@@ -815,6 +815,24 @@ def test_multiple_choice_equals_logit_scoring(tok, data):
     assert res["accuracy_sum"] == sum(p == d["answer"] for p, d in zip(sums, res["questions"])) / 8
 
 
+def test_multiple_choice_truncation_keeps_bos_and_the_answer(tok, data):
+    """A question cut to max_length loses its start, not its BOS nor the choice's tokens."""
+    model = _model(tok)
+    rec = dict(data[3][0])
+    rec["question"] = " ".join([rec["question"]] * 3)
+    d = multiple_choice(model, tok, [rec], max_length=8, details=True)["questions"][0]
+    for j, ch in enumerate(rec["choices"]):
+        whole = tok(rec["question"] + " " + ch)["input_ids"]
+        n = len(tok(rec["question"])["input_ids"])
+        ids = [tok.bos_token_id] + whole[len(whole) - 7:]
+        assert whole[0] == tok.bos_token_id and len(whole) > 8
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits.double(), -1)[0]
+        c = whole[n:]
+        ll = sum(float(lp[len(ids) - len(c) - 1 + k, t]) for k, t in enumerate(c))
+        assert d["loglik"][j] == pytest.approx(ll, rel=1e-5) and d["tokens"][j] == len(c)
+
+
 def test_multiple_choice_scores_the_choice_as_it_stands_in_the_sentence():
     """A SentencePiece-style tokenizer ("▁" before every word, and before the text: " paris" alone
     is "▁", "▁paris"): the choice is scored on its tokens in "question choice", not on a stray "▁"
