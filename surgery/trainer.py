@@ -422,7 +422,11 @@ class Surgery:
                               for k in range(len(self.streams))]).to(torch.float64)
         self.dist.all_reduce_sum(counts)
         # Per row of the step: sign_s / N_s (token weight) and c_s (coefficient), built on the device (no host sync).
-        row_stream = torch.tensor([k for k, (a, z) in enumerate(rows) for _ in range(a, z)], device=self.device)
+        # rows[k] is stream k's place in the step's draw order (CE streams first), not config order.
+        row_stream = torch.empty(max((z for _, z in rows), default=0), dtype=torch.long)
+        for k, (a, z) in enumerate(rows):
+            row_stream[a:z] = k
+        row_stream = row_stream.to(self.device)
         sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device)
         coef = torch.tensor([s.weight for s in self.streams], device=self.device)
         if self.cfg.mean_over == "records":

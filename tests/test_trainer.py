@@ -666,6 +666,26 @@ def test_micro_batches_equal_one_pass(tok, data, tmp_path, reference):
         _assert_same_params(runs[None][0].model, runs[mbs][0].model)
 
 
+@pytest.mark.parametrize("mean_over", ["tokens", "records"])
+def test_stream_order_changes_nothing(tok, data, mean_over):
+    """A KL stream listed before the CE streams: the step draws CE rows first whatever the config
+    order, and every row must still get its own stream's sign, weight and count (the ascent rows
+    once got the KL stream's + sign and were trained by descent). Same metrics and weights in
+    float64 as the CE-first order."""
+    u, p, r, _ = data
+    ce_first = [Stream("unlearn", u, "ascent", 0.1), Stream("update", p, "descent", 2.0), Stream("retain", r, "kl", 0.5)]
+    runs = []
+    for streams in (ce_first, [ce_first[2], ce_first[0], ce_first[1]]):
+        run = Surgery(model=_model(tok).double(), tokenizer=tok, streams=streams,
+                      train=_train(steps=3, mean_over=mean_over))
+        run.train()
+        runs.append(run)
+    for a, b in zip(*(r.history for r in runs)):
+        for k in ("loss/total", "loss/unlearn", "loss/update", "loss/retain", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-12), k
+    _assert_same_params(runs[0].model, runs[1].model)
+
+
 def test_mean_over_records_averages_each_record_mean(tok, data):
     """train.mean_over="records": each stream's term is the mean over its records of each record's
     own token mean (the authors' weighting), checked in float64 against materialized logits on
