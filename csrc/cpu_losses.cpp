@@ -198,14 +198,14 @@ SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, floa
       for (int64_t j = j0; j < j1; ++j) {
         SK_LOGQ_LOGP;
         float p = exp_approx(logp);
-        b += logp > -INFINITY ? p * (logp - logq) : 0.0f;
+        b += logp != -INFINITY ? p * (logp - logq) : 0.0f;
         x[j] = c * (exp_approx(logq) - p);
       }
     } else {
 #pragma omp simd reduction(+ : b)
       for (int64_t j = j0; j < j1; ++j) {
         SK_LOGQ_LOGP;
-        b += logp > -INFINITY ? exp_approx(logp) * (logp - logq) : 0.0f;
+        b += logp != -INFINITY ? exp_approx(logp) * (logp - logq) : 0.0f;
       }
     }
     kl += b;
@@ -227,7 +227,7 @@ SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, 
       for (int64_t j = j0; j < j1; ++j) {
         SK_LOGQ_LOGP;
         float q = exp_approx(logq);
-        float v = logq > -INFINITY ? q * (logq - logp) : 0.0f;
+        float v = logq != -INFINITY ? q * (logq - logp) : 0.0f;
         b += v;
         x[j] = v;
         y[j] = q;
@@ -236,7 +236,7 @@ SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, 
 #pragma omp simd reduction(+ : b)
       for (int64_t j = j0; j < j1; ++j) {
         SK_LOGQ_LOGP;
-        b += logq > -INFINITY ? exp_approx(logq) * (logq - logp) : 0.0f;
+        b += logq != -INFINITY ? exp_approx(logq) * (logq - logp) : 0.0f;
       }
     }
     kl += b;
@@ -257,7 +257,7 @@ SK_MULTIVERSION void kl_grad_(float* x, const float* y, int64_t V, float mx, flo
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
       SK_LOGQ_LOGP;
-      x[j] = logq > -INFINITY ? c * exp_approx(logq) * (logq - logp - kl) : 0.0f;
+      x[j] = logq != -INFINITY ? c * exp_approx(logq) * (logq - logp - kl) : 0.0f;
     }
   } else {
 #pragma omp simd

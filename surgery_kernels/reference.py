@@ -73,9 +73,9 @@ def linear_kl_div_ref(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_
     logp = torch.log_softmax(zr.to(stat) / temperature, -1)
     if direction == "forward":
         # 0 * log 0 = 0: where the weighting side is 0 the term is 0 (and its gradient too)
-        kl = (logp.exp() * torch.where(logp > -math.inf, logp - logq, 0.0)).sum(-1)
+        kl = (logp.exp() * torch.where(logp != -math.inf, logp - logq, 0.0)).sum(-1)
     else:
-        kl = (logq.exp() * torch.where(logq > -math.inf, logq - logp, 0.0)).sum(-1)
+        kl = (logq.exp() * torch.where(logq != -math.inf, logq - logp, 0.0)).sum(-1)
     live = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.reshape(-1)
     w = torch.ones_like(kl) if token_weight is None else token_weight.reshape(-1).to(stat)
     values = torch.where(live, w * kl, torch.zeros_like(kl))

@@ -224,6 +224,35 @@ def test_ce_rows_minus_inf_bias(emu, dtype):
     assert torch.equal(z[:, :1000].double(), torch.zeros(5, 1000, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_propagate_nan(emu, dtype):
+    """One NaN logit in a row (also where it is not the thread's first value, or in a row of -inf
+    and NaN only): that row's CE, lse, KL (both directions, either side) and gradient are NaN, the
+    other rows untouched — the -inf handling must not swallow NaN."""
+    v, rows = 4100, 4
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(rows, v, generator=g, dtype=torch.float64) * 3
+    values[1, 2077] = float("nan")
+    values[3] = float("-inf")
+    values[3, 5] = float("nan")
+    target = torch.tensor([1, 2, 3, 4])
+    coeff = torch.ones(rows)
+    z = _rows(values, dtype, 1)
+    ce, lse = _run_ce(emu, z, None, target, coeff=coeff)
+    assert ce[[1, 3]].isnan().all() and lse[[1, 3]].isnan().all() and z[1].isnan().any()
+    assert torch.isfinite(ce[[0, 2]]).all() and torch.isfinite(z[[0, 2]].float()).all()
+    for reverse in (False, True):
+        for nan_side in (0, 1):
+            base = torch.randn(rows, v, generator=g, dtype=torch.float64)
+            sides = [base.clone(), base + 0.1 * torch.randn(rows, v, generator=g, dtype=torch.float64)]
+            sides[nan_side][1, 2077] = float("nan")
+            z, zr = _rows(sides[0], dtype, 0), _rows(sides[1], dtype, 1)
+            kl, lse, rlse = _run_kl(emu, z, zr, None, None, mask=torch.ones(rows, dtype=torch.bool), coeff=coeff,
+                                    reverse=reverse, temperature=1.0)
+            assert kl[1].isnan() and torch.isfinite(kl[[0, 2, 3]]).all(), (reverse, nan_side)
+            assert z[1].isnan().any() and torch.isfinite(z[[0, 2, 3]].float()).all(), (reverse, nan_side)
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kl_rows_minus_inf_bias(emu, dtype, reverse):
@@ -276,8 +305,10 @@ def kl_reference(z, zr, bias, ref_bias, mask, reverse, temperature):
     logq, logp = a - lse[:, None], r - rlse[:, None]
     q, p = logq.exp(), logp.exp()
     # 0 * log 0 = 0 where the weighting side has a -inf logit
-    kl = (q * torch.where(q > 0, logq - logp, 0.0)).sum(1) if reverse else (p * torch.where(p > 0, logp - logq, 0.0)).sum(1)
-    grad = q * torch.where(q > 0, logq - logp - kl[:, None], 0.0) / temperature if reverse else (q - p) / temperature
+    kl = (q * torch.where(logq != -math.inf, logq - logp, 0.0)).sum(1) if reverse else \
+        (p * torch.where(logp != -math.inf, logp - logq, 0.0)).sum(1)
+    grad = q * torch.where(logq != -math.inf, logq - logp - kl[:, None], 0.0) / temperature if reverse else \
+        (q - p) / temperature
     return lse, rlse, torch.where(mask, kl, 0.0), kl, grad
 
 

@@ -314,6 +314,48 @@ def test_minus_inf_bias_bans_vocabulary(bd, direction):
 
 
 @pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_nan_propagates(bd):
+    """A NaN hidden row makes that token's CE and KL NaN (either KL side, both directions), a NaN
+    bias entry (one logit column) every token's, as in plain PyTorch: never silently finite (the
+    -inf handling must not swallow NaN)."""
+    backend, device = bd
+    nan = float("nan")
+    inp = make_ce_inputs(21, 16, 130, device=device, dtype=torch.float32, bias=True)
+    h, w, b, t = (inp[k].detach() for k in ("hidden", "weight", "bias", "target"))
+    with torch.no_grad():
+        hn = h.clone()
+        hn[3] = nan
+        ce = linear_cross_entropy(hn, w, t, bias=b, reduction="none", backend=backend)
+        assert ce[3].isnan() and torch.isfinite(ce[torch.arange(21, device=device) != 3]).all()
+        bn = b.clone()
+        bn[5] = nan
+        assert linear_cross_entropy(h, w, t, bias=bn, reduction="none", backend=backend).isnan().all()
+    inp = make_kl_inputs(21, 16, 24, 130, device=device, dtype=torch.float32, bias=True)
+    h, w, b, rh, rw, rb = (inp[k].detach() for k in ("hidden", "weight", "bias", "ref_hidden", "ref_weight",
+                                                     "ref_bias"))
+    others = torch.arange(21, device=device) != 3
+    for direction in ("forward", "reverse"):
+        for side in ("hidden", "ref_hidden"):
+            args = dict(hidden=h.clone(), ref_hidden=rh.clone())
+            args[side][3] = nan
+            with torch.no_grad():
+                kl = linear_kl_div(args["hidden"], w, args["ref_hidden"], rw, bias=b, ref_bias=rb, direction=direction,
+                                   reduction="none", backend=backend)
+            assert kl[3].isnan() and torch.isfinite(kl[others]).all(), (direction, side)
+        bn = b.clone()
+        bn[5] = nan
+        with torch.no_grad():
+            assert linear_kl_div(h, w, rh, rw, bias=bn, ref_bias=rb, direction=direction, reduction="none",
+                                 backend=backend).isnan().all(), direction
+        hh = h.clone().requires_grad_()
+        hn = h.clone()
+        hn[3] = nan
+        loss = linear_kl_div(hh + (hn - h), w, rh, rw, bias=b, ref_bias=rb, direction=direction, backend=backend)
+        loss.backward()
+        assert loss.isnan() and hh.grad[3].isnan().any(), direction
+
+
+@pytest.mark.parametrize("bd", BACKEND_CASES)
 def test_kl_all_masked(bd):
     backend, device = bd
     inp = make_kl_inputs(20, 16, 16, 64, device=device, dtype=torch.float32, bias=True)

@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KlRowsArgs a) {
       row_update<kThreads>(zq, zp, n, [&](int64_t j, float x, float y) {
         const float log_q = (tempered(x, j, bias, inv_t) - m_q) - log_dq;
         const float log_p = (tempered(y, j, ref_bias, inv_t) - m_p) - log_dp;
-        return log_q > -INFINITY ? c_t * expf(log_q) * (log_q - log_p - kl) : 0.f;  // q = 0: gradient 0
+        return log_q != -INFINITY ? c_t * expf(log_q) * (log_q - log_p - kl) : 0.f;  // q = 0: gradient 0
       });
     } else {
       row_update<kThreads>(zq, zp, n, [&](int64_t j, float x, float y) {

@@ -130,7 +130,7 @@ struct SoftmaxStats {
     if (x > m) {
       d = d * expf(m - x) + 1.f;
       m = x;
-    } else if (x > -INFINITY) {
+    } else if (x != -INFINITY) {  // NaN still propagates
       d += expf(x - m);
     }
   }
@@ -141,7 +141,7 @@ struct SoftmaxStats {
       d = d * scale + 1.f;
       s = s * scale + y;
       m = x;
-    } else if (x > -INFINITY) {
+    } else if (x != -INFINITY) {  // NaN still propagates
       const float w = expf(x - m);
       d += w;
       s += w * y;
@@ -155,7 +155,11 @@ struct SoftmaxStats {
 __device__ __forceinline__ SoftmaxStats combine(const SoftmaxStats& a, const SoftmaxStats& b) {
   SoftmaxStats r;
   r.m = fmaxf(a.m, b.m);
-  if (r.m == -INFINITY) return r;
+  if (r.m == -INFINITY) {  // nothing but -inf (d, s = 0) or NaN (d, s = NaN) on both sides
+    r.d = a.d + b.d;
+    r.s = a.s + b.s;
+    return r;
+  }
   const float sa = expf(a.m - r.m);
   const float sb = expf(b.m - r.m);
   r.d = a.d * sa + b.d * sb;
