@@ -126,14 +126,25 @@ def case_cpu(c: Case, names: list[str], device: str, repeats: int, max_call_s: f
              **{k: v for k, v in r.items() if k != "samples_ms"}, samples_ms=samples)
 
 
-# Errors after which the CUDA context is unusable: every later call in this process fails too.
+# Errors after which the CUDA context may be unusable (every later call in the process fails).
 _STICKY = ("CUDA error", "device-side assert", "illegal memory access", "unspecified launch failure",
            "misaligned address", "illegal instruction")
 
 
-def poisons_context(exc: BaseException) -> bool:
-    """Whether ``exc`` left the CUDA context broken (out of memory does not)."""
-    return not isinstance(exc, torch.cuda.OutOfMemoryError) and any(m in str(exc) for m in _STICKY)
+def poisons_context(exc: BaseException, device: str | None = None) -> bool:
+    """Whether ``exc`` left the CUDA context broken: an error of the kinds above (out of memory is
+    not one) after which a tiny kernel on ``device`` fails too (a cuBLAS "not supported" is a
+    CUDA error the context survives). Without ``device``, by the message alone."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or not any(m in str(exc) for m in _STICKY):
+        return False
+    if device is None:
+        return True
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device=device).add_(1).item()
+        return False
+    except Exception:
+        return True
 
 
 def case_cuda(c: Case, names: list[str], device: str, emit) -> None:
@@ -166,7 +177,7 @@ def case_cuda(c: Case, names: list[str], device: str, emit) -> None:
         except Exception as exc:  # out of memory included: record why, go on
             traceback.print_exc()
             emit(name, status="failed", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
-            if poisons_context(exc):
+            if poisons_context(exc, device):
                 # Leave: the runner records this case's other providers as failed and starts a
                 # fresh worker (a fresh context) for the cases after it.
                 sys.stderr.flush()

@@ -134,9 +134,17 @@ def perplexity(model, tokenizer, records, *, batch_size: int = 16, max_length: i
     total = sum(float(x.double().sum()) for x in nll)
     n = sum(int(x.numel()) for x in nll)
     mean = total / max(n, 1)
-    per_doc = [math.exp(float(x.double().mean())) for x in nll if x.numel()]
-    return {"perplexity": math.exp(mean), "perplexity_per_document": sum(per_doc) / max(len(per_doc), 1), "nll": mean,
+    per_doc = [_exp(float(x.double().mean())) for x in nll if x.numel()]
+    return {"perplexity": _exp(mean), "perplexity_per_document": sum(per_doc) / max(len(per_doc), 1), "nll": mean,
             "tokens": n, "n": len(records)}
+
+
+def _exp(x: float) -> float:
+    """exp, inf past float64's range (a mean NLL above ~709.8: a forget set after unbounded ascent)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def evaluate_set(model, tokenizer, eval_set, *, backend: str = "auto", device=None, max_length: int = 4096):

@@ -329,7 +329,7 @@ class Surgery:
         # scaled up before the backward and the gradients down before the clip; a step whose scaled
         # gradients overflowed is skipped and the scale lowered (torch.amp.GradScaler). float16
         # weights (model.dtype) cannot be unscaled in place and keep the unscaled path. Under FSDP
-        # the gradients are float32 DTensor shards (reduce_dtype) and DTensor sums the scaler's
+        # the gradients are float32 DTensor shards (reduce_dtype) and DTensor reduces the scaler's
         # overflow flag over the mesh, so every rank skips the same steps.
         self._scaler = None
         if self._mp_dtype == torch.float16 and all(p.dtype == torch.float32 for p in params):

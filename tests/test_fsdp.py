@@ -180,7 +180,7 @@ sys.exit(cli.main())
 def test_fsdp_float16_scales_the_loss_and_skips_on_every_rank(tmp_path):
     """mixed_precision float16 under torchrun: torch.amp.GradScaler over the float32 DTensor
     gradient shards. An overflow in rank 1's shard alone makes rank 0 skip that step too and lower
-    its scale (the overflow flag is summed over the ranks), so the shards stay one model."""
+    its scale (DTensor reduces the overflow flag over the ranks, by max), so the shards stay one model."""
     import yaml
 
     tok = word_tokenizer(all_words(), save_dir=tmp_path / "tok")

@@ -896,6 +896,11 @@ def test_perplexity_equals_logits(tok, data):
     assert res["tokens"] == n
     assert res["nll"] == pytest.approx(nll / n, rel=1e-5)
     assert res["perplexity_per_document"] == pytest.approx(sum(docs) / len(docs), rel=1e-5)
+    # a model sure of the wrong tokens (mean NLL past 710): inf, not an OverflowError
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)
+    far = perplexity(model, tok, texts, batch_size=2)
+    assert far["nll"] > 710 and far["perplexity"] == far["perplexity_per_document"] == math.inf
     assert len(set(lengths)) > 1 and res["perplexity_per_document"] != pytest.approx(res["perplexity"], rel=1e-4)
 
 

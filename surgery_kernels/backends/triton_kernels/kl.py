@@ -71,9 +71,9 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr,
     # A split's weighting sum is >= 1 unless the weighting side gives every column of it
     # probability 0 (a -inf bias): then it weighs 0 in the merge, and its expectation is 0, not 0/0.
     if REVERSE:
-        b_e = tl.where(b_sq > 0.0, b_e / b_sq, 0.0)
+        b_e = tl.where(b_sq == 0.0, 0.0, b_e / b_sq)
     else:
-        b_e = tl.where(b_sp > 0.0, b_e / b_sp, 0.0)
+        b_e = tl.where(b_sp == 0.0, 0.0, b_e / b_sp)
     tl.store(pd_ptr + offs, b_e, mask=mask_n)
 
 
