@@ -671,13 +671,14 @@ def test_stream_order_changes_nothing(tok, data, mean_over):
     """A KL stream listed before the CE streams: the step draws CE rows first whatever the config
     order, and every row must still get its own stream's sign, weight and count (the ascent rows
     once got the KL stream's + sign and were trained by descent). Same metrics and weights in
-    float64 as the CE-first order."""
+    float64 as the CE-first order — the second run also in passes of 2 rows (micro_batch_size),
+    whose per-stream means are the step's."""
     u, p, r, _ = data
     ce_first = [Stream("unlearn", u, "ascent", 0.1), Stream("update", p, "descent", 2.0), Stream("retain", r, "kl", 0.5)]
     runs = []
-    for streams in (ce_first, [ce_first[2], ce_first[0], ce_first[1]]):
+    for streams, mbs in ((ce_first, None), ([ce_first[2], ce_first[0], ce_first[1]], 2)):
         run = Surgery(model=_model(tok).double(), tokenizer=tok, streams=streams,
-                      train=_train(steps=3, mean_over=mean_over))
+                      train=_train(steps=3, mean_over=mean_over, micro_batch_size=mbs))
         run.train()
         runs.append(run)
     for a, b in zip(*(r.history for r in runs)):
