@@ -192,12 +192,16 @@ class Example:
 
 
 def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss: bool = False) -> list[Example]:
-    """Tokenize LM records: text as one sequence; prompt + completion tokenized separately and joined
-    (completion without special tokens), so the boundary is exact. At most ``max_length`` tokens:
-    text loses its end; a prompt + completion keeps the whole completion (what carries the loss)
-    when it fits in ``max_length - 1`` tokens, the prompt losing its start to make room, as the
-    evaluation does for a long question; a longer completion keeps the prompt's last
-    ``max_length // 2`` tokens (or all of a shorter prompt) and loses its own end.
+    """Tokenize LM records: text as one sequence; prompt + completion as one text, the completion's
+    tokens being those after the prompt's own (so a tokenizer that marks word starts, Llama-2's
+    "▁", trains on the completion's tokens as they stand in the sentence, as the evaluation scores
+    a choice); where the joint tokens do not begin with the prompt's (a merge across the boundary,
+    an appended EOS), the completion is tokenized alone without special tokens and joined. At most
+    ``max_length`` tokens: text loses its end; a prompt + completion keeps the whole completion
+    (what carries the loss) when it fits in ``max_length - 1`` tokens, the prompt losing its start
+    but not its BOS to make room, as the evaluation does for a long question; a longer completion
+    keeps the prompt's last ``max_length // 2`` tokens (or all of a shorter prompt) and loses its
+    own end.
 
     require_loss: a record left with no token that carries a loss (text that tokenizes to one token,
     e.g. BOS only; a completion that tokenizes to nothing) raises :class:`DataError` naming it (its
@@ -211,11 +215,18 @@ def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss
             start = 1
         else:
             p = list(tokenizer(rec["prompt"])["input_ids"])
-            c = list(tokenizer(rec["completion"], add_special_tokens=False)["input_ids"])
+            whole = list(tokenizer(rec["prompt"] + rec["completion"])["input_ids"])
+            if len(whole) > len(p) and whole[:len(p)] == p:
+                c = whole[len(p):]
+            else:
+                c = list(tokenizer(rec["completion"], add_special_tokens=False)["input_ids"])
             if len(p) + len(c) > max_length:
                 keep_p = max_length - len(c) if len(c) < max_length else min(len(p), max_length // 2)
                 keep_p = max(0, min(len(p), keep_p))
-                p = p[len(p) - keep_p:]
+                if keep_p < len(p) and keep_p >= 2 and p[0] == tokenizer.bos_token_id:
+                    p = p[:1] + p[len(p) - keep_p + 1:]  # the start goes, BOS stays
+                else:
+                    p = p[len(p) - keep_p:]
                 c = c[:max_length - keep_p]
             ids, start = p + c, max(len(p), 1)
         if require_loss and len(ids) <= start:

@@ -29,6 +29,22 @@ def word_tokenizer(words, save_dir=None):
     return fast
 
 
+def sentencepiece_style_tokenizer(words):
+    """A word-level tokenizer that marks word starts as Llama-2's does: "▁" before every word and
+    before the text (Llama-2's tokenizer.json normalizer: prepend "▁", spaces to "▁"), so " paris"
+    alone is "▁", "▁paris" while "... ? paris" ends in "▁?", "▁paris"."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(list(SPECIALS) + ["▁"] + sorted({"▁" + w for w in words}))}
+    sp = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.pre_tokenizer = pre_tokenizers.Split(Regex("▁"), behavior="merged_with_next")
+    sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=sp, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
 def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, **kw) -> dict:
     cfg = dict(model_type="llama", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),

@@ -122,9 +122,9 @@ def test_collate_masks_padding_prompt_and_last(tok):
 
 def test_prompt_longer_than_max_length_keeps_the_completion(tok):
     """A prompt + completion over max_length keeps the whole completion when it fits in
-    max_length - 1 tokens, the prompt losing its start (the record still trains on its answer,
-    however long the prompt); a completion that does not fit keeps the prompt's last
-    max_length // 2 tokens and loses its own end."""
+    max_length - 1 tokens, the prompt losing its start but keeping its BOS (the record still
+    trains on its answer, however long the prompt); a completion that does not fit keeps the
+    prompt's last max_length // 2 tokens (BOS first) and loses its own end."""
     p = tok("the capital of alba is")["input_ids"]  # 6 tokens with <s>
     c = tok(" amber brook cliff", add_special_tokens=False)["input_ids"]
     for max_length, kept in ((10, 3), (9, 3), (8, 3), (7, 3), (6, 3), (4, 3), (3, 2), (2, 1)):
@@ -132,7 +132,22 @@ def test_prompt_longer_than_max_length_keeps_the_completion(tok):
         b = collate([e], tok.pad_token_id)
         assert len(e.ids) == min(max_length, len(p) + len(c))
         assert [t for t in b.target[0].tolist() if t != IGNORE] == c[:kept], max_length
-        assert e.ids[:len(e.ids) - kept] == p[len(p) - (len(e.ids) - kept):]
+        n_p = len(e.ids) - kept
+        assert e.ids[:n_p] == (p if n_p == len(p) else [p[0]] + p[len(p) - n_p + 1:] if n_p >= 2 else p[-n_p:])
+
+
+def test_completion_trains_on_its_tokens_as_they_stand_in_the_sentence():
+    """A SentencePiece-style tokenizer (Llama-2's "▁" word starts): " paris" tokenized alone is
+    "▁", "▁paris"; in prompt + completion it is "▁paris". The completion's targets are the
+    sentence's tokens, as the evaluation scores a choice — not a stray "▁" learned before it."""
+    from surgery.testing import sentencepiece_style_tokenizer
+
+    sp = sentencepiece_style_tokenizer("which city is the capital of france ? paris".split())
+    rec = {"prompt": "which city is the capital of france ?", "completion": " paris"}
+    e = tokenize_lm([rec], sp, 64)[0]
+    assert e.ids == sp(rec["prompt"] + rec["completion"])["input_ids"]
+    b = collate([e], sp.pad_token_id)
+    assert sp.convert_ids_to_tokens([t for t in b.target[0].tolist() if t != IGNORE]) == ["▁paris"]
 
 
 def test_sampler_resumes_and_splits_like_one_process():

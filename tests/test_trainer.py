@@ -858,17 +858,10 @@ def test_multiple_choice_scores_the_choice_as_it_stands_in_the_sentence():
     """A SentencePiece-style tokenizer ("▁" before every word, and before the text: " paris" alone
     is "▁", "▁paris"): the choice is scored on its tokens in "question choice", not on a stray "▁"
     that tokenizing " choice" by itself adds."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from surgery.testing import sentencepiece_style_tokenizer
 
-    words = "which city is the capital of france ? paris lyon nice".split()
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", "▁"] + ["▁" + w for w in words])}
-    sp = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    # Llama-2's tokenizer.json normalizer (prepend "▁", spaces to "▁"), words split before each "▁"
-    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    sp.pre_tokenizer = pre_tokenizers.Split(Regex("▁"), behavior="merged_with_next")
-    sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=sp, pad_token="<pad>", unk_token="<unk>", bos_token="<s>")
+    tok = sentencepiece_style_tokenizer("which city is the capital of france ? paris lyon nice".split())
+    vocab = tok.get_vocab()
     assert tok.convert_ids_to_tokens(tok(" paris", add_special_tokens=False)["input_ids"]) == ["▁", "▁paris"]
     model = load_model(config=tiny_llama(len(vocab)), dtype="float32", seed=0)
     rec = {"question": "which city is the capital of france ?", "choices": ["paris", "lyon", "nice"], "answer": 0}
