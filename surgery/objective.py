@@ -153,8 +153,15 @@ class SurgeryObjective(nn.Module):
         if w.requires_grad:
             raise ValueError("reference='adapter' needs a frozen lm_head (the head is trained, so the adapters-off "
                              "model is not the original); use reference='copy' or 'cache'")
-        with torch.no_grad(), self.model.disable_adapter():
-            rh = final_hidden(self.model, input_ids, attention_mask)
+        # In eval mode, as the copy and cache references run: no dropout in the reference.
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                rh = final_hidden(self.model, input_ids, attention_mask)
+        finally:
+            for m, training in modes:
+                m.training = training
         return rh, w, b
 
 

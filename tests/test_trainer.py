@@ -466,19 +466,24 @@ def test_reference_cache_equals_copy(tok, data, tmp_path, mode):
     assert len(list((tmp_path / "cache" / "reference_cache" / "retain").glob("*.safetensors"))) == 8
 
 
-def test_lora_adapter_reference_equals_copy(tok, data, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_adapter_reference_equals_copy(tok, data, tmp_path, dropout):
     """LoRA: the adapters-off reference gives the same run as a frozen copy; only adapters train;
-    final/ is a peft adapter."""
+    final/ is a peft adapter. With dropout in the model, the adapters-off reference runs in eval
+    mode like the copy (no dropout of its own, no random draws that would change the trained
+    forward's masks), and the model is back in train mode after it."""
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     runs = {}
     for ref in ("copy", "adapter"):
-        r = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference=ref, lora=lora,
-                    train=_train(steps=3, lr=5e-2), output_dir=tmp_path / ref)
+        r = Surgery(model=_model(tok, attention_dropout=dropout), tokenizer=tok, streams=_streams(data),
+                    reference=ref, lora=lora, train=_train(steps=3, lr=5e-2), output_dir=tmp_path / ref)
         r.run()
         runs[ref] = r
     a, b = runs["copy"].history, runs["adapter"].history
-    assert [m["loss/retain"] for m in a] == pytest.approx([m["loss/retain"] for m in b], rel=1e-6, abs=1e-9)
+    for k in ("loss/retain", "loss/unlearn", "loss/total"):
+        assert [m[k] for m in a] == pytest.approx([m[k] for m in b], rel=1e-6, abs=1e-9), k
     assert a[-1]["loss/retain"] > 0
+    assert runs["adapter"].model.training
     assert all("lora_" in n for n in runs["adapter"].trainable_names)
     assert (tmp_path / "adapter" / "final" / "adapter_config.json").is_file()
 
