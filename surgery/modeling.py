@@ -12,9 +12,10 @@ Why not the alternatives: ``output_hidden_states=True`` still runs the head over
 position; ``logits_to_keep`` trims the head but which entry of ``hidden_states`` is post-norm
 varies between versions and models.
 
-Models whose head does more than a linear map (Gemma-2's final logit softcap is passed to the
-kernels' ``softcap``; Cohere/Granite-style logit scaling) are detected: scaling is refused with a
-clear error rather than silently trained wrong.
+Models whose head does more than a linear map are detected: Gemma-2's final logit softcap is
+passed to the CE kernels' ``softcap`` (the trainer refuses KL streams on such a model: the KL
+kernels take no softcap); Cohere/Granite/Falcon-H1-style logit scaling is refused with a clear
+error rather than silently trained wrong.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def head_options(model: nn.Module) -> dict:
     cap = getattr(cfg, "final_logit_softcapping", None)
     if cap:
         opts["softcap"] = float(cap)
-    for attr in ("logit_scale", "logits_scaling"):
+    for attr in ("logit_scale", "logits_scaling", "lm_head_multiplier"):
         v = getattr(cfg, attr, None)
         if v not in (None, 1, 1.0):
             raise ValueError(f"model config has {attr}={v}: heads that rescale logits are not supported "

@@ -780,6 +780,23 @@ def _check_arch(tok, data, arch, device):
     assert perplexity(run.model, tok, data[1])["nll"] < before - 0.1
 
 
+def test_heads_the_losses_cannot_follow_are_refused(tok, data):
+    """Gemma-2's final logit softcap: CE streams train with it, a KL stream is refused (the KL
+    kernels take no softcap; it trained on uncapped logits). Falcon-H1's lm_head_multiplier
+    rescales the logits: refused like Cohere's logit_scale (it was silently dropped)."""
+    gemma = dict(model_type="gemma2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0,
+                 pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="KL streams .* softcaps .*final_logit_softcapping=3.0"):
+        Surgery(model=load_model(config=gemma), tokenizer=tok, streams=_streams(data), train=_train(steps=1))
+    run = Surgery(model=load_model(config=gemma), tokenizer=tok, streams=_streams(data)[:2], train=_train(steps=1))
+    assert run.objective.head_opts == {"softcap": 3.0}
+    llama = load_model(config=tiny_llama(len(tok)))
+    llama.config.lm_head_multiplier = 0.25
+    with pytest.raises(ValueError, match="lm_head_multiplier=0.25"):
+        Surgery(model=llama, tokenizer=tok, streams=_streams(data)[:2], train=_train(steps=1))
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_final_hidden_is_what_the_head_sees(tok, data, arch):
     """The one model path (base_model's last_hidden_state + get_output_embeddings) reproduces the
