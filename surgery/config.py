@@ -53,6 +53,9 @@ class Stream:
             # It names metrics keys (loss/<name>) and the reference cache's folder.
             raise ValueError(f"Stream name {self.name!r} must not contain '/' or '\\' (it names metrics keys "
                              f"such as loss/<name> and a folder of the reference cache)")
+        if self.name == "total":
+            raise ValueError("Stream name 'total' is taken: metrics log the objective as loss/total next to each "
+                             "stream's loss/<name>; name the stream otherwise")
         if self.loss not in LOSSES:
             raise ValueError(f"Stream {self.name!r}: loss must be one of {LOSSES}, got {self.loss!r}")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:

@@ -203,6 +203,9 @@ class Surgery:
         if len(set(names)) != len(names):
             raise ValueError(f"stream names must be unique, got {names}")
         self.eval_sets = [e if isinstance(e, EvalSet) else EvalSet(**e) for e in eval]
+        names = [e.name for e in self.eval_sets]
+        if len(set(names)) != len(names):  # results are keyed by name: one would replace the other
+            raise ValueError(f"eval set names must be unique, got {names}")
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.on_step = on_step
         self.dist = distributed.init()

@@ -203,6 +203,7 @@ def test_preset_streams_without_data_are_named_with_the_merge_rule(tmp_path):
     ("model: {path: m}\nstreams: [{name: a, data: a.jsonl}]\ntrain: {stpes: 3}\n", r"train: unknown key\(s\) \['stpes'\]"),
     ("model: {path: m}\nstreams: [{name: a}]\n", "has no data"),
     ("model: {path: m}\nstreams: [{name: retain/wiki, data: a.jsonl}]\n", "must not contain '/'"),
+    ("model: {path: m}\nstreams: [{name: total, data: a.jsonl}]\n", "'total' is taken.*loss/total"),
     ("streams: [{name: a, data: a.jsonl}]\n", "no model section"),
     ("model: {path: m}\nstreams: [{name: a, data: a.jsonl}]\nreference: twin\n", "reference must be one of"),
 ])

@@ -985,6 +985,8 @@ def test_cli_train_and_eval(tok, data, tmp_path, capsys):
 
 
 def test_surgery_without_streams_only_evaluates(tok, data, tmp_path):
+    with pytest.raises(ValueError, match=r"eval set names must be unique, got \['qa', 'qa'\]"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=[], eval=[EvalSet("qa", data[3]), EvalSet("qa", data[2])])
     run = Surgery(model=_model(tok), tokenizer=tok, streams=[], eval=[EvalSet("qa", data[3])])
     assert set(run.evaluate()["qa"]) >= {"accuracy"}
     for call in (run.train, run.run):
