@@ -435,17 +435,20 @@ class Surgery:
         for k, (a, z) in enumerate(rows):
             row_stream[a:z] = k
         row_stream = row_stream.to(self.device)
-        sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device)
-        coef = torch.tensor([s.weight for s in self.streams], device=self.device)
+        # float32 (the kernels' accumulation type), float64 for a float64 model (a reference run).
+        wdt = torch.float64 if any(p.dtype == torch.float64 for p in self.model.parameters()) else torch.float32
+        sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device,
+                            dtype=wdt)
+        coef = torch.tensor([s.weight for s in self.streams], device=self.device, dtype=wdt)
         if self.cfg.mean_over == "records":
             # sign_s / (R_s * n_row): R_s = the stream's records with a live token, over all processes.
             row_tokens = torch.cat([torch.cat([p.live_ce.sum(1), p.live_kl.sum(1)]) for p in passes]).to(self.device)
             records = torch.zeros(len(self.streams), dtype=torch.float64, device=self.device)
             records.index_add_(0, row_stream, (row_tokens > 0).to(torch.float64))
             self.dist.all_reduce_sum(records)
-            row_w = sign[row_stream] / (records.clamp_min(1)[row_stream] * row_tokens.clamp_min(1)).to(torch.float32)
+            row_w = sign[row_stream] / (records.clamp_min(1)[row_stream] * row_tokens.clamp_min(1)).to(wdt)
         else:
-            row_w = (sign / counts.clamp_min(1).to(torch.float32))[row_stream]
+            row_w = (sign / counts.clamp_min(1).to(wdt))[row_stream]
         row_c = coef[row_stream]
         stats = torch.zeros(1 + 2 * len(self.streams), dtype=torch.float64, device=self.device)
         for p in passes:

@@ -741,10 +741,11 @@ def test_mean_over_records_averages_each_record_mean(tok, data):
     total.backward()
     norm = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]).norm()
     m = got["records"]
-    assert m["loss/total"] == pytest.approx(total.item(), rel=1e-6)
+    # float64 to rounding: the per-token weights are float64 in a float64 run
+    assert m["loss/total"] == pytest.approx(total.item(), rel=1e-10)
     for s, mean in zip(streams, means):
-        assert m[f"loss/{s.name}"] == pytest.approx(mean.item(), rel=1e-6), s.name
-    assert m["grad_norm"] == pytest.approx(norm.item(), rel=1e-6)
+        assert m[f"loss/{s.name}"] == pytest.approx(mean.item(), rel=1e-10), s.name
+    assert m["grad_norm"] == pytest.approx(norm.item(), rel=1e-10)
     assert got["tokens"]["loss/unlearn"] != pytest.approx(means[0].item(), rel=1e-3)
     assert got["tokens"]["loss/retain"] != pytest.approx(means[2].item(), rel=1e-2)
 
