@@ -41,7 +41,8 @@ used as given when passed), tokens equal to ``ignore_index`` (-100) skipped, the
 remaining tokens, or their sum divided by ``num_items_in_batch`` when the trainer passes it;
 plus ``router_aux_loss_coef * aux_loss`` for mixture-of-experts models that return an
 ``aux_loss``, as they do themselves. Models whose loss is something else (another
-``loss_function``, a z-loss) are refused at patch time; a model that adds some other
+``loss_function``, a forward that does not call it — Bart-family and TrOCR ``*ForCausalLM``,
+encoder-decoders — or a z-loss) are refused at patch time; a model that adds some other
 label-dependent term inside its own forward cannot be detected. One difference: a batch with no
 live token gives 0 here and NaN in Hugging Face.
 
@@ -425,14 +426,35 @@ def _check_head(model, state: _Patch) -> None:
 
 
 def _check_loss_function(model) -> None:
+    """The loss the patch reproduces is transformers' ForCausalLMLoss, called by the model's
+    forward as ``self.loss_function``. ``loss_function`` is a property every PreTrainedModel has,
+    so the forward must also use it: Bart-family and TrOCR ``*ForCausalLM`` classes, CPM-Ant, XLM
+    and encoder-decoder models compute an unshifted CE of their own, which the patch would
+    silently replace by a shifted one."""
+    get_base = getattr(model, "get_base_model", None)  # peft: the transformers model inside
+    base = get_base() if callable(get_base) else model
+    name = type(base).__name__
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"surgery_kernels.hf.patch: {name} is an encoder-decoder model; the patch reproduces the "
+                         f"decoder-only causal-LM loss (shifted labels) only")
     try:
         from transformers.loss.loss_utils import LOSS_MAPPING
     except ImportError:  # transformers without a loss registry: nothing to compare against
         return
-    fn = getattr(model, "loss_function", None)
+    fn = getattr(base, "loss_function", None)
     if fn is not None and fn is not LOSS_MAPPING.get("ForCausalLM"):
         raise ValueError(f"model's loss_function must be transformers' ForCausalLMLoss (the loss patch reproduces), "
                          f"got {getattr(fn, '__name__', fn)!r}")
+    if fn is None:  # not a transformers model: its labels loss is taken to be the shifted CE (docstring)
+        return
+    forward = type(base).forward
+    for _ in range(8):  # decorators (can_return_tuple, auto_docstring, ...) keep the original in __wrapped__
+        forward = getattr(forward, "__wrapped__", forward)
+    code = getattr(forward, "__code__", None)
+    if code is not None and "loss_function" not in code.co_names:
+        raise ValueError(f"surgery_kernels.hf.patch: {name}.forward computes its loss without transformers' "
+                         f"loss_function (ForCausalLMLoss), so the patched loss would not be the model's (an "
+                         f"unshifted cross-entropy, say); patch models whose forward calls self.loss_function")
 
 
 def _check_extra_loss_terms(model) -> None:
@@ -483,7 +505,18 @@ def patch(model, backend: str = "auto", *, chunk_size: int | None = None, eval_l
     object.__setattr__(head, _ATTR, state)
     model.forward = _Forward(model, head=False, state=state)
     head.forward = _Forward(head, head=True, state=state)
+    for module in (model, head):
+        object.__setattr__(module, "_replicate_for_data_parallel", _refuse_data_parallel)
     return model
+
+
+def _refuse_data_parallel():
+    """Set on a patched model and head in place of ``Module._replicate_for_data_parallel``:
+    ``nn.DataParallel``'s replicas copy the instance ``__dict__``, so each replica's ``forward``
+    would be the patch bound to the original module (its weights, its device) — refused instead."""
+    raise RuntimeError("surgery_kernels.hf.patch: torch.nn.DataParallel is not supported on a patched model (its "
+                       "replicas would run the original module); use DistributedDataParallel — for the Hugging Face "
+                       "Trainer on several GPUs, launch with torchrun — or one GPU")
 
 
 class _Forward:
@@ -550,6 +583,8 @@ def unpatch(model):
             else:
                 module.__dict__["forward"] = prev
             module.__dict__.pop(_ATTR, None)
+        if module.__dict__.get("_replicate_for_data_parallel") is _refuse_data_parallel:
+            del module.__dict__["_replicate_for_data_parallel"]
     return model
 
 

@@ -756,6 +756,40 @@ def test_bad_arguments():
         hf.patch(model)
 
 
+def test_models_with_a_loss_of_their_own_are_refused():
+    """Every PreTrainedModel has a ``loss_function`` property, but Bart-family and TrOCR
+    ``*ForCausalLM`` compute an unshifted CE of their own, and encoder-decoder models their own
+    loss: patching them silently made the loss a shifted CE (10% off on BartForCausalLM)."""
+    small = dict(vocab_size=V, d_model=32, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
+                 max_position_embeddings=64)
+    for cfg in (tf.BartConfig(encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, is_decoder=True,
+                              **small), tf.TrOCRConfig(is_decoder=True, **small)):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+        with pytest.raises(ValueError, match=f"{type(model).__name__}.forward computes its loss without"):
+            hf.patch(model)
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                   num_heads=4))
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        hf.patch(t5)
+
+
+def test_data_parallel_replicas_are_refused():
+    """nn.DataParallel's replicas copy the module's __dict__, so each would run the patch bound to
+    the original module (its weights, its device): refused when DataParallel replicates (HF
+    Trainer does on several GPUs without torchrun), and possible again after unpatch."""
+    model = hf.patch(_model("llama"), backend="torch")
+    for module in (model, model.get_output_embeddings()):
+        with pytest.raises(RuntimeError, match="DataParallel is not supported.*torchrun"):
+            module._replicate_for_data_parallel()
+    import pickle
+
+    again = pickle.loads(pickle.dumps(model))  # the refusal pickles (a module-level function)
+    with pytest.raises(RuntimeError, match="DataParallel"):
+        again._replicate_for_data_parallel()
+    hf.unpatch(model)
+    assert model._replicate_for_data_parallel().forward.__func__ is type(model).forward
+
+
 def test_labels_not_matching_the_tokens_at_the_head():
     model = hf.patch(_model("llama"), backend="torch")
     ids, labels = _batch()
