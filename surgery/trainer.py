@@ -331,6 +331,10 @@ class Surgery:
         # The optimizer must hold the sharded parameters: create it before any forward (FSDP keeps
         # the root's parameters unsharded after a forward, and they are swapped in as module attributes).
         params = [p for p in self.objective.parameters() if p.requires_grad]
+        # The per-token stream weights: float32 (the kernels' accumulation type), float64 for a
+        # float64 model (a reference run).
+        wide = any(p.dtype == torch.float64 for p in self.objective.parameters())
+        self._weight_dtype = torch.float64 if wide else torch.float32
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps,
                                            weight_decay=self.cfg.weight_decay)
         # float16 autocast over float32 weights: small gradients underflow in float16, so the loss is
@@ -424,28 +428,27 @@ class Surgery:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         passes, rows = self._passes()
-        # Live tokens per stream over all passes and processes: the per-stream means are global
-        # means, so the passes' losses add up to the one-pass objective (and their gradients too).
-        counts = torch.stack([sum(p.live(*p.rows[k]).sum() for p in passes)
-                              for k in range(len(self.streams))]).to(torch.float64)
-        self.dist.all_reduce_sum(counts)
-        # Per row of the step: sign_s / N_s (token weight) and c_s (coefficient), built on the device (no host sync).
-        # rows[k] is stream k's place in the step's draw order (CE streams first), not config order.
+        # Per row of the step, in draw order (CE streams first; rows[k] is stream k's place there,
+        # not its config order): its stream and its live tokens, built on the device (no host sync).
         row_stream = torch.empty(max((z for _, z in rows), default=0), dtype=torch.long)
         for k, (a, z) in enumerate(rows):
             row_stream[a:z] = k
         row_stream = row_stream.to(self.device)
-        # float32 (the kernels' accumulation type), float64 for a float64 model (a reference run).
-        wdt = torch.float64 if any(p.dtype == torch.float64 for p in self.model.parameters()) else torch.float32
+        row_tokens = torch.cat([torch.cat([p.live_ce.sum(1), p.live_kl.sum(1)]) for p in passes]).to(self.device)
+        # Per stream, over all passes and processes (one collective): live tokens, and records with
+        # a live token. The per-stream means are global means, so the passes' losses add up to the
+        # one-pass objective (and their gradients too).
+        per_stream = torch.zeros(2, len(self.streams), dtype=torch.float64, device=self.device)
+        per_stream[0].index_add_(0, row_stream, row_tokens.to(torch.float64))
+        per_stream[1].index_add_(0, row_stream, (row_tokens > 0).to(torch.float64))
+        self.dist.all_reduce_sum(per_stream)
+        counts, records = per_stream
+        # Per row: sign_s / N_s (token weight; "records": sign_s / (R_s * n_row)) and c_s (coefficient).
+        wdt = self._weight_dtype
         sign = torch.tensor([-1.0 if s.loss == "ascent" else 1.0 for s in self.streams], device=self.device,
                             dtype=wdt)
         coef = torch.tensor([s.weight for s in self.streams], device=self.device, dtype=wdt)
         if self.cfg.mean_over == "records":
-            # sign_s / (R_s * n_row): R_s = the stream's records with a live token, over all processes.
-            row_tokens = torch.cat([torch.cat([p.live_ce.sum(1), p.live_kl.sum(1)]) for p in passes]).to(self.device)
-            records = torch.zeros(len(self.streams), dtype=torch.float64, device=self.device)
-            records.index_add_(0, row_stream, (row_tokens > 0).to(torch.float64))
-            self.dist.all_reduce_sum(records)
             row_w = sign[row_stream] / (records.clamp_min(1)[row_stream] * row_tokens.clamp_min(1)).to(wdt)
         else:
             row_w = (sign / counts.clamp_min(1).to(wdt))[row_stream]

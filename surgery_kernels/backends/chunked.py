@@ -13,7 +13,6 @@ materializing one lives in ``surgery_kernels.reference``).
 from __future__ import annotations
 
 import functools
-
 import math
 
 import torch
