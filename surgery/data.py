@@ -191,12 +191,22 @@ class Example:
     loss_from: int  # first token index that is predicted with loss (1 for plain text)
 
 
+def tokens_after(tokenizer, prefix: str, rest: str, prefix_ids: list[int] | None = None) -> tuple[list, list]:
+    """Token ids of ``prefix`` (with special tokens; ``prefix_ids`` if already known) and of ``rest``
+    as it stands in ``prefix + rest``: the joint tokens after the prefix's own, so a tokenizer
+    that marks word starts (Llama-2's "▁") gives the rest's tokens as in the sentence. Where the
+    joint tokens do not begin with the prefix's (a merge across the boundary, an appended EOS),
+    ``rest`` is tokenized alone without special tokens."""
+    p = list(tokenizer(prefix)["input_ids"]) if prefix_ids is None else prefix_ids
+    whole = list(tokenizer(prefix + rest)["input_ids"])
+    if len(whole) > len(p) and whole[:len(p)] == p:
+        return p, whole[len(p):]
+    return p, list(tokenizer(rest, add_special_tokens=False)["input_ids"])
+
+
 def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss: bool = False) -> list[Example]:
-    """Tokenize LM records: text as one sequence; prompt + completion as one text, the completion's
-    tokens being those after the prompt's own (so a tokenizer that marks word starts, Llama-2's
-    "▁", trains on the completion's tokens as they stand in the sentence, as the evaluation scores
-    a choice); where the joint tokens do not begin with the prompt's (a merge across the boundary,
-    an appended EOS), the completion is tokenized alone without special tokens and joined. At most
+    """Tokenize LM records: text as one sequence; prompt + completion with the completion's tokens
+    as they stand in the sentence (``tokens_after``), as the evaluation scores a choice. At most
     ``max_length`` tokens: text loses its end; a prompt + completion keeps the whole completion
     (what carries the loss) when it fits in ``max_length - 1`` tokens, the prompt losing its start
     but not its BOS to make room, as the evaluation does for a long question; a longer completion
@@ -214,12 +224,7 @@ def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss
             ids = list(tokenizer(rec["text"])["input_ids"])[:max_length]
             start = 1
         else:
-            p = list(tokenizer(rec["prompt"])["input_ids"])
-            whole = list(tokenizer(rec["prompt"] + rec["completion"])["input_ids"])
-            if len(whole) > len(p) and whole[:len(p)] == p:
-                c = whole[len(p):]
-            else:
-                c = list(tokenizer(rec["completion"], add_special_tokens=False)["input_ids"])
+            p, c = tokens_after(tokenizer, rec["prompt"], rec["completion"])
             if len(p) + len(c) > max_length:
                 keep_p = max_length - len(c) if len(c) < max_length else min(len(p), max_length // 2)
                 keep_p = max(0, min(len(p), keep_p))

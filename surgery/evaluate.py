@@ -11,11 +11,9 @@ Both score tokens with ``linear_cross_entropy(reduction="none")`` on the final h
 Multiple choice (the paper's method, as in the authors' code): each choice is scored by the mean
 log-likelihood of its tokens given the question — the choice with the lowest perplexity
 exp(mean NLL) wins — in ``accuracy``; ``accuracy_sum`` scores by the summed log-likelihood
-instead (it favours short choices). ``question + sep + choice`` is tokenized as one text and the
-choice's tokens are those after the question's own tokens, so a tokenizer that marks a word start
-(SentencePiece's "▁") scores the choice's tokens as they stand in the sentence; where the joint
-tokens do not begin with the question's (a merge across the boundary), question and choice are
-tokenized separately and joined. Ties go to the first choice.
+instead (it favours short choices). The choice's tokens are those it has in ``question + sep +
+choice`` (``data.tokens_after``: a tokenizer that marks a word start, SentencePiece's "▁", scores
+them as they stand in the sentence). Ties go to the first choice.
 
 Perplexity: ``perplexity`` is the corpus's, exp(total NLL / tokens); ``perplexity_per_document``
 the mean over records of each one's exp(mean NLL), the paper's (its documents count equally,
@@ -29,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .data import Example, collate, read_records, tokenize_lm
+from .data import Example, collate, read_records, tokenize_lm, tokens_after
 
 
 def _scorer(model, backend: str):
@@ -87,12 +85,8 @@ def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: in
     for qi, rec in enumerate(records):
         q = list(tokenizer(rec["question"])["input_ids"])
         for c in rec["choices"]:
-            ids = list(tokenizer(rec["question"] + sep + c)["input_ids"])
-            if ids[:len(q)] == q and len(ids) > len(q):
-                c_ids = ids[len(q):]
-            else:
-                c_ids = list(tokenizer(sep + c, add_special_tokens=False)["input_ids"])
-                ids = q + c_ids
+            _, c_ids = tokens_after(tokenizer, rec["question"], sep + c, prefix_ids=q)
+            ids = q + c_ids
             if max_length is not None and len(ids) > max_length:
                 # Keep the answer: drop the start of the question if it must go, but not its BOS
                 # (the model has always seen one first).
