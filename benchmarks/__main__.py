@@ -54,11 +54,16 @@ def main(argv=None) -> int:
         return run(args)
     from . import report
 
-    if args.merge:
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
-        meta, rows = report.merge([report.load(Path(d)) for d in args.merge])
-        report.write_all(Path(args.dir), meta, rows)
-    meta, rows = report.load(Path(args.dir))
+    try:
+        if args.merge:
+            runs = [report.load(Path(d)) for d in args.merge]
+            Path(args.dir).mkdir(parents=True, exist_ok=True)
+            meta, rows = report.merge(runs)
+            report.write_all(Path(args.dir), meta, rows)
+        meta, rows = report.load(Path(args.dir))
+    except ValueError as e:  # not a run's directory, runs of different devices
+        print(f"benchmarks report: {e}", file=sys.stderr)
+        return 2
     if args.readme:
         print(report.readme_section(meta, rows, args.dir.rstrip("/")))
     else:

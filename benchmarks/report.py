@@ -58,7 +58,14 @@ def write_all(out_dir: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def load(out_dir: Path) -> tuple[dict, list[dict]]:
-    data = json.loads((Path(out_dir) / "results.json").read_text())
+    path = Path(out_dir) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: give the directory of a `python -m benchmarks run`")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or "meta" not in data or "rows" not in data:
+        what = " (a `surgery demo` result: its report is results.md beside it)" \
+            if isinstance(data, dict) and "sets" in data else ""
+        raise ValueError(f"{path} is not the output of `python -m benchmarks run` (no 'meta' and 'rows'){what}")
     return data["meta"], data["rows"]
 
 

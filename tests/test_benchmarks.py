@@ -139,6 +139,20 @@ def test_report_files_and_goal_verdicts(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["commit"] == "abc"
 
 
+def test_report_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    """`benchmarks report DIR` on a demo result or an empty directory: exit 2 and a message naming
+    the file, not a KeyError."""
+    from benchmarks.__main__ import main
+
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "results.json").write_text(json.dumps({"sets": {}, "model": "x"}))
+    assert main(["report", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "demo/results.json is not the output of" in err and "surgery demo" in err
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "empty/results.json does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.no_poison
 def test_one_command_end_to_end(tmp_path):
     """The real command on the smoke preset: workers, floor, naive, report, plots."""
