@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from surgery_kernels.backends.triton_kernels import ce, common, kl, rows  # noqa: E402
 
 TENSOR_ARGS = ("h_ptr", "w_ptr", "b_ptr", "rh_ptr", "rw_ptr", "rb_ptr")
-FLOAT_ARGS = ("softcap", "filter_eps", "inv_t", "ascent_cap")
+FLOAT_ARGS = ("softcap", "ref_softcap", "filter_eps", "inv_t", "ascent_cap")
 # pointer arguments of the row kernels that are not float32 (the logits take the input dtype)
 ROW_PTRS = {"lse_ptr": "fp64", "rlse_ptr": "fp64", "mask_ptr": "u8", "target_ptr": "i64"}
 
@@ -101,11 +101,13 @@ def main():
     print("| kernel | dtype | tile, warps, stages | cp.async | wgmma | red (atomics) | smem KiB | ptxas | compile s |")
     print("|---|---|---|---:|---:|---:|---:|---|---:|")
     grad = dict(NEED_DH=True, NEED_DW=True, NEED_DB=True)
+    caps = dict(SOFTCAP=False, REF_SOFTCAP=False)  # the KL as the Llama-2 heads run it
     kernels = [
         (ce.ce_fwd_kernel, common.CE_FWD_CONFIGS, dict(HAS_BIAS=True, SOFTCAP=True)),
         (ce.ce_bwd_kernel, common.BWD_CONFIGS, dict(HAS_BIAS=True, SOFTCAP=True, **grad)),
-        (kl.kl_fwd_kernel, common.KL_FWD_CONFIGS, dict(HAS_BIAS=True, HAS_REF_BIAS=True, REVERSE=True)),
-        (kl.kl_bwd_kernel, common.BWD_CONFIGS, dict(HAS_BIAS=True, HAS_REF_BIAS=True, REVERSE=True, **grad)),
+        (kl.kl_fwd_kernel, common.KL_FWD_CONFIGS, dict(HAS_BIAS=True, HAS_REF_BIAS=True, REVERSE=True, **caps)),
+        (kl.kl_bwd_kernel, common.BWD_CONFIGS, dict(HAS_BIAS=True, HAS_REF_BIAS=True, REVERSE=True, **caps,
+                                                    **grad)),
     ]
     for fn, cfgs, flags in kernels:
         for cfg in cfgs:
@@ -119,7 +121,8 @@ def main():
             compile_rows(rows.ce_rows_kernel, dtype, cfg, dict(SOFTCAP=True, ASCENT_CAP=True, **stats_grad))
             compile_rows(rows.ce_rows_kernel, dtype, cfg, dict(SOFTCAP=False, ASCENT_CAP=False, **stats_grad))
             for reverse in (False, True):
-                compile_rows(rows.kl_rows_kernel, dtype, cfg, dict(REVERSE=reverse, HAS_MASK=True, **stats_grad))
+                compile_rows(rows.kl_rows_kernel, dtype, cfg, dict(REVERSE=reverse, HAS_MASK=True, SOFTCAP=False,
+                                                                   REF_SOFTCAP=False, **stats_grad))
 
 
 if __name__ == "__main__":

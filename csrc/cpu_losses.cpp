@@ -104,14 +104,15 @@ SK_INLINE float fmax_(float a, float b) { return a > b ? a : b; }
 // ---------------------------------------------------------------------------------------------
 // Row kernels over one float32 row of V logits.
 
-// x -> cap * tanh(x / cap) when cap > 0; x -> x * scale otherwise. Returns max(x).
+// x -> cap * tanh(x / cap) * scale when cap > 0; x -> x * scale otherwise. Returns max(x).
 SK_MULTIVERSION float transform_max_(float* x, int64_t V, float cap, float scale) {
   float m = -std::numeric_limits<float>::infinity();
   if (cap > 0.0f) {
-    const float inv = 1.0f / cap;
+    // scale 1 (cross-entropy): cap * scale is cap exactly.
+    const float inv = 1.0f / cap, cs = cap * scale;
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < V; ++j) {
-      float v = cap * tanh_approx(x[j] * inv);
+      float v = cs * tanh_approx(x[j] * inv);
       x[j] = v;
       m = fmax_(m, v);
     }
@@ -180,15 +181,27 @@ SK_MULTIVERSION void softcap_softmax_grad_(float* x, int64_t V, float m, float l
   }
 }
 
-// The KL rows take x = z / T (trained) and y = z_ref / T with their row maxima mx, my and
-// lsx = log sum exp(x - mx), lsy likewise: log q = (x - mx) - lsx is exact even for logits ~1e4.
+// The KL rows take x = s / T (trained) and y = s_ref / T, s = z or cap * tanh(z / cap) with each
+// side's own softcap, with their row maxima mx, my and lsx = log sum exp(x - mx), lsy likewise:
+// log q = (x - mx) - lsx is exact even for logits ~1e4.
 #define SK_LOGQ_LOGP float logq = (x[j] - mx) - lsx, logp = (y[j] - my) - lsy
 
-// Forward KL(p || q) of one row: sum_j p_j (log p_j - log q_j), 0 * log 0 = 0 (a column whose
-// reference logit is -inf adds nothing; -inf - -inf would be NaN). When c != 0, x is overwritten
-// by c * (q - p) in the same loop.
-SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, float mx, float lsx, float my, float lsy,
-                                       float c) {
+// The softcap chain rule d s / d z = 1 - tanh(z / cap)^2 of a trained-side x = cap * tanh(z / cap) / T,
+// given tc = T / cap. Without softcap it is 1 at compile time: x * 0 would be NaN for a -inf
+// logit (a banned column), and the plain path keeps its exact arithmetic.
+template <bool kCap>
+SK_INLINE float dcap(float x, float tc) {
+  if constexpr (kCap) {
+    const float u = x * tc;
+    return 1.0f - u * u;
+  } else {
+    return 1.0f;
+  }
+}
+
+template <bool kCap>
+SK_INLINE double kl_forward_row_impl(float* x, const float* y, int64_t V, float mx, float lsx, float my, float lsy,
+                                     float c, float tc) {
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t j1 = std::min(V, j0 + kBlock);
@@ -199,7 +212,7 @@ SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, floa
         SK_LOGQ_LOGP;
         float p = exp_approx(logp);
         b += logp != -INFINITY ? p * (logp - logq) : 0.0f;
-        x[j] = c * (exp_approx(logq) - p);
+        x[j] = c * (exp_approx(logq) - p) * dcap<kCap>(x[j], tc);
       }
     } else {
 #pragma omp simd reduction(+ : b)
@@ -213,11 +226,18 @@ SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, floa
   return kl;
 }
 
-// Reverse KL(q || p) of one row: sum_j q_j (log q_j - log p_j), 0 * log 0 = 0 (as above, for q).
-// When keep is set, x -> q (log q - log p) and y -> q, for kl_reverse_grad_ once the row's kl is
-// known.
-SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, float lsx, float my, float lsy,
-                                       bool keep) {
+// Forward KL(p || q) of one row: sum_j p_j (log p_j - log q_j), 0 * log 0 = 0 (a column whose
+// reference logit is -inf adds nothing; -inf - -inf would be NaN). When c != 0, x is overwritten
+// by c * (q - p) * d s / d z in the same loop (tc = T / cap of the trained side, 0 without softcap).
+SK_MULTIVERSION double kl_forward_row_(float* x, const float* y, int64_t V, float mx, float lsx, float my, float lsy,
+                                       float c, float tc) {
+  return tc != 0.0f ? kl_forward_row_impl<true>(x, y, V, mx, lsx, my, lsy, c, tc)
+                    : kl_forward_row_impl<false>(x, y, V, mx, lsx, my, lsy, c, tc);
+}
+
+template <bool kCap>
+SK_INLINE double kl_reverse_row_impl(float* x, float* y, int64_t V, float mx, float lsx, float my, float lsy, bool keep,
+                                     float tc) {
   double kl = 0.0;
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t j1 = std::min(V, j0 + kBlock);
@@ -226,11 +246,12 @@ SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, 
 #pragma omp simd reduction(+ : b)
       for (int64_t j = j0; j < j1; ++j) {
         SK_LOGQ_LOGP;
+        const float d = dcap<kCap>(x[j], tc);
         float q = exp_approx(logq);
         float v = logq != -INFINITY ? q * (logq - logp) : 0.0f;
         b += v;
-        x[j] = v;
-        y[j] = q;
+        x[j] = v * d;
+        y[j] = q * d;
       }
     } else {
 #pragma omp simd reduction(+ : b)
@@ -244,27 +265,47 @@ SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, 
   return kl;
 }
 
-// x = q (log q - log p), y = q  ->  x = c * q (log q - log p - kl).
+// Reverse KL(q || p) of one row: sum_j q_j (log q_j - log p_j), 0 * log 0 = 0 (as above, for q).
+// When keep is set, x -> q (log q - log p) d and y -> q d, d = d s / d z (1 without softcap,
+// tc = T / cap as in kl_forward_row_), for kl_reverse_grad_ once the row's kl is known.
+SK_MULTIVERSION double kl_reverse_row_(float* x, float* y, int64_t V, float mx, float lsx, float my, float lsy,
+                                       bool keep, float tc) {
+  return tc != 0.0f ? kl_reverse_row_impl<true>(x, y, V, mx, lsx, my, lsy, keep, tc)
+                    : kl_reverse_row_impl<false>(x, y, V, mx, lsx, my, lsy, keep, tc);
+}
+
+// x = q (log q - log p) d, y = q d  ->  x = c * q (log q - log p - kl) d.
 SK_MULTIVERSION void kl_reverse_grad_(float* x, const float* y, int64_t V, float kl, float c) {
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) x[j] = c * (x[j] - kl * y[j]);
 }
 
-// Recompute path of the KL gradient (row statistics and kl known): x, y -> c * dkl/dz in x.
-SK_MULTIVERSION void kl_grad_(float* x, const float* y, int64_t V, float mx, float lsx, float my, float lsy, float kl,
-                              float c, bool reverse) {
+template <bool kCap>
+SK_INLINE void kl_grad_impl(float* x, const float* y, int64_t V, float mx, float lsx, float my, float lsy, float kl,
+                            float c, bool reverse, float tc) {
   if (reverse) {
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
       SK_LOGQ_LOGP;
-      x[j] = logq != -INFINITY ? c * exp_approx(logq) * (logq - logp - kl) : 0.0f;
+      x[j] = logq != -INFINITY ? c * exp_approx(logq) * (logq - logp - kl) * dcap<kCap>(x[j], tc) : 0.0f;
     }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
       SK_LOGQ_LOGP;
-      x[j] = c * (exp_approx(logq) - exp_approx(logp));
+      x[j] = c * (exp_approx(logq) - exp_approx(logp)) * dcap<kCap>(x[j], tc);
     }
+  }
+}
+
+// Recompute path of the KL gradient (row statistics and kl known): x, y -> c * dkl/dz in x
+// (tc as in kl_forward_row_).
+SK_MULTIVERSION void kl_grad_(float* x, const float* y, int64_t V, float mx, float lsx, float my, float lsy, float kl,
+                              float c, bool reverse, float tc) {
+  if (tc != 0.0f) {
+    kl_grad_impl<true>(x, y, V, mx, lsx, my, lsy, kl, c, reverse, tc);
+  } else {
+    kl_grad_impl<false>(x, y, V, mx, lsx, my, lsy, kl, c, reverse, tc);
   }
 }
 
@@ -588,27 +629,41 @@ void ce_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
 }
 
 // ---------------------------------------------------------------------------------------------
-// KL divergence between softmax(z / T) (trained, q) and softmax(z_ref / T) (reference, p).
+// KL divergence between softmax(s / T) (trained, q) and softmax(s_ref / T) (reference, p), where
+// s = softcap * tanh(z / softcap) (s = z without softcap) and s_ref likewise with ref_softcap.
 
 void check_kl(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
               const std::optional<at::Tensor>& bias, const at::Tensor& ref_hidden, const at::Tensor& ref_weight,
-              const std::optional<at::Tensor>& ref_bias, double temperature) {
+              const std::optional<at::Tensor>& ref_bias, double temperature, std::optional<double> softcap,
+              std::optional<double> ref_softcap) {
   check_side(op, hidden, weight, bias, "");
   check_side(op, ref_hidden, ref_weight, ref_bias, "ref_");
   TORCH_CHECK_VALUE(ref_hidden.size(0) == hidden.size(0) && ref_weight.size(0) == weight.size(0), op,
               ": ref_hidden/ref_weight must have hidden's N and weight's V");
   TORCH_CHECK_TYPE(ref_hidden.scalar_type() == hidden.scalar_type(), op, ": ref_hidden dtype must match hidden");
   TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0");
+  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0, got ", softcap.value_or(0));
+  TORCH_CHECK_VALUE(!ref_softcap.has_value() || *ref_softcap > 0, op, ": ref_softcap must be > 0, got ",
+                    ref_softcap.value_or(0));
+}
+
+// The row transform of one KL side: cap (0 = none) for transform_max_, and for the trained side
+// tc = T / cap (0 = none) for the softcap chain rule of the gradient.
+float kl_cap(std::optional<double> softcap) { return softcap.has_value() ? static_cast<float>(*softcap) : 0.0f; }
+
+float kl_tc(std::optional<double> softcap, double temperature) {
+  return softcap.has_value() ? static_cast<float>(temperature / *softcap) : 0.0f;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& ref_hidden, const at::Tensor& ref_weight, const std::optional<at::Tensor>& ref_bias,
     const at::Tensor& mask, const std::optional<at::Tensor>& coeff, bool reverse, double temperature,
-    int64_t chunk_size, const std::optional<at::Tensor>& dhidden, const std::optional<at::Tensor>& dweight,
+    std::optional<double> softcap, std::optional<double> ref_softcap, int64_t chunk_size,
+    const std::optional<at::Tensor>& dhidden, const std::optional<at::Tensor>& dweight,
     const std::optional<at::Tensor>& dbias) {
   const char* op = "surgery::kl_forward";
-  check_kl(op, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature);
+  check_kl(op, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, softcap, ref_softcap);
   const int64_t N = hidden.size(0), V = weight.size(0);
   check_per_token(op, mask, N, at::kBool, "mask");
   if (coeff.has_value()) check_per_token(op, *coeff, N, at::kFloat, "coeff");
@@ -624,6 +679,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
   }
   const bool with_grad = coeff.has_value();
   const float inv_t = static_cast<float>(1.0 / temperature);
+  const float cap = kl_cap(softcap), rcap = kl_cap(ref_softcap), tc = kl_tc(softcap, temperature);
   const bool* mk = mask.const_data_ptr<bool>();
   const float* cf = with_grad ? coeff->const_data_ptr<float>() : nullptr;
   float* kl_p = kl.mutable_data_ptr<float>();
@@ -640,8 +696,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
       float* y = fp[1] + i * V;
       load_row<T>(x, zp[0] + i * V, b, V);
       load_row<T>(y, zp[1] + i * V, rb, V);
-      const float mx = transform_max_(x, V, 0.0f, inv_t);
-      const float my = transform_max_(y, V, 0.0f, inv_t);
+      const float mx = transform_max_(x, V, cap, inv_t);
+      const float my = transform_max_(y, V, rcap, inv_t);
       const double lsx = std::log(sum_exp(x, V, mx)), lsy = std::log(sum_exp(y, V, my));
       lse_p[row] = static_cast<float>(mx + lsx);
       rlse_p[row] = static_cast<float>(my + lsy);
@@ -651,9 +707,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cpu(
       double k = 0.0;
       if (live) {
         if (!reverse) {
-          k = kl_forward_row_(x, y, V, mx, fx, my, fy, c);
+          k = kl_forward_row_(x, y, V, mx, fx, my, fy, c, tc);
         } else {
-          k = kl_reverse_row_(x, y, V, mx, fx, my, fy, c != 0.0f);
+          k = kl_reverse_row_(x, y, V, mx, fx, my, fy, c != 0.0f, tc);
           if (c != 0.0f) kl_reverse_grad_(x, y, V, static_cast<float>(k), c);
         }
       }
@@ -671,10 +727,11 @@ void kl_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
                      const at::Tensor& ref_hidden, const at::Tensor& ref_weight,
                      const std::optional<at::Tensor>& ref_bias, const at::Tensor& lse, const at::Tensor& ref_lse,
                      const at::Tensor& kl, const at::Tensor& coeff, bool reverse, double temperature,
-                     int64_t chunk_size, const std::optional<at::Tensor>& dhidden,
-                     const std::optional<at::Tensor>& dweight, const std::optional<at::Tensor>& dbias) {
+                     std::optional<double> softcap, std::optional<double> ref_softcap, int64_t chunk_size,
+                     const std::optional<at::Tensor>& dhidden, const std::optional<at::Tensor>& dweight,
+                     const std::optional<at::Tensor>& dbias) {
   const char* op = "surgery::kl_backward";
-  check_kl(op, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature);
+  check_kl(op, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature, softcap, ref_softcap);
   const int64_t N = hidden.size(0), V = weight.size(0);
   check_per_token(op, lse, N, at::kFloat, "lse");
   check_per_token(op, ref_lse, N, at::kFloat, "ref_lse");
@@ -687,6 +744,7 @@ void kl_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
     return;
   }
   const float inv_t = static_cast<float>(1.0 / temperature);
+  const float cap = kl_cap(softcap), rcap = kl_cap(ref_softcap), tc = kl_tc(softcap, temperature);
   const float* cf = coeff.const_data_ptr<float>();
   const float* kl_p = kl.const_data_ptr<float>();
 
@@ -706,11 +764,11 @@ void kl_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
         load_row<T>(y, zp[1] + i * V, rb, V);
         // Row statistics are recomputed rather than read from lse/ref_lse: a float lse is
         // not exact enough to form exp(z - lse) for logits ~1e4.
-        const float mx = transform_max_(x, V, 0.0f, inv_t);
-        const float my = transform_max_(y, V, 0.0f, inv_t);
+        const float mx = transform_max_(x, V, cap, inv_t);
+        const float my = transform_max_(y, V, rcap, inv_t);
         const float lsx = static_cast<float>(std::log(sum_exp(x, V, mx)));
         const float lsy = static_cast<float>(std::log(sum_exp(y, V, my)));
-        kl_grad_(x, y, V, mx, lsx, my, lsy, kl_p[row], c, reverse);
+        kl_grad_(x, y, V, mx, lsx, my, lsy, kl_p[row], c, reverse, tc);
       }
       store_row<T>(zp[0] + i * V, x, V);
     });

@@ -28,10 +28,12 @@ TORCH_LIBRARY(surgery, m) {
       "Tensor(a!)? dhidden, Tensor(b!)? dweight, Tensor(c!)? dbias) -> ()");
   m.def(
       "kl_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, Tensor ref_weight, "
-      "Tensor? ref_bias, Tensor mask, Tensor? coeff, bool reverse, float temperature, int chunk_size, "
-      "Tensor(a!)? dhidden, Tensor(b!)? dweight, Tensor(c!)? dbias) -> (Tensor kl, Tensor lse, Tensor ref_lse)");
+      "Tensor? ref_bias, Tensor mask, Tensor? coeff, bool reverse, float temperature, float? softcap, "
+      "float? ref_softcap, int chunk_size, Tensor(a!)? dhidden, Tensor(b!)? dweight, Tensor(c!)? dbias) "
+      "-> (Tensor kl, Tensor lse, Tensor ref_lse)");
   m.def(
       "kl_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor ref_hidden, Tensor ref_weight, "
       "Tensor? ref_bias, Tensor lse, Tensor ref_lse, Tensor kl, Tensor coeff, bool reverse, float temperature, "
-      "int chunk_size, Tensor(a!)? dhidden, Tensor(b!)? dweight, Tensor(c!)? dbias) -> ()");
+      "float? softcap, float? ref_softcap, int chunk_size, Tensor(a!)? dhidden, Tensor(b!)? dweight, "
+      "Tensor(c!)? dbias) -> ()");
 }

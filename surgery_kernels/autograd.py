@@ -221,13 +221,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 class LinearKLDivFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, token_weight, backend, needs,
-                direction, temperature, reduction, chunk_size):
+                direction, temperature, softcap, ref_softcap, reduction, chunk_size):
         # needs: does (hidden, weight, bias, token_weight) want a gradient.
         impl = _impl(backend)
         acc = _acc(hidden.dtype)
         w, coeff, scale = _coefficients(mask, token_weight, reduction, acc)
         needs, need_tw = needs[:3], needs[3]
-        opts = dict(direction=direction, temperature=temperature, chunk_size=chunk_size)
+        opts = dict(direction=direction, temperature=temperature, softcap=softcap, ref_softcap=ref_softcap,
+                    chunk_size=chunk_size)
         ctx.reduction, ctx.backend, ctx.needs, ctx.opts, ctx.scale = reduction, backend, needs, opts, None
         ctx.fused = _fused(reduction, needs, hidden.dtype)
         refs = (ref_hidden, ref_weight, ref_bias)
@@ -262,4 +263,4 @@ class LinearKLDivFunction(torch.autograd.Function):
                                                             grad_out.to(w.dtype) * w, needs=ctx.needs, **ctx.opts)
             if dtw is not None:
                 dtw = _times(dtw, grad_out)
-        return dh, dw, db, None, None, None, None, dtw, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, dtw, None, None, None, None, None, None, None, None

@@ -83,15 +83,18 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
 
 
 def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, mask=None, token_weight=None,
-                  direction="forward", temperature=1.0, reduction="mean", backend="auto", chunk_size=None,
-                  return_values=False):
+                  direction="forward", temperature=1.0, softcap=None, ref_softcap=None, reduction="mean",
+                  backend="auto", chunk_size=None, return_values=False):
     """Token-level KL divergence between the trained model's softmax(z / T), z = hidden @ weight.T
     + bias, and a frozen reference's softmax(z_ref / T), without materializing either's logits.
 
     hidden: (..., H), weight: (V, H) — gradients flow; ref_hidden: (..., H'), ref_weight: (V, H') —
     treated as constants (ref_weight may be the very tensor passed as weight); mask: (...) bool,
     False = token skipped; token_weight: (...) float. ``direction``: "forward" = KL(p_ref || p),
-    "reverse" = KL(p || p_ref). The true KL (>= 0), no T**2 rescaling. ``reduction`` and
+    "reverse" = KL(p || p_ref). The true KL (>= 0), no T**2 rescaling. ``softcap`` /
+    ``ref_softcap``: each side's logits go through z -> c * tanh(z / c) before the temperature, as
+    a model with a final logit softcap (Gemma-2) computes them; give both for such a model and its
+    frozen copy (each side's own: None leaves that side uncapped). ``reduction`` and
     ``return_values`` (unweighted per-token ``kl_i``, 0 where masked) as in
     :func:`linear_cross_entropy`, the mean dividing by the number of unmasked tokens.
     """
@@ -110,6 +113,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     checks.per_token("token_weight", token_weight, hidden, kind="float")
     checks.choice("direction", direction, checks.DIRECTIONS)
     checks.positive("temperature", temperature, allow_none=False, float32=True)
+    checks.positive("softcap", softcap, float32=True)
+    checks.positive("ref_softcap", ref_softcap, float32=True)
     chunk_size = checks.common(reduction, backend, chunk_size)
     checks.flag("return_values", return_values)
     device_type = hidden.device.type
@@ -127,7 +132,9 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     tw = token_weight.reshape(-1) if token_weight is not None else None
     with _no_autocast(device_type):
         out, values = LinearKLDivFunction.apply(h, w, b, rh, rw, rb, m, tw, name, needs, direction,
-                                                float(temperature), reduction, chunk_size)
+                                                float(temperature), None if softcap is None else float(softcap),
+                                                None if ref_softcap is None else float(ref_softcap), reduction,
+                                                chunk_size)
     return _outputs(out, values, lead, reduction, return_values)
 
 

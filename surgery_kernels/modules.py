@@ -29,11 +29,11 @@ class LinearKLDiv(torch.nn.Module):
     token_weight=None)``; the other options of :func:`surgery_kernels.linear_kl_div` are fixed at
     construction."""
 
-    def __init__(self, *, direction="forward", temperature=1.0, reduction="mean", backend="auto", chunk_size=None,
-                 return_values=False):
+    def __init__(self, *, direction="forward", temperature=1.0, softcap=None, ref_softcap=None, reduction="mean",
+                 backend="auto", chunk_size=None, return_values=False):
         super().__init__()
-        self.options = dict(direction=direction, temperature=temperature, reduction=reduction, backend=backend,
-                            chunk_size=chunk_size, return_values=return_values)
+        self.options = dict(direction=direction, temperature=temperature, softcap=softcap, ref_softcap=ref_softcap,
+                            reduction=reduction, backend=backend, chunk_size=chunk_size, return_values=return_values)
 
     def forward(self, hidden, weight, ref_hidden, ref_weight, bias=None, ref_bias=None, mask=None, token_weight=None):
         return linear_kl_div(hidden, weight, ref_hidden, ref_weight, bias=bias, ref_bias=ref_bias, mask=mask,

@@ -52,10 +52,11 @@ def linear_cross_entropy_ref(hidden, weight, target, *, bias=None, token_weight=
 
 
 def linear_kl_div_ref(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, mask=None,
-                      token_weight=None, direction="forward", temperature=1.0, reduction="mean",
-                      compute_dtype=None):
+                      token_weight=None, direction="forward", temperature=1.0, softcap=None, ref_softcap=None,
+                      reduction="mean", compute_dtype=None):
     """Token-level KL between softmax(z/T) of the trained side (q) and the reference (p), by
-    materialized logits. forward: KL(p || q); reverse: KL(q || p). The reference side is detached."""
+    materialized logits, each side's z softcapped first (``c * tanh(z / c)``, c = ``softcap`` /
+    ``ref_softcap``). forward: KL(p || q); reverse: KL(q || p). The reference side is detached."""
     shape = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     rh = ref_hidden.reshape(-1, ref_hidden.shape[-1]).detach()
@@ -69,8 +70,13 @@ def linear_kl_div_ref(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_
     z = torch.nn.functional.linear(h, weight, bias)
     zr = torch.nn.functional.linear(rh, ref_weight, ref_bias)
     stat = torch.promote_types(z.dtype, torch.float32)
-    logq = torch.log_softmax(z.to(stat) / temperature, -1)
-    logp = torch.log_softmax(zr.to(stat) / temperature, -1)
+    z, zr = z.to(stat), zr.to(stat)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    if ref_softcap is not None:
+        zr = ref_softcap * torch.tanh(zr / ref_softcap)
+    logq = torch.log_softmax(z / temperature, -1)
+    logp = torch.log_softmax(zr / temperature, -1)
     if direction == "forward":
         # 0 * log 0 = 0: where the weighting side is 0 the term is 0 (and its gradient too)
         kl = (logp.exp() * torch.where(logp != -math.inf, logp - logq, 0.0)).sum(-1)

@@ -82,6 +82,10 @@ BAD_KL = [
     ("temperature", dict(temperature=0.0), ValueError, ["temperature"]),
     ("temperature-inf", dict(temperature=float("inf")), ValueError, ["temperature", "finite"]),
     ("temperature-below-float32", dict(temperature=1e-39), ValueError, ["temperature", "float32"]),
+    ("softcap-negative", dict(softcap=-1.0), ValueError, ["softcap"]),
+    ("ref-softcap-zero", dict(ref_softcap=0), ValueError, ["ref_softcap"]),
+    ("ref-softcap-string", dict(ref_softcap="30"), ValueError, ["ref_softcap", "'30'"]),
+    ("ref-softcap-past-float32", dict(ref_softcap=1e39), ValueError, ["ref_softcap", "float32"]),
     ("reduction", dict(reduction="max"), ValueError, ["reduction"]),
     ("return-values-none", dict(return_values=None), TypeError, ["return_values"]),
 ]
@@ -133,11 +137,14 @@ def test_modules_hold_options():
                                   backend="torch")
     assert torch.equal(m(h, w, t, token_weight=tw), expect)
     kw = kl_args()
-    mk = LinearKLDiv(direction="reverse", temperature=2.0, reduction="none", backend="torch")
+    mk = LinearKLDiv(direction="reverse", temperature=2.0, softcap=1.5, ref_softcap=2.5, reduction="none",
+                     backend="torch")
+    assert "ref_softcap=2.5" in repr(mk)
     out = mk(kw["hidden"], kw["weight"], kw["ref_hidden"], kw["ref_weight"])
     assert out.shape == (6,)
     assert torch.equal(out, linear_kl_div(kw["hidden"], kw["weight"], kw["ref_hidden"], kw["ref_weight"],
-                                          direction="reverse", temperature=2.0, reduction="none", backend="torch"))
+                                          direction="reverse", temperature=2.0, softcap=1.5, ref_softcap=2.5,
+                                          reduction="none", backend="torch"))
     loss, values = LinearCrossEntropy(reduction="sum", backend="torch", return_values=True)(h, w, t)
     assert torch.equal(loss, values.sum()) and values.shape == t.shape
     kl, kvals = LinearKLDiv(backend="torch", return_values=True)(kw["hidden"], kw["weight"], kw["ref_hidden"],

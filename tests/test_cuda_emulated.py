@@ -5,7 +5,7 @@ emulation of the CUDA execution model (``tests/cuda_emu``: every CUDA thread a s
 barriers for ``__syncthreads``, a warp exchange for ``__shfl_xor_sync``) and checked row by row
 against a float64 reference computed from the same stored logits. This covers what the kernels
 decide — statistics, values, the in-place gradient, ignore_index, bounded ascent, softcap, both
-KL directions, temperature, the unaligned head / 16-byte body / tail of a row, several rows per
+KL directions, temperature, each KL side's softcap, the unaligned head / 16-byte body / tail of a row, several rows per
 block (grid-stride) — but not the GPU's memory model, speed, or the ATen GEMMs around the
 kernels; the ``cuda``-marked tests cover those on a GPU.
 """
@@ -41,7 +41,7 @@ def emu(tmp_path_factory):
     so = ctypes.CDLL(str(lib))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     so.emu_ce_rows.argtypes = [p] * 6 + [i64, i64, i64, i32, f32, i32, f32, i32, i32, i32]
-    so.emu_kl_rows.argtypes = [p] * 9 + [i64, i64, i32, f32, i32, i32, i32]
+    so.emu_kl_rows.argtypes = [p] * 9 + [i64, i64, i32, f32, i32, f32, i32, f32, i32, i32, i32]
     return so
 
 
@@ -227,8 +227,8 @@ def test_ce_rows_minus_inf_bias(emu, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_propagate_nan(emu, dtype):
     """One NaN logit in a row (also where it is not the thread's first value, or in a row of -inf
-    and NaN only): that row's CE, lse, KL (both directions, either side) and gradient are NaN, the
-    other rows untouched — the -inf handling must not swallow NaN."""
+    and NaN only): that row's CE, lse, KL (both directions, either side, with and without softcap)
+    and gradient are NaN, the other rows untouched — the -inf handling must not swallow NaN."""
     v, rows = 4100, 4
     g = torch.Generator().manual_seed(3)
     values = torch.randn(rows, v, generator=g, dtype=torch.float64) * 3
@@ -241,16 +241,15 @@ def test_rows_propagate_nan(emu, dtype):
     ce, lse = _run_ce(emu, z, None, target, coeff=coeff)
     assert ce[[1, 3]].isnan().all() and lse[[1, 3]].isnan().all() and z[1].isnan().any()
     assert torch.isfinite(ce[[0, 2]]).all() and torch.isfinite(z[[0, 2]].float()).all()
-    for reverse in (False, True):
-        for nan_side in (0, 1):
-            base = torch.randn(rows, v, generator=g, dtype=torch.float64)
-            sides = [base.clone(), base + 0.1 * torch.randn(rows, v, generator=g, dtype=torch.float64)]
-            sides[nan_side][1, 2077] = float("nan")
-            z, zr = _rows(sides[0], dtype, 0), _rows(sides[1], dtype, 1)
-            kl, lse, rlse = _run_kl(emu, z, zr, None, None, mask=torch.ones(rows, dtype=torch.bool), coeff=coeff,
-                                    reverse=reverse, temperature=1.0)
-            assert kl[1].isnan() and torch.isfinite(kl[[0, 2, 3]]).all(), (reverse, nan_side)
-            assert z[1].isnan().any() and torch.isfinite(z[[0, 2, 3]].float()).all(), (reverse, nan_side)
+    for reverse, nan_side, cap in [(r, s, c) for r in (False, True) for s in (0, 1) for c in (None, 2.0)]:
+        base = torch.randn(rows, v, generator=g, dtype=torch.float64)
+        sides = [base.clone(), base + 0.1 * torch.randn(rows, v, generator=g, dtype=torch.float64)]
+        sides[nan_side][1, 2077] = float("nan")
+        z, zr = _rows(sides[0], dtype, 0), _rows(sides[1], dtype, 1)
+        kl, lse, rlse = _run_kl(emu, z, zr, None, None, mask=torch.ones(rows, dtype=torch.bool), coeff=coeff,
+                                reverse=reverse, temperature=1.0, softcap=cap, ref_softcap=cap)
+        assert kl[1].isnan() and torch.isfinite(kl[[0, 2, 3]]).all(), (reverse, nan_side, cap)
+        assert z[1].isnan().any() and torch.isfinite(z[[0, 2, 3]].float()).all(), (reverse, nan_side, cap)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -297,10 +296,21 @@ def test_ce_rows_logits_near_1e4(emu, backward):
 # ---------------------------------------------------------------------------- KL
 
 
-def kl_reference(z, zr, bias, ref_bias, mask, reverse, temperature):
-    """float64: lse, ref_lse, kl (masked) and d kl / d z (unmasked) per row."""
-    a = (z.double() + (bias.double() if bias is not None else 0)) / temperature
-    r = (zr.double() + (ref_bias.double() if ref_bias is not None else 0)) / temperature
+def _capped(z, bias, softcap):
+    """float64: s = z + bias, then softcap * tanh(s / softcap), and d s / d z (1 without softcap)."""
+    x = z.double() + (bias.double() if bias is not None else 0)
+    if softcap is None:
+        return x, torch.ones_like(x)
+    t = torch.tanh(x / softcap)
+    return softcap * t, 1 - t * t
+
+
+def kl_reference(z, zr, bias, ref_bias, mask, reverse, temperature, softcap=None, ref_softcap=None):
+    """float64: lse, ref_lse, kl (masked) and d kl / d z (unmasked) per row; each side softcapped
+    (its own cap) before the division by T, the reference side without gradient."""
+    s, dcap = _capped(z, bias, softcap)
+    a = s / temperature
+    r = _capped(zr, ref_bias, ref_softcap)[0] / temperature
     lse, rlse = torch.logsumexp(a, 1), torch.logsumexp(r, 1)
     logq, logp = a - lse[:, None], r - rlse[:, None]
     q, p = logq.exp(), logp.exp()
@@ -309,16 +319,18 @@ def kl_reference(z, zr, bias, ref_bias, mask, reverse, temperature):
         (p * torch.where(logp != -math.inf, logp - logq, 0.0)).sum(1)
     grad = q * torch.where(logq != -math.inf, logq - logp - kl[:, None], 0.0) / temperature if reverse else \
         (q - p) / temperature
-    return lse, rlse, torch.where(mask, kl, 0.0), kl, grad
+    return lse, rlse, torch.where(mask, kl, 0.0), kl, grad * dcap
 
 
-def _run_kl(emu, z, zr, bias, ref_bias, *, mask=None, coeff=None, reverse, temperature, threads=0, grid=2):
+def _run_kl(emu, z, zr, bias, ref_bias, *, mask=None, coeff=None, reverse, temperature, softcap=None,
+            ref_softcap=None, threads=0, grid=2):
     """Runs the KL row kernel in place on z; mask None = backward mode (outputs left NaN)."""
     r, v = z.shape
     out = [torch.full((r,), float("nan")) for _ in range(3)]
     ptrs = [None] * 3 if mask is None else [_ptr(t) for t in out]
     rc = emu.emu_kl_rows(_ptr(z), _ptr(zr), _ptr(bias), _ptr(ref_bias), _ptr(mask), _ptr(coeff), *ptrs, r, v,
-                         reverse, temperature, DTYPE_CODE[z.dtype], threads, grid)
+                         reverse, temperature, softcap is not None, softcap or 0.0, ref_softcap is not None,
+                         ref_softcap or 0.0, DTYPE_CODE[z.dtype], threads, grid)
     assert rc == 0
     return out  # kl, lse, ref_lse
 
@@ -393,5 +405,72 @@ def test_kl_rows_logits_near_1e4(emu, reverse):
     _, _, kl_ref, _, grad = kl_reference(z, zr, None, None, mask, reverse, 1.0)
     kl, _, _ = _run_kl(emu, z, zr, None, None, mask=mask, coeff=coeff, reverse=reverse, temperature=1.0)
     spread = (z.double() - zr.double()).abs().max().item()
+    _check_stat(kl, kl_ref, v, spread)
+    _check_grad(z, coeff.double()[:, None] * grad, torch.float32, coeff)
+
+
+# (softcap, ref_softcap): each side capped alone and both. The logits (|z + bias| up to ~15) reach
+# well into tanh's bend at these caps, so a cap on the wrong side, after T, or without its chain
+# rule is far outside the tolerances.
+KL_ROW_CAPS = [pytest.param(4.0, None, id="softcap4"), pytest.param(None, 6.0, id="ref_softcap6"),
+               pytest.param(4.0, 6.0, id="softcap4-ref_softcap6")]
+
+
+@pytest.mark.parametrize("softcap,ref_softcap", KL_ROW_CAPS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kl_rows_softcap(emu, dtype, reverse, softcap, ref_softcap):
+    """Values, forward + gradient and backward with softcaps, biases on both sides, temperature 2
+    (the cap applies before the division by T), rows of different alignment, a masked row."""
+    v, rows, temperature = 507, 5, 2.0
+    g = torch.Generator().manual_seed(31 + reverse)
+    base = torch.randn(rows, v, generator=g, dtype=torch.float64) * 4
+    z = _rows(base + torch.randn(rows, v, generator=g, dtype=torch.float64), dtype, 1)
+    zr = _rows(base, dtype, 0)
+    b, rb = torch.randn(v, generator=g).to(dtype), torch.randn(v, generator=g).to(dtype)
+    mask = torch.tensor([True, True, False, True, True])
+    coeff = torch.randn(rows, generator=g, dtype=torch.float32)
+    caps = dict(softcap=softcap, ref_softcap=ref_softcap)
+    lse_ref, rlse_ref, kl_ref, _, grad = kl_reference(z, zr, b, rb, mask, reverse, temperature, **caps)
+    spread = (_capped(z, b, softcap)[0] - _capped(zr, rb, ref_softcap)[0]).abs().max().item() / temperature
+    z0, zr0 = z.clone(), zr.clone()
+
+    kl, lse, rlse = _run_kl(emu, z, zr, b, rb, mask=mask, reverse=reverse, temperature=temperature, **caps)
+    _check_stat(lse, lse_ref, v)
+    _check_stat(rlse, rlse_ref, v)
+    _check_stat(kl, kl_ref, v, spread)
+    assert torch.equal(z, z0)
+
+    kl, lse, rlse = _run_kl(emu, z, zr, b, rb, mask=mask, coeff=coeff, reverse=reverse, temperature=temperature,
+                            **caps)
+    _check_stat(kl, kl_ref, v, spread)
+    _check_grad(z, torch.where(mask, coeff, 0.0).double()[:, None] * grad, dtype, coeff / temperature)
+
+    z.copy_(z0)
+    _run_kl(emu, z, zr, b, rb, coeff=coeff, reverse=reverse, temperature=temperature, **caps)
+    _check_grad(z, coeff.double()[:, None] * grad, dtype, coeff / temperature)
+    assert torch.equal(zr, zr0), "the reference logits are read only"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_kl_rows_softcap_saturated(emu, reverse):
+    """Logits of +-50 (+- a few) under caps of 10 and 12: tanh saturates (d s / d z ~ 1e-3 .. 1e-6),
+    the capped logits crowd at +-cap. Values and gradient still as float64 (float32 rows)."""
+    v, rows = 999, 4
+    g = torch.Generator().manual_seed(13 + reverse)
+    sign = torch.where(torch.rand(rows, v, generator=g) < 0.5, -1.0, 1.0).double()
+    base = 50 * sign + 4 * torch.randn(rows, v, generator=g, dtype=torch.float64)
+    z = _rows(base + 2 * torch.randn(rows, v, generator=g, dtype=torch.float64), torch.float32, 1)
+    zr = _rows(base, torch.float32, 0)
+    b = torch.randn(v, generator=g)
+    mask = torch.ones(rows, dtype=torch.bool)
+    coeff = torch.tensor([1.0, -0.5, 2.0, 1.0])
+    caps = dict(softcap=10.0, ref_softcap=12.0)
+    lse_ref, rlse_ref, kl_ref, _, grad = kl_reference(z, zr, b, None, mask, reverse, 1.0, **caps)
+    assert grad.abs().max().item() < 1e-2, "the case must saturate the trained side's tanh"
+    spread = (_capped(z, b, 10.0)[0] - _capped(zr, None, 12.0)[0]).abs().max().item()
+    kl, lse, rlse = _run_kl(emu, z, zr, b, None, mask=mask, coeff=coeff, reverse=reverse, temperature=1.0, **caps)
+    _check_stat(lse, lse_ref, v)
+    _check_stat(rlse, rlse_ref, v)
     _check_stat(kl, kl_ref, v, spread)
     _check_grad(z, coeff.double()[:, None] * grad, torch.float32, coeff)

@@ -155,34 +155,40 @@ def _kl_inputs(n, h, h_ref, v, dtype, seed=0):
     return hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff
 
 
-def _kl_ref(inp, direction, temperature, dtype=torch.float64):
+def _kl_ref(inp, direction, temperature, dtype=torch.float64, caps=(None, None)):
     hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff = inp
     cast = lambda t: t.to(dtype)
     return chunked.kl_forward_backward(cast(hidden), cast(weight), cast(b), cast(ref_hidden), cast(ref_weight),
                                        cast(rb), mask, torch.where(mask, coeff, 0.0).to(dtype), direction=direction,
-                                       temperature=temperature, needs=(True, True, True), chunk_size=11)
+                                       temperature=temperature, softcap=caps[0], ref_softcap=caps[1],
+                                       needs=(True, True, True), chunk_size=11)
 
 
+# (softcap, ref_softcap): none, both, each side alone; caps of 2-3 saturate tanh for these logits
+KL_CAPS = [(None, None), (2.0, 3.0), (2.5, None), (None, 2.0)]
+
+
+@pytest.mark.parametrize("caps", KL_CAPS, ids=lambda c: f"caps{c[0]}-{c[1]}")
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_kl_float32(ops, direction):
+def test_kl_float32(ops, direction, caps):
     inp = _kl_inputs(41, 24, 16, 257, torch.float32)
     hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff = inp
     reverse, t = direction == "reverse", 1.5
-    ref = _kl_ref(inp, direction, t)
+    ref = _kl_ref(inp, direction, t, caps=caps)
 
-    kl, lse, rlse = ops.kl_forward(hidden, weight, b, ref_hidden, ref_weight, rb, mask, None, reverse, t, 9, None,
-                                   None, None)
+    kl, lse, rlse = ops.kl_forward(hidden, weight, b, ref_hidden, ref_weight, rb, mask, None, reverse, t, *caps, 9,
+                                   None, None, None)
     for got, r in zip((kl, lse, rlse), ref[:3]):
         assert rel_err(got, r) <= F32_TOL
 
     grads = _grads(hidden, weight, b)
-    out = ops.kl_forward(hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff, reverse, t, 9, *grads)
+    out = ops.kl_forward(hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff, reverse, t, *caps, 9, *grads)
     for got, r in zip((*out, *grads), ref):
         assert rel_err(got, r) <= F32_TOL
 
     bgrads = _grads(hidden, weight, b)
     ops.kl_backward(hidden, weight, b, ref_hidden, ref_weight, rb, lse, rlse, kl, torch.where(mask, coeff, 0.0),
-                    reverse, t, 16, *bgrads)
+                    reverse, t, *caps, 16, *bgrads)
     for got, r in zip(bgrads, ref[3:]):
         assert rel_err(got, r) <= F32_TOL
 
@@ -195,8 +201,8 @@ def test_kl_low_precision(ops, dtype, direction):
     ref = _kl_ref(inp, direction, 1.0)
     plain = _kl_ref(inp, direction, 1.0, dtype=dtype)
     grads = _grads(hidden, weight, b)
-    out = ops.kl_forward(hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff, direction == "reverse", 1.0, 20,
-                         *grads)
+    out = ops.kl_forward(hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff, direction == "reverse", 1.0,
+                         None, None, 20, *grads)
     for name, got, r, p in zip(["kl", "lse", "ref_lse", "dh", "dw", "db"], (*out, *grads), ref, plain):
         assert rel_err(got, r) <= 2 * rel_err(p, r) + 1e-6, name
 

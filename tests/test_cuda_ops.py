@@ -83,9 +83,9 @@ def test_no_host_synchronization(ops, dtype):
         ops.ce_forward(hidden, weight, b, target, coeff, IGNORE, 30.0, 2.0, 64, *_grads(hidden, weight, b))
         ops.ce_backward(hidden, weight, b, target, lse, coeff, IGNORE, None, 64, *_grads(hidden, weight, b))
         for reverse in (False, True):
-            kl, klse, krlse = ops.kl_forward(*kl_in[:7], None, reverse, 1.5, 64, None, None, None)
-            ops.kl_forward(*kl_in, reverse, 1.5, 64, *_grads(kl_in[0], kl_in[1], kl_in[2]))
-            ops.kl_backward(*kl_in[:6], klse, krlse, kl, kl_in[7], reverse, 1.5, 64,
+            kl, klse, krlse = ops.kl_forward(*kl_in[:7], None, reverse, 1.5, None, None, 64, None, None, None)
+            ops.kl_forward(*kl_in, reverse, 1.5, 30.0, 20.0, 64, *_grads(kl_in[0], kl_in[1], kl_in[2]))
+            ops.kl_backward(*kl_in[:6], klse, krlse, kl, kl_in[7], reverse, 1.5, None, None, 64,
                             *_grads(kl_in[0], kl_in[1], kl_in[2]))
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -152,8 +152,8 @@ def test_kl_one_chunk_past_2_31_elements(ops):
 def check_kl_one_chunk(ops, n, h, v, last_rows):
     hidden, weight, b, ref_hidden, ref_weight, _, mask, coeff = _kl_args(n, h, v, torch.float32, seed=6)
     dh = torch.empty_like(hidden)
-    kl, lse, rlse = ops.kl_forward(hidden, weight, b, ref_hidden, ref_weight, None, mask, coeff, True, 1.0, n, dh,
-                                   None, None)
+    kl, lse, rlse = ops.kl_forward(hidden, weight, b, ref_hidden, ref_weight, None, mask, coeff, True, 1.0, None,
+                                   None, n, dh, None, None)
     last = slice(n - last_rows, n)
     zq = hidden[last].double() @ weight.double().t() + b.double()
     zp = ref_hidden[last].double() @ ref_weight.double().t()
@@ -225,15 +225,15 @@ def test_opcheck(ops):
     hidden, weight, b, target, coeff = _ce_args(20, 16, 77, torch.float32)
     ce, lse = ops.ce_forward(hidden, weight, b, target, None, IGNORE, None, None, 8, None, None, None)
     kl_in = _kl_args(20, 16, 77, torch.float32)
-    kl, klse, krlse = ops.kl_forward(*kl_in[:7], None, False, 1.0, 8, None, None, None)
+    kl, klse, krlse = ops.kl_forward(*kl_in[:7], None, False, 1.0, None, None, 8, None, None, None)
     cases = [
         (ops.ce_forward.default, (hidden, weight, b, target, None, IGNORE, None, None, 8, None, None, None)),
         (ops.ce_forward.default, (hidden, weight, b, target, coeff, IGNORE, 3.0, 1.0, 8, *_grads(hidden, weight, b))),
         (ops.ce_backward.default, (hidden, weight, b, target, lse, coeff, IGNORE, None, 8,
                                    *_grads(hidden, weight, b))),
-        (ops.kl_forward.default, (*kl_in[:7], None, True, 2.0, 8, None, None, None)),
-        (ops.kl_forward.default, (*kl_in, False, 1.0, 8, *_grads(kl_in[0], kl_in[1], kl_in[2]))),
-        (ops.kl_backward.default, (*kl_in[:6], klse, krlse, kl, kl_in[7], True, 1.0, 8,
+        (ops.kl_forward.default, (*kl_in[:7], None, True, 2.0, 30.0, None, 8, None, None, None)),
+        (ops.kl_forward.default, (*kl_in, False, 1.0, None, 20.0, 8, *_grads(kl_in[0], kl_in[1], kl_in[2]))),
+        (ops.kl_backward.default, (*kl_in[:6], klse, krlse, kl, kl_in[7], True, 1.0, 30.0, 30.0, 8,
                                    *_grads(kl_in[0], kl_in[1], kl_in[2]))),
     ]
     for op, args in cases:

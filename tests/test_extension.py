@@ -1,7 +1,8 @@
 """The C++ extension itself: build, op registration (opcheck), torch.compile, the failed-build path.
 
 The numerics of the ``cpu`` backend are in test_numerics.py (parametrized over every available
-backend). The extension is built once per test session (and cached on disk across sessions).
+backend); the KL ops' softcap numerics are also checked here, on the ops themselves. The extension
+is built once per test session (and cached on disk across sessions).
 """
 
 from __future__ import annotations
@@ -108,27 +109,121 @@ def _kl_inputs(n=29, h=24, h_ref=16, v=151, bias=True, seed=0):
     return hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff * mask
 
 
-KL_OPCHECK = [("none", True, False), ("none", False, True), ("all", True, True), ("all", False, False),
-              ("dhidden", False, True), ("dweight-dbias", True, False)]
+# (gradient outputs, bias, reverse, softcap, ref_softcap): each option on and off at least once, each
+# side's softcap alone and both together.
+KL_OPCHECK = [("none", True, False, None, None), ("none", False, True, 2.0, None), ("all", True, True, None, None),
+              ("all", False, False, 2.0, 3.0), ("dhidden", False, True, None, 3.0),
+              ("dweight-dbias", True, False, 2.5, None), ("all", True, True, 2.0, 1.5)]
+
+
+def _caps_id(softcap, ref_softcap):
+    return f"caps{softcap or '-'}-{ref_softcap or '-'}"
 
 
 @needs_ext
-@pytest.mark.parametrize("needs,bias,reverse", KL_OPCHECK,
-                         ids=[f"{n}-{'bias' if b else 'nobias'}-{'reverse' if r else 'forward'}"
-                              for n, b, r in KL_OPCHECK])
-def test_opcheck_kl(needs, bias, reverse):
+@pytest.mark.parametrize("needs,bias,reverse,softcap,ref_softcap", KL_OPCHECK,
+                         ids=[f"{n}-{'bias' if b else 'nobias'}-{'reverse' if r else 'forward'}-{_caps_id(c, rc)}"
+                              for n, b, r, c, rc in KL_OPCHECK])
+def test_opcheck_kl(needs, bias, reverse, softcap, ref_softcap):
     hidden, weight, b, rh, rw, rb, mask, coeff = _kl_inputs(bias=bias)
     grads = _grad_outs(hidden, weight, b, NEEDS[needs])
     use_coeff = needs != "none"
     torch.library.opcheck(torch.ops.surgery.kl_forward.default,
-                          (hidden, weight, b, rh, rw, rb, mask, coeff if use_coeff else None, reverse, 1.5, 7,
-                           *grads))
+                          (hidden, weight, b, rh, rw, rb, mask, coeff if use_coeff else None, reverse, 1.5, softcap,
+                           ref_softcap, 7, *grads))
     if use_coeff:
-        kl, lse, rlse = torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, None, reverse, 1.5, 7,
-                                                     None, None, None)
+        kl, lse, rlse = torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, None, reverse, 1.5, softcap,
+                                                     ref_softcap, 7, None, None, None)
         grads = _grad_outs(hidden, weight, b, NEEDS[needs])
         torch.library.opcheck(torch.ops.surgery.kl_backward.default,
-                              (hidden, weight, b, rh, rw, rb, lse, rlse, kl, coeff, reverse, 1.5, 7, *grads))
+                              (hidden, weight, b, rh, rw, rb, lse, rlse, kl, coeff, reverse, 1.5, softcap, ref_softcap,
+                               7, *grads))
+
+
+def rel_err(x, ref) -> float:
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all(), "non-finite values"
+    d = ref.norm().item()
+    return (x - ref).norm().item() / (d if d > 0 else 1.0)
+
+
+def kl_naive(inp, reverse, temperature, softcap, ref_softcap, dtype):
+    """By materialized logits, as plain PyTorch would (inp from _kl_inputs, with a bias): the logits
+    GEMM in `dtype`, each side's softcap, softmax(. / T) and the KL in float32 (float64 for `dtype`
+    float64), then autograd for the gradient of sum_i coeff_i kl_i. Returns kl (0 where masked),
+    lse, ref_lse, dhidden, dweight, dbias."""
+    hidden, weight, b, rh, rw, rb = (t.detach().to(dtype) for t in inp[:6])
+    mask, coeff = inp[6:]
+    params = [t.requires_grad_() for t in (hidden, weight, b)]
+    stat = torch.promote_types(dtype, torch.float32)
+
+    def tempered(h, w, bias, cap):
+        s = torch.nn.functional.linear(h, w, bias).to(stat)
+        return (cap * torch.tanh(s / cap) if cap is not None else s) / temperature
+
+    a, r = tempered(hidden, weight, b, softcap), tempered(rh, rw, rb, ref_softcap)
+    lse, rlse = a.logsumexp(-1), r.logsumexp(-1)
+    logq, logp = a - lse[:, None], r - rlse[:, None]
+    kl = (logq.exp() * (logq - logp)).sum(-1) if reverse else (logp.exp() * (logp - logq)).sum(-1)
+    kl = torch.where(mask, kl, 0.0)
+    grads = torch.autograd.grad((kl * coeff.to(stat)).sum(), params)
+    return (kl.detach(), lse.detach(), rlse.detach()) + tuple(grads)
+
+
+# (softcap, ref_softcap, hidden scale): each side capped alone and both; scale 20 puts the logits
+# (|z| up to ~80) deep into tanh's saturation, where d s / d z = 1 - tanh^2 falls to 1e-3 .. 1e-7.
+KL_CAPS = [(2.0, None, 1.0), (None, 3.0, 1.0), (2.0, 3.0, 1.0), (10.0, 8.0, 20.0)]
+
+
+@needs_ext
+@pytest.mark.parametrize("softcap,ref_softcap,scale", KL_CAPS,
+                         ids=[f"{_caps_id(c, rc)}-x{s:g}" for c, rc, s in KL_CAPS])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_kl_ops_softcap_numerics(dtype, reverse, softcap, ref_softcap, scale):
+    """kl_forward (values, then values with gradients) and kl_backward against float64, softcap on
+    either side: float32 within 1e-5 relative, bf16 no worse than 2x plain PyTorch in bf16 + 1e-6.
+    Temperature 1.5: the cap applies before the division by T."""
+    hidden, weight, b, rh, rw, rb, mask, coeff = _kl_inputs(n=37, h=24, h_ref=16, v=203, seed=4)
+    inp = (hidden * scale, weight, b, rh * scale, rw, rb, mask, coeff)
+    ref = kl_naive(inp, reverse, 1.5, softcap, ref_softcap, torch.float64)
+    plain = kl_naive(inp, reverse, 1.5, softcap, ref_softcap, dtype)
+    hidden, weight, b, rh, rw, rb = (t.to(dtype) for t in inp[:6])
+    caps = (1.5, softcap, ref_softcap)
+
+    def check(names, got):
+        for name, x in zip(names, got):
+            i = ["kl", "lse", "ref_lse", "dhidden", "dweight", "dbias"].index(name)
+            bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(plain[i], ref[i]) + 1e-6
+            assert rel_err(x, ref[i]) <= bound, name
+
+    values = torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, None, reverse, *caps, 8, None, None,
+                                          None)
+    check(["kl", "lse", "ref_lse"], values)
+    grads = _grad_outs(hidden, weight, b, NEEDS["all"])
+    out = torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, coeff, reverse, *caps, 8, *grads)
+    check(["kl", "lse", "ref_lse", "dhidden", "dweight", "dbias"], (*out, *grads))
+    grads = _grad_outs(hidden, weight, b, NEEDS["all"])
+    torch.ops.surgery.kl_backward(hidden, weight, b, rh, rw, rb, *values[1:], values[0], coeff, reverse, *caps, 5,
+                                  *grads)
+    check(["dhidden", "dweight", "dbias"], grads)
+
+
+@needs_ext
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_kl_ops_softcap_only_bends_its_own_side(reverse):
+    """A softcap far above the logits changes nothing visible in float32; one at the logits' size
+    on the reference side changes ref_lse and kl but leaves lse alone, and vice versa."""
+    hidden, weight, b, rh, rw, rb, mask, coeff = _kl_inputs(seed=2)
+    args = (hidden, weight, b, rh, rw, rb, mask, None, reverse, 1.0)
+    plain = torch.ops.surgery.kl_forward(*args, None, None, 7, None, None, None)
+    huge = torch.ops.surgery.kl_forward(*args, 1e6, 1e6, 7, None, None, None)
+    for x, y in zip(plain, huge):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    ref_only = torch.ops.surgery.kl_forward(*args, None, 1.0, 7, None, None, None)
+    assert torch.equal(ref_only[1], plain[1]) and not torch.allclose(ref_only[2], plain[2])
+    trained_only = torch.ops.surgery.kl_forward(*args, 1.0, None, 7, None, None, None)
+    assert torch.equal(trained_only[2], plain[2]) and not torch.allclose(trained_only[1], plain[1])
 
 
 @needs_ext
@@ -238,3 +333,14 @@ def test_ops_reject_bad_input_with_value_and_type_errors():
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.surgery.ce_forward(hidden.t().contiguous().t(), weight, None, target, None, -100, None, None, 8,
                                      None, None, None)
+    hidden, weight, b, rh, rw, rb, mask, coeff = _kl_inputs()
+    kl, lse, rlse = torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, None, False, 1.0, None, None, 8,
+                                                 None, None, None)
+    for name, bad in [("softcap", 0.0), ("softcap", -2.0), ("ref_softcap", 0.0), ("ref_softcap", -2.0)]:
+        caps = (bad, None) if name == "softcap" else (None, bad)
+        with pytest.raises(ValueError, match=f": {name} must be > 0"):
+            torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, None, False, 1.0, *caps, 8, None, None,
+                                         None)
+        with pytest.raises(ValueError, match=f": {name} must be > 0"):
+            torch.ops.surgery.kl_backward(hidden, weight, b, rh, rw, rb, lse, rlse, kl, coeff, False, 1.0, *caps, 8,
+                                          torch.empty_like(hidden), None, None)

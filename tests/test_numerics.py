@@ -224,6 +224,16 @@ KL_CASES = {
     "reverse-T0.7-weighted": dict(n=70, h=40, h_ref=24, v=257, weighted=True, mask_frac=0.2,
                                   opts=dict(direction="reverse", temperature=0.7)),
     "one-token": dict(n=1, h=16, h_ref=16, v=129, opts=dict(direction="reverse")),
+    # Gemma-2-style final logit softcap; caps of 1.5-3 put these logits (|z| up to ~5) well into
+    # tanh's saturation, where d cap / dz = 1 - tanh^2 is far from 1
+    "forward-softcap-both-T2-bias": dict(n=70, h=32, h_ref=24, v=257, bias=True, mask_frac=0.3,
+                                         opts=dict(direction="forward", temperature=2.0, softcap=2.0,
+                                                   ref_softcap=3.0)),
+    "reverse-softcap-both-weighted": dict(n=70, h=32, h_ref=32, v=257, bias=True, weighted=True,
+                                          opts=dict(direction="reverse", softcap=1.5, ref_softcap=1.5)),
+    "forward-softcap-trained-only": dict(n=45, h=32, h_ref=32, v=301, opts=dict(direction="forward", softcap=2.5)),
+    "reverse-softcap-ref-only-T0.7": dict(n=45, h=32, h_ref=32, v=301,
+                                          opts=dict(direction="reverse", temperature=0.7, ref_softcap=2.0)),
 }
 
 
@@ -239,16 +249,18 @@ def test_kl_float32(bd, case, reduction):
     assert_close(res, refs, naives, torch.float32, f"{backend}/{case}/{reduction}", budget)
 
 
+@pytest.mark.parametrize("caps", [None, (3.0, 4.0)], ids=["", "softcap"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("bd", BACKEND_CASES)
-def test_kl_low_precision(bd, direction, dtype):
+def test_kl_low_precision(bd, direction, dtype, caps):
     backend, device = bd
     if backend == "triton" and device == "cpu":
         pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly; low precision is tested on the GPU")
     inp = make_kl_inputs(256, 128, 96, 1000, device=device, dtype=dtype, bias=True, mask_frac=0.2)
+    softcap, ref_softcap = caps or (None, None)
     res, refs, naives, budget = kl_results(backend, device, inp, "mean", chunk_size=100, direction=direction,
-                                   temperature=1.5)
+                                           temperature=1.5, softcap=softcap, ref_softcap=ref_softcap)
     assert_close(res, refs, naives, dtype, f"{backend}/{direction}/{dtype}", budget)
 
 
@@ -462,11 +474,12 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(
             lambda h, w, b, tw: linear_cross_entropy(h, w, t, bias=b, token_weight=tw, softcap=2.5, reduction=red,
                                                      backend="torch", chunk_size=3), (h, w, b, tw))
-        for direction in ["forward", "reverse"]:
+        for direction, caps in [("forward", (None, None)), ("reverse", (None, None)), ("forward", (1.5, 2.0)),
+                                ("reverse", (1.2, None))]:
             assert torch.autograd.gradcheck(
                 lambda h, w, b, tw: linear_kl_div(h, w, rh, rw, bias=b, mask=mask, token_weight=tw,
-                                                  direction=direction, temperature=1.3, reduction=red,
-                                                  backend="torch", chunk_size=3),
+                                                  direction=direction, temperature=1.3, softcap=caps[0],
+                                                  ref_softcap=caps[1], reduction=red, backend="torch", chunk_size=3),
                 (h, w, b, tw))
 
 

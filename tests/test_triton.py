@@ -352,6 +352,24 @@ def test_kl_minus_inf_bias_on_both_sides(device, dtype, direction, path, monkeyp
 
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("path", ["chunked", "fused"])
+def test_kl_softcap(device, dtype, direction, path, monkeypatch):
+    """Softcapped logits (Gemma-2's final_logit_softcapping) on both sides, then on the trained side
+    alone, at temperature 1.5: these logits reach ~3x the caps, so tanh saturates. Values and the
+    gradients of both backward paths as in float64."""
+    from surgery_kernels.backends import triton_fused
+
+    monkeypatch.setattr(triton_fused, "BACKWARD", path)
+    h, w, b, rh, rw, rb = _kl_inputs(device)
+    mask = torch.arange(N, device=device) % 6 != 2
+    _check_kl(device, dtype, h, w, b, rh, rw, rb, mask=mask, direction=direction, temperature=1.5, softcap=3.0,
+              ref_softcap=4.5, reduction="sum")
+    _check_kl(device, dtype, h, w, b, rh, rw, rb, direction=direction, temperature=1.5, softcap=3.0,
+              reduction="none", upstream=torch.linspace(-1, 2, N, device=device))
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_kl_directions_temperature_mask(device, dtype, direction, temperature):
     h, w, b, rh, rw, rb = _kl_inputs(device)
@@ -542,15 +560,16 @@ def test_opcheck(device):
     mask = (torch.arange(n) % 3 != 0).to(device)
     rh, rw = torch.randn(n, 8, generator=g).to(device), torch.randn(v, 8, generator=g).to(device)
     ce, lse = tf._ce_forward(hid, w, b, t, -100, 3.0)
-    kl, qlse, plse = tf._kl_forward(hid, w, b, rh, rw, None, mask, "reverse", 1.5)
+    kl, qlse, plse = tf._kl_forward(hid, w, b, rh, rw, None, mask, "reverse", 1.5, None, None)
     cases = [
         (tf._ce_forward, (hid, w, b, t, -100, 3.0)),
         (tf._ce_backward, (hid, w, b, t, lse, coeff, -100, 3.0, [True, True, True], None)),
         (tf._ce_forward_backward, (hid, w, None, t, coeff, -100, None, 2.0, [True, False, False], 8)),
-        (tf._kl_forward, (hid, w, b, rh, rw, None, mask, "reverse", 1.5)),
-        (tf._kl_backward, (hid, w, b, rh, rw, None, qlse, plse, kl, coeff, "reverse", 1.5, [False, True, True], 8)),
-        (tf._kl_forward_backward, (hid, w, None, rh, rw, None, mask, coeff, "forward", 1.0, [True, True, False],
-                                   None)),
+        (tf._kl_forward, (hid, w, b, rh, rw, None, mask, "reverse", 1.5, 3.0, None)),
+        (tf._kl_backward, (hid, w, b, rh, rw, None, qlse, plse, kl, coeff, "reverse", 1.5, None, None,
+                           [False, True, True], 8)),
+        (tf._kl_forward_backward, (hid, w, None, rh, rw, None, mask, coeff, "forward", 1.0, 2.0, 4.0,
+                                   [True, True, False], None)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -859,7 +878,8 @@ def test_gradient_path_holds_one_chunk_of_logits(device, op, tail, monkeypatch):
                           needs=(True, True, False), chunk_size=None if tail else chunk, stats=True)
         else:
             out = rows.kl(hidden, weight, None, ref_h, ref_w, None, None, coeff, direction="forward", temperature=1.0,
-                          needs=(True, True, False), chunk_size=None if tail else chunk, stats=True)
+                          softcap=None, ref_softcap=None, needs=(True, True, False),
+                          chunk_size=None if tail else chunk, stats=True)
     assert out[-3] is not None and out[-2] is not None
     biggest = rec.largest_bytes()
     bound = 4 * max(n * h + chunk * v * sides if tail else chunk * v, v * h)

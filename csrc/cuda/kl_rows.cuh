@@ -1,6 +1,7 @@
 // Fused KL row pass over one chunk of trained and reference logits (see KlRowsArgs in rows.h).
 //
-// With a = (z + bias) / T, r = (z_ref + ref_bias) / T, row maxima m_q, m_p and
+// With a = s / T, r = s_ref / T (s = z + bias, then softcap * tanh(. / softcap) when that side has
+// a softcap; s_ref likewise with ref_bias and ref_softcap), row maxima m_q, m_p and
 // d_q = sum exp(a - m_q), d_p = sum exp(r - m_p):
 //   log q = (a - m_q) - log d_q,   log p = (r - m_p) - log d_p
 //   KL(p || q) = E_p[r - a] - (m_p - m_q) - log d_p + log d_q
@@ -8,7 +9,8 @@
 // Every term is of the size of the two models' disagreement, not of the logits, so nothing
 // cancels at logits of +-1e4. Pass 1 reads both rows once, keeping per side the online max,
 // sum-exp and softmax-weighted sum of the log-ratio; pass 2 writes, in place of the trained row,
-// coeff * d kl / d z:  forward (q - p) / T,  reverse q (log q - log p - kl) / T.
+// coeff * d kl / d z:  forward (q - p) / T,  reverse q (log q - log p - kl) / T, times the trained
+// side's d s / d z = 1 - tanh^2 when it has a softcap.
 #pragma once
 
 #include <cmath>
@@ -17,9 +19,17 @@
 
 namespace surgery_cuda {
 
+// One side's s / T. `dcap` receives d s / d z = 1 - tanh^2 (1 without softcap).
 template <typename T>
-__device__ __forceinline__ float tempered(float z, int64_t j, const T* bias, float inv_t) {
+__device__ __forceinline__ float tempered(float z, int64_t j, const T* bias, bool has_softcap, float softcap,
+                                          float inv_t, float* dcap) {
   if (bias != nullptr) z += to_float(bias[j]);
+  *dcap = 1.f;
+  if (has_softcap) {
+    const float t = tanhf(z / softcap);
+    *dcap = 1.f - t * t;
+    z = softcap * t;
+  }
   return z * inv_t;
 }
 
@@ -30,6 +40,8 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KlRowsArgs a) {
   const T* bias = static_cast<const T*>(a.bias);
   const T* ref_bias = static_cast<const T*>(a.ref_bias);
   const float inv_t = 1.f / a.temperature;
+  const bool has_cap = a.has_softcap, has_ref_cap = a.has_ref_softcap;
+  const float cap = a.softcap, ref_cap = a.ref_softcap;
   const bool reverse = a.reverse;
   const bool forward = a.kl != nullptr;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -37,8 +49,9 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KlRowsArgs a) {
     const T* zp = static_cast<const T*>(a.ref_logits) + row * n;
     SoftmaxStats q, p;
     row_read2<kThreads>(zq, zp, n, [&](int64_t j, float x, float y) {
-      const float av = tempered(x, j, bias, inv_t);
-      const float rv = tempered(y, j, ref_bias, inv_t);
+      float dcap;
+      const float av = tempered(x, j, bias, has_cap, cap, inv_t, &dcap);
+      const float rv = tempered(y, j, ref_bias, has_ref_cap, ref_cap, inv_t, &dcap);
       q.add(av, av - rv);
       p.add(rv, rv - av);
     });
@@ -63,15 +76,18 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KlRowsArgs a) {
     const float c_t = c * inv_t;
     if (reverse) {
       row_update<kThreads>(zq, zp, n, [&](int64_t j, float x, float y) {
-        const float log_q = (tempered(x, j, bias, inv_t) - m_q) - log_dq;
-        const float log_p = (tempered(y, j, ref_bias, inv_t) - m_p) - log_dp;
-        return log_q != -INFINITY ? c_t * expf(log_q) * (log_q - log_p - kl) : 0.f;  // q = 0: gradient 0
+        float dcap, unused;
+        const float log_q = (tempered(x, j, bias, has_cap, cap, inv_t, &dcap) - m_q) - log_dq;
+        const float log_p = (tempered(y, j, ref_bias, has_ref_cap, ref_cap, inv_t, &unused) - m_p) - log_dp;
+        // q = 0: gradient 0
+        return log_q != -INFINITY ? c_t * expf(log_q) * (log_q - log_p - kl) * dcap : 0.f;
       });
     } else {
       row_update<kThreads>(zq, zp, n, [&](int64_t j, float x, float y) {
-        const float log_q = (tempered(x, j, bias, inv_t) - m_q) - log_dq;
-        const float log_p = (tempered(y, j, ref_bias, inv_t) - m_p) - log_dp;
-        return c_t * (expf(log_q) - expf(log_p));
+        float dcap, unused;
+        const float log_q = (tempered(x, j, bias, has_cap, cap, inv_t, &dcap) - m_q) - log_dq;
+        const float log_p = (tempered(y, j, ref_bias, has_ref_cap, ref_cap, inv_t, &unused) - m_p) - log_dp;
+        return c_t * (expf(log_q) - expf(log_p)) * dcap;
       });
     }
   }

@@ -267,7 +267,8 @@ void ce_backward_cuda(const at::Tensor& hidden, const at::Tensor& weight, const 
 // ---- KL ----
 
 void check_kl(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& ref_hidden,
-              const at::Tensor& ref_weight, const OptTensor& ref_bias, const OptTensor& coeff, double temperature) {
+              const at::Tensor& ref_weight, const OptTensor& ref_bias, const OptTensor& coeff, double temperature,
+              const std::optional<double>& softcap, const std::optional<double>& ref_softcap) {
   const auto device = hidden.device();
   const int64_t n = hidden.dim() == 2 ? hidden.size(0) : -1;
   const int64_t v = check_side(hidden, weight, bias, "hidden", "weight", "bias", device, n);
@@ -277,6 +278,9 @@ void check_kl(const at::Tensor& hidden, const at::Tensor& weight, const OptTenso
   TORCH_CHECK_VALUE(ref_weight.size(0) == v, "ref_weight must have V = ", v, " rows, got ", ref_weight.size(0));
   if (coeff) check_tensor(*coeff, "coeff", device, at::kFloat, {n});
   TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, "softcap must be > 0, got ", softcap.value_or(0));
+  TORCH_CHECK_VALUE(!ref_softcap.has_value() || *ref_softcap > 0, "ref_softcap must be > 0, got ",
+                    ref_softcap.value_or(0));
 }
 
 // The chunk loop shared by kl_forward and kl_backward (see ce_chunks).
@@ -315,13 +319,18 @@ void kl_chunks(const at::Tensor& hidden, const at::Tensor& weight, const at::Ten
 }
 
 KlRowsArgs kl_rows_args(const at::Tensor& hidden, const OptTensor& bias, const OptTensor& ref_bias,
-                        const OptTensor& coeff, const GradOutputs& grads, bool reverse, double temperature) {
+                        const OptTensor& coeff, const GradOutputs& grads, bool reverse, double temperature,
+                        const std::optional<double>& softcap, const std::optional<double>& ref_softcap) {
   KlRowsArgs a;
   a.bias = opt_ptr(bias);
   a.ref_bias = opt_ptr(ref_bias);
   a.coeff = coeff.has_value() && grads.any() ? coeff->const_data_ptr<float>() : nullptr;
   a.reverse = reverse;
   a.temperature = static_cast<float>(temperature);
+  a.has_softcap = softcap.has_value();
+  a.softcap = static_cast<float>(softcap.value_or(0.0));
+  a.has_ref_softcap = ref_softcap.has_value();
+  a.ref_softcap = static_cast<float>(ref_softcap.value_or(0.0));
   a.dtype = row_dtype(hidden);
   return a;
 }
@@ -329,9 +338,9 @@ KlRowsArgs kl_rows_args(const at::Tensor& hidden, const OptTensor& bias, const O
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias, const at::Tensor& ref_hidden,
     const at::Tensor& ref_weight, const OptTensor& ref_bias, const at::Tensor& mask, const OptTensor& coeff,
-    bool reverse, double temperature, int64_t chunk_size, const OptTensor& dhidden, const OptTensor& dweight,
-    const OptTensor& dbias) {
-  check_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coeff, temperature);
+    bool reverse, double temperature, std::optional<double> softcap, std::optional<double> ref_softcap,
+    int64_t chunk_size, const OptTensor& dhidden, const OptTensor& dweight, const OptTensor& dbias) {
+  check_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coeff, temperature, softcap, ref_softcap);
   check_tensor(mask, "mask", hidden.device(), at::kBool, {hidden.size(0)});
   GradOutputs grads(dhidden, dweight, dbias);
   TORCH_CHECK_VALUE(coeff.has_value() || !grads.any(), "dhidden, dweight and dbias need coeff");
@@ -341,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cuda(
   at::Tensor kl = at::empty({hidden.size(0)}, f32);
   at::Tensor lse = at::empty({hidden.size(0)}, f32);
   at::Tensor ref_lse = at::empty({hidden.size(0)}, f32);
-  KlRowsArgs a = kl_rows_args(hidden, bias, ref_bias, coeff, grads, reverse, temperature);
+  KlRowsArgs a = kl_rows_args(hidden, bias, ref_bias, coeff, grads, reverse, temperature, softcap, ref_softcap);
   a.mask = mask.const_data_ptr<bool>();
   a.kl = kl.data_ptr<float>();
   a.lse = lse.data_ptr<float>();
@@ -353,9 +362,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward_cuda(
 void kl_backward_cuda(const at::Tensor& hidden, const at::Tensor& weight, const OptTensor& bias,
                       const at::Tensor& ref_hidden, const at::Tensor& ref_weight, const OptTensor& ref_bias,
                       const at::Tensor& lse, const at::Tensor& ref_lse, const at::Tensor& kl, const at::Tensor& coeff,
-                      bool reverse, double temperature, int64_t chunk_size, const OptTensor& dhidden,
+                      bool reverse, double temperature, std::optional<double> softcap,
+                      std::optional<double> ref_softcap, int64_t chunk_size, const OptTensor& dhidden,
                       const OptTensor& dweight, const OptTensor& dbias) {
-  check_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coeff, temperature);
+  check_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, coeff, temperature, softcap, ref_softcap);
   // lse, ref_lse and kl are checked but not read: the row pass recomputes the row statistics
   // (exact for logits ~1e4, see ce_backward_cuda) and with them the kl of each row.
   const int64_t n = hidden.size(0);
@@ -366,7 +376,8 @@ void kl_backward_cuda(const at::Tensor& hidden, const at::Tensor& weight, const 
   grads.check(hidden, weight);
   const OpScope scope(hidden);
   kl_chunks(hidden, weight, ref_hidden, ref_weight,
-            kl_rows_args(hidden, bias, ref_bias, coeff, grads, reverse, temperature), chunk_size, grads);
+            kl_rows_args(hidden, bias, ref_bias, coeff, grads, reverse, temperature, softcap, ref_softcap), chunk_size,
+            grads);
 }
 
 }  // namespace

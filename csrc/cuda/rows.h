@@ -44,12 +44,13 @@ struct CeRowsArgs {
   RowDtype dtype = RowDtype::kFloat32;
 };
 
-// KL rows between q = softmax(z / T) (trained side, `logits`) and p = softmax(z_ref / T)
+// KL rows between q = softmax(s / T) (trained side, `logits`) and p = softmax(s_ref / T)
 // (reference side, `ref_logits`, read only); forward direction KL(p || q), reverse KL(q || p).
-// Forward (`kl`, `lse`, `ref_lse` and `mask` given): writes lse, ref_lse and kl (0 where mask is
-// false); with `coeff` also overwrites the trained rows with coeff_i * d kl_i / d z (zeros where
-// mask is false). Backward (outputs and mask null, `coeff` given): overwrites the trained rows
-// with coeff_i * d kl_i / d z.
+// s = z + bias, then softcap * tanh(. / softcap) when has_softcap; s_ref likewise with ref_bias and
+// ref_softcap. Forward (`kl`, `lse`, `ref_lse` and `mask` given): writes lse, ref_lse (of s / T and
+// s_ref / T) and kl (0 where mask is false); with `coeff` also overwrites the trained rows with
+// coeff_i * d kl_i / d z (softcap chain rule included; zeros where mask is false). Backward
+// (outputs and mask null, `coeff` given): overwrites the trained rows with coeff_i * d kl_i / d z.
 struct KlRowsArgs {
   void* logits = nullptr;            // (rows, vocab) hidden @ weight^T
   const void* ref_logits = nullptr;  // (rows, vocab) ref_hidden @ ref_weight^T
@@ -64,6 +65,10 @@ struct KlRowsArgs {
   int64_t vocab = 0;
   bool reverse = false;
   float temperature = 1.f;
+  bool has_softcap = false;
+  float softcap = 0.f;
+  bool has_ref_softcap = false;
+  float ref_softcap = 0.f;
   RowDtype dtype = RowDtype::kFloat32;
 };
 

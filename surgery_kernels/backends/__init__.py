@@ -23,17 +23,18 @@ Cross-entropy (``z = hidden @ weight.T + bias``, then ``softcap * tanh(z / softc
                                        except tokens with coeff_i < 0 and ce_i > ascent_cap
                                        (bounded ascent), which get no gradient
 
-KL between softmax(z / T) of the trained side (q) and of the reference side (p)::
+KL between softmax(z / T) of the trained side (q) and of the reference side (p), each side's z
+softcapped first when its ``softcap`` / ``ref_softcap`` is not None::
 
     kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *,
-               direction, temperature, chunk_size)
+               direction, temperature, softcap, ref_softcap, chunk_size)
         -> (kl, lse, ref_lse)          forward: KL(p || q), reverse: KL(q || p); lse of z/T and
-                                       of z_ref/T; kl = 0 (finite) where mask is False
+                                       of z_ref/T (capped); kl = 0 (finite) where mask is False
     kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *,
-                direction, temperature, needs, chunk_size)
+                direction, temperature, softcap, ref_softcap, needs, chunk_size)
         -> (dhidden, dweight, dbias)   gradient of sum_i coeff_i * kl_i (trained side only)
     kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *,
-                        direction, temperature, needs, chunk_size)
+                        direction, temperature, softcap, ref_softcap, needs, chunk_size)
         -> (kl, lse, ref_lse, dhidden, dweight, dbias)
 
 ``chunk_size`` is a hint that a backend may ignore (the Triton forward without gradients has no chunks).

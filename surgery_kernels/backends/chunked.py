@@ -168,10 +168,10 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
     return (ce, lse) + _finish(dh, dw, db, weight, bias)
 
 
-def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, acc):
+def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, softcap, ref_softcap, acc):
     """Tempered log-probs of both sides, both lse's and the per-token kl."""
-    logq, lse = _tempered_logprobs(h, weight, bias, temperature, acc)
-    logp, rlse = _tempered_logprobs(rh, rweight, rbias, temperature, acc)
+    logq, lse = _tempered_logprobs(h, weight, bias, temperature, softcap, acc)
+    logp, rlse = _tempered_logprobs(rh, rweight, rbias, temperature, ref_softcap, acc)
     # forward: sum p (log p - log q); reverse: sum q (log q - log p); 0 * log 0 = 0 where the
     # weighting side has a -inf logit (-inf - -inf would be NaN)
     if direction == "forward":
@@ -182,9 +182,14 @@ def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, ac
     return logq, logp, lse, rlse, kl
 
 
-def _kl_logit_grad_(logq, logp, kl, coeff, direction, temperature):
-    """In place: logq -> coeff * d kl / d z (trained side, raw logits)."""
+def _kl_logit_grad_(logq, logp, lse, kl, coeff, direction, temperature, softcap):
+    """In place: logq -> coeff * d kl / d z (trained side, raw logits); lse: the row lse of the
+    trained side's tempered (capped) logits."""
     c = (coeff / temperature)[:, None]
+    if softcap is not None:
+        # d(softcap * tanh(z / softcap))/dz = 1 - (capped / softcap)^2, capped = T * (log q + lse);
+        # taken before logq is overwritten.
+        c = (logq + lse[:, None]).mul_(temperature / softcap).square_().neg_().add_(1).mul_(c)
     if direction == "forward":
         # (q - p) / T
         logp.exp_()
@@ -194,8 +199,8 @@ def _kl_logit_grad_(logq, logp, kl, coeff, direction, temperature):
     return logq.exp_().mul_(d).mul_(c)
 
 
-def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature,
-               chunk_size):
+def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature, softcap,
+               ref_softcap, chunk_size):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     kl = torch.empty(n, dtype=acc, device=hidden.device)
@@ -203,29 +208,30 @@ def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, 
     rlse = torch.empty(n, dtype=acc, device=hidden.device)
     for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
         _, _, lse[s:e], rlse[s:e], kl[s:e] = _kl_chunk(
-            hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature, acc)
+            hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature,
+            softcap, ref_softcap, acc)
     return kl, lse, rlse
 
 
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
-                temperature, needs, chunk_size):
+                temperature, softcap, ref_softcap, needs, chunk_size):
     # lse/ref_lse are not used: log-softmax is recomputed with the logits (exact for large logits).
     acc = _acc_dtype(hidden.dtype)
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0], hidden.device.type):
-        logq, _ = _tempered_logprobs(hidden[s:e], weight, bias, temperature, acc)
-        logp, _ = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, temperature, acc)
-        g = _kl_logit_grad_(logq, logp, kl[s:e], coeff[s:e], direction, temperature)
+        logq, lse_c = _tempered_logprobs(hidden[s:e], weight, bias, temperature, softcap, acc)
+        logp, _ = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, temperature, ref_softcap, acc)
+        g = _kl_logit_grad_(logq, logp, lse_c, kl[s:e], coeff[s:e], direction, temperature, softcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
     return _finish(dh, dw, db, weight, bias)
 
 
-def _tempered_logprobs(h, weight, bias, temperature, acc):
-    """log_softmax(z / T) of one chunk (it shifts by the row max: exact for large logits) and the
-    row lse, read off it at the row max (lse = max z - max log p, exact there) instead of a second
-    pass of exponentials."""
-    z = _logits(h, weight, bias, acc)
+def _tempered_logprobs(h, weight, bias, temperature, softcap, acc):
+    """log_softmax(softcap(z) / T) of one chunk (it shifts by the row max: exact for large logits)
+    and the row lse, read off it at the row max (lse = max z - max log p, exact there) instead of
+    a second pass of exponentials."""
+    z = _softcap_(_logits(h, weight, bias, acc), softcap)
     if temperature != 1.0:
         z.div_(temperature)
     logp = torch.log_softmax(z, dim=-1)
@@ -233,7 +239,7 @@ def _tempered_logprobs(h, weight, bias, temperature, acc):
 
 
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
-                        temperature, needs, chunk_size):
+                        temperature, softcap, ref_softcap, needs, chunk_size):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     kl = torch.empty(n, dtype=acc, device=hidden.device)
@@ -243,8 +249,9 @@ def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
     coeff = coeff.to(acc)
     for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
         logq, logp, lse[s:e], rlse[s:e], kl_c = _kl_chunk(
-            hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature, acc)
+            hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature,
+            softcap, ref_softcap, acc)
         kl[s:e] = kl_c
-        g = _kl_logit_grad_(logq, logp, kl_c, coeff[s:e], direction, temperature)
+        g = _kl_logit_grad_(logq, logp, lse[s:e], kl_c, coeff[s:e], direction, temperature, softcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
     return (kl, lse, rlse) + _finish(dh, dw, db, weight, bias)

@@ -45,13 +45,13 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("surgery::kl_forward")
-    def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, reverse, temperature, chunk_size,
-          dhidden, dweight, dbias):
+    def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, reverse, temperature, softcap,
+          ref_softcap, chunk_size, dhidden, dweight, dbias):
         return stat(hidden), stat(hidden), stat(hidden)
 
     @torch.library.register_fake("surgery::kl_backward")
     def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, reverse, temperature,
-          chunk_size, dhidden, dweight, dbias):
+          softcap, ref_softcap, chunk_size, dhidden, dweight, dbias):
         return None
 
     _fakes_registered = True
@@ -104,6 +104,11 @@ def _cast_back(dh, dw, db, weight, bias):
     return dh, (None if dw is None else dw.to(weight.dtype)), (None if db is None else db.to(bias.dtype))
 
 
+def _f(x):
+    """An optional float argument of an op (a ``float?`` in the schema)."""
+    return None if x is None else float(x)
+
+
 @chunked.float64_here
 def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
     n, v = hidden.shape[0], weight.shape[0]
@@ -133,33 +138,37 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
 
 
 @chunked.float64_here
-def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature, chunk_size):
+def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature, softcap,
+               ref_softcap, chunk_size):
     n, v = hidden.shape[0], weight.shape[0]
     return torch.ops.surgery.kl_forward(_c(hidden), _c(weight), _c(bias), _c(ref_hidden), _c(ref_weight),
                                         _c(ref_bias), _c(mask), None, direction == "reverse", float(temperature),
-                                        _chunk(chunk_size, n, v, hidden.device.type), None, None, None)
+                                        _f(softcap), _f(ref_softcap), _chunk(chunk_size, n, v, hidden.device.type),
+                                        None, None, None)
 
 
 @chunked.float64_here
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
-                temperature, needs, chunk_size):
+                temperature, softcap, ref_softcap, needs, chunk_size):
     hidden, weight, bias = _c(hidden), _c(weight), _c(bias)
     dh, dw, db = _grad_outputs(hidden, weight, bias, needs)
     n, v = hidden.shape[0], weight.shape[0]
     torch.ops.surgery.kl_backward(hidden, weight, bias, _c(ref_hidden), _c(ref_weight), _c(ref_bias), _c(lse),
                                   _c(ref_lse), _c(kl), coeff.to(torch.float32).contiguous(), direction == "reverse",
-                                  float(temperature), _chunk(chunk_size, n, v, hidden.device.type), dh, dw, db)
+                                  float(temperature), _f(softcap), _f(ref_softcap),
+                                  _chunk(chunk_size, n, v, hidden.device.type), dh, dw, db)
     return _cast_back(dh, dw, db, weight, bias)
 
 
 @chunked.float64_here
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
-                        temperature, needs, chunk_size):
+                        temperature, softcap, ref_softcap, needs, chunk_size):
     hidden, weight, bias = _c(hidden), _c(weight), _c(bias)
     dh, dw, db = _grad_outputs(hidden, weight, bias, needs)
     n, v = hidden.shape[0], weight.shape[0]
     kl, lse, rlse = torch.ops.surgery.kl_forward(hidden, weight, bias, _c(ref_hidden), _c(ref_weight), _c(ref_bias),
                                                  _c(mask), coeff.to(torch.float32).contiguous(),
-                                                 direction == "reverse", float(temperature),
-                                                 _chunk(chunk_size, n, v, hidden.device.type), dh, dw, db)
+                                                 direction == "reverse", float(temperature), _f(softcap),
+                                                 _f(ref_softcap), _chunk(chunk_size, n, v, hidden.device.type),
+                                                 dh, dw, db)
     return (kl, lse, rlse) + _cast_back(dh, dw, db, weight, bias)

@@ -181,55 +181,60 @@ def _(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap, ne
 
 @torch.library.custom_op("surgery_triton::kl_forward", mutates_args=())
 def _kl_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
-                ref_bias: Optional[Tensor], mask: Tensor, direction: str,
-                temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+                ref_bias: Optional[Tensor], mask: Tensor, direction: str, temperature: float,
+                softcap: Optional[float], ref_softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
     args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
-    return _kernels()[1].forward(*args, mask, direction, temperature)
+    return _kernels()[1].forward(*args, mask, direction, temperature, softcap, ref_softcap)
 
 
 @_kl_forward.register_fake
-def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature):
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature, softcap, ref_softcap):
     return _fake_stats(hidden, torch.float32, torch.float64, torch.float64)
 
 
 @torch.library.custom_op("surgery_triton::kl_backward", mutates_args=())
 def _kl_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
                  ref_bias: Optional[Tensor], lse: Tensor, ref_lse: Tensor, kl: Tensor, coeff: Tensor, direction: str,
-                 temperature: float, needs: list[bool], chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+                 temperature: float, softcap: Optional[float], ref_softcap: Optional[float], needs: list[bool],
+                 chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
     args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     if _backward() == "fused":
-        grads = _kernels()[1].backward(*args, lse, ref_lse, kl, coeff, direction, temperature, needs)
+        grads = _kernels()[1].backward(*args, lse, ref_lse, kl, coeff, direction, temperature, softcap, ref_softcap,
+                                       needs)
     else:
         # lse, ref_lse and kl are recomputed from the chunk's own logits (coeff is 0 where masked)
-        grads = _rows().kl(*args, None, coeff, direction=direction, temperature=temperature, needs=needs,
-                           chunk_size=chunk_size, stats=False)[3:]
+        grads = _rows().kl(*args, None, coeff, direction=direction, temperature=temperature, softcap=softcap,
+                           ref_softcap=ref_softcap, needs=needs, chunk_size=chunk_size, stats=False)[3:]
     return _placeholders(grads, hidden)
 
 
 @_kl_backward.register_fake
-def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature, needs,
-      chunk_size):
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature, softcap,
+      ref_softcap, needs, chunk_size):
     return _fake_grads(hidden, weight, bias, needs)
 
 
 @torch.library.custom_op("surgery_triton::kl_forward_backward", mutates_args=())
 def _kl_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
                          ref_weight: Tensor, ref_bias: Optional[Tensor], mask: Tensor, coeff: Tensor, direction: str,
-                         temperature: float, needs: list[bool],
+                         temperature: float, softcap: Optional[float], ref_softcap: Optional[float], needs: list[bool],
                          chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = _c(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    caps = (softcap, ref_softcap)
     if _backward() == "fused":
         kl_mod = _kernels()[1]
-        kl, lse, rlse = kl_mod.forward(*args, mask, direction, temperature)
-        grads = kl_mod.backward(*args, lse, rlse, kl, coeff, direction, temperature, needs)
+        kl, lse, rlse = kl_mod.forward(*args, mask, direction, temperature, *caps)
+        grads = kl_mod.backward(*args, lse, rlse, kl, coeff, direction, temperature, *caps, needs)
     else:
         kl, lse, rlse, *grads = _rows().kl(*args, mask, coeff, direction=direction, temperature=temperature,
-                                           needs=needs, chunk_size=chunk_size, stats=True)
+                                           softcap=softcap, ref_softcap=ref_softcap, needs=needs,
+                                           chunk_size=chunk_size, stats=True)
     return (kl, lse, rlse) + _placeholders(grads, hidden)
 
 
 @_kl_forward_backward.register_fake
-def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direction, temperature, needs, chunk_size):
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direction, temperature, softcap, ref_softcap,
+      needs, chunk_size):
     return _fake_stats(hidden, torch.float32, torch.float64, torch.float64) + _fake_grads(hidden, weight, bias, needs)
 
 
@@ -256,25 +261,27 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
 
 
 @chunked.float64_here
-def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature,
-               chunk_size):
+def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature, softcap,
+               ref_softcap, chunk_size):
     _check(hidden)
-    return _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature)
+    return _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature, softcap,
+                       ref_softcap)
 
 
 @chunked.float64_here
 def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
-                temperature, needs, chunk_size):
+                temperature, softcap, ref_softcap, needs, chunk_size):
     _check(hidden)
     grads = _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction,
-                         temperature, list(needs), chunk_size)
+                         temperature, softcap, ref_softcap, list(needs), chunk_size)
     return _none_where_unneeded(grads, needs, bias)
 
 
 @chunked.float64_here
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
-                        temperature, needs, chunk_size):
+                        temperature, softcap, ref_softcap, needs, chunk_size):
     _check(hidden)
     kl, lse, rlse, *grads = _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff,
-                                                 direction, temperature, list(needs), chunk_size)
+                                                 direction, temperature, softcap, ref_softcap, list(needs),
+                                                 chunk_size)
     return (kl, lse, rlse) + _none_where_unneeded(grads, needs, bias)

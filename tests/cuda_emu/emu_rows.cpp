@@ -71,7 +71,8 @@ extern "C" int emu_ce_rows(void* logits, const void* bias, const int64_t* target
 extern "C" int emu_kl_rows(void* logits, const void* ref_logits, const void* bias, const void* ref_bias,
                            const bool* mask, const float* coeff, float* kl, float* lse, float* ref_lse,
                            int64_t rows, int64_t vocab,
-                           int reverse, float temperature, int dtype, int threads, int grid) {
+                           int reverse, float temperature, int has_softcap, float softcap, int has_ref_softcap,
+                           float ref_softcap, int dtype, int threads, int grid) {
   KlRowsArgs a;
   a.logits = logits;
   a.ref_logits = ref_logits;
@@ -86,6 +87,10 @@ extern "C" int emu_kl_rows(void* logits, const void* ref_logits, const void* bia
   a.vocab = vocab;
   a.reverse = reverse != 0;
   a.temperature = temperature;
+  a.has_softcap = has_softcap != 0;
+  a.softcap = softcap;
+  a.has_ref_softcap = has_ref_softcap != 0;
+  a.ref_softcap = ref_softcap;
   a.dtype = static_cast<RowDtype>(dtype);
   return run_dtype(a, threads, grid);
 }

@@ -1,5 +1,6 @@
 """Fused linear KL: q = softmax(z / T), z = hidden @ weight.T + bias (trained side),
-p = softmax(zr / T), zr = ref_hidden @ ref_weight.T + ref_bias (reference, a constant).
+p = softmax(zr / T), zr = ref_hidden @ ref_weight.T + ref_bias (reference, a constant), each
+side softcapped first (z -> c * tanh(z / c)) when its SOFTCAP / REF_SOFTCAP flag is set.
 
 Forward (``kl_fwd_kernel``): one program per (row block, vocabulary split) computes both
 models' tiles on chip and keeps, per row, the online max / sum-exp of each side and the
@@ -14,7 +15,8 @@ shifted logits, and E[d] under the split's own weighting distribution; ``_combin
 splits by exp(partial lse - lse), in float64.
 
 Backward (``kl_bwd_kernel``): recompute both tiles, form coeff / T * (q - p) (forward) or
-coeff / T * q * (log q - log p - kl) (reverse) in registers, then the same dH/dW atomics as CE.
+coeff / T * q * (log q - log p - kl) (reverse) in registers, times softcap' = 1 - tanh^2 of the
+trained side, then the same dH/dW atomics as CE.
 """
 
 from __future__ import annotations
@@ -24,19 +26,23 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import accumulate_grads, logit_tile, online_kl, tile_ids
+from .common import accumulate_grads, logit_tile, online_kl, tanh, tile_ids
 
 
 # The token count varies call to call: no recompilation for its divisibility.
 @triton.jit(do_not_specialize=["N", "n_splits"])
 def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr, pmp_ptr, psp_ptr, pd_ptr,
                   N, V, H, RH, split_cols, n_splits, stride_h, stride_w, stride_rh, stride_rw, inv_t,
+                  softcap, ref_softcap,
                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
+                  SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     # Scalars in float32 whatever the caller passed (a float64 scalar would turn the loop-carried
     # statistics into float64, which Triton rejects).
     inv_t = tl.cast(inv_t, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    ref_softcap = tl.cast(ref_softcap, tl.float32)
     pid = tl.program_id(0)
     pid_n, pid_s = tile_ids(pid, tl.cdiv(N, BLOCK_N), n_splits, GROUP)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,6 +63,10 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr,
                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
         b_zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, offs_n, offs_v, N, V, RH, stride_rh, stride_rw,
                           HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
+        if SOFTCAP:
+            b_z = softcap * tanh(b_z / softcap)
+        if REF_SOFTCAP:
+            b_zr = ref_softcap * tanh(b_zr / ref_softcap)
         b_d = tl.where(mask_v[None, :], (b_zr - b_z) * inv_t, 0.0)
         b_z = tl.where(mask_v[None, :], b_z * inv_t, float("-inf"))
         b_zr = tl.where(mask_v[None, :], b_zr * inv_t, float("-inf"))
@@ -82,14 +92,18 @@ def kl_fwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, pmq_ptr, psq_ptr,
 def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_lo_ptr, rlse_hi_ptr, rlse_lo_ptr,
                   kl_ptr, coeff_ptr,
                   dh_ptr, dw_ptr, db_ptr,
-                  N, V, H, RH, stride_h, stride_w, stride_rh, stride_rw, stride_dh, stride_dw, inv_t, filter_eps,
+                  N, V, H, RH, stride_h, stride_w, stride_rh, stride_rw, stride_dh, stride_dw, inv_t, softcap,
+                  ref_softcap, filter_eps,
                   HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, REVERSE: tl.constexpr,
+                  SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr,
                   NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
                   DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
     # Scalars in float32 whatever the caller passed (a float64 scalar would turn the loop-carried
     # statistics into float64, which Triton rejects).
     inv_t = tl.cast(inv_t, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    ref_softcap = tl.cast(ref_softcap, tl.float32)
     pid = tl.program_id(0)
     pid_n, pid_v = tile_ids(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,6 +118,11 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
         b_zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, offs_n, offs_v, N, V, RH, stride_rh, stride_rw,
                           HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
+        if SOFTCAP:
+            b_tanh = tanh(b_z / softcap)
+            b_z = softcap * b_tanh
+        if REF_SOFTCAP:
+            b_zr = ref_softcap * tanh(b_zr / ref_softcap)
         b_logq = (b_z * inv_t - tl.load(lse_hi_ptr + offs_n, mask=mask_n, other=0.0)[:, None]) \
             - tl.load(lse_lo_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
         b_logp = (b_zr * inv_t - tl.load(rlse_hi_ptr + offs_n, mask=mask_n, other=0.0)[:, None]) \
@@ -118,6 +137,8 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
         b_g = tl.where(live[:, None] & mask_v[None, :], b_g, 0.0)
         if tl.max(tl.max(tl.abs(b_g), axis=1), axis=0) > filter_eps:
             b_g = b_g * (b_c * inv_t)[:, None]
+            if SOFTCAP:
+                b_g = b_g * (1.0 - b_tanh * b_tanh)
             if NEED_DB:
                 tl.atomic_add(db_ptr + offs_v, tl.sum(b_g, axis=0), mask=mask_v, sem="relaxed")
             accumulate_grads(b_g, h_ptr, w_ptr, dh_ptr, dw_ptr, offs_n, offs_v, N, V, H,
@@ -142,7 +163,13 @@ def _combine(pmq, psq, pmp, psp, pd, mask, reverse):
     return torch.where(mask, kl, torch.zeros_like(kl)).float(), lse, rlse
 
 
-def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature):
+def _caps(softcap, ref_softcap):
+    """The kernels' softcap scalars (1.0 stands in for an absent one: its flag is off)."""
+    return tuple(1.0 if c is None else float(c) for c in (softcap, ref_softcap))
+
+
+def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature, softcap,
+            ref_softcap):
     """-> (kl float32, lse float64, ref_lse float64), (N,); lse's of the tempered logits."""
     n, h = hidden.shape
     v, rh = weight.shape[0], ref_weight.shape[1]
@@ -151,8 +178,9 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direct
     d = common.dummy(hidden.device)
     args = (hidden, weight, d if bias is None else bias, ref_hidden, ref_weight, d if ref_bias is None else ref_bias,
             *stats, n, v, h, rh, split_cols, n_splits, hidden.stride(0), weight.stride(0), ref_hidden.stride(0),
-            ref_weight.stride(0), 1.0 / float(temperature))
+            ref_weight.stride(0), 1.0 / float(temperature), *_caps(softcap, ref_softcap))
     flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=direction == "reverse",
+                 SOFTCAP=softcap is not None, REF_SOFTCAP=ref_softcap is not None,
                  DOT_FP32=common.INTERPRET, PRECISION=common.dot_precision(hidden.dtype))
     if n > 0:
         common.launch(kl_fwd_kernel, kl_fwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32,
@@ -161,14 +189,15 @@ def forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direct
 
 
 def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature,
-             needs):
+             softcap, ref_softcap, needs):
     """Gradient of sum_i coeff_i * kl_i w.r.t. the trained side: (dhidden, dweight, dbias)."""
     n, h = hidden.shape
     rh = ref_weight.shape[1]
     d = common.dummy(hidden.device)
     stats = (*common.hi_lo(lse), *common.hi_lo(ref_lse), kl.float().contiguous(), coeff.float().contiguous())
     flags = dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, REVERSE=direction == "reverse",
-                 NEED_DH=bool(needs[0]), NEED_DW=bool(needs[1]), NEED_DB=bool(needs[2]) and bias is not None,
+                 SOFTCAP=softcap is not None, REF_SOFTCAP=ref_softcap is not None, NEED_DH=bool(needs[0]),
+                 NEED_DW=bool(needs[1]), NEED_DB=bool(needs[2]) and bias is not None,
                  DOT_FP32=common.INTERPRET, PRECISION=common.dot_precision(hidden.dtype))
 
     def run(v0, v1, dh, dw, db):
@@ -179,7 +208,7 @@ def backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_ls
                 d if ref_bias is None else ref_bias[v0:v1], *stats,
                 d if dh is None else dh, d if dw is None else dw, d if db is None else db,
                 n, v1 - v0, h, rh, hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0), h, h,
-                1.0 / float(temperature), common.GRAD_FILTER_EPS)
+                1.0 / float(temperature), *_caps(softcap, ref_softcap), common.GRAD_FILTER_EPS)
         common.launch(kl_bwd_kernel, kl_bwd_tuned, args, flags, n=n, fp32=hidden.dtype == torch.float32, v=v1 - v0)
 
     return common.chunked_grads(hidden, weight, bias, needs, run)

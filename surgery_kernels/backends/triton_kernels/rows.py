@@ -246,13 +246,17 @@ def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, i
 
 @triton.jit(do_not_specialize=["V"])
 def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr, V, stride_z, stride_zr, inv_t,
-                   REVERSE: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_STATS: tl.constexpr,
-                   WRITE_GRAD: tl.constexpr, BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
-    """Row ``program_id`` of the trained logits ``z`` and the reference's ``zr`` (c, V), tempered
-    by 1/T: kl, lse, rlse (WRITE_STATS) and, in place in z, coeff/T * (q - p) (forward KL(p||q))
-    or coeff/T * q * (log q - log p - kl) (reverse KL(q||p)); kl and coeff are 0 where mask is
-    False (HAS_MASK)."""
+                   softcap, ref_softcap,
+                   REVERSE: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr,
+                   WRITE_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Row ``program_id`` of the trained logits ``z`` and the reference's ``zr`` (c, V), each
+    softcapped (SOFTCAP, REF_SOFTCAP) and tempered by 1/T: kl, lse, rlse (WRITE_STATS) and, in
+    place in z, coeff/T * (q - p) (forward KL(p||q)) or coeff/T * q * (log q - log p - kl)
+    (reverse KL(q||p)), times softcap' of z; kl and coeff are 0 where mask is False (HAS_MASK)."""
     inv_t = tl.cast(inv_t, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    ref_softcap = tl.cast(ref_softcap, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     p_z = z_ptr + row * stride_z
     p_zr = zr_ptr + row * stride_zr
@@ -268,8 +272,9 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
     for v0 in range(0, V, BLOCK):
         offs = v0 + cols[None, :]
         mask = offs < V
-        b_x = tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
-        b_y = tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32) * inv_t
+        b_x = _softcapped(tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP) * inv_t
+        b_y = _softcapped(tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32), ref_softcap,
+                          REF_SOFTCAP) * inv_t
         b_d = tl.where(mask, b_y - b_x, 0.0)
         mq, sq, mp, sp, e = online_kl(mq, sq, mp, sp, e, tl.where(mask, b_x, float("-inf")),
                                       tl.where(mask, b_y, float("-inf")), b_d, REVERSE)
@@ -302,14 +307,20 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
             offs = v0 + cols
             mask = offs < V
             # log q and log p from each side's max: exact for logits of any size
-            b_lq = tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - mq - log_sq
-            b_lp = tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32) * inv_t - mp - log_sp
+            b_zc = _softcapped(tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+            b_lq = b_zc * inv_t - mq - log_sq
+            b_lp = _softcapped(tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32), ref_softcap,
+                               REF_SOFTCAP) * inv_t - mp - log_sp
             b_q = tl.exp(b_lq)
             if REVERSE:
                 b_g = tl.where(b_lq == float("-inf"), 0.0, b_q * (b_lq - b_lp - kl))  # q = 0: gradient 0
             else:
                 b_g = b_q - tl.exp(b_lp)
-            b_g = round_bf16_by_hand(b_g * c, BF16_BY_HAND)
+            b_g = b_g * c
+            if SOFTCAP:
+                b_tanh = b_zc / softcap
+                b_g = b_g * (1.0 - b_tanh * b_tanh)
+            b_g = round_bf16_by_hand(b_g, BF16_BY_HAND)
             tl.store(p_z + offs, b_g.to(p_z.dtype.element_ty), mask=mask)
 
 
@@ -463,8 +474,8 @@ def ce(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap
     return (ce_out, lse) + grads.finish()
 
 
-def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction, temperature, needs,
-       chunk_size, stats):
+def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction, temperature, softcap,
+       ref_softcap, needs, chunk_size, stats):
     """Chunked KL: (kl float32, lse float64, ref_lse float64) when ``stats`` (else Nones) and the
     gradient of sum_i coeff_i * kl_i w.r.t. the trained side; ``mask`` None = every token."""
     n, v = hidden.shape[0], weight.shape[0]
@@ -479,15 +490,16 @@ def kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, d
     d = common.dummy(hidden.device)
     coeff = d if coeff is None else coeff.float().contiguous()
     mask = None if mask is None else mask.to(torch.uint8)
-    flags = dict(REVERSE=direction == "reverse", HAS_MASK=mask is not None, WRITE_STATS=stats,
-                 WRITE_GRAD=want_grad)
+    flags = dict(REVERSE=direction == "reverse", HAS_MASK=mask is not None, SOFTCAP=softcap is not None,
+                 REF_SOFTCAP=ref_softcap is not None, WRITE_STATS=stats, WRITE_GRAD=want_grad)
     for i, (s, e) in enumerate(ws.bounds):
         z, zr = ws.logits(i)
         _logits_into(z, hidden[s:e], weight, bias)
         _logits_into(zr, ref_hidden[s:e], ref_weight, ref_bias)
         args = (z, zr, d if mask is None else mask[s:e], coeff[s:e] if want_grad else d,
                 kl_out[s:e] if stats else d, lse[s:e] if stats else d, rlse[s:e] if stats else d, v, z.stride(0),
-                zr.stride(0), 1.0 / float(temperature))
+                zr.stride(0), 1.0 / float(temperature), 1.0 if softcap is None else float(softcap),
+                1.0 if ref_softcap is None else float(ref_softcap))
         _row_launch(kl_rows_kernel, kl_rows_tuned, e - s, args, flags, z.dtype)
         if want_grad:
             grads.add(z, hidden[s:e], s, e)
