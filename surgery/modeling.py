@@ -13,9 +13,9 @@ position; ``logits_to_keep`` trims the head but which entry of ``hidden_states``
 varies between versions and models.
 
 Models whose head does more than a linear map are detected: Gemma-2's final logit softcap is
-passed to the CE kernels' ``softcap`` (the trainer refuses KL streams on such a model: the KL
-kernels take no softcap); Cohere/Granite/Falcon-H1-style logit scaling is refused with a clear
-error rather than silently trained wrong.
+passed to the kernels' ``softcap`` (and, for KL streams, ``ref_softcap``: the reference is the
+same architecture); Cohere/Granite/Falcon-H1-style logit scaling is refused with a clear error
+rather than silently trained wrong.
 """
 
 from __future__ import annotations

@@ -132,9 +132,12 @@ class SurgeryObjective(nn.Module):
                 ref_weight = ref_weight.to(ref_hidden.dtype)
                 ref_bias = None if ref_bias is None else ref_bias.to(ref_hidden.dtype)
             kw = kl_weight[sel]
+            # the reference is the same architecture (a copy, the adapters-off model or a cache of
+            # it): its logits are capped as the trained model's are
+            cap = self.head_opts.get("softcap")
             loss, kl = linear_kl_div(hk, w, ref_hidden[sel], ref_weight, bias=b, ref_bias=ref_bias,
                                      token_weight=kw * kl_coeff[sel], reduction="sum", direction=self.kl_direction,
-                                     backend=self.backend, return_values=True)
+                                     softcap=cap, ref_softcap=cap, backend=self.backend, return_values=True)
             total = total + loss
             row_vals.append(_scatter(kw * kl, sel).sum(1))
         values = torch.cat(row_vals, 0)

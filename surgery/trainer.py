@@ -292,11 +292,6 @@ class Surgery:
         self.model = model
         self.objective = SurgeryObjective(model, backend=self.cfg.backend, kl_direction=self.cfg.kl_direction,
                                           ascent_cap=self.cfg.ascent_cap)
-        if "softcap" in self.objective.head_opts and any(s.loss == "kl" for s in self.streams):
-            # Before training, not silently on the uncapped logits.
-            raise ValueError(f"KL streams need the model's logits as they are, and this model softcaps them "
-                             f"(final_logit_softcapping={self.objective.head_opts['softcap']}, Gemma-2/3): "
-                             f"linear_kl_div takes no softcap yet; train CE streams only, or another model")
         self._reference = None
         self.optimizer = None
         self._scaler = None

@@ -700,8 +700,8 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
     its :class:`HeadInputs` computed beforehand under ``torch.no_grad()`` (e.g. the same LoRA model
     with its adapters disabled); it may differ from the model in dtype or device (it is cast to
     the model's). mask: (B, T), tokens to score (nonzero = scored); default the ``attention_mask``
-    (all tokens without one); 0 elsewhere. Differentiable w.r.t. the model. Softcapped logits
-    (Gemma-2) are refused: the KL kernels take no softcap.
+    (all tokens without one); 0 elsewhere. Differentiable w.r.t. the model. Each side's logit
+    scaling and softcapping (Gemma-2's final_logit_softcapping) is applied as that model applies it.
     """
     state = _require_patch(model, "token_kl")
     inputs = _model_inputs(inputs)
@@ -721,14 +721,12 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
 
     def kl(cur: HeadInputs) -> torch.Tensor:
         # Runs inside the model's forward (inside the head's, for an FSDP2 head of its own).
-        if cur.softcap is not None or ref.softcap is not None:
-            raise NotImplementedError("token_kl: this model softcaps its logits (Gemma-2's "
-                                      "final_logit_softcapping); linear_kl_div takes no softcap")
         to = dict(device=cur.hidden.device, dtype=cur.hidden.dtype)
         r = HeadInputs(*(None if t is None else t.detach().to(**to) for t in ref[:3]), ref.softcap)
         m = None if mask is None else mask.to(device=cur.hidden.device, dtype=torch.bool)
         return linear_kl_div(cur.hidden, cur.weight, r.hidden, r.weight, bias=cur.bias, ref_bias=r.bias, mask=m,
-                             direction=direction, temperature=temperature, reduction="none", backend=state.backend,
+                             direction=direction, temperature=temperature, softcap=cur.softcap,
+                             ref_softcap=r.softcap, reduction="none", backend=state.backend,
                              chunk_size=state.chunk_size)
 
     out = model(**inputs, return_dict=True, **{_HEAD: kl})

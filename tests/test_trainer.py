@@ -692,33 +692,10 @@ def test_stream_order_changes_nothing(tok, data, mean_over):
     _assert_same_params(runs[0].model, runs[1].model)
 
 
-def test_mean_over_records_averages_each_record_mean(tok, data):
-    """train.mean_over="records": each stream's term is the mean over its records of each record's
-    own token mean (the authors' weighting), checked in float64 against materialized logits on
-    records of different lengths; the default "tokens" differs there."""
-    u, p, r, _ = data
-    longer = lambda recs: [dict(x, text=" ".join([x["text"]] * (1 + i % 3))) for i, x in enumerate(recs)]  # noqa: E731
-    streams = [Stream("unlearn", longer(u), "ascent", 0.1), Stream("update", p, "descent", 2.0),
-               Stream("retain", longer(r), "kl", 0.5)]
-    got = {}
-    for mean_over in ("records", "tokens"):
-        model = _model(tok).double()
-        ref = copy.deepcopy(model)  # what the copy reference holds: the model at setup
-        # lr 1e-30: AdamW leaves float64 weights as they are, so the step's model is the one below.
-        run = Surgery(model=model, tokenizer=tok, streams=streams, reference="copy",
-                      train=_train(steps=1, batch_size=3, lr=1e-30, clip=0, mean_over=mean_over))
-        run._setup()
-        with torch.no_grad():  # the model moves away from its reference: the KL is not zero
-            for q in model.parameters():
-                q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel()),
-                                          dtype=q.dtype))
-        seen = []
-        draw = run._passes
-        run._passes = lambda: seen.append(draw()) or seen[-1]
-        run.train()
-        got[mean_over] = run.history[0]
-    (ps,), rows = seen[0]
-    assert len(set(ps.live(*rows[0]).sum(1).tolist())) > 1  # the ascent records differ in length
+def _records_objective(model, ref, streams, ps, rows):
+    """The step's objective with train.mean_over="records" from the model's own materialized
+    logits (float64): (total, each stream's mean, the gradient norm of the total). ``ps``, ``rows``:
+    the step's draw (``Surgery._passes``)."""
     batch, kl_batch, nc = ps.batch, ps.kl_batch, ps.n_ce
     total, means = 0.0, []
     for (a, z), s in zip(rows, streams):
@@ -740,6 +717,43 @@ def test_mean_over_records_averages_each_record_mean(tok, data):
         total = total + (-1.0 if s.loss == "ascent" else 1.0) * s.weight * mean
     total.backward()
     norm = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]).norm()
+    return total, means, norm
+
+
+def _perturbed_step(model, streams, tok, **train):
+    """One float64 step at lr 1e-30 (AdamW leaves the weights as they are) of a run whose model
+    moved away from its copy reference after setup (so the KL is not zero): (run, a copy of the
+    reference, the step's draw)."""
+    ref = copy.deepcopy(model)  # what the copy reference holds: the model at setup
+    run = Surgery(model=model, tokenizer=tok, streams=streams, reference="copy",
+                  train=_train(steps=1, batch_size=3, lr=1e-30, clip=0, **train))
+    run._setup()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel()), dtype=q.dtype))
+    seen = []
+    draw = run._passes
+    run._passes = lambda: seen.append(draw()) or seen[-1]
+    run.train()
+    return run, ref, seen[0]
+
+
+def test_mean_over_records_averages_each_record_mean(tok, data):
+    """train.mean_over="records": each stream's term is the mean over its records of each record's
+    own token mean (the authors' weighting), checked in float64 against materialized logits on
+    records of different lengths; the default "tokens" differs there."""
+    u, p, r, _ = data
+    longer = lambda recs: [dict(x, text=" ".join([x["text"]] * (1 + i % 3))) for i, x in enumerate(recs)]  # noqa: E731
+    streams = [Stream("unlearn", longer(u), "ascent", 0.1), Stream("update", p, "descent", 2.0),
+               Stream("retain", longer(r), "kl", 0.5)]
+    got = {}
+    for mean_over in ("records", "tokens"):  # the same draw and model both times
+        model = _model(tok).double()
+        run, ref, seen = _perturbed_step(model, streams, tok, mean_over=mean_over)
+        got[mean_over] = run.history[0]
+    (ps,), rows = seen
+    assert len(set(ps.live(*rows[0]).sum(1).tolist())) > 1  # the ascent records differ in length
+    total, means, norm = _records_objective(model, ref, streams, ps, rows)
     m = got["records"]
     # float64 to rounding: the per-token weights are float64 in a float64 run
     assert m["loss/total"] == pytest.approx(total.item(), rel=1e-10)
@@ -781,21 +795,43 @@ def _check_arch(tok, data, arch, device):
     assert perplexity(run.model, tok, data[1])["nll"] < before - 0.1
 
 
-def test_heads_the_losses_cannot_follow_are_refused(tok, data):
-    """Gemma-2's final logit softcap: CE streams train with it, a KL stream is refused (the KL
-    kernels take no softcap; it trained on uncapped logits). Falcon-H1's lm_head_multiplier
-    rescales the logits: refused like Cohere's logit_scale (it was silently dropped)."""
+def test_softcapping_heads_train_every_stream_on_the_capped_logits(tok, data):
+    """Gemma-2's final logit softcap reaches every stream: the CE terms and the KL term against
+    the reference's capped logits (both through linear_kl_div's softcap / ref_softcap) equal those
+    of the model's own logits, and so does the gradient (float64). The KL streams had been
+    refused on such a model; before that they trained on uncapped logits (0.512 against 0.225)."""
     gemma = dict(model_type="gemma2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0,
                  pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
-    with pytest.raises(ValueError, match="KL streams .* softcaps .*final_logit_softcapping=3.0"):
-        Surgery(model=load_model(config=gemma), tokenizer=tok, streams=_streams(data), train=_train(steps=1))
-    run = Surgery(model=load_model(config=gemma), tokenizer=tok, streams=_streams(data)[:2], train=_train(steps=1))
+    streams = _streams(data)
+    model = load_model(config=gemma, seed=0).double()
+    with torch.no_grad():  # logits large enough that the cap bends them (|z| up to ~3x the cap)
+        model.lm_head.weight.mul_(40.0)
+    run, ref, ((ps,), rows) = _perturbed_step(model, streams, tok, mean_over="records")
     assert run.objective.head_opts == {"softcap": 3.0}
+    total, means, norm = _records_objective(model, ref, streams, ps, rows)
+    m = run.history[0]
+    assert m["loss/total"] == pytest.approx(total.item(), rel=1e-10)
+    for s, mean in zip(streams, means):
+        assert m[f"loss/{s.name}"] == pytest.approx(mean.item(), rel=1e-10), s.name
+    assert m["grad_norm"] == pytest.approx(norm.item(), rel=1e-10)
+    with torch.no_grad():
+        b = ps.batch
+        z = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        assert z.abs().max() > 2.9  # the cap is in play
+        from surgery.modeling import final_hidden, output_layer
+        raw = torch.nn.functional.linear(final_hidden(model, b.input_ids, b.attention_mask),
+                                         output_layer(model).weight)
+        assert raw.abs().max() > 6.0
+
+
+def test_heads_the_losses_cannot_follow_are_refused(tok):
+    """Falcon-H1's lm_head_multiplier rescales the logits: refused like Cohere's logit_scale (it
+    was silently dropped)."""
     llama = load_model(config=tiny_llama(len(tok)))
     llama.config.lm_head_multiplier = 0.25
     with pytest.raises(ValueError, match="lm_head_multiplier=0.25"):
-        Surgery(model=llama, tokenizer=tok, streams=_streams(data)[:2], train=_train(steps=1))
+        Surgery(model=llama, tokenizer=tok, streams=_streams(fact_streams())[:2], train=_train(steps=1))
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
