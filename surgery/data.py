@@ -204,6 +204,23 @@ def tokens_after(tokenizer, prefix: str, rest: str, prefix_ids: list[int] | None
     return p, list(tokenizer(rest, add_special_tokens=False)["input_ids"])
 
 
+def fit_to_length(prefix: list[int], rest: list[int], max_length: int, bos_token_id) -> tuple[list[int], list[int]]:
+    """A prefix (prompt, question) and what follows it (completion, answer: the scored tokens) cut
+    to ``max_length`` tokens together — the one rule of training and evaluation. The whole of
+    ``rest`` stays when it fits in ``max_length - 1`` tokens, the prefix losing its start but not
+    its BOS (the model has always seen one first) to make room; a longer ``rest`` keeps the
+    prefix's last ``max_length // 2`` tokens (or all of a shorter prefix) and loses its own end."""
+    if len(prefix) + len(rest) <= max_length:
+        return prefix, rest
+    keep = max_length - len(rest) if len(rest) < max_length else min(len(prefix), max_length // 2)
+    keep = max(0, min(len(prefix), keep))
+    if 2 <= keep < len(prefix) and prefix[0] == bos_token_id:
+        prefix = prefix[:1] + prefix[len(prefix) - keep + 1:]  # the start goes, BOS stays
+    else:
+        prefix = prefix[len(prefix) - keep:]
+    return prefix, rest[:max_length - keep]
+
+
 def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss: bool = False) -> list[Example]:
     """Tokenize LM records: text as one sequence; prompt + completion with the completion's tokens
     as they stand in the sentence (``tokens_after``), as the evaluation scores a choice. At most
@@ -224,15 +241,8 @@ def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss
             ids = list(tokenizer(rec["text"])["input_ids"])[:max_length]
             start = 1
         else:
-            p, c = tokens_after(tokenizer, rec["prompt"], rec["completion"])
-            if len(p) + len(c) > max_length:
-                keep_p = max_length - len(c) if len(c) < max_length else min(len(p), max_length // 2)
-                keep_p = max(0, min(len(p), keep_p))
-                if keep_p < len(p) and keep_p >= 2 and p[0] == tokenizer.bos_token_id:
-                    p = p[:1] + p[len(p) - keep_p + 1:]  # the start goes, BOS stays
-                else:
-                    p = p[len(p) - keep_p:]
-                c = c[:max_length - keep_p]
+            p, c = fit_to_length(*tokens_after(tokenizer, rec["prompt"], rec["completion"]), max_length,
+                                 tokenizer.bos_token_id)
             ids, start = p + c, max(len(p), 1)
         if require_loss and len(ids) <= start:
             at = where[i] if where is not None else f"record {i}"

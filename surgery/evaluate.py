@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .data import Example, collate, read_records, tokenize_lm, tokens_after
+from .data import Example, collate, fit_to_length, read_records, tokenize_lm, tokens_after
 
 
 def _scorer(model, backend: str):
@@ -85,14 +85,10 @@ def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: in
     for qi, rec in enumerate(records):
         q = list(tokenizer(rec["question"])["input_ids"])
         for c in rec["choices"]:
-            _, c_ids = tokens_after(tokenizer, rec["question"], sep + c, prefix_ids=q)
-            ids = q + c_ids
-            if max_length is not None and len(ids) > max_length:
-                # Keep the answer: drop the start of the question if it must go, but not its BOS
-                # (the model has always seen one first).
-                keep_bos = ids[0] == tokenizer.bos_token_id and max_length > len(c_ids) + 1
-                ids = ids[:1] + ids[len(ids) - max_length + 1:] if keep_bos else ids[-max_length:]
-            examples.append(Example(ids, max(1, len(ids) - len(c_ids))))
+            p, c_ids = tokens_after(tokenizer, rec["question"], sep + c, prefix_ids=q)
+            if max_length is not None:  # the training rule: the choice whole, the question's BOS kept
+                p, c_ids = fit_to_length(p, c_ids, max_length, tokenizer.bos_token_id)
+            examples.append(Example(p + c_ids, max(1, len(p))))
             owner.append(qi)
     nll = token_nll(model, examples, tokenizer, batch_size=batch_size, backend=backend, device=device)
     correct = correct_sum = 0

@@ -136,6 +136,25 @@ def test_prompt_longer_than_max_length_keeps_the_completion(tok):
         assert e.ids[:n_p] == (p if n_p == len(p) else [p[0]] + p[len(p) - n_p + 1:] if n_p >= 2 else p[-n_p:])
 
 
+def test_evaluation_cuts_a_question_and_choice_as_training_cuts_a_prompt_and_completion(tok, monkeypatch):
+    """One truncation rule (data.fit_to_length): multiple_choice scores exactly the tokens that
+    tokenize_lm would train on for the same prompt + completion, at every max_length — the
+    choice whole with the question's BOS kept, or, for a choice longer than max_length - 1, the
+    question's last max_length // 2 tokens and the choice's start."""
+    from surgery import evaluate
+
+    q, choice = "the capital of alba is", "amber brook cliff"
+    seen = []
+    monkeypatch.setattr(evaluate, "token_nll",
+                        lambda model, examples, tokenizer, **kw: seen.extend(examples) or [torch.zeros(1)] * 2)
+    for max_length in range(2, 12):
+        seen.clear()
+        evaluate.multiple_choice(None, tok, [{"question": q, "choices": [choice, "x"], "answer": 0}],
+                                 max_length=max_length)
+        e = tokenize_lm([{"prompt": q, "completion": " " + choice}], tok, max_length)[0]
+        assert (seen[0].ids, seen[0].loss_from) == (e.ids, e.loss_from), max_length
+
+
 def test_completion_trains_on_its_tokens_as_they_stand_in_the_sentence():
     """A SentencePiece-style tokenizer (Llama-2's "▁" word starts): " paris" tokenized alone is
     "▁", "▁paris"; in prompt + completion it is "▁paris". The completion's targets are the
