@@ -108,6 +108,11 @@ def main():
         (kl.kl_fwd_kernel, common.KL_FWD_CONFIGS, dict(HAS_BIAS=True, HAS_REF_BIAS=True, REVERSE=True, **caps)),
         (kl.kl_bwd_kernel, common.BWD_CONFIGS, dict(HAS_BIAS=True, HAS_REF_BIAS=True, REVERSE=True, **caps,
                                                     **grad)),
+        # Gemma-2's softcap on both sides (first configs only): the backward keeps tanh's tile alive
+        (kl.kl_fwd_kernel, common.KL_FWD_CONFIGS[:1], dict(HAS_BIAS=False, HAS_REF_BIAS=False, REVERSE=False,
+                                                           SOFTCAP=True, REF_SOFTCAP=True)),
+        (kl.kl_bwd_kernel, common.BWD_CONFIGS[:1], dict(HAS_BIAS=False, HAS_REF_BIAS=False, REVERSE=False,
+                                                        SOFTCAP=True, REF_SOFTCAP=True, **grad)),
     ]
     for fn, cfgs, flags in kernels:
         for cfg in cfgs:

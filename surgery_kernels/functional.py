@@ -94,7 +94,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     "reverse" = KL(p || p_ref). The true KL (>= 0), no T**2 rescaling. ``softcap`` /
     ``ref_softcap``: each side's logits go through z -> c * tanh(z / c) before the temperature, as
     a model with a final logit softcap (Gemma-2) computes them; give both for such a model and its
-    frozen copy (each side's own: None leaves that side uncapped). ``reduction`` and
+    frozen copy (each side's own: None leaves that side uncapped; a capped side maps a -inf logit
+    to -softcap, so it bans no token). ``reduction`` and
     ``return_values`` (unweighted per-token ``kl_i``, 0 where masked) as in
     :func:`linear_cross_entropy`, the mean dividing by the number of unmasked tokens.
     """

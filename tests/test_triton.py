@@ -336,18 +336,20 @@ def _check_kl(device, dtype, h, w, b, rh, rw, rb, *, upstream=None, shared_head=
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 @pytest.mark.parametrize("path", ["chunked", "fused"])
-def test_kl_minus_inf_bias_on_both_sides(device, dtype, direction, path, monkeypatch):
+@pytest.mark.parametrize("caps", [{}, dict(softcap=3.0, ref_softcap=4.0)], ids=["", "softcap"])
+def test_kl_minus_inf_bias_on_both_sides(device, dtype, direction, path, caps, monkeypatch):
     """Both sides ban the first vocabulary block and the second split with a -inf bias: 0 * log 0
-    = 0 there (not NaN) in the values and in both backward paths, as in float64."""
+    = 0 there (not NaN) in the values and in both backward paths, as in float64. With softcaps
+    the banned logits become -softcap (finite, tanh's gradient 0 there)."""
     from surgery_kernels.backends import triton_fused
 
     monkeypatch.setattr(triton_fused, "BACKWARD", path)
     h, w, b, rh, rw, rb = _kl_inputs(device)
     for lo, hi in ((0, 128), (256, 300)):
         b[lo:hi] = rb[lo:hi] = float("-inf")
-    _check_kl(device, dtype, h, w, b, rh, rw, rb, direction=direction, reduction="sum")
+    _check_kl(device, dtype, h, w, b, rh, rw, rb, direction=direction, reduction="sum", **caps)
     _check_kl(device, dtype, h, w, b, rh, rw, rb, direction=direction, reduction="none",
-              upstream=torch.linspace(-1, 2, N, device=device))
+              upstream=torch.linspace(-1, 2, N, device=device), **caps)
 
 
 @pytest.mark.parametrize("device,dtype", CASES)

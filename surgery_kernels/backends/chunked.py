@@ -168,10 +168,13 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
     return (ce, lse) + _finish(dh, dw, db, weight, bias)
 
 
-def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, softcap, ref_softcap, acc):
-    """Tempered log-probs of both sides, both lse's and the per-token kl."""
-    logq, lse = _tempered_logprobs(h, weight, bias, temperature, softcap, acc)
-    logp, rlse = _tempered_logprobs(rh, rweight, rbias, temperature, ref_softcap, acc)
+def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, softcap, ref_softcap, acc,
+              grad=False):
+    """Tempered log-probs of both sides, both lse's, the per-token kl and, with ``grad``, the
+    trained side's softcap factor (``_tempered_logprobs``). The reference side first: at most
+    three chunk buffers are alive."""
+    logp, rlse, _ = _tempered_logprobs(rh, rweight, rbias, temperature, ref_softcap, acc)
+    logq, lse, dcap = _tempered_logprobs(h, weight, bias, temperature, softcap, acc, grad)
     # forward: sum p (log p - log q); reverse: sum q (log q - log p); 0 * log 0 = 0 where the
     # weighting side has a -inf logit (-inf - -inf would be NaN)
     if direction == "forward":
@@ -179,17 +182,15 @@ def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, so
     else:
         kl = (logq.exp() * (logq - logp).masked_fill_(logq == -math.inf, 0.0)).sum(-1)
     kl = torch.where(m, kl, torch.zeros_like(kl))
-    return logq, logp, lse, rlse, kl
+    return logq, logp, lse, rlse, kl, dcap
 
 
-def _kl_logit_grad_(logq, logp, lse, kl, coeff, direction, temperature, softcap):
-    """In place: logq -> coeff * d kl / d z (trained side, raw logits); lse: the row lse of the
-    trained side's tempered (capped) logits."""
+def _kl_logit_grad_(logq, logp, kl, coeff, direction, temperature, dcap):
+    """In place: logq -> coeff * d kl / d z (trained side, raw logits); dcap: the softcap factor
+    (``_tempered_logprobs``, overwritten) or None."""
     c = (coeff / temperature)[:, None]
-    if softcap is not None:
-        # d(softcap * tanh(z / softcap))/dz = 1 - (capped / softcap)^2, capped = T * (log q + lse);
-        # taken before logq is overwritten.
-        c = (logq + lse[:, None]).mul_(temperature / softcap).square_().neg_().add_(1).mul_(c)
+    if dcap is not None:
+        c = dcap.mul_(c)
     if direction == "forward":
         # (q - p) / T
         logp.exp_()
@@ -207,7 +208,7 @@ def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, 
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     rlse = torch.empty(n, dtype=acc, device=hidden.device)
     for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
-        _, _, lse[s:e], rlse[s:e], kl[s:e] = _kl_chunk(
+        _, _, lse[s:e], rlse[s:e], kl[s:e], _ = _kl_chunk(
             hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature,
             softcap, ref_softcap, acc)
     return kl, lse, rlse
@@ -220,22 +221,27 @@ def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0], hidden.device.type):
-        logq, lse_c = _tempered_logprobs(hidden[s:e], weight, bias, temperature, softcap, acc)
-        logp, _ = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, temperature, ref_softcap, acc)
-        g = _kl_logit_grad_(logq, logp, lse_c, kl[s:e], coeff[s:e], direction, temperature, softcap)
+        logp, _, _ = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, temperature, ref_softcap, acc)
+        logq, _, dcap = _tempered_logprobs(hidden[s:e], weight, bias, temperature, softcap, acc, True)
+        g = _kl_logit_grad_(logq, logp, kl[s:e], coeff[s:e], direction, temperature, dcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
     return _finish(dh, dw, db, weight, bias)
 
 
-def _tempered_logprobs(h, weight, bias, temperature, softcap, acc):
-    """log_softmax(softcap(z) / T) of one chunk (it shifts by the row max: exact for large logits)
-    and the row lse, read off it at the row max (lse = max z - max log p, exact there) instead of
-    a second pass of exponentials."""
+def _tempered_logprobs(h, weight, bias, temperature, softcap, acc, dcap=False):
+    """log_softmax(softcap(z) / T) of one chunk (it shifts by the row max: exact for large logits),
+    the row lse, read off it at the row max (lse = max z - max log p, exact there) instead of a
+    second pass of exponentials, and, with ``dcap`` and a softcap, d softcap(z) / dz = 1 -
+    tanh(z / softcap)^2 from the capped logits, in their buffer (else None)."""
     z = _softcap_(_logits(h, weight, bias, acc), softcap)
     if temperature != 1.0:
         z.div_(temperature)
     logp = torch.log_softmax(z, dim=-1)
-    return logp, z.amax(dim=-1) - logp.amax(dim=-1)
+    lse = z.amax(dim=-1) - logp.amax(dim=-1)
+    if not (dcap and softcap is not None):
+        return logp, lse, None
+    # from the capped logits themselves: rebuilding them as T * (log p + lse) cancels to ulp(lse) * T / softcap
+    return logp, lse, z.mul_(temperature / softcap).square_().neg_().add_(1)
 
 
 def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
@@ -248,10 +254,10 @@ def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
-        logq, logp, lse[s:e], rlse[s:e], kl_c = _kl_chunk(
+        logq, logp, lse[s:e], rlse[s:e], kl_c, dcap = _kl_chunk(
             hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature,
-            softcap, ref_softcap, acc)
+            softcap, ref_softcap, acc, grad=True)
         kl[s:e] = kl_c
-        g = _kl_logit_grad_(logq, logp, lse[s:e], kl_c, coeff[s:e], direction, temperature, softcap)
+        g = _kl_logit_grad_(logq, logp, kl_c, coeff[s:e], direction, temperature, dcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
     return (kl, lse, rlse) + _finish(dh, dw, db, weight, bias)
