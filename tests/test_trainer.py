@@ -50,6 +50,14 @@ def _model(tok, dtype="float32", seed=0, **kw):
     return load_model(config=tiny_llama(len(tok), **kw), dtype=dtype, seed=seed)
 
 
+def _gemma2(tok, seed=0, cap=3.0):
+    """A tiny Gemma-2: its logits are softcapped (final_logit_softcapping) after the head."""
+    return load_model(config=dict(model_type="gemma2", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  final_logit_softcapping=cap, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                                  tie_word_embeddings=False), seed=seed)
+
+
 def _streams(data, weights=(0.1, 2.0, 0.5)):
     u, p, r, _ = data
     return [Stream("unlearn", u, "ascent", weights[0]), Stream("update", p, "descent", weights[1]),
@@ -452,12 +460,15 @@ def test_nan_stops_with_last_good_checkpoint(tok, data, tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in before), "weights changed after a NaN loss"
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
 @pytest.mark.parametrize("mode", ["cache"])
-def test_reference_cache_equals_copy(tok, data, tmp_path, mode):
-    """The cached reference gives the same run as the frozen copy (the same hidden states)."""
+def test_reference_cache_equals_copy(tok, data, tmp_path, mode, arch):
+    """The cached reference gives the same run as the frozen copy (the same hidden states; on
+    Gemma-2, in float64, both softcapped as the model caps its logits)."""
     runs = {}
     for ref in ("copy", mode):
-        r = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference=ref,
+        model = _gemma2(tok).double() if arch == "gemma2" else _model(tok)
+        r = Surgery(model=model, tokenizer=tok, streams=_streams(data), reference=ref,
                     train=_train(steps=4), output_dir=tmp_path / ref)
         r.train()
         runs[ref] = [m["loss/retain"] for m in r.history]
@@ -466,16 +477,18 @@ def test_reference_cache_equals_copy(tok, data, tmp_path, mode):
     assert len(list((tmp_path / "cache" / "reference_cache" / "retain").glob("*.safetensors"))) == 8
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_lora_adapter_reference_equals_copy(tok, data, tmp_path, dropout):
-    """LoRA: the adapters-off reference gives the same run as a frozen copy; only adapters train;
-    final/ is a peft adapter. With dropout in the model, the adapters-off reference runs in eval
-    mode like the copy (no dropout of its own, no random draws that would change the trained
-    forward's masks), and the model is back in train mode after it."""
+@pytest.mark.parametrize("arch,dropout", [("llama", 0.0), ("llama", 0.3), ("gemma2", 0.0)])
+def test_lora_adapter_reference_equals_copy(tok, data, tmp_path, arch, dropout):
+    """LoRA: the adapters-off reference gives the same run as a frozen copy (on Gemma-2 both
+    softcapped); only adapters train; final/ is a peft adapter. With dropout in the model, the
+    adapters-off reference runs in eval mode like the copy (no dropout of its own, no random
+    draws that would change the trained forward's masks), and the model is back in train mode
+    after it."""
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     runs = {}
     for ref in ("copy", "adapter"):
-        r = Surgery(model=_model(tok, attention_dropout=dropout), tokenizer=tok, streams=_streams(data),
+        model = _gemma2(tok) if arch == "gemma2" else _model(tok, attention_dropout=dropout)
+        r = Surgery(model=model, tokenizer=tok, streams=_streams(data),
                     reference=ref, lora=lora, train=_train(steps=3, lr=5e-2), output_dir=tmp_path / ref)
         r.run()
         runs[ref] = r
@@ -800,11 +813,8 @@ def test_softcapping_heads_train_every_stream_on_the_capped_logits(tok, data):
     the reference's capped logits (both through linear_kl_div's softcap / ref_softcap) equal those
     of the model's own logits, and so does the gradient (float64). The KL streams had been
     refused on such a model; before that they trained on uncapped logits (0.512 against 0.225)."""
-    gemma = dict(model_type="gemma2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0,
-                 pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
     streams = _streams(data)
-    model = load_model(config=gemma, seed=0).double()
+    model = _gemma2(tok).double()
     with torch.no_grad():  # logits large enough that the cap bends them (raw |z| past twice the cap)
         model.lm_head.weight.mul_(40.0)
     run, ref, ((ps,), rows) = _perturbed_step(model, streams, tok, mean_over="records")
