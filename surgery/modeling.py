@@ -14,7 +14,11 @@ varies between versions and models.
 
 Models whose head does more than a linear map are detected: Gemma-2's final logit softcap is
 passed to the kernels' ``softcap`` (and, for KL streams, ``ref_softcap``: the reference is the
-same architecture); Cohere/Granite/Falcon-H1-style logit scaling is refused with a clear error
+same architecture); a constant logit scale (Cohere's ``logit_scale``, Granite's
+``logits_scaling``, Falcon-H1's ``lm_head_multiplier``: ``LOGIT_SCALING``) is folded into the
+hidden states and bias the kernels receive. A scaling attribute on an architecture not in that
+table is refused, and ``check_head`` compares, on two tokens, the model's own logits with what
+the losses compute, so an architecture that does anything else is refused before training
 rather than silently trained wrong.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 import os
 
 import torch
@@ -42,18 +47,80 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def head_options(model: nn.Module) -> dict:
-    """Extra kernel options the model's head needs (``softcap``), or an error for heads we do not support."""
+    """Extra kernel options the model's head needs (``softcap``)."""
     cfg = getattr(unwrap(model), "config", None)
-    opts = {}
     cap = getattr(cfg, "final_logit_softcapping", None)
-    if cap:
-        opts["softcap"] = float(cap)
-    for attr in ("logit_scale", "logits_scaling", "lm_head_multiplier"):
+    return {"softcap": float(cap)} if cap else {}
+
+
+# model_type -> (config attribute, whether the *ForCausalLM multiplies or divides by it): each
+# scales the head's output, or (minicpm3) its input, by a constant (transformers 5.x sources).
+# The same attribute name means either: HyperCLOVAX multiplies by logits_scaling, Granite divides.
+LOGIT_SCALING = {
+    **{t: ("logit_scale", "mul") for t in ("cohere", "cohere2", "cohere2_moe")},
+    **{t: ("logits_scaling", "div") for t in ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid",
+                                             "granite_swa", "granitemoe_swa", "minicpm3")},
+    "hyperclovax": ("logits_scaling", "mul"),
+    "falcon_h1": ("lm_head_multiplier", "mul"),
+}
+_SCALING_ATTRS = ("logit_scale", "logits_scaling", "lm_head_multiplier")
+
+
+def logit_scale(model: nn.Module) -> float:
+    """The constant the model's logits are ``lm_head(hidden)`` times (1.0 for most models), or a
+    ValueError for a scaling attribute whose use this table does not know."""
+    cfg = getattr(unwrap(model), "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind in LOGIT_SCALING:
+        attr, how = LOGIT_SCALING[kind]
+        v = getattr(cfg, attr, None)
+        if v is None:
+            return 1.0
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < abs(v) < float("inf")):
+            raise ValueError(f"model config has {attr}={v!r}: expected a finite nonzero number")
+        return float(v) if how == "mul" else 1.0 / float(v)
+    for attr in _SCALING_ATTRS:
         v = getattr(cfg, attr, None)
         if v not in (None, 1, 1.0):
-            raise ValueError(f"model config has {attr}={v}: heads that rescale logits are not supported "
-                             f"(the fused losses take lm_head's weight as is)")
-    return opts
+            raise ValueError(f"model config (model_type {kind!r}) has {attr}={v}: how this architecture applies "
+                             f"it to its logits is not known here (surgery.modeling.LOGIT_SCALING), so the losses "
+                             f"cannot follow it")
+    return 1.0
+
+
+@torch.no_grad()
+def check_head(model: nn.Module, *, scale: float = 1.0, softcap: float | None = None) -> None:
+    """Compare the model's own logits on two tokens with what the losses compute from
+    ``final_hidden`` and the output layer (times ``scale``, softcapped): a ValueError naming the
+    architecture when they differ — a head the losses would train wrong (scaled hidden states
+    before the head, a logit transform this module does not know). The model runs in eval mode,
+    restored after."""
+    params = next(iter(model.parameters()), None)
+    if params is None:
+        return
+    ids = torch.tensor([[0, 1]], device=params.device)
+    att = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits.double()
+        head = output_layer(model)
+        z = torch.nn.functional.linear(final_hidden(model, ids, att), head.weight, getattr(head, "bias", None))
+        z = z.double() * scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+    finally:
+        model.train(was_training)
+    # (another shape: positions the base model does not see, such as peft's virtual prompt tokens)
+    err = ((z - logits).norm() / logits.norm().clamp_min(1e-30)).item() if z.shape == logits.shape else math.inf
+    # the model and this computation round differently only after the head's GEMM (scale, softcap)
+    tol = 1e-4 if params.dtype in (torch.float32, torch.float64) else 3e-2
+    if not err <= tol:
+        kind = getattr(getattr(unwrap(model), "config", None), "model_type", type(unwrap(model)).__name__)
+        raise ValueError(f"this model's logits are not what the losses compute from its final hidden states and "
+                         f"output layer (model_type {kind!r}: relative difference {err:.3g} on two tokens, scale "
+                         f"{scale}, softcap {softcap}): its *ForCausalLM transforms the hidden states or the logits "
+                         f"in a way surgery.modeling does not follow")
 
 
 def decoder(model: nn.Module) -> nn.Module:

@@ -30,7 +30,7 @@ from torch import nn
 from surgery_kernels import linear_cross_entropy, linear_kl_div
 
 from .data import IGNORE
-from .modeling import final_hidden, head_options, is_peft, output_layer
+from .modeling import check_head, final_hidden, head_options, is_peft, logit_scale, output_layer
 
 
 class SurgeryObjective(nn.Module):
@@ -51,10 +51,20 @@ class SurgeryObjective(nn.Module):
         self.model = model
         self.backend, self.kl_direction, self.ascent_cap = backend, kl_direction, ascent_cap
         self.head_opts = head_options(model)
+        # Cohere/Granite-style logit scaling, folded into the hidden states and bias the kernels take
+        self.logit_scale = logit_scale(model)
+        check_head(model, scale=self.logit_scale, softcap=self.head_opts.get("softcap"))
 
     def _head(self):
         head = output_layer(self.model)
         return head.weight, getattr(head, "bias", None)
+
+    def _scaled(self, hidden, bias):
+        """(hidden, bias) times the model's logit scale: z = scale * (hidden @ W.T + bias)."""
+        s = self.logit_scale
+        if s == 1.0:
+            return hidden, bias
+        return hidden * s, None if bias is None else bias * s
 
     def forward(self, mode: str, input_ids, attention_mask, target=None, *, n_ce_rows: int = 0, ce_weight=None,
                 ce_coeff=None, kl_weight=None, kl_coeff=None, ref_hidden=None, ref_weight=None, ref_bias=None,
@@ -70,7 +80,8 @@ class SurgeryObjective(nn.Module):
             h = final_hidden(self.model, input_ids, attention_mask)
             w, b = self._head()
             live = target != IGNORE
-            v = linear_cross_entropy(h[live], w, target[live], bias=b, reduction="none", backend=self.backend,
+            hs, bs = self._scaled(h[live], b)
+            v = linear_cross_entropy(hs, w, target[live], bias=bs, reduction="none", backend=self.backend,
                                      **self.head_opts)
             return _scatter(v, live)
         if mode != "loss":
@@ -109,7 +120,8 @@ class SurgeryObjective(nn.Module):
             # pass over the logits ("none" would recompute them in the backward). The per-token CE
             # comes back for the metrics; the kernel's ascent_cap zeroes a capped token's loss and
             # gradient, and the token keeps its real CE in the stream's logged mean.
-            loss, ce = linear_cross_entropy(hc[sel], w, tc_[sel], bias=b, token_weight=tw * ce_coeff[sel],
+            hs, bs = self._scaled(hc[sel], b)
+            loss, ce = linear_cross_entropy(hs, w, tc_[sel], bias=bs, token_weight=tw * ce_coeff[sel],
                                             reduction="sum", ascent_cap=self.ascent_cap, backend=self.backend,
                                             return_values=True, **self.head_opts)
             if self.ascent_cap is not None:
@@ -133,9 +145,11 @@ class SurgeryObjective(nn.Module):
                 ref_bias = None if ref_bias is None else ref_bias.to(ref_hidden.dtype)
             kw = kl_weight[sel]
             # the reference is the same architecture (a copy, the adapters-off model or a cache of
-            # it): its logits are capped as the trained model's are
+            # it): its logits are scaled and capped as the trained model's are
             cap = self.head_opts.get("softcap")
-            loss, kl = linear_kl_div(hk, w, ref_hidden[sel], ref_weight, bias=b, ref_bias=ref_bias,
+            hk, bk = self._scaled(hk, b)
+            rh, ref_bias = self._scaled(ref_hidden[sel], ref_bias)
+            loss, kl = linear_kl_div(hk, w, rh, ref_weight, bias=bk, ref_bias=ref_bias,
                                      token_weight=kw * kl_coeff[sel], reduction="sum", direction=self.kl_direction,
                                      softcap=cap, ref_softcap=cap, backend=self.backend, return_values=True)
             total = total + loss

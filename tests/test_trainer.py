@@ -52,10 +52,15 @@ def _model(tok, dtype="float32", seed=0, **kw):
 
 def _gemma2(tok, seed=0, cap=3.0):
     """A tiny Gemma-2: its logits are softcapped (final_logit_softcapping) after the head."""
-    return load_model(config=dict(model_type="gemma2", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+    return _tiny(tok, "gemma2", seed=seed, final_logit_softcapping=cap)
+
+
+def _tiny(tok, model_type, seed=0, **extra):
+    """A tiny random model of another architecture (two layers, hidden size 32)."""
+    return load_model(config=dict(model_type=model_type, vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  final_logit_softcapping=cap, pad_token_id=0, bos_token_id=2, eos_token_id=3,
-                                  tie_word_embeddings=False), seed=seed)
+                                  pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+                                  **extra), seed=seed)
 
 
 def _streams(data, weights=(0.1, 2.0, 0.5)):
@@ -808,40 +813,72 @@ def _check_arch(tok, data, arch, device):
     assert perplexity(run.model, tok, data[1])["nll"] < before - 0.1
 
 
-def test_softcapping_heads_train_every_stream_on_the_capped_logits(tok, data):
-    """Gemma-2's final logit softcap reaches every stream: the CE terms and the KL term against
-    the reference's capped logits (both through linear_kl_div's softcap / ref_softcap) equal those
-    of the model's own logits, and so does the gradient (float64). The KL streams had been
-    refused on such a model; before that they trained on uncapped logits (0.512 against 0.225)."""
+# Heads that do more than lm_head(hidden): Gemma-2's softcap (weights x40: raw logits past twice
+# the cap), Granite's division by logits_scaling, Cohere's logit_scale.
+TRANSFORMED_HEADS = {
+    "gemma2": (dict(final_logit_softcapping=3.0), 40.0, dict(softcap=3.0), 1.0),
+    "granite": (dict(logits_scaling=4.0), 1.0, {}, 0.25),
+    "cohere": (dict(logit_scale=2.5), 1.0, {}, 2.5),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(TRANSFORMED_HEADS))
+def test_transformed_heads_train_every_stream_on_the_model_logits(tok, data, arch):
+    """A softcapped (Gemma-2) or scaled (Granite, Cohere) head reaches every stream: the CE terms
+    and the KL term against the reference's logits (linear_kl_div's softcap / ref_softcap, the
+    scale folded into both sides' hidden states) equal those of the model's own logits, and so
+    does the gradient (float64). KL streams had been refused on Gemma-2 (before that they trained
+    on uncapped logits: 0.512 against 0.225), and scaled heads refused altogether."""
+    extra, mul, opts, scale = TRANSFORMED_HEADS[arch]
     streams = _streams(data)
-    model = _gemma2(tok).double()
-    with torch.no_grad():  # logits large enough that the cap bends them (raw |z| past twice the cap)
-        model.lm_head.weight.mul_(40.0)
+    model = _tiny(tok, arch, **extra).double()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(mul)
     run, ref, ((ps,), rows) = _perturbed_step(model, streams, tok, mean_over="records")
-    assert run.objective.head_opts == {"softcap": 3.0}
+    assert run.objective.head_opts == opts and run.objective.logit_scale == scale
     total, means, norm = _records_objective(model, ref, streams, ps, rows)
     m = run.history[0]
     assert m["loss/total"] == pytest.approx(total.item(), rel=1e-10)
     for s, mean in zip(streams, means):
         assert m[f"loss/{s.name}"] == pytest.approx(mean.item(), rel=1e-10), s.name
     assert m["grad_norm"] == pytest.approx(norm.item(), rel=1e-10)
-    with torch.no_grad():
+    with torch.no_grad():  # evaluation's per-token NLL (perplexity, multiple choice) too
         b = ps.batch
-        z = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        assert z.abs().max() > 2.9  # the cap is in play
-        from surgery.modeling import final_hidden, output_layer
-        raw = torch.nn.functional.linear(final_hidden(model, b.input_ids, b.attention_mask),
-                                         output_layer(model).weight)
-        assert raw.abs().max() > 6.0
+        nll = run.objective("nll", b.input_ids, b.attention_mask, b.target)
+        logp = torch.log_softmax(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, -1)
+        live = b.target != IGNORE
+        want = -logp.gather(-1, b.target.clamp_min(0)[..., None]).squeeze(-1)
+        assert torch.allclose(nll[live], want[live], rtol=1e-10, atol=0) and (nll[~live] == 0).all()
+    if arch == "gemma2":
+        with torch.no_grad():
+            b = ps.batch
+            z = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            assert z.abs().max() > 2.9  # the cap is in play
+            from surgery.modeling import final_hidden, output_layer
+            raw = torch.nn.functional.linear(final_hidden(model, b.input_ids, b.attention_mask),
+                                             output_layer(model).weight)
+            assert raw.abs().max() > 6.0
 
 
 def test_heads_the_losses_cannot_follow_are_refused(tok):
-    """Falcon-H1's lm_head_multiplier rescales the logits: refused like Cohere's logit_scale (it
-    was silently dropped)."""
+    """A scaling attribute on an architecture whose use of it is not known (the same name
+    multiplies on HyperCLOVAX and divides on Granite) is refused, and so is a model whose logits
+    are not what the losses compute from its final hidden states (checked on two tokens): here
+    a head that doubles its output, as a MiniCPM-style scaling of the hidden states would
+    change them, unseen by the config."""
     llama = load_model(config=tiny_llama(len(tok)))
     llama.config.lm_head_multiplier = 0.25
-    with pytest.raises(ValueError, match="lm_head_multiplier=0.25"):
+    with pytest.raises(ValueError, match="model_type 'llama'.* lm_head_multiplier=0.25"):
         Surgery(model=llama, tokenizer=tok, streams=_streams(fact_streams())[:2], train=_train(steps=1))
+    llama = load_model(config=tiny_llama(len(tok)))
+    head = llama.lm_head
+    plain = head.forward
+    head.forward = lambda x: 2 * plain(x)
+    with pytest.raises(ValueError, match="logits are not what the losses compute.*model_type 'llama'"):
+        Surgery(model=llama, tokenizer=tok, streams=_streams(fact_streams())[:2], train=_train(steps=1))
+    assert llama.training  # the check left the model as it found it
+    head.forward = plain
+    Surgery(model=llama, tokenizer=tok, streams=_streams(fact_streams())[:2], train=_train(steps=1))
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
