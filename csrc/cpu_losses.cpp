@@ -449,6 +449,17 @@ const T* row_bias(const std::optional<at::Tensor>& bias) {
   return bias.has_value() && std::is_same_v<T, float> ? bias->const_data_ptr<T>() : nullptr;
 }
 
+// A scalar option the row pass divides by or compares in float32: positive, finite and, where
+// float32 divides by it (softcap, temperature), a normal float32 (surgery_kernels.checks.positive
+// refuses the same in Python; softcap = inf would give inf * tanh(0) = NaN logits).
+void check_scalar(const char* op, const char* name, const std::optional<double>& x, bool float32) {
+  if (!x.has_value()) return;
+  const double lo = float32 ? std::numeric_limits<float>::min() : std::numeric_limits<double>::denorm_min();
+  const double hi = float32 ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max();
+  TORCH_CHECK_VALUE(*x >= lo && *x <= hi, op, ": ", name, " must be > 0 and finite",
+                    float32 ? " in float32" : "", ", got ", *x);
+}
+
 int64_t resolve_chunk(const char* op, int64_t chunk_size, int64_t n) {
   TORCH_CHECK_VALUE(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
   return std::max<int64_t>(1, std::min(chunk_size, n));
@@ -550,7 +561,8 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cpu(
   if (coeff.has_value()) check_per_token(op, *coeff, N, at::kFloat, "coeff");
   Grads grads(op, hidden, weight, bias, dhidden, dweight, dbias);
   TORCH_CHECK_VALUE(coeff.has_value() || !grads.any(), op, ": gradient outputs need coeff");
-  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0");
+  check_scalar(op, "softcap", softcap, true);
+  check_scalar(op, "ascent_cap", ascent_cap, false);
   const int64_t C = resolve_chunk(op, chunk_size, N);
 
   auto f32 = hidden.options().dtype(at::kFloat);
@@ -598,7 +610,7 @@ void ce_backward_cpu(const at::Tensor& hidden, const at::Tensor& weight, const s
   check_per_token(op, lse, N, at::kFloat, "lse");
   check_per_token(op, coeff, N, at::kFloat, "coeff");
   Grads grads(op, hidden, weight, bias, dhidden, dweight, dbias);
-  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0");
+  check_scalar(op, "softcap", softcap, true);
   const int64_t C = resolve_chunk(op, chunk_size, N);
   if (N == 0 || !grads.any()) {
     grads.finish(0);
@@ -641,10 +653,9 @@ void check_kl(const char* op, const at::Tensor& hidden, const at::Tensor& weight
   TORCH_CHECK_VALUE(ref_hidden.size(0) == hidden.size(0) && ref_weight.size(0) == weight.size(0), op,
               ": ref_hidden/ref_weight must have hidden's N and weight's V");
   TORCH_CHECK_TYPE(ref_hidden.scalar_type() == hidden.scalar_type(), op, ": ref_hidden dtype must match hidden");
-  TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0");
-  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, op, ": softcap must be > 0, got ", softcap.value_or(0));
-  TORCH_CHECK_VALUE(!ref_softcap.has_value() || *ref_softcap > 0, op, ": ref_softcap must be > 0, got ",
-                    ref_softcap.value_or(0));
+  check_scalar(op, "temperature", temperature, true);
+  check_scalar(op, "softcap", softcap, true);
+  check_scalar(op, "ref_softcap", ref_softcap, true);
 }
 
 // The row transform of one KL side: cap (0 = none) for transform_max_, and for the trained side

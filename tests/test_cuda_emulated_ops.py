@@ -12,6 +12,7 @@ same primitives run in that dtype. Not covered here: cuBLAS, streams, the GPU me
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import pytest
@@ -245,4 +246,17 @@ def test_bad_input_names_the_argument(ops):
         call(hidden=hidden.t().contiguous().t())
     with pytest.raises(ValueError, match="need coeff"):
         call(coeff=None, dhidden=torch.empty_like(hidden))
+    for bad in (0.0, -2.0, math.inf, math.nan, 1e39):
+        with pytest.raises(ValueError, match="softcap must be > 0"):
+            ops.ce_forward(hidden, weight, b, target, coeff, IGNORE, bad, None, 4, None, None, None)
+        if bad != 1e39:
+            with pytest.raises(ValueError, match="ascent_cap must be > 0"):
+                ops.ce_forward(hidden, weight, b, target, coeff, IGNORE, None, bad, 4, None, None, None)
+    hidden, weight, b, ref_hidden, ref_weight, rb, mask, coeff = _kl_inputs(10, 8, 8, 33, torch.float32)
+    for bad in (0.0, -2.0, math.inf, math.nan, 1e39):
+        for name, t, caps in [("temperature", bad, (None, None)), ("softcap", 1.0, (bad, None)),
+                              ("ref_softcap", 1.0, (None, bad))]:
+            with pytest.raises(ValueError, match=f"{name} must be > 0"):
+                ops.kl_forward(hidden, weight, b, ref_hidden, ref_weight, rb, mask, None, False, t, *caps, 4, None,
+                               None, None)
 

@@ -7,6 +7,7 @@ is built once per test session (and cached on disk across sessions).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -336,7 +337,8 @@ def test_ops_reject_bad_input_with_value_and_type_errors():
     hidden, weight, b, rh, rw, rb, mask, coeff = _kl_inputs()
     kl, lse, rlse = torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, None, False, 1.0, None, None, 8,
                                                  None, None, None)
-    for name, bad in [("softcap", 0.0), ("softcap", -2.0), ("ref_softcap", 0.0), ("ref_softcap", -2.0)]:
+    bads = [0.0, -2.0, math.inf, math.nan, 1e39]  # 1e39: inf in float32, where the row pass divides by it
+    for name, bad in [(name, bad) for name in ("softcap", "ref_softcap") for bad in bads]:
         caps = (bad, None) if name == "softcap" else (None, bad)
         with pytest.raises(ValueError, match=f": {name} must be > 0"):
             torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, None, False, 1.0, *caps, 8, None, None,
@@ -344,3 +346,15 @@ def test_ops_reject_bad_input_with_value_and_type_errors():
         with pytest.raises(ValueError, match=f": {name} must be > 0"):
             torch.ops.surgery.kl_backward(hidden, weight, b, rh, rw, rb, lse, rlse, kl, coeff, False, 1.0, *caps, 8,
                                           torch.empty_like(hidden), None, None)
+    for bad in bads:
+        with pytest.raises(ValueError, match=": temperature must be > 0"):
+            torch.ops.surgery.kl_forward(hidden, weight, b, rh, rw, rb, mask, None, False, bad, None, None, 8, None,
+                                         None, None)
+    hidden, weight, b, target, coeff = _ce_inputs()
+    for bad in bads:
+        with pytest.raises(ValueError, match=": softcap must be > 0"):
+            torch.ops.surgery.ce_forward(hidden, weight, b, target, None, -100, bad, None, 8, None, None, None)
+        if bad != 1e39:  # ascent_cap is compared with the loss, never divided by: any positive finite number
+            with pytest.raises(ValueError, match=": ascent_cap must be > 0"):
+                torch.ops.surgery.ce_forward(hidden, weight, b, target, None, -100, None, bad, 8, None, None, None)
+    torch.ops.surgery.ce_forward(hidden, weight, b, target, None, -100, None, 1e39, 8, None, None, None)

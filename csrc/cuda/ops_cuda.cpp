@@ -15,6 +15,7 @@
 // in cuBLAS headers, which this file does not need and which a toolkit may lack.
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -68,6 +69,17 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Device& devic
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
+// A scalar option the row kernels divide by or compare in float32: positive, finite and, where
+// float32 divides by it (softcap, temperature), a normal float32 (surgery_kernels.checks.positive
+// refuses the same in Python; softcap = inf would give inf * tanh(0) = NaN logits).
+void check_scalar(const char* name, const std::optional<double>& x, bool float32) {
+  if (!x.has_value()) return;
+  const double lo = float32 ? std::numeric_limits<float>::min() : std::numeric_limits<double>::denorm_min();
+  const double hi = float32 ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max();
+  TORCH_CHECK_VALUE(*x >= lo && *x <= hi, name, " must be > 0 and finite", float32 ? " in float32" : "", ", got ",
+                    *x);
 }
 
 // The checks every op makes on one side's (hidden, weight, bias); returns V.
@@ -175,7 +187,7 @@ void check_ce(const at::Tensor& hidden, const at::Tensor& weight, const OptTenso
   check_side(hidden, weight, bias, "hidden", "weight", "bias", device, n);
   check_tensor(target, "target", device, at::kLong, {n});
   if (coeff) check_tensor(*coeff, "coeff", device, at::kFloat, {n});
-  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, "softcap must be > 0, got ", softcap.value_or(0));
+  check_scalar("softcap", softcap, true);
 }
 
 // The chunk loop shared by ce_forward and ce_backward. `rows` holds the per-token pointers
@@ -232,6 +244,7 @@ std::tuple<at::Tensor, at::Tensor> ce_forward_cuda(const at::Tensor& hidden, con
                                                    int64_t chunk_size, const OptTensor& dhidden,
                                                    const OptTensor& dweight, const OptTensor& dbias) {
   check_ce(hidden, weight, bias, target, coeff, softcap);
+  check_scalar("ascent_cap", ascent_cap, false);
   GradOutputs grads(dhidden, dweight, dbias);
   TORCH_CHECK_VALUE(coeff.has_value() || !grads.any(), "dhidden, dweight and dbias need coeff");
   grads.check(hidden, weight);
@@ -277,10 +290,9 @@ void check_kl(const at::Tensor& hidden, const at::Tensor& weight, const OptTenso
                    hidden.scalar_type(), ", got ", ref_hidden.scalar_type());
   TORCH_CHECK_VALUE(ref_weight.size(0) == v, "ref_weight must have V = ", v, " rows, got ", ref_weight.size(0));
   if (coeff) check_tensor(*coeff, "coeff", device, at::kFloat, {n});
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
-  TORCH_CHECK_VALUE(!softcap.has_value() || *softcap > 0, "softcap must be > 0, got ", softcap.value_or(0));
-  TORCH_CHECK_VALUE(!ref_softcap.has_value() || *ref_softcap > 0, "ref_softcap must be > 0, got ",
-                    ref_softcap.value_or(0));
+  check_scalar("temperature", temperature, true);
+  check_scalar("softcap", softcap, true);
+  check_scalar("ref_softcap", ref_softcap, true);
 }
 
 // The chunk loop shared by kl_forward and kl_backward (see ce_chunks).
