@@ -119,6 +119,28 @@ def common(reduction, backend, chunk_size) -> int | None:
     return int(min(chunk_size, 2**62))
 
 
+def ce_options(ignore_index, reduction, softcap, ascent_cap, backend, chunk_size, return_values):
+    """The options of linear_cross_entropy (and LinearCrossEntropy, at construction): returns
+    ``(ignore_index, chunk_size)`` as ints."""
+    ignore_index = integer("ignore_index", ignore_index)
+    chunk_size = common(reduction, backend, chunk_size)
+    positive("softcap", softcap, float32=True)
+    positive("ascent_cap", ascent_cap)
+    flag("return_values", return_values)
+    return ignore_index, chunk_size
+
+
+def kl_options(direction, temperature, softcap, ref_softcap, reduction, backend, chunk_size, return_values):
+    """The options of linear_kl_div (and LinearKLDiv, at construction): returns chunk_size as an int."""
+    choice("direction", direction, DIRECTIONS)
+    positive("temperature", temperature, allow_none=False, float32=True)
+    positive("softcap", softcap, float32=True)
+    positive("ref_softcap", ref_softcap, float32=True)
+    chunk_size = common(reduction, backend, chunk_size)
+    flag("return_values", return_values)
+    return chunk_size
+
+
 def integer(name: str, value) -> int:
     """An int64 value (numpy integers accepted) as a Python int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

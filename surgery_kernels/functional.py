@@ -59,13 +59,10 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     checks.plain_tensors(hidden=hidden, weight=weight, bias=bias, target=target, token_weight=token_weight)
     checks.per_token("target", target, hidden, kind="int")
     checks.per_token("token_weight", token_weight, hidden, kind="float")
-    ignore_index = checks.integer("ignore_index", ignore_index)
-    chunk_size = checks.common(reduction, backend, chunk_size)
-    checks.positive("softcap", softcap, float32=True)
-    checks.positive("ascent_cap", ascent_cap)
+    ignore_index, chunk_size = checks.ce_options(ignore_index, reduction, softcap, ascent_cap, backend, chunk_size,
+                                                 return_values)
     # compared as int64, as the kernels read it: in uint8, say, ignore_index -100 would be 156
     checks.target_range(target.to(torch.int64), ignore_index, weight.shape[0])
-    checks.flag("return_values", return_values)
     device_type = hidden.device.type
     h, w, b = _autocast(device_type, hidden=hidden, weight=weight, bias=bias)
     name = resolve(backend, device_type)
@@ -112,12 +109,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     checks.same_device("hidden", hidden, ref_hidden=ref_hidden)
     checks.per_token("mask", mask, hidden, kind="bool")
     checks.per_token("token_weight", token_weight, hidden, kind="float")
-    checks.choice("direction", direction, checks.DIRECTIONS)
-    checks.positive("temperature", temperature, allow_none=False, float32=True)
-    checks.positive("softcap", softcap, float32=True)
-    checks.positive("ref_softcap", ref_softcap, float32=True)
-    chunk_size = checks.common(reduction, backend, chunk_size)
-    checks.flag("return_values", return_values)
+    chunk_size = checks.kl_options(direction, temperature, softcap, ref_softcap, reduction, backend, chunk_size,
+                                   return_values)
     device_type = hidden.device.type
     h, w, b, rh, rw, rb = _autocast(device_type, hidden=hidden, weight=weight, bias=bias,
                                     ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
 from .functional import linear_cross_entropy, linear_kl_div
 
 
 class LinearCrossEntropy(torch.nn.Module):
     """``forward(hidden, weight, target, bias=None, token_weight=None)``; the other options of
-    :func:`surgery_kernels.linear_cross_entropy` are fixed at construction."""
+    :func:`surgery_kernels.linear_cross_entropy` are fixed, and checked, at construction (whether
+    the backend runs on the inputs' device is known at the first call)."""
 
     def __init__(self, *, ignore_index=-100, reduction="mean", softcap=None, ascent_cap=None, backend="auto",
                  chunk_size=None, return_values=False):
         super().__init__()
+        checks.ce_options(ignore_index, reduction, softcap, ascent_cap, backend, chunk_size, return_values)
         self.options = dict(ignore_index=ignore_index, reduction=reduction, softcap=softcap, ascent_cap=ascent_cap,
                             backend=backend, chunk_size=chunk_size, return_values=return_values)
 
@@ -26,12 +29,13 @@ class LinearCrossEntropy(torch.nn.Module):
 
 class LinearKLDiv(torch.nn.Module):
     """``forward(hidden, weight, ref_hidden, ref_weight, bias=None, ref_bias=None, mask=None,
-    token_weight=None)``; the other options of :func:`surgery_kernels.linear_kl_div` are fixed at
-    construction."""
+    token_weight=None)``; the other options of :func:`surgery_kernels.linear_kl_div` are fixed, and
+    checked, at construction."""
 
     def __init__(self, *, direction="forward", temperature=1.0, softcap=None, ref_softcap=None, reduction="mean",
                  backend="auto", chunk_size=None, return_values=False):
         super().__init__()
+        checks.kl_options(direction, temperature, softcap, ref_softcap, reduction, backend, chunk_size, return_values)
         self.options = dict(direction=direction, temperature=temperature, softcap=softcap, ref_softcap=ref_softcap,
                             reduction=reduction, backend=backend, chunk_size=chunk_size, return_values=return_values)
 

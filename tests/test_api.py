@@ -152,6 +152,20 @@ def test_modules_hold_options():
     assert torch.allclose(kl, kvals.mean()) and kvals.shape == (6,)
 
 
+@pytest.mark.parametrize("module, option, bad", [
+    (LinearCrossEntropy, "reduction", "avg"), (LinearCrossEntropy, "ascent_cap", -1.0),
+    (LinearCrossEntropy, "backend", "gpu"), (LinearCrossEntropy, "softcap", 0.0),
+    (LinearCrossEntropy, "ignore_index", 1.5), (LinearCrossEntropy, "chunk_size", 0),
+    (LinearCrossEntropy, "return_values", 1),
+    (LinearKLDiv, "direction", "fwd"), (LinearKLDiv, "temperature", 0.0), (LinearKLDiv, "ref_softcap", -1.0),
+    (LinearKLDiv, "reduction", "avg"), (LinearKLDiv, "backend", "gpu")])
+def test_modules_check_options_at_construction(module, option, bad):
+    """A typo in a loss module's options is reported where the module is built, naming the option,
+    not at the first forward after the model and data are set up."""
+    with pytest.raises((ValueError, TypeError), match=option):
+        module(**{option: bad})
+
+
 def test_default_chunk_size():
     assert default_chunk_size(10**6, 32000) == (1 << 24) // 32000
     assert default_chunk_size(5, 32000) == 5
