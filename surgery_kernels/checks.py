@@ -163,16 +163,19 @@ def plain_tensors(**tensors) -> None:
                                       f"or reduction='none' over the batch)")
 
 
-def target_range(target: torch.Tensor, ignore_index: int, vocab: int) -> None:
-    """Targets must lie in [0, V) or equal ignore_index.
+def target_range(target: torch.Tensor, ignore_index: int, vocab: int, name: str = "target", shift: int = 0) -> None:
+    """Targets must lie in [0, V) or equal ignore_index; the error names ``name`` and reports the
+    index plus ``shift`` in the last dimension (labels shifted left by one: ``shift=1``).
 
     On CPU tensors this is checked eagerly (a ValueError). On CUDA tensors, and while being
     compiled, it is a device-side assertion: reading the values on the host would stall the GPU.
     """
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-    msg = f"target must hold class ids in [0, {vocab}) or ignore_index={ignore_index}"
+    msg = f"{name} must hold class ids in [0, {vocab}) or ignore_index={ignore_index}"
     if target.device.type != "cpu" or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), msg)
     elif bad.any():
-        first = int(bad.nonzero()[0, 0]) if target.dim() == 1 else tuple(bad.nonzero()[0].tolist())
+        first = bad.nonzero()[0].tolist()
+        first[-1] += shift
+        first = first[0] if target.dim() == 1 else tuple(first)
         raise ValueError(f"{msg}; found {int(target[bad][0])} at index {first}")

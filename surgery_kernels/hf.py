@@ -284,13 +284,19 @@ def _causal_lm_loss(state: _Patch, head: HeadInputs, labels, loss_kwargs, per_to
     hidden, weight, bias, softcap = head
     ignore_index = loss_kwargs.get("ignore_index", -100)
     shift_labels = loss_kwargs.get("shift_labels")
+    name = "shift_labels" if shift_labels is not None else "labels"
     if shift_labels is None:
         # Position t predicts label t + 1; the last position has nothing to predict.
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     shift_labels = shift_labels.to(hidden.device)
     if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels must have the shape of the tokens that reach the output embeddings "
+        raise ValueError(f"{name} must have the shape of the tokens that reach the output embeddings "
                          f"{tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)} (logits_to_keep with labels?)")
+    if torch.is_floating_point(shift_labels) or torch.is_complex(shift_labels) or shift_labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class ids, got dtype {shift_labels.dtype}")
+    # What the caller passed, and where (the loss would name its shifted copy `target`).
+    checks.target_range(shift_labels.to(torch.int64), ignore_index, weight.shape[0], name=name,
+                        shift=1 if name == "labels" else 0)
     num_items = None if per_token else loss_kwargs.get("num_items_in_batch")
     reduction = "none" if per_token else "mean" if num_items is None else "sum"
     loss = linear_cross_entropy(hidden, weight, shift_labels, bias=bias, ignore_index=ignore_index,
@@ -390,8 +396,11 @@ def _model_forward(self, state: _Patch, *args, **kwargs):
         loss = loss + coef * aux.to(loss.device)
     # Rebuild the output so that `loss` comes first (as Hugging Face orders it) and logits is None.
     fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
-    out = type(out)(loss=loss, **fields)
-    return out if return_dict else out.to_tuple()
+    if not return_dict:
+        # As the model's own tuple, with None where the logits were: to_tuple() drops None fields,
+        # which would move the cache into the logits' place (`loss, logits = out[:2]`).
+        return (loss,) + tuple(None if k == "logits" else fields[k] for k in out.keys() if k != "loss")
+    return type(out)(loss=loss, **fields)
 
 
 def _output_embeddings(model) -> torch.nn.Linear:

@@ -593,16 +593,24 @@ def test_no_logits_sized_tensor_in_a_patched_forward_and_backward(arch):
     assert biggest() <= vocab * H < B * tokens * vocab
 
 
-def test_return_dict_false_gives_the_loss_first():
-    model = _model("llama")
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_return_dict_false_keeps_the_model_tuple_positions(arch):
+    """The model's own tuple with None for the logits: every other entry where the model puts it
+    (`loss, logits, cache = out`; Mixtral's aux_loss comes before its logits)."""
+    extra = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True) if arch == "mixtral" else {}
+    model = _model(arch, **extra)
     ids, labels = _batch()
     with torch.no_grad():
-        ref = model(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
+        ref = model(input_ids=ids, labels=labels, return_dict=False, use_cache=True)
+        at = list(model(input_ids=ids, labels=labels, use_cache=True).keys()).index("logits")
         hf.patch(model, backend="torch")
-        out = model(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
+        out = model(input_ids=ids, labels=labels, return_dict=False, use_cache=True)
     assert isinstance(out, tuple) and isinstance(ref, tuple)
-    assert len(out) == len(ref) - 1  # no logits
+    assert len(out) == len(ref) and out[at] is None and ref[at].shape == (B, T, V)
     assert _rel(out[0], ref[0]) <= 1e-5
+    assert [type(x) for i, x in enumerate(out) if i != at] == [type(x) for i, x in enumerate(ref) if i != at]
+    if arch == "mixtral":
+        assert at == 2 and _rel(out[1], ref[1]) <= 1e-6  # loss, aux_loss, logits, ...
 
 
 def test_positional_labels_and_shift_labels():
@@ -619,6 +627,29 @@ def test_positional_labels_and_shift_labels():
         shifted = model(input_ids=ids, labels=labels, shift_labels=shift).loss
     assert _rel(positional, ref) <= 1e-5
     assert _rel(shifted, ref_shift) <= 1e-5 and _rel(shifted, ref) > 1e-4
+
+
+def test_bad_labels_are_named_where_the_caller_put_them():
+    """An out-of-range label is reported as `labels` at its own index (the loss sees it shifted one
+    to the left, as `target`); a label at position 0, which predicts nothing, is not used, as in
+    Hugging Face's loss."""
+    model = _model("llama")
+    ids, labels = _batch()
+    hf.patch(model, backend="torch")
+    bad = labels.clone()
+    bad[1, 5] = V
+    with pytest.raises(ValueError, match=rf"labels must hold class ids in \[0, {V}\).*found {V} at index \(1, 5\)"):
+        model(input_ids=ids, labels=bad)
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    shift[0, 2] = -5
+    with pytest.raises(ValueError, match=r"shift_labels must hold class ids.*found -5 at index \(0, 2\)"):
+        model(input_ids=ids, labels=labels, shift_labels=shift)
+    with pytest.raises(TypeError, match="labels must hold integer class ids"):
+        model(input_ids=ids, labels=labels.float())
+    first = labels.clone()
+    first[1, 0] = V
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, labels=first).loss, model(input_ids=ids, labels=labels).loss)
 
 
 def test_bf16_error_no_worse_than_huggingface():
