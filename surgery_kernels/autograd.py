@@ -74,7 +74,7 @@ def _scaled(ctx, grad_out):
         if "modified by an inplace operation" not in str(e):
             raise
         raise RuntimeError(
-            f"backward through a reduction={ctx.reduction!r} loss a second time after the first backward's "
+            f"backward through a reduction={ctx.reduction!r} loss again after the first backward's "
             f"gradients were changed in place (optimizer.zero_grad(set_to_none=False), clip_grad_norm_, an "
             f"optimizer step, or a third backward into the same .grad): the first backward hands out the "
             f"gradients its forward computed without a copy. Keep the default zero_grad(set_to_none=True) "
