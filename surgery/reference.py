@@ -84,6 +84,12 @@ def _fingerprint(model_config, stream_examples: dict, weights=None) -> str:
     return h.hexdigest()[:16]
 
 
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
 class CacheReference:
     """Reference hidden states computed once by the untrained model and read from disk."""
 
@@ -98,10 +104,24 @@ class CacheReference:
         # The weights count too: the same config with other weights (another seed, a model directory
         # overwritten in place, an in-memory model) must not reuse the hidden states.
         fp = _fingerprint(model_config, stream_examples, weights_digest(objective.model, all_reduce))
+        # The fingerprint is written before the first hidden state, so that a build stopped part way
+        # (killed, out of memory) resumes only with the model and data it began with.
         meta = self.dir / "meta.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") != fp:
-            raise ValueError(f"{self.dir} holds a reference cache of another model (config or weights) or data; "
-                             f"delete it or use another output_dir")
+        if meta.is_file():
+            if json.loads(meta.read_text()).get("fingerprint") != fp:
+                raise ValueError(f"{self.dir} holds a reference cache of another model (config or weights) or data; "
+                                 f"delete it or use another output_dir")
+        elif self.dir.is_dir() and any(not p.name.startswith(".") for p in self.dir.iterdir()):
+            raise ValueError(f"{self.dir} holds files but no meta.json, the fingerprint of the model and data they "
+                             f"were computed from (a build stopped by an older version?); delete it or use another "
+                             f"output_dir")
+        if barrier is not None:
+            barrier()  # every process has checked before the first one writes
+        if rank == 0 and not meta.is_file():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _write_json(meta, {"fingerprint": fp, "complete": False})
+        if barrier is not None:
+            barrier()
         self.dir.mkdir(parents=True, exist_ok=True)
         was_training = objective.training
         objective.eval()
@@ -148,7 +168,8 @@ class CacheReference:
             self.weight = self.bias = None
         del head
         if rank == 0:
-            meta.write_text(json.dumps({"fingerprint": fp, "streams": {k: len(v) for k, v in stream_examples.items()}}))
+            _write_json(meta, {"fingerprint": fp, "complete": True,
+                               "streams": {k: len(v) for k, v in stream_examples.items()}})
 
     @staticmethod
     def _dummy(stream_examples, pad_id, device):

@@ -445,6 +445,41 @@ def test_reference_cache_of_other_weights_is_refused(tok, data, tmp_path):
     assert weights_digest(lora[0]) != weights_digest(lora[1])
 
 
+def test_reference_cache_stopped_part_way_resumes_only_with_its_model(tok, data, tmp_path, monkeypatch):
+    """A cache build killed after a few hidden states has its fingerprint on disk already: another
+    model in the same output_dir is refused (it reused the first model's files: a nonzero KL at
+    step 1 between a model and itself), the same model completes it."""
+    import safetensors.torch
+
+    save = safetensors.torch.save_file
+    calls = {"n": 0}
+
+    def dying_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt("killed")
+        return save(*args, **kwargs)
+
+    kw = dict(tokenizer=tok, streams=_streams(data), reference="cache", train=_train(steps=1), output_dir=tmp_path)
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        Surgery(model=_model(tok), **kw).train()
+    monkeypatch.setattr(safetensors.torch, "save_file", save)
+    cache = tmp_path / "reference_cache"
+    assert len(list(cache.rglob("*.safetensors"))) == 3
+    assert not json.loads((cache / "meta.json").read_text())["complete"]
+    with pytest.raises(ValueError, match="reference cache of another model"):
+        Surgery(model=_model(tok, seed=1), **kw).train()
+    Surgery(model=_model(tok), **kw).train()
+    assert json.loads((cache / "meta.json").read_text())["complete"]
+    # files without a fingerprint (a build stopped before it was written first) are not trusted
+    shutil.rmtree(tmp_path)
+    (cache / "retain").mkdir(parents=True)
+    (cache / "retain" / "0000000.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="no meta.json"):
+        Surgery(model=_model(tok), **kw).train()
+
+
 def test_nan_stops_with_last_good_checkpoint(tok, data, tmp_path):
     run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=5, save_every=2),
                   output_dir=tmp_path)
