@@ -8,6 +8,11 @@ logits for the gradient, so a training step costs the three GEMMs of the floor.
 
 Works on any device; it is also the reference the fused backends are tested against (the naive
 materializing one lives in ``surgery_kernels.reference``).
+
+Each primitive runs as one ``torch.library.custom_op`` (namespace ``surgery_torch``) with a fake
+implementation, as the other backends' ops do: ``torch.compile`` sees an opaque op instead of
+tracing the Python loop over chunks, whose trip count made every token count a new graph (a
+recompile per N, and fullgraph's hard failure after 8).
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import math
 
 import torch
 
+from typing import Optional
+
+from torch import Tensor
+
 from . import Availability
+from ._ops import fake_grads, fake_stats, none_where_unneeded, placeholders
 
 # Logit elements per chunk when chunk_size is None, by device type. CPU: 2**24 (64 MiB of float32
 # logits) keeps the chunk's row pass close to cache-friendly while the GEMMs run near peak. CUDA:
@@ -125,7 +135,7 @@ def _ce_logit_grad_(zs, m, s, safe_t, coeff, softcap):
     return zs
 
 
-def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
+def _ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
     ce = torch.empty(n, dtype=acc, device=hidden.device)
@@ -135,7 +145,7 @@ def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_siz
     return ce, lse
 
 
-def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
+def _ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
     # lse is not used: the row statistics are recomputed with the logits (one more pass over the
     # chunk), because exp(z - lse) with a float32 lse loses precision for very large logits.
     acc = _acc_dtype(hidden.dtype)
@@ -148,7 +158,7 @@ def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softc
     return _finish(dh, dw, db, weight, bias)
 
 
-def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
+def _ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
                         chunk_size):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
@@ -200,7 +210,7 @@ def _kl_logit_grad_(logq, logp, kl, coeff, direction, temperature, dcap):
     return logq.exp_().mul_(d).mul_(c)
 
 
-def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature, softcap,
+def _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature, softcap,
                ref_softcap, chunk_size):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
@@ -214,7 +224,7 @@ def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, 
     return kl, lse, rlse
 
 
-def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
+def _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
                 temperature, softcap, ref_softcap, needs, chunk_size):
     # lse/ref_lse are not used: log-softmax is recomputed with the logits (exact for large logits).
     acc = _acc_dtype(hidden.dtype)
@@ -244,7 +254,7 @@ def _tempered_logprobs(h, weight, bias, temperature, softcap, acc, dcap=False):
     return logp, lse, z.mul_(temperature / softcap).square_().neg_().add_(1)
 
 
-def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
+def _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
                         temperature, softcap, ref_softcap, needs, chunk_size):
     acc = _acc_dtype(hidden.dtype)
     n = hidden.shape[0]
@@ -261,3 +271,136 @@ def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
         g = _kl_logit_grad_(logq, logp, kl_c, coeff[s:e], direction, temperature, dcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
     return (kl, lse, rlse) + _finish(dh, dw, db, weight, bias)
+
+
+# The primitives as opaque ops (see the module docstring): the functions above do the work.
+
+def _acc_stats(hidden, k):
+    return fake_stats(hidden, *[_acc_dtype(hidden.dtype)] * k)
+
+
+@torch.library.custom_op("surgery_torch::ce_forward", mutates_args=())
+def _ce_forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+                   softcap: Optional[float], chunk_size: Optional[int]) -> tuple[Tensor, Tensor]:
+    return _ce_forward(hidden, weight, bias, target, ignore_index=ignore_index, softcap=softcap, chunk_size=chunk_size)
+
+
+@_ce_forward_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, softcap, chunk_size):
+    return _acc_stats(hidden, 2)
+
+
+@torch.library.custom_op("surgery_torch::ce_backward", mutates_args=())
+def _ce_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor,
+                    coeff: Tensor, ignore_index: int, softcap: Optional[float], needs: list[bool],
+                    chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    return placeholders(_ce_backward(hidden, weight, bias, target, lse, coeff, ignore_index=ignore_index,
+                                     softcap=softcap, needs=needs, chunk_size=chunk_size), hidden)
+
+
+@_ce_backward_op.register_fake
+def _(hidden, weight, bias, target, lse, coeff, ignore_index, softcap, needs, chunk_size):
+    return fake_grads(hidden, weight, bias, needs)
+
+
+@torch.library.custom_op("surgery_torch::ce_forward_backward", mutates_args=())
+def _ce_forward_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, coeff: Tensor,
+                            ignore_index: int, softcap: Optional[float], ascent_cap: Optional[float],
+                            needs: list[bool], chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                   Tensor]:
+    ce, lse, *grads = _ce_forward_backward(hidden, weight, bias, target, coeff, ignore_index=ignore_index,
+                                           softcap=softcap, ascent_cap=ascent_cap, needs=needs, chunk_size=chunk_size)
+    return (ce, lse) + placeholders(grads, hidden)
+
+
+@_ce_forward_backward_op.register_fake
+def _(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap, needs, chunk_size):
+    return _acc_stats(hidden, 2) + fake_grads(hidden, weight, bias, needs)
+
+
+@torch.library.custom_op("surgery_torch::kl_forward", mutates_args=())
+def _kl_forward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
+                   ref_bias: Optional[Tensor], mask: Tensor, direction: str, temperature: float,
+                   softcap: Optional[float], ref_softcap: Optional[float],
+                   chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    return _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction=direction,
+                       temperature=temperature, softcap=softcap, ref_softcap=ref_softcap, chunk_size=chunk_size)
+
+
+@_kl_forward_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature, softcap, ref_softcap,
+      chunk_size):
+    return _acc_stats(hidden, 3)
+
+
+@torch.library.custom_op("surgery_torch::kl_backward", mutates_args=())
+def _kl_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
+                    ref_bias: Optional[Tensor], lse: Tensor, ref_lse: Tensor, kl: Tensor, coeff: Tensor,
+                    direction: str, temperature: float, softcap: Optional[float], ref_softcap: Optional[float],
+                    needs: list[bool], chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
+    return placeholders(_kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff,
+                                     direction=direction, temperature=temperature, softcap=softcap,
+                                     ref_softcap=ref_softcap, needs=needs, chunk_size=chunk_size), hidden)
+
+
+@_kl_backward_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature, softcap,
+      ref_softcap, needs, chunk_size):
+    return fake_grads(hidden, weight, bias, needs)
+
+
+@torch.library.custom_op("surgery_torch::kl_forward_backward", mutates_args=())
+def _kl_forward_backward_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
+                            ref_weight: Tensor, ref_bias: Optional[Tensor], mask: Tensor, coeff: Tensor,
+                            direction: str, temperature: float, softcap: Optional[float],
+                            ref_softcap: Optional[float], needs: list[bool],
+                            chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kl, lse, rlse, *grads = _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff,
+                                                 direction=direction, temperature=temperature, softcap=softcap,
+                                                 ref_softcap=ref_softcap, needs=needs, chunk_size=chunk_size)
+    return (kl, lse, rlse) + placeholders(grads, hidden)
+
+
+@_kl_forward_backward_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direction, temperature, softcap, ref_softcap,
+      needs, chunk_size):
+    return _acc_stats(hidden, 3) + fake_grads(hidden, weight, bias, needs)
+
+
+# The primitives (signatures: surgery_kernels.backends).
+
+def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
+    return _ce_forward_op(hidden, weight, bias, target, ignore_index, softcap, chunk_size)
+
+
+def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
+    grads = _ce_backward_op(hidden, weight, bias, target, lse, coeff, ignore_index, softcap, list(needs), chunk_size)
+    return none_where_unneeded(grads, needs, bias)
+
+
+def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, softcap, ascent_cap, needs,
+                        chunk_size):
+    ce, lse, *grads = _ce_forward_backward_op(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap,
+                                              list(needs), chunk_size)
+    return (ce, lse) + none_where_unneeded(grads, needs, bias)
+
+
+def kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature, softcap,
+               ref_softcap, chunk_size):
+    return _kl_forward_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature,
+                          softcap, ref_softcap, chunk_size)
+
+
+def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, *, direction,
+                temperature, softcap, ref_softcap, needs, chunk_size):
+    grads = _kl_backward_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff,
+                            direction, temperature, softcap, ref_softcap, list(needs), chunk_size)
+    return none_where_unneeded(grads, needs, bias)
+
+
+def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
+                        temperature, softcap, ref_softcap, needs, chunk_size):
+    kl, lse, rlse, *grads = _kl_forward_backward_op(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask,
+                                                    coeff, direction, temperature, softcap, ref_softcap, list(needs),
+                                                    chunk_size)
+    return (kl, lse, rlse) + none_where_unneeded(grads, needs, bias)

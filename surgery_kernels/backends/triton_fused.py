@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from . import Availability, chunked
+from ._ops import fake_grads, fake_stats, none_where_unneeded, placeholders
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -105,25 +106,6 @@ def _c(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
-def _placeholders(grads, hidden):
-    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
-
-
-def _none_where_unneeded(grads, needs, bias):
-    dh, dw, db = grads
-    return (dh if needs[0] else None, dw if needs[1] else None, db if (needs[2] and bias is not None) else None)
-
-
-def _fake_stats(hidden, *dtypes):
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=dt) for dt in dtypes)
-
-
-def _fake_grads(hidden, weight, bias, needs):
-    return (torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
-            torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
-            torch.empty_like(bias) if (needs[2] and bias is not None) else hidden.new_empty(0))
-
-
 @torch.library.custom_op("surgery_triton::ce_forward", mutates_args=())
 def _ce_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                 softcap: Optional[float]) -> tuple[Tensor, Tensor]:
@@ -133,7 +115,7 @@ def _ce_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: 
 
 @_ce_forward.register_fake
 def _(hidden, weight, bias, target, ignore_index, softcap):
-    return _fake_stats(hidden, torch.float32, torch.float64)
+    return fake_stats(hidden, torch.float32, torch.float64)
 
 
 @torch.library.custom_op("surgery_triton::ce_backward", mutates_args=())
@@ -147,12 +129,12 @@ def _ce_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target:
         # the row statistics are recomputed from the chunk's own (input-dtype) logits, not taken from lse
         grads = _rows().ce(hidden, weight, bias, target, coeff, ignore_index=ignore_index, softcap=softcap,
                            ascent_cap=None, needs=needs, chunk_size=chunk_size, stats=False)[2:]
-    return _placeholders(grads, hidden)
+    return placeholders(grads, hidden)
 
 
 @_ce_backward.register_fake
 def _(hidden, weight, bias, target, lse, coeff, ignore_index, softcap, needs, chunk_size):
-    return _fake_grads(hidden, weight, bias, needs)
+    return fake_grads(hidden, weight, bias, needs)
 
 
 @torch.library.custom_op("surgery_triton::ce_forward_backward", mutates_args=())
@@ -171,12 +153,12 @@ def _ce_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
     else:
         ce, lse, *grads = _rows().ce(hidden, weight, bias, target, coeff, ignore_index=ignore_index, softcap=softcap,
                                      ascent_cap=ascent_cap, needs=needs, chunk_size=chunk_size, stats=True)
-    return (ce, lse) + _placeholders(grads, hidden)
+    return (ce, lse) + placeholders(grads, hidden)
 
 
 @_ce_forward_backward.register_fake
 def _(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap, needs, chunk_size):
-    return _fake_stats(hidden, torch.float32, torch.float64) + _fake_grads(hidden, weight, bias, needs)
+    return fake_stats(hidden, torch.float32, torch.float64) + fake_grads(hidden, weight, bias, needs)
 
 
 @torch.library.custom_op("surgery_triton::kl_forward", mutates_args=())
@@ -189,7 +171,7 @@ def _kl_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidd
 
 @_kl_forward.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, temperature, softcap, ref_softcap):
-    return _fake_stats(hidden, torch.float32, torch.float64, torch.float64)
+    return fake_stats(hidden, torch.float32, torch.float64, torch.float64)
 
 
 @torch.library.custom_op("surgery_triton::kl_backward", mutates_args=())
@@ -205,13 +187,13 @@ def _kl_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hid
         # lse, ref_lse and kl are recomputed from the chunk's own logits (coeff is 0 where masked)
         grads = _rows().kl(*args, None, coeff, direction=direction, temperature=temperature, softcap=softcap,
                            ref_softcap=ref_softcap, needs=needs, chunk_size=chunk_size, stats=False)[3:]
-    return _placeholders(grads, hidden)
+    return placeholders(grads, hidden)
 
 
 @_kl_backward.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction, temperature, softcap,
       ref_softcap, needs, chunk_size):
-    return _fake_grads(hidden, weight, bias, needs)
+    return fake_grads(hidden, weight, bias, needs)
 
 
 @torch.library.custom_op("surgery_triton::kl_forward_backward", mutates_args=())
@@ -229,13 +211,13 @@ def _kl_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         kl, lse, rlse, *grads = _rows().kl(*args, mask, coeff, direction=direction, temperature=temperature,
                                            softcap=softcap, ref_softcap=ref_softcap, needs=needs,
                                            chunk_size=chunk_size, stats=True)
-    return (kl, lse, rlse) + _placeholders(grads, hidden)
+    return (kl, lse, rlse) + placeholders(grads, hidden)
 
 
 @_kl_forward_backward.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, direction, temperature, softcap, ref_softcap,
       needs, chunk_size):
-    return _fake_stats(hidden, torch.float32, torch.float64, torch.float64) + _fake_grads(hidden, weight, bias, needs)
+    return fake_stats(hidden, torch.float32, torch.float64, torch.float64) + fake_grads(hidden, weight, bias, needs)
 
 
 @chunked.float64_here
@@ -248,7 +230,7 @@ def ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_siz
 def ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, softcap, needs, chunk_size):
     _check(hidden)
     grads = _ce_backward(hidden, weight, bias, target, lse, coeff, ignore_index, softcap, list(needs), chunk_size)
-    return _none_where_unneeded(grads, needs, bias)
+    return none_where_unneeded(grads, needs, bias)
 
 
 @chunked.float64_here
@@ -257,7 +239,7 @@ def ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, so
     _check(hidden)
     ce, lse, *grads = _ce_forward_backward(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap,
                                            list(needs), chunk_size)
-    return (ce, lse) + _none_where_unneeded(grads, needs, bias)
+    return (ce, lse) + none_where_unneeded(grads, needs, bias)
 
 
 @chunked.float64_here
@@ -274,7 +256,7 @@ def kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref
     _check(hidden)
     grads = _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, coeff, direction,
                          temperature, softcap, ref_softcap, list(needs), chunk_size)
-    return _none_where_unneeded(grads, needs, bias)
+    return none_where_unneeded(grads, needs, bias)
 
 
 @chunked.float64_here
@@ -284,4 +266,4 @@ def kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
     kl, lse, rlse, *grads = _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff,
                                                  direction, temperature, softcap, ref_softcap, list(needs),
                                                  chunk_size)
-    return (kl, lse, rlse) + _none_where_unneeded(grads, needs, bias)
+    return (kl, lse, rlse) + none_where_unneeded(grads, needs, bias)
