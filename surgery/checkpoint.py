@@ -93,17 +93,15 @@ def read(path: str | Path) -> dict:
 
 def load(directory: str | Path, objective, optimizer, *, dist, check=None) -> dict:
     """Restore parameters, optimizer and RNG; return ``{"step", "cursors", "extra"}``.
-    ``check(state)`` runs before anything is restored (it raises to refuse the checkpoint); then
-    every saved parameter's shape and dtype is compared with the model's (e.g. another LoRA rank
-    or model.dtype)."""
+    Every saved parameter's shape and dtype is compared with the model's (e.g. another LoRA rank
+    or model.dtype); then ``check(state)`` runs (it raises to refuse the checkpoint), before
+    anything is restored."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     path = Path(directory) / STATE
     state = read(path)
     if state.get("world_size", 1) != dist.world_size:
         raise ValueError(f"{path} was written by {state['world_size']} process(es); resume with the same world size")
-    if check is not None:
-        check(state)
     # Full (unsharded) shapes: under FSDP a parameter is a DTensor whose shape is the global one.
     params = dict(objective.named_parameters())
     pairs = [(n, t, params[n]) for n, t in state["model"].items() if n in params and torch.is_tensor(t)]
@@ -119,6 +117,8 @@ def load(directory: str | Path, objective, optimizer, *, dist, check=None) -> di
         n, a, b = cast[0]
         raise ValueError(f"resume: {path} holds {n} in {a}, this run's model is {b} ({len(cast)} parameter(s) "
                          f"differ: another model.dtype); resume with the checkpoint's model.dtype")
+    if check is not None:
+        check(state)
     set_model_state_dict(objective, state["model"], options=_options(strict=False))
     set_optimizer_state_dict(objective, optimizer, state["optimizer"], options=_options())
     set_rng_state(state["rng"][dist.rank])

@@ -73,13 +73,21 @@ def weights_digest(model, all_reduce=None) -> list:
     return [[name, shape, f"{a:.9e}", f"{b:.9e}"] for name, shape, a, b in rows]
 
 
+def examples_digest(examples) -> str:
+    """A stream's tokenized examples (ids and where the loss starts), as 16 hex digits."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(repr((e.ids, e.loss_from)).encode())
+    return h.hexdigest()[:16]
+
+
 def _fingerprint(model_config, stream_examples: dict, weights=None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(model_config, sort_keys=True, default=str).encode())
     h.update(json.dumps(weights).encode())
     for name in sorted(stream_examples):
         h.update(name.encode())
-        for e in stream_examples[name]:
+        for e in stream_examples[name]:  # (not examples_digest: caches written before it keep their key)
             h.update(repr((e.ids, e.loss_from)).encode())
     return h.hexdigest()[:16]
 

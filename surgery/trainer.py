@@ -50,7 +50,7 @@ from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
 from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
 from .objective import SurgeryObjective
-from .reference import AdapterReference, CacheReference, CopyReference
+from .reference import AdapterReference, CacheReference, CopyReference, examples_digest, weights_digest
 
 log = logging.getLogger("surgery")
 
@@ -295,6 +295,7 @@ class Surgery:
         self._reference = None
         self.optimizer = None
         self._scaler = None
+        self._origin = None
         self.step = 0
         # What started this run (set by the surgery command: its arguments and the resolved config);
         # train() appends it to output_dir/runs.jsonl.
@@ -323,6 +324,13 @@ class Surgery:
                 self._reference = AdapterReference()
         if self.dist.enabled:
             distributed.shard_objective(self.objective, self._mp_dtype)
+        # What a resumed run must start from too (_check_resume): the untrained weights (the frozen
+        # ones and the reference are rebuilt from them, not restored), each stream's examples (the
+        # data positions index them) and the seed (the samplers' order).
+        self._origin = None if self.output_dir is None else {
+            "weights": weights_digest(self.objective.model, self.dist.all_reduce_sum),
+            "data": {s.name: examples_digest(ex) for s, ex in zip(self.streams, self._examples)},
+            "seed": self.cfg.seed}
         # The optimizer must hold the sharded parameters: create it before any forward (FSDP keeps
         # the root's parameters unsharded after a forward, and they are swapped in as module attributes).
         params = [p for p in self.objective.parameters() if p.requires_grad]
@@ -584,9 +592,11 @@ class Surgery:
 
     def _identity(self) -> dict:
         """What a resumed run must share with the checkpoint's: the streams (their data positions
-        are restored by order) and the trained parameters (the optimizer state is theirs).
-        Weights, lr, steps and the other optimizer settings may change."""
-        return {"streams": [[s.name, s.loss] for s in self.streams], "trainable": list(self.trainable_names)}
+        are restored by order) and their examples, the trained parameters (the optimizer state is
+        theirs), the untrained model's weights and the seed. Stream weights, lr, steps, batch sizes,
+        precision and the optimizer settings may change."""
+        return {"streams": [[s.name, s.loss] for s in self.streams], "trainable": list(self.trainable_names),
+                **(self._origin or {})}
 
     def _check_resume(self, path, state: dict) -> None:
         if state["step"] > self.cfg.steps:
@@ -606,6 +616,21 @@ class Surgery:
                     detail = f"checkpoint {a}, this run {b}"
                 raise ValueError(f"resume: {path} was written by a run with other {what} ({detail}); resume "
                                  f"with the same ones, or start a new run in another output_dir")
+        # Checkpoints from before these were stored lack them.
+        if "weights" in saved and saved["weights"] != now.get("weights"):
+            diff = next((a[0] for a, b in zip(saved["weights"], now["weights"]) if a != b), "the parameter list")
+            raise ValueError(f"resume: {path} was written by a run that started from other weights (first "
+                             f"difference: {diff}); the frozen weights and the reference would now come from "
+                             f"these, the trained ones from the checkpoint. Resume with the same model.path or "
+                             f"model.config (and train.seed for a config), or start a new run in another output_dir")
+        if "data" in saved and saved["data"] != now.get("data"):
+            names = [n for n in saved["data"] if saved["data"][n] != now["data"].get(n)]
+            raise ValueError(f"resume: {path} was written by a run with other examples in stream(s) {names} (their "
+                             f"data file, or max_length, changed); the data positions restored would index other "
+                             f"examples. Resume with the same data, or start a new run in another output_dir")
+        if "seed" in saved and saved["seed"] != now.get("seed"):
+            raise ValueError(f"resume: {path} was written by a run with train.seed={saved['seed']}, this one has "
+                             f"{now.get('seed')} (the order the streams are sampled in); resume with the same seed")
 
     def _resume(self) -> bool:
         d = self.output_dir / "checkpoint" if self.output_dir is not None else None

@@ -226,6 +226,29 @@ def test_resume_is_exact(tok, data, tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_refuses_another_start(tok, data, tmp_path):
+    """A resumed run rebuilds the frozen weights and the reference from its model and indexes its
+    data by the restored positions: another model (another model.path, or a config with another
+    seed), other examples in a stream or another train.seed is refused before anything is
+    restored, naming what changed; another lr or stream weight is not."""
+    kw = dict(tokenizer=tok, output_dir=tmp_path, reference="copy")
+    Surgery(model=_model(tok), streams=_streams(data), train=_train(steps=2), **kw).train()
+    state = (tmp_path / "checkpoint" / "state.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"started from other weights \(first difference: model.embed_tokens"):
+        Surgery(model=_model(tok, seed=1), streams=_streams(data), train=_train(steps=4), **kw).train(resume=True)
+    u, p, r, e = data
+    other = (u, p, r[1:] + r[:1], e)  # the same retain records in another order
+    with pytest.raises(ValueError, match=r"other examples in stream\(s\) \['retain'\]"):
+        Surgery(model=_model(tok), streams=_streams(other), train=_train(steps=4), **kw).train(resume=True)
+    with pytest.raises(ValueError, match=r"train.seed=0, this one has 5"):
+        Surgery(model=_model(tok), streams=_streams(data), train=_train(steps=4, seed=5), **kw).train(resume=True)
+    assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == state
+    run = Surgery(model=_model(tok), streams=_streams(data, weights=(0.2, 1.0, 0.5)), train=_train(steps=4, lr=5e-3),
+                  **kw)
+    run.train(resume=True)
+    assert run.step == 4
+
+
 def test_summary_after_resume_times_the_whole_run(tok, data, tmp_path):
     """summary.json's train_time_s sums the steps of the whole run, those before the resume too;
     time_s is the resuming call's own."""
