@@ -574,11 +574,14 @@ class Surgery:
         return "No checkpoint was written (output_dir unset or save_every not reached)."
 
     def evaluate(self) -> dict[str, dict]:
-        """Every eval set on the current model: ``{name: {"accuracy", ...} | {"perplexity", ...}}``."""
+        """Every eval set on the current model: ``{name: {"accuracy", ...} | {"perplexity", ...}}``,
+        in the training's precision (``mixed_precision``: under autocast, as the steps; under FSDP
+        the policy casts the parameters either way)."""
         out = {}
-        for e in self.eval_sets:
-            out[e.name] = evaluate_set(self.objective, self.tokenizer, e, backend=self.cfg.backend,
-                                       device=self.device, max_length=self.cfg.max_length)
+        with self._autocast():
+            for e in self.eval_sets:
+                out[e.name] = evaluate_set(self.objective, self.tokenizer, e, backend=self.cfg.backend,
+                                           device=self.device, max_length=self.cfg.max_length)
         return out
 
     def save_checkpoint(self) -> Path:

@@ -249,6 +249,24 @@ def test_resume_refuses_another_start(tok, data, tmp_path):
     assert run.step == 4
 
 
+def test_evaluation_runs_in_the_training_precision(tok, data):
+    """mixed_precision applies to evaluation as to the steps (it ran in float32: twice training's
+    activation memory at scale, and other numbers than the model trains with)."""
+    from surgery.evaluate import evaluate_set
+
+    evals = [EvalSet("qa", data[3]), EvalSet("ppl", data[2])]
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=[], eval=evals,
+                  train=_train(mixed_precision="bfloat16"))
+    got = run.evaluate()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = {e.name: evaluate_set(run.objective, tok, e, backend=run.cfg.backend, device=run.device,
+                                     max_length=run.cfg.max_length) for e in evals}
+    full = {e.name: evaluate_set(run.objective, tok, e, backend=run.cfg.backend, device=run.device,
+                                 max_length=run.cfg.max_length) for e in evals}
+    assert got == want
+    assert got["ppl"]["perplexity"] != full["ppl"]["perplexity"]
+
+
 def test_summary_after_resume_times_the_whole_run(tok, data, tmp_path):
     """summary.json's train_time_s sums the steps of the whole run, those before the resume too;
     time_s is the resuming call's own."""
