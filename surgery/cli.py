@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.steps=10 (repeatable)")
     t.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint")
     e = sub.add_parser("eval", help="evaluate the configured model on the config's eval sets")
-    e.add_argument("config")
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("config", help="YAML config: its model and eval sets are used (stream files need not exist)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.path=runs/x/final (repeatable)")
     sub.add_parser("demo", help="the embedded end-to-end benchmark (surgery demo --help)", add_help=False)
     return p
 

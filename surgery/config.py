@@ -146,6 +146,10 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"train.{name} must be an integer >= 0, got {v!r}")
+        for name in ("gradient_checkpointing", "progress"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):  # a quoted "false" is a true string
+                raise ValueError(f"train.{name} must be true or false (unquoted), got {v!r}")
         _number("train.lr", self.lr, low=0.0, low_ok=False)
         _number("train.eps", self.eps, low=0.0, low_ok=False)
         _number("train.weight_decay", self.weight_decay, low=0.0)

@@ -36,9 +36,15 @@ def _where(source: str, line: int | None, kind: str = "line") -> str:
     return f"{source}:{kind} {line}" if line is not None else source
 
 
-def _check_lm(rec: Any, where: str) -> None:
+def _object(rec: Any, where: str) -> None:
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+        hint = (" (JSON Lines hold one object per line; a JSON array of records goes in a .json file)"
+                if isinstance(rec, list) else "")
+        raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}{hint}")
+
+
+def _check_lm(rec: Any, where: str) -> None:
+    _object(rec, where)
     if "text" in rec and ("prompt" in rec or "completion" in rec):
         # Which one to train on (all of the text, or the completion only) would be a guess.
         raise DataError(f"{where}: a record has either 'text' or 'prompt' and 'completion', got all of "
@@ -59,8 +65,7 @@ def _check_lm(rec: Any, where: str) -> None:
 
 
 def _check_choice(rec: Any, where: str) -> None:
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    _object(rec, where)
     for k in ("question", "choices", "answer"):
         if k not in rec:
             raise DataError(f"{where}: multiple-choice record has no '{k}' (needs question, choices, answer)")
@@ -69,6 +74,8 @@ def _check_choice(rec: Any, where: str) -> None:
     ch = rec["choices"]
     if not isinstance(ch, (list, tuple)) or len(ch) < 2 or not all(isinstance(c, str) and c for c in ch):
         raise DataError(f"{where}: 'choices' must be a list of >= 2 non-empty strings, got {ch!r:.80}")
+    if len(set(ch)) != len(ch):  # equal scores: the first would always win, whichever the answer
+        raise DataError(f"{where}: 'choices' must be distinct, got {list(ch)!r:.120}")
     a = rec["answer"]
     if isinstance(a, bool) or not isinstance(a, (int, str)):
         raise DataError(f"{where}: 'answer' must be an index into choices or one of the choices, got {a!r}")

@@ -148,6 +148,8 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    if os.path.isdir(path) and not any(os.scandir(path)):  # (else transformers blames a missing sentencepiece)
+        raise ValueError(f"tokenizer directory {path} is empty (model.tokenizer, or model.path without it)")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         # Padding positions carry no loss, so any id works; eos is the usual choice.
@@ -163,6 +165,11 @@ def load_model(path: str | None = None, config: dict | None = None, dtype: str =
 
     dt = DTYPES[dtype]
     if path is not None:
+        # (a path that is not a local folder goes to from_pretrained as a hub id)
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
+                                           for f in ("config.json", "adapter_config.json")):
+            raise ValueError(f"model.path {path} holds no config.json (nor a LoRA adapter's adapter_config.json): "
+                             f"not a saved model, or an unfinished download or copy")
         # transformers < 4.56 names the argument torch_dtype (and would ignore dtype=).
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
         key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
@@ -184,7 +191,10 @@ def load_model(path: str | None = None, config: dict | None = None, dtype: str =
             return AutoPeftModelForCausalLM.from_pretrained(path, is_trainable=True, **{key: dt})
         return AutoModelForCausalLM.from_pretrained(path, **{key: dt})
     cfg = dict(config)
-    cfg_obj = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    try:
+        cfg_obj = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    except Exception as e:  # transformers' own validation raises its own classes (StrictDataclass...Error)
+        raise ValueError(f"model.config: {type(e).__name__}: {' '.join(str(e).split())}") from e
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg_obj)

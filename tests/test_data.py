@@ -31,7 +31,7 @@ def _jsonl(path, lines):
     (['{"text": "a b"}', '', '{"txt": "c"}'], "line 3", "expected a 'text' field"),
     (['{"text": ""}'], "line 1", "non-empty string"),
     (['{"prompt": "q", "completion": 3}'], "line 1", "'completion' is 3"),
-    (['["a"]'], "line 1", "JSON object"),
+    (['["a"]'], "line 1", "JSON object, got list (JSON Lines hold one object per line; a JSON array"),
     (['{"text": "a"}', '{"text": "a b", "prompt": "q", "completion": "c"}'], "line 2",
      "either 'text' or 'prompt' and 'completion'"),
 ], ids=["syntax", "missing-text", "empty-text", "bad-completion", "not-object", "text-and-prompt"])
@@ -69,6 +69,7 @@ def test_json_file_with_one_record(tmp_path):
     ({"question": "q", "choices": ["a", "b"], "answer": 2}, "outside choices"),
     ({"question": "q", "choices": ["a"], "answer": 0}, ">= 2 non-empty"),
     ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "not one of the choices"),
+    ({"question": "q", "choices": ["a", "b", "a"], "answer": 2}, "must be distinct"),
     ({"question": "q", "choices": ["a", "b"]}, "no 'answer'"),
 ])
 def test_choice_record_errors(tmp_path, rec, what):
@@ -268,7 +269,9 @@ def test_override_errors():
                      (dict(weight_decay=float("nan")), "train.weight_decay"), (dict(lr=float("inf")), "train.lr"),
                      (dict(betas=0.9), "train.betas must be two numbers"), (dict(betas="ab"), "train.betas"),
                      (dict(betas=[0.9, 1.5]), r"train.betas must be two numbers in \[0, 1\)"),
-                     (dict(device=3), "train.device must be a string"), (dict(device="gpu0"), "train.device")):
+                     (dict(device=3), "train.device must be a string"), (dict(device="gpu0"), "train.device"),
+                     (dict(gradient_checkpointing="false"), "train.gradient_checkpointing must be true or false"),
+                     (dict(progress=0), "train.progress must be true or false")):
         with pytest.raises(ValueError, match=what):
             TrainConfig(**kw)
     if not torch.cuda.is_available():
@@ -338,6 +341,17 @@ def test_missing_model_or_tokenizer_directory(tmp_path, tok):
         Surgery(model=str(tmp_path / "nowhere"), streams=streams)
     with pytest.raises(ValueError, match=r"tokenizer '.*no-tok': the directory does not exist"):
         Surgery(model={"path": str(tmp_path / "nowhere"), "tokenizer": str(tmp_path / "no-tok")}, streams=streams)
+    # an empty folder (an unfinished download): said so, not "install sentencepiece or tiktoken"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"tokenizer directory .*empty is empty"):
+        Surgery(model={"path": str(tmp_path / "empty")}, streams=streams)
+    tok.save_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"model.path .*empty holds no config.json"):
+        Surgery(model={"path": str(tmp_path / "empty"), "tokenizer": str(tmp_path / "tok")}, streams=streams)
+    # transformers' own config validation (its own exception class) becomes a ValueError naming the key
+    bad = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 30, "num_attention_heads": 4}
+    with pytest.raises(ValueError, match=r"model.config: .*not a multiple of the number of attention heads"):
+        Surgery(model={"config": bad}, tokenizer=tok, streams=streams)
 
 
 def test_yaml_reads_scientific_notation_as_numbers(tmp_path):
