@@ -793,8 +793,14 @@ class Surgery:
                              "evaluate())")
         if self.reference_mode == "cache" and self.output_dir is None and any(s.loss == "kl" for s in self.streams):
             raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
+        if self.output_dir is not None and self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ValueError(f"output_dir {self.output_dir} is a file, not a directory")
         if not resume and self.step == 0 and self.output_dir is not None \
                 and ckpt.exists(self.output_dir / "checkpoint"):
+            if (self.output_dir / "summary.json").is_file():
+                raise ValueError(f"{self.output_dir} holds a finished run (summary.json, checkpoint/): start a new run "
+                                 f"in another output_dir, or --resume (resume=True) with train.steps above its last "
+                                 f"step to train it further")
             raise ValueError(f"{self.output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "
                              f"--resume (resume=True), or start over in another output_dir (or delete that "
                              f"checkpoint folder)")

@@ -410,6 +410,14 @@ def test_output_dir_of_an_earlier_run(tok, data, tmp_path):
         fresh.run()
     assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == saved
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+    (tmp_path / "summary.json").write_text("{}")  # what run() leaves at the end
+    with pytest.raises(ValueError, match=r"holds a finished run.*train.steps above its last step"):
+        fresh.run()
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"output_dir .*afile is a file, not a directory"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
+                output_dir=tmp_path / "afile").run()
     with pytest.raises(ValueError, match=r"other streams.*'unlearn', 'ascent'"):
         Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data)[1:], train=_train(steps=4),
                 output_dir=tmp_path).train(resume=True)
