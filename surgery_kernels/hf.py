@@ -495,6 +495,12 @@ def patch(model, backend: str = "auto", *, chunk_size: int | None = None, eval_l
     if getattr(model, _ATTR, None) is not None:
         unpatch(model)
     head = _output_embeddings(model)
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise NotImplementedError(
+            "surgery_kernels.hf.patch: a peft prompt-learning model (prompt tuning, p-tuning, prefix tuning) adds its "
+            "virtual tokens and pads the labels for them in its own forward, which the loss must follow: patch the "
+            "model under it instead, hf.patch(model.get_base_model()), and call the peft model as usual")
     _check_loss_function(model)
     _check_extra_loss_terms(model)
     cls_forward = type(model).forward

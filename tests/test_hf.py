@@ -711,6 +711,24 @@ def test_peft_lora_patched_before_or_after_wrapping():
         _assert_same_loss_and_grads(_loss_and_grads(m, input_ids=ids, labels=labels), ref)
 
 
+def test_peft_prompt_tuning_patches_its_base_model():
+    """Prompt tuning prepends virtual tokens and pads the labels for them inside peft's forward:
+    patching the PeftModel is refused with what to do (it failed on a label shape, blaming
+    logits_to_keep), and patching the model under it gives peft's own loss and gradients."""
+    peft = pytest.importorskip("peft")
+    ids, labels = _batch()
+    cfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    ref_model = peft.get_peft_model(_model("llama"), cfg)
+    ref = _loss_and_grads(ref_model, input_ids=ids, labels=labels)
+    model = peft.get_peft_model(_model("llama"), copy.deepcopy(cfg))
+    model.load_state_dict(ref_model.state_dict())
+    with pytest.raises(NotImplementedError, match=r"prompt-learning.*hf.patch\(model.get_base_model\(\)\)"):
+        hf.patch(model, backend="torch")
+    hf.patch(model.get_base_model(), backend="torch", chunk_size=CHUNK)
+    _assert_same_loss_and_grads(_loss_and_grads(model, input_ids=ids, labels=labels), ref)
+    assert ref[1].keys() == {"prompt_encoder.default.embedding.weight"}
+
+
 class _ToyLM(torch.nn.Module):
     """A minimal causal LM: any module with get_output_embeddings() and a labels argument works."""
 
