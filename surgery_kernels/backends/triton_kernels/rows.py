@@ -229,6 +229,10 @@ def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, i
         if ASCENT_CAP:
             c = tl.where((c < 0.0) & (ce > ascent_cap), 0.0, c)
         inv_s = 1.0 / s
+        # Every warp has read z[t] before any overwrites it below: without this barrier a warp
+        # running ahead could store the gradient over the target's logit while a late one still
+        # had to load it (its ce, and the ascent cap, from a gradient value).
+        tl.debug_barrier()
         for v0 in range(0, V, BLOCK):
             offs = v0 + cols
             mask = offs < V
