@@ -1004,3 +1004,20 @@ def test_gpu_benchmark_script_smoke(tmp_path):
     assert len(ours) >= 20 and all(r["ms"] is not None for r in ours), [r for r in ours if r["ms"] is None]
     assert all(r["ms"] is not None or r["note"].startswith("cannot run") for r in rows)
     assert "| dW alone |" in (tmp_path / "triton_gpu.md").read_text()
+
+
+def test_float32_products_follow_the_tf32_setting():
+    """The fused kernels' float32 tl.dot is IEEE unless the caller allowed TF32 for float32
+    matmuls, as the gradient path's cuBLAS GEMMs do: then both use it (a forward and a
+    forward+backward of one call give the same values either way)."""
+    from surgery_kernels.backends.triton_kernels import common
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert common.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert common.dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert common.dot_precision(torch.bfloat16) == "tf32"

@@ -34,8 +34,12 @@ SPLIT_QUANTUM = 256
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs get IEEE products (the fp32 contract is 1e-5 relative; TF32 is ~1e-3)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """float32 inputs get IEEE products (the fp32 contract is 1e-5 relative; TF32 is ~1e-3) unless
+    the caller allowed TF32 for float32 matmuls (``torch.backends.cuda.matmul.allow_tf32``,
+    ``torch.set_float32_matmul_precision("high")``): the gradient path's cuBLAS GEMMs follow that
+    setting, and the fused kernels follow it with them, so that a forward and a forward+backward
+    give the same values. 16-bit inputs: exact products in the float32 accumulator either way."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 def vocab_splits(v: int) -> tuple[int, int]:
