@@ -266,30 +266,32 @@ def _cfg(bn, bv, bk, warps, stages, group=8):
 
 # GPU configs (H100 first guesses; the first of each list is used when SURGERY_TRITON_AUTOTUNE=0).
 # Checked by compiling for sm_90 here (no GPU): all software-pipelined (cp.async + wgmma), float32
-# atomics vectorized (red.v4.f32); ptxas register use and spills noted per line.
+# atomics vectorized (red.v4.f32); ptxas spills noted per line for bf16 without bias or softcap,
+# triton 3.9 / 3.6 (benchmarks/results/2026-12-07-cpu/triton_sm90_compile.md; they move between
+# triton versions).
 # Lists kept short: every config is one more compile (~2-5 s) on the first call of each variant.
 # CE forward: a GEMM main loop with a light epilogue.
 CE_FWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),  # 255 regs, no spill
-    _cfg(128, 256, 64, 8, 3),  # ~300 B spilled
+    _cfg(128, 128, 64, 8, 3),  # no spill
+    _cfg(128, 256, 64, 8, 3),  # 1192 / 656 B spilled
 ]
 # KL forward holds two logit tiles: 128x256 spills 1.7 KB, so smaller tiles.
 KL_FWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),  # ~100 B spilled
+    _cfg(128, 128, 64, 8, 3),  # 40 / 128 B spilled (both softcaps: 504 / 232 B)
     _cfg(64, 128, 64, 4, 3),
 ]
 # Backward: the recomputed tile stays in registers through the dH/dW loop. BLOCK_K is also the
 # width of each atomic update. The atomic traffic is proportional to 1/BLOCK_N + 1/BLOCK_V, so
-# the 256-row tile (16 warps, 168 KiB shared memory, ~300 B spilled for CE and ~700 B for KL
-# with bias and softcap) cuts it by a quarter;
+# the 256-row tile (16 warps, 168 KiB shared memory, 184 / 224 B spilled for CE and 512 B for KL)
+# cuts it by a quarter;
 # 128x256 would need 232 KiB of shared memory, over the H100's 227.
 BWD_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3),  # ~250 regs, no spill
+    _cfg(128, 128, 64, 8, 3),  # CE no spill, KL 24 / 0 B
     _cfg(128, 128, 32, 8, 4),
     _cfg(256, 128, 32, 16, 3),
 ]
 # float32 inputs: IEEE dots run on FMA units, not tensor cores (the 1e-5 contract rules out
-# TF32); large tiles make ptxas spill kilobytes and compile for 30 s, so one small tile. This
+# TF32 unless the caller allows it: dot_precision); large tiles make ptxas spill kilobytes and compile for 30 s, so one small tile. This
 # path is for exactness, not speed: use bf16/fp16 for speed.
 FP32_CONFIGS = [_cfg(64, 64, 32, 4, 2)]
 
