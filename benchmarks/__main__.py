@@ -56,6 +56,9 @@ def main(argv=None) -> int:
 
     try:
         if args.merge:
+            resolved = [Path(d).resolve() for d in args.merge]
+            if len(set(resolved)) != len(resolved):
+                raise ValueError(f"--merge names a run twice ({' '.join(args.merge)}): its rows would be counted twice")
             runs = [report.load(Path(d)) for d in args.merge]
             Path(args.dir).mkdir(parents=True, exist_ok=True)
             meta, rows = report.merge(runs)

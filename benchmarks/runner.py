@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,10 +136,20 @@ def _worker_row(r: dict) -> dict:
     return row
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during the measurements; ``rows`` holds every row measured until then."""
+
+    def __init__(self, rows: list[dict]):
+        super().__init__("interrupted")
+        self.rows = rows
+
+
 def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadline: float | None,
             task_timeout: float, max_call_s: float | None = None, hard_stop: float | None = None) -> list[dict]:
     """Run the cases in workers: one process per case on the CPU, one for all on CUDA (restarted
-    past a crash for the cases left). Returns one row per (case, provider), the floor included."""
+    past a crash for the cases left). Returns one row per (case, provider), the floor included.
+    Ctrl-C (KeyboardInterrupt) raises Interrupted with the rows measured so far, the interrupted
+    worker's finished ones included, and the rest recorded as skipped."""
     paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + _EXTRA_PATHS
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     log = open(out_dir / "worker.log", "a")
@@ -164,18 +175,33 @@ def execute(tasks: list[dict], device: str, repeats: int, out_dir: Path, deadlin
                 if hard_stop is not None:
                     # A case still running at the hard stop is killed, so the report gets written in time.
                     limit = min(limit, max(hard_stop - time.time(), 1))
+                interrupted = False
                 try:
                     subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec), str(out)], cwd=ROOT, env=env,
                                    stdout=log, stderr=log, timeout=limit)
                     crash = None
                 except subprocess.TimeoutExpired:
                     crash = f"worker timed out after {limit:.0f} s"
+                except KeyboardInterrupt:
+                    interrupted = True
                 got: dict[str, set] = {}
                 for line in (out.read_text().splitlines() if out.exists() else []):
-                    r = json.loads(line)
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:  # the last line of a worker killed while writing it
+                        continue
                     rows.append(_worker_row(r))
                     got.setdefault(Case(**r["case"]).key, set()).add(r["provider"])
                     print(_describe(rows[-1]), flush=True)
+                if interrupted:
+                    for g in [pending] + groups[gi + 1:]:
+                        for t in g:
+                            for name in ["floor"] + t["providers"]:
+                                if name not in got.get(Case(**t["case"]).key, ()):
+                                    rows.append(_row(Case(**t["case"]), name, status="skipped",
+                                                     reason="run interrupted (Ctrl-C or SIGTERM)"))
+                    log.close()
+                    raise Interrupted(rows)
                 # Cases run in order: the first one with rows missing is where the worker died or
                 # hung. Record its missing rows as failed and go on with the cases after it.
                 for i, t in enumerate(pending):
@@ -259,22 +285,44 @@ def run(args) -> int:
         if want:
             cases = [c for c in cases if getattr(c, field) in want.split(",")]
     if args.n:
-        ns = {int(x) for x in args.n.split(",")}
+        try:
+            ns = {int(x) for x in args.n.split(",")}
+        except ValueError:
+            print(f"--n must be comma-separated token counts, got {args.n!r}", file=sys.stderr)
+            return 2
         cases = [c for c in cases if c.n in ns]
     if not cases:
         print("no case left after the filters", file=sys.stderr)
+        return 2
+    known = [p.name for p in registry()]
+    providers = args.providers.split(",") if args.providers else None
+    unknown = sorted(set(providers or ()) - set(known) - {"floor"})
+    if unknown:
+        print(f"--providers: unknown {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    for name, value in (("--repeats", args.repeats), ("--time-limit", args.time_limit),
+                        ("--max-call-s", args.max_call_s), ("--task-timeout", args.task_timeout),
+                        ("--mem-budget-gib", args.mem_budget_gib)):
+        if value is not None and not value > 0:
+            print(f"{name} must be > 0, got {value}", file=sys.stderr)
+            return 2
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"--output {out_dir} is a file, not a directory", file=sys.stderr)
         return 2
     repeats = args.repeats or (2 if preset == "quick" else 3 if device == "cpu" else 5)
     if args.max_call_s is None:
         # quick: torch-lce's default chunking takes ~30 s a call on 2 idle cores; one call is enough
         # to see it, and keeps the run near 5 minutes.
         args.max_call_s = 30.0 if preset == "quick" else 60.0
-    out_dir = Path(args.output)
+    if (out_dir / "results.json").is_file():
+        print(f"note: replacing the earlier run's results in {out_dir}", flush=True)
+        for old in ("time_vs_n.png", "memory_vs_n.png"):  # a run without ok rows writes no plots
+            (out_dir / old).unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = environment(device)
     meta.update(preset=preset, repeats=repeats, wheels=wheels, mem_budget_gib=args.mem_budget_gib, max_call_s=args.max_call_s,
                 command=" ".join(["python -m benchmarks"] + sys.argv[1:]), load_start=measure.load_average())
-    providers = args.providers.split(",") if args.providers else None
     tasks, fixed = plan(cases, device, providers, args.mem_budget_gib, quick=preset == "quick")
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
           f"preset {preset}: {len(cases)} cases, {sum(len(t['providers']) + 1 for t in tasks)} measurements | "
@@ -286,10 +334,24 @@ def run(args) -> int:
     # before its end is killed, and the last seconds write the report.
     deadline = t0 + 0.85 * args.time_limit if args.time_limit else None
     hard_stop = t0 + args.time_limit - 5 if args.time_limit else None
-    measured = execute(tasks, device, repeats, out_dir, deadline, args.task_timeout, args.max_call_s, hard_stop)
+    # SIGTERM (a scheduler, timeout) as Ctrl-C: what was measured is written before leaving.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    interrupted = False
+    try:
+        measured = execute(tasks, device, repeats, out_dir, deadline, args.task_timeout, args.max_call_s, hard_stop)
+    except Interrupted as e:
+        measured, interrupted = e.rows, True
+        meta["interrupted"] = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     meta.update(load_end=measure.load_average(), wall_s=round(time.time() - t0, 1))
     rows = compose(cases, measured, fixed, meta)
     report.write_all(out_dir, meta, rows)
-    print(f"wrote {out_dir}/results.json, results.csv, report.md and plots in {meta['wall_s']} s "
-          f"(load {meta['load_start']} -> {meta['load_end']})")
-    return 0
+    print(f"{'interrupted: ' if interrupted else ''}wrote {out_dir}/results.json, results.csv, report.md and plots "
+          f"in {meta['wall_s']} s (load {meta['load_start']} -> {meta['load_end']})")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        print(f"{len(failed)} measurement(s) failed:", file=sys.stderr)
+        for r in failed:
+            print(f"  {_describe(r)}", file=sys.stderr)
+    return 130 if interrupted else 1 if failed else 0

@@ -257,3 +257,68 @@ def test_worker_leaves_after_an_error_that_breaks_the_cuda_context():
     assert poisons_context(RuntimeError("CUDA error: device-side assert triggered"))
     assert not poisons_context(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not poisons_context(ValueError("liger_kernel: shape mismatch"))
+
+
+def _fake_workers(monkeypatch, behaviours):
+    """runner's worker processes replaced: the i-th call writes the rows of its spec's first case
+    for the providers it lists (``behaviours[i]`` = (those providers, then what to do: None,
+    "timeout" or "ctrl-c"))."""
+    calls = iter(behaviours)
+
+    def fake_run(cmd, **kw):
+        spec, out = json.loads(Path(cmd[-2]).read_text()), Path(cmd[-1])
+        done, then = next(calls)
+        task = spec["tasks"][0]
+        with out.open("a") as f:
+            for name in done:
+                f.write(json.dumps({"case": task["case"], "provider": name, "status": "ok", "median_ms": 1.0,
+                                    "p20_ms": 1.0, "p80_ms": 1.0, "runs": 2, "peak_mib": 1.0, "value": 1.0}) + "\n")
+            if then == "ctrl-c":
+                f.write('{"case": {"op"')  # a line cut by the kill
+        if then == "timeout":
+            raise subprocess.TimeoutExpired(cmd, 1)
+        if then == "ctrl-c":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+
+
+SMOKE = ["run", "--preset", "smoke", "--ops", "ce", "--n", "64", "--providers", "naive,sk-torch"]
+
+
+def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    """Ctrl-C in the second case: the first case's rows and the second's finished ones are written
+    (results.json marked interrupted, exit 130); the rest are skipped, not lost."""
+    from benchmarks.__main__ import main
+
+    _fake_workers(monkeypatch, [(["floor", "naive", "sk-torch"], None), (["floor"], "ctrl-c")])
+    assert main(SMOKE + ["--output", str(tmp_path)]) == 130
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["meta"]["interrupted"] is True
+    status = {(r["mode"], r["provider"]): r["status"] for r in res["rows"]}
+    assert status == {("fwd", "floor"): "ok", ("fwd", "naive"): "ok", ("fwd", "sk-torch"): "ok",
+                      ("fwd+bwd", "floor"): "ok", ("fwd+bwd", "naive"): "skipped", ("fwd+bwd", "sk-torch"): "skipped"}
+
+
+def test_failed_measurements_fail_the_command(tmp_path, monkeypatch, capsys):
+    """A failed row (here: the worker of the second case timed out) makes the exit status 1 and is
+    listed at the end, so a script (gpu_check.sh) sees it; bad options are refused up front."""
+    from benchmarks.__main__ import main
+
+    _fake_workers(monkeypatch, [(["floor", "naive", "sk-torch"], None), ([], "timeout")])
+    assert main(SMOKE + ["--output", str(tmp_path / "a")]) == 1
+    assert "3 measurement(s) failed" in capsys.readouterr().err
+    for bad, what in ((["--providers", "naive,sk_torch"], "--providers: unknown sk_torch"),
+                      (["--repeats", "0"], "--repeats must be > 0"), (["--time-limit", "0"], "--time-limit must be"),
+                      (["--n", "abc"], "--n must be comma-separated token counts")):
+        args = [a for a in SMOKE if a not in ("--providers", "naive,sk-torch")] if bad[0] == "--providers" else SMOKE
+        if bad[0] == "--n":
+            args = SMOKE[:5] + SMOKE[7:]
+        assert main(args + bad + ["--output", str(tmp_path / "b")]) == 2
+        assert what in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    assert main(SMOKE + ["--output", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    # a run merged with itself would count every row twice
+    assert main(["report", str(tmp_path / "m"), "--merge", str(tmp_path / "a"), str(tmp_path / "a") + "/"]) == 2
+    assert "names a run twice" in capsys.readouterr().err
