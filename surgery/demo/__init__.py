@@ -50,10 +50,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    p = _parser()
+    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    for name in ("steps", "max_facts", "threads"):  # said now, not after the model has loaded
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    from .facts import DataUnavailable
+
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, DataUnavailable) as exc:
         print(f"surgery demo: error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -93,6 +100,10 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     show = not args.no_progress
+    if not show:  # the bars of the first use's conversion and loading, too
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     log = lambda msg: print(f"[demo] {msg}", flush=True)
     timings: dict[str, float] = {}
 
