@@ -277,6 +277,10 @@ def run(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device visible", file=sys.stderr)
         return 2
+    if args.gpu_check and device != "cuda":
+        # its cases are the 7B/8B heads at 16384 tokens: ~17 GB for one floor on the CPU
+        print("--gpu-check measures on a GPU: add --device cuda", file=sys.stderr)
+        return 2
     preset = "quick" if args.quick else "gpu-check" if args.gpu_check else args.preset or (
         "gpu" if device == "cuda" else "cpu")
     cases = PRESETS[preset]()

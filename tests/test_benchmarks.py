@@ -316,6 +316,8 @@ def test_failed_measurements_fail_the_command(tmp_path, monkeypatch, capsys):
             args = SMOKE[:5] + SMOKE[7:]
         assert main(args + bad + ["--output", str(tmp_path / "b")]) == 2
         assert what in capsys.readouterr().err
+    assert main(["run", "--gpu-check", "--output", str(tmp_path / "g")]) == 2  # the 7B heads, on the CPU
+    assert "add --device cuda" in capsys.readouterr().err
     (tmp_path / "f").write_text("")
     assert main(SMOKE + ["--output", str(tmp_path / "f")]) == 2
     assert "is a file" in capsys.readouterr().err
