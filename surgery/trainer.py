@@ -88,6 +88,24 @@ def _not_saved_by_peft(model, names: list[str]) -> list[str]:
     return [n for n in names if params[n].data_ptr() not in saved]
 
 
+def _first_weight_difference(saved: list, now: list | None) -> str | None:
+    """The first parameter whose weights_digest row differs (None: the same weights). The float64
+    sums are compared to their rounding, not digit for digit: another summation order (another
+    device or thread count) may move the last digits of a sum whose terms cancel."""
+    if now is None or len(saved) != len(now):
+        return "the parameter list"
+    for (name, shape, s1, q1), (name2, shape2, s2, q2) in zip(saved, now):
+        if name != name2 or shape != shape2:
+            return name
+        s1, q1, s2, q2 = map(float, (s1, q1, s2, q2))
+        n = math.prod(shape) or 1
+        # sum of squares: no cancellation, 1e-6 relative; sum: its error bound scales with the
+        # magnitude of its terms, sqrt(n * sum of squares)
+        if abs(q1 - q2) > 1e-6 * max(q1, q2) or abs(s1 - s2) > 1e-6 * math.sqrt(n * max(q1, q2)):
+            return name
+    return None
+
+
 def _check_local_dir(path, key: str) -> None:
     """A model or tokenizer folder that does not exist: say so, instead of the hub's "Repo id must be
     in the form ..." error, when the value is clearly a local path (config paths always are)."""
@@ -620,8 +638,8 @@ class Surgery:
                 raise ValueError(f"resume: {path} was written by a run with other {what} ({detail}); resume "
                                  f"with the same ones, or start a new run in another output_dir")
         # Checkpoints from before these were stored lack them.
-        if "weights" in saved and saved["weights"] != now.get("weights"):
-            diff = next((a[0] for a, b in zip(saved["weights"], now["weights"]) if a != b), "the parameter list")
+        diff = _first_weight_difference(saved["weights"], now.get("weights")) if "weights" in saved else None
+        if diff is not None:
             raise ValueError(f"resume: {path} was written by a run that started from other weights (first "
                              f"difference: {diff}); the frozen weights and the reference would now come from "
                              f"these, the trained ones from the checkpoint. Resume with the same model.path or "

@@ -249,6 +249,30 @@ def test_resume_refuses_another_start(tok, data, tmp_path):
     assert run.step == 4
 
 
+def test_resume_weights_comparison_tolerates_summation_order_only():
+    """weights_digest on another device or thread count may move the last digits of a sum whose
+    terms cancel: the same weights then; a change of the weights themselves (1e-4 relative, far
+    less than another model's) is still another start."""
+    from surgery.reference import weights_digest
+    from surgery.trainer import _first_weight_difference
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(64, 32)
+    rows = weights_digest(m)
+    shuffled = torch.nn.Linear(64, 32)
+    with torch.no_grad():  # the same values in another order: another summation order
+        shuffled.weight.copy_(m.weight.flatten()[torch.randperm(64 * 32)].view(32, 64))
+        shuffled.bias.copy_(m.bias.flip(0))
+    assert _first_weight_difference(rows, weights_digest(shuffled)) is None
+    nudged = [list(r) for r in rows]
+    nudged[0][2] = f"{float(rows[0][2]) * (1 + 1e-12) + 1e-15:.9e}"  # the last digits of the sum
+    assert _first_weight_difference(rows, nudged) is None
+    with torch.no_grad():
+        m.weight.mul_(1 + 1e-4)
+    assert _first_weight_difference(rows, weights_digest(m)) == "weight"
+    assert _first_weight_difference(rows, rows[:1]) == "the parameter list"
+
+
 def test_evaluation_runs_in_the_training_precision(tok, data):
     """mixed_precision applies to evaluation as to the steps (it ran in float32: twice training's
     activation memory at scale, and other numbers than the model trains with)."""
