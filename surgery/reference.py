@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -73,6 +74,24 @@ def weights_digest(model, all_reduce=None) -> list:
     return [[name, shape, f"{a:.9e}", f"{b:.9e}"] for name, shape, a, b in rows]
 
 
+def first_weight_difference(saved: list, now: list | None) -> str | None:
+    """The first parameter whose weights_digest row differs (None: the same weights). The float64
+    sums are compared to their rounding, not digit for digit: another summation order (another
+    device or thread count) may move the last digits of a sum whose terms cancel."""
+    if now is None or len(saved) != len(now):
+        return "the parameter list"
+    for (name, shape, s1, q1), (name2, shape2, s2, q2) in zip(saved, now):
+        if name != name2 or shape != shape2:
+            return name
+        s1, q1, s2, q2 = map(float, (s1, q1, s2, q2))
+        n = math.prod(shape) or 1
+        # sum of squares: no cancellation, 1e-6 relative; sum: its error bound scales with the
+        # magnitude of its terms, sqrt(n * sum of squares)
+        if abs(q1 - q2) > 1e-6 * max(q1, q2) or abs(s1 - s2) > 1e-6 * math.sqrt(n * max(q1, q2)):
+            return name
+    return None
+
+
 def examples_digest(examples) -> str:
     """A stream's tokenized examples (ids and where the loss starts), as 16 hex digits."""
     h = hashlib.sha256()
@@ -111,12 +130,20 @@ class CacheReference:
         model_config = getattr(getattr(objective.model, "config", None), "to_dict", dict)()
         # The weights count too: the same config with other weights (another seed, a model directory
         # overwritten in place, an in-memory model) must not reuse the hidden states.
-        fp = _fingerprint(model_config, stream_examples, weights_digest(objective.model, all_reduce))
+        weights = weights_digest(objective.model, all_reduce)
+        # The model's config and the data, hashed; the weights digest beside it, compared to the
+        # rounding of its sums (first_weight_difference: another device sums in another order).
+        fp = _fingerprint(model_config, stream_examples)
         # The fingerprint is written before the first hidden state, so that a build stopped part way
         # (killed, out of memory) resumes only with the model and data it began with.
         meta = self.dir / "meta.json"
         if meta.is_file():
-            if json.loads(meta.read_text()).get("fingerprint") != fp:
+            saved = json.loads(meta.read_text())
+            if "weights" in saved:
+                same = saved.get("fingerprint") == fp and first_weight_difference(saved["weights"], weights) is None
+            else:  # written before the weights were stored apart: one hash of everything
+                same = saved.get("fingerprint") == _fingerprint(model_config, stream_examples, weights)
+            if not same:
                 raise ValueError(f"{self.dir} holds a reference cache of another model (config or weights) or data; "
                                  f"delete it or use another output_dir")
         elif self.dir.is_dir() and any(not p.name.startswith(".") for p in self.dir.iterdir()):
@@ -127,7 +154,7 @@ class CacheReference:
             barrier()  # every process has checked before the first one writes
         if rank == 0 and not meta.is_file():
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_json(meta, {"fingerprint": fp, "complete": False})
+            _write_json(meta, {"fingerprint": fp, "weights": weights, "complete": False})
         if barrier is not None:
             barrier()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +203,7 @@ class CacheReference:
             self.weight = self.bias = None
         del head
         if rank == 0:
-            _write_json(meta, {"fingerprint": fp, "complete": True,
+            _write_json(meta, {**json.loads(meta.read_text()), "complete": True,
                                "streams": {k: len(v) for k, v in stream_examples.items()}})
 
     @staticmethod

@@ -50,7 +50,8 @@ from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
 from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
 from .objective import SurgeryObjective
-from .reference import AdapterReference, CacheReference, CopyReference, examples_digest, weights_digest
+from .reference import (AdapterReference, CacheReference, CopyReference, examples_digest, first_weight_difference,
+                        weights_digest)
 
 log = logging.getLogger("surgery")
 
@@ -86,24 +87,6 @@ def _not_saved_by_peft(model, names: list[str]) -> list[str]:
              if torch.is_tensor(t)}
     params = dict(model.named_parameters())
     return [n for n in names if params[n].data_ptr() not in saved]
-
-
-def _first_weight_difference(saved: list, now: list | None) -> str | None:
-    """The first parameter whose weights_digest row differs (None: the same weights). The float64
-    sums are compared to their rounding, not digit for digit: another summation order (another
-    device or thread count) may move the last digits of a sum whose terms cancel."""
-    if now is None or len(saved) != len(now):
-        return "the parameter list"
-    for (name, shape, s1, q1), (name2, shape2, s2, q2) in zip(saved, now):
-        if name != name2 or shape != shape2:
-            return name
-        s1, q1, s2, q2 = map(float, (s1, q1, s2, q2))
-        n = math.prod(shape) or 1
-        # sum of squares: no cancellation, 1e-6 relative; sum: its error bound scales with the
-        # magnitude of its terms, sqrt(n * sum of squares)
-        if abs(q1 - q2) > 1e-6 * max(q1, q2) or abs(s1 - s2) > 1e-6 * math.sqrt(n * max(q1, q2)):
-            return name
-    return None
 
 
 def _check_local_dir(path, key: str) -> None:
@@ -638,7 +621,7 @@ class Surgery:
                 raise ValueError(f"resume: {path} was written by a run with other {what} ({detail}); resume "
                                  f"with the same ones, or start a new run in another output_dir")
         # Checkpoints from before these were stored lack them.
-        diff = _first_weight_difference(saved["weights"], now.get("weights")) if "weights" in saved else None
+        diff = first_weight_difference(saved["weights"], now.get("weights")) if "weights" in saved else None
         if diff is not None:
             raise ValueError(f"resume: {path} was written by a run that started from other weights (first "
                              f"difference: {diff}); the frozen weights and the reference would now come from "

@@ -254,7 +254,7 @@ def test_resume_weights_comparison_tolerates_summation_order_only():
     terms cancel: the same weights then; a change of the weights themselves (1e-4 relative, far
     less than another model's) is still another start."""
     from surgery.reference import weights_digest
-    from surgery.trainer import _first_weight_difference
+    from surgery.reference import first_weight_difference
 
     torch.manual_seed(0)
     m = torch.nn.Linear(64, 32)
@@ -263,14 +263,14 @@ def test_resume_weights_comparison_tolerates_summation_order_only():
     with torch.no_grad():  # the same values in another order: another summation order
         shuffled.weight.copy_(m.weight.flatten()[torch.randperm(64 * 32)].view(32, 64))
         shuffled.bias.copy_(m.bias.flip(0))
-    assert _first_weight_difference(rows, weights_digest(shuffled)) is None
+    assert first_weight_difference(rows, weights_digest(shuffled)) is None
     nudged = [list(r) for r in rows]
     nudged[0][2] = f"{float(rows[0][2]) * (1 + 1e-12) + 1e-15:.9e}"  # the last digits of the sum
-    assert _first_weight_difference(rows, nudged) is None
+    assert first_weight_difference(rows, nudged) is None
     with torch.no_grad():
         m.weight.mul_(1 + 1e-4)
-    assert _first_weight_difference(rows, weights_digest(m)) == "weight"
-    assert _first_weight_difference(rows, rows[:1]) == "the parameter list"
+    assert first_weight_difference(rows, weights_digest(m)) == "weight"
+    assert first_weight_difference(rows, rows[:1]) == "the parameter list"
 
 
 def test_evaluation_runs_in_the_training_precision(tok, data):
@@ -497,6 +497,30 @@ def test_final_dir_holds_only_the_last_model(tok, data, tmp_path):
 def test_reference_cache_of_other_weights_is_refused(tok, data, tmp_path):
     """The reference cache is keyed by the weights too: the same config with another seed's
     weights does not reuse the hidden states."""
+    first = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="cache",
+                    train=_train(steps=1), output_dir=tmp_path)
+    first.train()
+    shutil.rmtree(tmp_path / "checkpoint")
+    # a cache written before the weights digest was stored apart (one hash of config, data, weights)
+    from surgery.reference import _fingerprint, weights_digest
+
+    meta = tmp_path / "reference_cache" / "meta.json"
+    current = meta.read_text()
+    untrained = _model(tok)
+    kl = {s.name: e for s, e in zip(first.streams, first._examples) if s.loss == "kl"}
+    config = first.objective.model.config.to_dict()  # as the trainer sets it (use_cache off)
+    meta.write_text(json.dumps({"fingerprint": _fingerprint(config, kl, weights_digest(untrained)),
+                                "complete": True}))
+    Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="cache",
+            train=_train(steps=1), output_dir=tmp_path).train()
+    shutil.rmtree(tmp_path / "checkpoint")
+    meta.write_text(current)
+    # the last digits of a sum (another device's summation order) do not make it another model
+    saved = json.loads(meta.read_text())
+    before = saved["weights"][0][2]
+    saved["weights"][0][2] = f"{float(before) * (1 + 1e-7) + 1e-7:.9e}"
+    assert saved["weights"][0][2] != before
+    meta.write_text(json.dumps(saved))
     Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="cache",
             train=_train(steps=1), output_dir=tmp_path).train()
     shutil.rmtree(tmp_path / "checkpoint")
