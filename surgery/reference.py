@@ -122,7 +122,7 @@ class CacheReference:
 
     def __init__(self, directory: str | Path, objective, stream_examples: dict, *, pad_id: int, device,
                  head_trainable: bool, batch_size: int = 4, rank: int = 0, world_size: int = 1, barrier=None,
-                 all_reduce=None):
+                 all_reduce=None, weights: list | None = None):
         from safetensors.torch import load_file, save_file
 
         self.dir = Path(directory)
@@ -130,7 +130,8 @@ class CacheReference:
         model_config = getattr(getattr(objective.model, "config", None), "to_dict", dict)()
         # The weights count too: the same config with other weights (another seed, a model directory
         # overwritten in place, an in-memory model) must not reuse the hidden states.
-        weights = weights_digest(objective.model, all_reduce)
+        if weights is None:  # (the trainer passes the digest it took for resume: one pass over the weights)
+            weights = weights_digest(objective.model, all_reduce)
         # The model's config and the data, hashed; the weights digest beside it, compared to the
         # rounding of its sums (first_weight_difference: another device sums in another order).
         fp = _fingerprint(model_config, stream_examples)

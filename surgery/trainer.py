@@ -358,7 +358,8 @@ class Surgery:
                 self.output_dir / "reference_cache", self.objective,
                 {self.streams[i].name: self._examples[i] for i in kl}, pad_id=self.tokenizer.pad_token_id,
                 device=self.device, head_trainable=head.weight.requires_grad, rank=self.dist.rank,
-                world_size=self.dist.world_size, barrier=self.dist.barrier, all_reduce=self.dist.all_reduce_sum)
+                world_size=self.dist.world_size, barrier=self.dist.barrier, all_reduce=self.dist.all_reduce_sum,
+                weights=self._origin["weights"])
         self._samplers = [StreamSampler(len(ex), self.cfg.seed, s.name) for s, ex in zip(self.streams, self._examples)]
 
     def _seed(self):

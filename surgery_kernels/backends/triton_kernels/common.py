@@ -291,8 +291,8 @@ BWD_CONFIGS = [
     _cfg(256, 128, 32, 16, 3),
 ]
 # float32 inputs: IEEE dots run on FMA units, not tensor cores (the 1e-5 contract rules out
-# TF32 unless the caller allows it: dot_precision); large tiles make ptxas spill kilobytes and compile for 30 s, so one small tile. This
-# path is for exactness, not speed: use bf16/fp16 for speed.
+# TF32 unless the caller allows it: dot_precision); large tiles make ptxas spill kilobytes and
+# compile for 30 s, so one small tile. This path is for exactness, not speed: use bf16/fp16 for speed.
 FP32_CONFIGS = [_cfg(64, 64, 32, 4, 2)]
 
 
