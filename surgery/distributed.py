@@ -97,11 +97,16 @@ def shard_objective(objective: nn.Module, param_dtype: torch.dtype | None = None
     return objective
 
 
-def shard_frozen(model: nn.Module) -> nn.Module:
+def shard_frozen(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard a frozen reference copy's blocks; embeddings and head stay whole on every process so the
-    head weight can be read outside a forward."""
+    head weight can be read outside a forward. ``param_dtype`` (mixed precision): its parameters are
+    stored in that dtype, which is what ``shard_objective``'s policy casts the trained model's to for
+    every forward — the reference then computes as the trained model does, and their KL starts at 0."""
     from torch.distributed.fsdp import fully_shard
 
+    if param_dtype is not None:
+        for p in model.parameters():  # parameters only: the policy leaves buffers (rotary) as they are
+            p.data = p.data.to(param_dtype)
     for block in _blocks(model):
         fully_shard(block)
     return model

@@ -138,7 +138,8 @@ class SurgeryObjective(nn.Module):
                 # A frozen head is its own reference (LoRA, or layers-only training with a cache).
                 ref_weight, ref_bias = w, b
             if ref_hidden.dtype != hk.dtype:
-                # A reference kept in another precision (fp32 copy under mixed precision, a cache).
+                # A reference in another dtype than the trained hidden states (defensive: the copy and
+                # the cache compute in the training's precision).
                 ref_hidden = ref_hidden.to(hk.dtype)
             if ref_weight.dtype != ref_hidden.dtype:
                 ref_weight = ref_weight.to(ref_hidden.dtype)

@@ -122,7 +122,7 @@ class CacheReference:
 
     def __init__(self, directory: str | Path, objective, stream_examples: dict, *, pad_id: int, device,
                  head_trainable: bool, batch_size: int = 4, rank: int = 0, world_size: int = 1, barrier=None,
-                 all_reduce=None, weights: list | None = None):
+                 all_reduce=None, weights: list | None = None, precision: str | None = None):
         from safetensors.torch import load_file, save_file
 
         self.dir = Path(directory)
@@ -147,6 +147,12 @@ class CacheReference:
             if not same:
                 raise ValueError(f"{self.dir} holds a reference cache of another model (config or weights) or data; "
                                  f"delete it or use another output_dir")
+            # (caches written before the precision was stored were computed without mixed precision
+            # on one process)
+            if saved.get("precision") != precision:
+                raise ValueError(f"{self.dir} holds a reference cache computed with mixed_precision "
+                                 f"{saved.get('precision')}, this run's is {precision}; delete it or use another "
+                                 f"output_dir")
         elif self.dir.is_dir() and any(not p.name.startswith(".") for p in self.dir.iterdir()):
             raise ValueError(f"{self.dir} holds files but no meta.json, the fingerprint of the model and data they "
                              f"were computed from (a build stopped by an older version?); delete it or use another "
@@ -155,7 +161,7 @@ class CacheReference:
             barrier()  # every process has checked before the first one writes
         if rank == 0 and not meta.is_file():
             self.dir.mkdir(parents=True, exist_ok=True)
-            _write_json(meta, {"fingerprint": fp, "weights": weights, "complete": False})
+            _write_json(meta, {"fingerprint": fp, "weights": weights, "precision": precision, "complete": False})
         if barrier is not None:
             barrier()
         self.dir.mkdir(parents=True, exist_ok=True)

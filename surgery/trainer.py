@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -319,7 +320,8 @@ class Surgery:
         kl = [i for i, s in enumerate(self.streams) if s.loss == "kl"]
         if kl:
             if self.reference_mode == "copy":
-                shard = distributed.shard_frozen if self.dist.enabled else None
+                shard = functools.partial(distributed.shard_frozen, param_dtype=self._mp_dtype) \
+                    if self.dist.enabled else None
                 self._reference = CopyReference(self.model, shard=shard)
             elif self.reference_mode == "adapter":
                 self._reference = AdapterReference()
@@ -354,12 +356,13 @@ class Surgery:
             if self.output_dir is None:
                 raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
             head = output_layer(self.model)
-            self._reference = CacheReference(
+            with self._autocast():  # the hidden states the steps' forwards compute (mixed_precision)
+                self._reference = CacheReference(
                 self.output_dir / "reference_cache", self.objective,
-                {self.streams[i].name: self._examples[i] for i in kl}, pad_id=self.tokenizer.pad_token_id,
-                device=self.device, head_trainable=head.weight.requires_grad, rank=self.dist.rank,
-                world_size=self.dist.world_size, barrier=self.dist.barrier, all_reduce=self.dist.all_reduce_sum,
-                weights=self._origin["weights"])
+                    {self.streams[i].name: self._examples[i] for i in kl}, pad_id=self.tokenizer.pad_token_id,
+                    device=self.device, head_trainable=head.weight.requires_grad, rank=self.dist.rank,
+                    world_size=self.dist.world_size, barrier=self.dist.barrier, all_reduce=self.dist.all_reduce_sum,
+                    weights=self._origin["weights"], precision=self.cfg.mixed_precision)
         self._samplers = [StreamSampler(len(ex), self.cfg.seed, s.name) for s, ex in zip(self.streams, self._examples)]
 
     def _seed(self):

@@ -180,7 +180,9 @@ sys.exit(cli.main())
 def test_fsdp_float16_scales_the_loss_and_skips_on_every_rank(tmp_path):
     """mixed_precision float16 under torchrun: torch.amp.GradScaler over the float32 DTensor
     gradient shards. An overflow in rank 1's shard alone makes rank 0 skip that step too and lower
-    its scale (DTensor reduces the overflow flag over the ranks, by max), so the shards stay one model."""
+    its scale (DTensor reduces the overflow flag over the ranks, by max), so the shards stay one model.
+    The frozen reference copy computes in float16 as the trained model does: their KL is 0 at the
+    first step (a float32 reference would give the distance of float16 compute to float32)."""
     import yaml
 
     tok = word_tokenizer(all_words(), save_dir=tmp_path / "tok")
@@ -198,6 +200,7 @@ def test_fsdp_float16_scales_the_loss_and_skips_on_every_rank(tmp_path):
                                                                 (False, 8.0)]
     assert lines[1]["grad_norm"] is None and all(m["grad_norm"] > 0 for m in lines if not m["skipped"])
     assert all(math.isfinite(m["loss/total"]) for m in lines)
+    assert lines[0]["loss/retain"] == 0.0, lines[0]["loss/retain"]
     assert "without loss scaling" not in err
 
 

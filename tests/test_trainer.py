@@ -614,6 +614,26 @@ def test_reference_cache_equals_copy(tok, data, tmp_path, mode, arch):
     assert len(list((tmp_path / "cache" / "reference_cache" / "retain").glob("*.safetensors"))) == 8
 
 
+def test_reference_cache_in_mixed_precision_equals_copy(tok, data, tmp_path):
+    """With mixed_precision the cache holds the hidden states the steps compute (under autocast),
+    as the copy gives them: the same retain loss from the first step (0 there: the model is still
+    the reference), not the distance of bf16 compute to a float32 reference. A cache of another
+    precision is refused."""
+    runs = {}
+    for ref in ("copy", "cache"):
+        r = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference=ref,
+                    train=_train(steps=3, mixed_precision="bfloat16"), output_dir=tmp_path / ref)
+        r.train()
+        runs[ref] = [m["loss/retain"] for m in r.history]
+    assert runs["cache"][0] == pytest.approx(0.0, abs=1e-9)
+    assert runs["copy"] == pytest.approx(runs["cache"], rel=1e-6, abs=1e-9)
+    assert runs["copy"][-1] > 0
+    shutil.rmtree(tmp_path / "cache" / "checkpoint")
+    with pytest.raises(ValueError, match="mixed_precision bfloat16, this run's is None"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="cache",
+                train=_train(steps=1), output_dir=tmp_path / "cache").train()
+
+
 @pytest.mark.parametrize("arch,dropout", [("llama", 0.0), ("llama", 0.3), ("gemma2", 0.0)])
 def test_lora_adapter_reference_equals_copy(tok, data, tmp_path, arch, dropout):
     """LoRA: the adapters-off reference gives the same run as a frozen copy (on Gemma-2 both
