@@ -93,7 +93,9 @@ class EvalSet:
 
 @dataclass
 class TrainConfig:
-    """Optimization and run options (defaults: the paper's values where it has one)."""
+    """Optimization and run options. The defaults are the paper's optimizer, schedule, clip, steps
+    and length; ``preset: paper`` sets the rest of the authors' run (seed 42, mean_over records,
+    gradient checkpointing, bf16 compute), which default here to a plain float32 run."""
 
     steps: int = 120
     lr: float = 2.0e-4
