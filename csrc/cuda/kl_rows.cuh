@@ -8,9 +8,13 @@
 //   KL(q || p) = E_q[a - r] - (m_q - m_p) - log d_q + log d_p
 // Every term is of the size of the two models' disagreement, not of the logits, so nothing
 // cancels at logits of +-1e4. Pass 1 reads both rows once, keeping per side the online max,
-// sum-exp and softmax-weighted sum of the log-ratio; pass 2 writes, in place of the trained row,
-// coeff * d kl / d z:  forward (q - p) / T,  reverse q (log q - log p - kl) / T, times the trained
-// side's d s / d z = 1 - tanh^2 when it has a softcap.
+// sum-exp and softmax-weighted sum of the log-ratio; the last pass writes, in place of the trained
+// row, coeff * d kl / d z:  forward (q - p) / T,  reverse q (log q - log p - kl) / T, times the
+// trained side's d s / d z = 1 - tanh^2 when it has a softcap. The reverse gradient cancels where
+// q is nearly one-hot, so the kl it subtracts is summed from its very terms, sum q (log q - log p),
+// in a pass between the two (the closed form above rounds otherwise: its terms are of the logits'
+// size; the Triton row kernel, which had the same structure, erred thousands of times plain
+// PyTorch's on a peaked q far from p).
 #pragma once
 
 #include <cmath>
@@ -75,12 +79,24 @@ __global__ void __launch_bounds__(kThreads) kl_rows_kernel(KlRowsArgs a) {
     }
     const float c_t = c * inv_t;
     if (reverse) {
+      // log q and log p of column j, one function for both passes, so both compute the same values
+      auto log_probs = [&](int64_t j, float x, float y, float* log_q, float* log_p, float* dcap) {
+        float unused;
+        *log_q = (tempered(x, j, bias, has_cap, cap, inv_t, dcap) - m_q) - log_dq;
+        *log_p = (tempered(y, j, ref_bias, has_ref_cap, ref_cap, inv_t, &unused) - m_p) - log_dp;
+      };
+      float part = 0.f;
+      row_read2<kThreads>(zq, zp, n, [&](int64_t j, float x, float y) {
+        float log_q, log_p, dcap;
+        log_probs(j, x, y, &log_q, &log_p, &dcap);
+        if (log_q != -INFINITY) part += expf(log_q) * (log_q - log_p);  // 0 * log 0 = 0
+      });
+      const float kl_g = block_sum<kThreads>(part, reinterpret_cast<float*>(smem));
       row_update<kThreads>(zq, zp, n, [&](int64_t j, float x, float y) {
-        float dcap, unused;
-        const float log_q = (tempered(x, j, bias, has_cap, cap, inv_t, &dcap) - m_q) - log_dq;
-        const float log_p = (tempered(y, j, ref_bias, has_ref_cap, ref_cap, inv_t, &unused) - m_p) - log_dp;
+        float log_q, log_p, dcap;
+        log_probs(j, x, y, &log_q, &log_p, &dcap);
         // q = 0: gradient 0
-        return log_q != -INFINITY ? c_t * expf(log_q) * (log_q - log_p - kl) * dcap : 0.f;
+        return log_q != -INFINITY ? c_t * expf(log_q) * ((log_q - log_p) - kl_g) * dcap : 0.f;
       });
     } else {
       row_update<kThreads>(zq, zp, n, [&](int64_t j, float x, float y) {

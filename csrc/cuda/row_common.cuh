@@ -198,6 +198,26 @@ __device__ __forceinline__ SoftmaxStats block_allreduce(SoftmaxStats v, SoftmaxS
   }
 }
 
+// The sum of v over the kThreads threads of the block, the same in every thread; `smem` holds
+// kThreads / 32 floats. Safe to call again for the next row (see block_allreduce).
+template <int kThreads>
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if constexpr (kThreads == 32) {
+    return v;
+  } else {
+    constexpr int kWarps = kThreads / 32;
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) smem[threadIdx.x / 32] = v;
+    __syncthreads();
+    float r = smem[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) r += smem[w];
+    return r;
+  }
+}
+
 // Threads per row for a vocabulary of size v: enough 16-byte loads per thread to hide latency
 // for large V, and blocks small enough that many rows share an SM for small V.
 inline int threads_for_vocab(int64_t v) {

@@ -129,6 +129,10 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
             - tl.load(rlse_lo_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
         b_q = tl.exp(b_logq)
         if REVERSE:
+            # kl from the forward's statistics: where q is nearly one-hot and far from p this
+            # gradient cancels at ulp(kl) and errs far more than plain PyTorch (the default
+            # gradient path sums kl from its own terms, rows.kl_rows_kernel); the logits recomputed
+            # here round differently from the forward's anyway, so no kl would cancel exactly.
             b_kl = tl.load(kl_ptr + offs_n, mask=mask_n, other=0.0)
             # q = 0 (a -inf logit) has gradient 0, not 0 * (-inf - log p)
             b_g = tl.where(b_logq == float("-inf"), 0.0, b_q * (b_logq - b_logp - b_kl[:, None]))

@@ -190,6 +190,19 @@ def _softcapped(z, softcap, SOFTCAP: tl.constexpr):
     return z
 
 
+@triton.jit
+def _log_probs(p_z, p_zr, offs, mask, mq, log_sq, mp, log_sp, inv_t, softcap, ref_softcap,
+               SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr):
+    """A block of a row's softcapped trained logits, log q and log p (each from its side's max:
+    exact for logits of any size); one function for every pass that uses them, so all compute the
+    same values."""
+    b_zc = _softcapped(tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+    b_lq = b_zc * inv_t - mq - log_sq
+    b_lp = _softcapped(tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32), ref_softcap, REF_SOFTCAP) \
+        * inv_t - mp - log_sp
+    return b_zc, b_lq, b_lp
+
+
 # V and ignore_index vary call to call: not specialized (stride_z, = V for the workspace, still is,
 # so V % 16 splits variants).
 @triton.jit(do_not_specialize=["V", "ignore_index"])
@@ -257,7 +270,8 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
     """Row ``program_id`` of the trained logits ``z`` and the reference's ``zr`` (c, V), each
     softcapped (SOFTCAP, REF_SOFTCAP) and tempered by 1/T: kl, lse, rlse (WRITE_STATS) and, in
     place in z, coeff/T * (q - p) (forward KL(p||q)) or coeff/T * q * (log q - log p - kl)
-    (reverse KL(q||p)), times softcap' of z; kl and coeff are 0 where mask is False (HAS_MASK)."""
+    (reverse KL(q||p); its kl summed from the same terms in one more pass), times softcap' of z;
+    kl and coeff are 0 where mask is False (HAS_MASK)."""
     inv_t = tl.cast(inv_t, tl.float32)
     softcap = tl.cast(softcap, tl.float32)
     ref_softcap = tl.cast(ref_softcap, tl.float32)
@@ -307,19 +321,31 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
         tl.store(lse_ptr + row, mq.to(tl.float64) + log_sq.to(tl.float64))
         tl.store(rlse_ptr + row, mp.to(tl.float64) + log_sp.to(tl.float64))
     if WRITE_GRAD:
+        kl_g = kl
+        if REVERSE:
+            # The gradient q * (log q - log p - kl) cancels where q is nearly one-hot: kl must be
+            # the sum of the very terms it is subtracted from, sum q * (log q - log p) as the next
+            # pass computes them. The closed form above rounds otherwise (its terms are of the
+            # logits' size), which made the gradient thousands of times plain PyTorch's error on a
+            # peaked q far from p. One more read of the two rows, for reverse KL's gradient only.
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for v0 in range(0, V, BLOCK):
+                offs = v0 + cols
+                mask = offs < V
+                _, b_lq, b_lp = _log_probs(p_z, p_zr, offs, mask, mq, log_sq, mp, log_sp, inv_t, softcap,
+                                           ref_softcap, SOFTCAP, REF_SOFTCAP)
+                # 0 * log 0 = 0 where q has a -inf logit
+                acc += tl.where(mask & (b_lq != float("-inf")), tl.exp(b_lq) * (b_lq - b_lp), 0.0)
+            kl_g = tl.sum(acc, axis=0)
         for v0 in range(0, V, BLOCK):
             offs = v0 + cols
             mask = offs < V
-            # log q and log p from each side's max: exact for logits of any size
-            b_zc = _softcapped(tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
-            b_lq = b_zc * inv_t - mq - log_sq
-            b_lp = _softcapped(tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32), ref_softcap,
-                               REF_SOFTCAP) * inv_t - mp - log_sp
-            b_q = tl.exp(b_lq)
-            if REVERSE:
-                b_g = tl.where(b_lq == float("-inf"), 0.0, b_q * (b_lq - b_lp - kl))  # q = 0: gradient 0
+            b_zc, b_lq, b_lp = _log_probs(p_z, p_zr, offs, mask, mq, log_sq, mp, log_sp, inv_t, softcap,
+                                          ref_softcap, SOFTCAP, REF_SOFTCAP)
+            if REVERSE:  # q = 0: gradient 0
+                b_g = tl.where(b_lq == float("-inf"), 0.0, tl.exp(b_lq) * ((b_lq - b_lp) - kl_g))
             else:
-                b_g = b_q - tl.exp(b_lp)
+                b_g = tl.exp(b_lq) - tl.exp(b_lp)
             b_g = b_g * c
             if SOFTCAP:
                 b_tanh = b_zc / softcap
