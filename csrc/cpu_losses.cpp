@@ -534,7 +534,9 @@ CeRow ce_row_(float* x, int64_t V, int64_t t, bool live, float c, float cap, boo
   const double ls = std::log(se);
   CeRow out{static_cast<float>(m + ls), live ? static_cast<float>((static_cast<double>(m) - xt) + ls) : 0.0f};
   if (!with_grad) return out;
-  if (!live || (ascent_cap != nullptr && c < 0.0f && out.ce > *ascent_cap)) c = 0.0f;
+  // the cap as float, as the loss (autograd.py) and every other backend compare it: the gradient
+  // must belong to the loss returned when float(cap) equals the token's ce
+  if (!live || (ascent_cap != nullptr && c < 0.0f && out.ce > static_cast<float>(*ascent_cap))) c = 0.0f;
   if (c == 0.0f) {
     std::fill(x, x + V, 0.0f);
   } else if (cap > 0.0f) {

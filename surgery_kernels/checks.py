@@ -157,7 +157,8 @@ def plain_tensors(**tensors) -> None:
     if torch.compiler.is_compiling():
         return
     for name, x in tensors.items():
-        if x is not None and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        # (not a tensor: left to the type checks that follow, which name the argument)
+        if isinstance(x, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
             raise NotImplementedError(f"{name} is being transformed by torch.func (vmap, grad, jvp, ...), which these "
                                       f"losses do not support; call them outside the transform (per example: a loop, "
                                       f"or reduction='none' over the batch)")

@@ -3,6 +3,7 @@ equality with a Hugging Face model's own loss."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,9 @@ BAD_CE = [
     ("ignore-index-float", dict(ignore_index=-100.0), TypeError, ["ignore_index"]),
     ("ignore-index-huge", dict(ignore_index=2**70), ValueError, ["ignore_index", "int64"]),
     ("return-values-int", dict(return_values=1), TypeError, ["return_values", "True or False"]),
+    ("target-list", dict(target=[1, 2, 3, 4, 5, 6, 7, 8]), TypeError, ["target", "torch.Tensor", "list"]),
+    ("target-numpy", dict(target=np.arange(8)), TypeError, ["target", "torch.Tensor", "ndarray"]),
+    ("token-weight-list", dict(token_weight=[1.0] * 8), TypeError, ["token_weight", "torch.Tensor", "list"]),
 ]
 
 
@@ -88,6 +92,7 @@ BAD_KL = [
     ("ref-softcap-past-float32", dict(ref_softcap=1e39), ValueError, ["ref_softcap", "float32"]),
     ("reduction", dict(reduction="max"), ValueError, ["reduction"]),
     ("return-values-none", dict(return_values=None), TypeError, ["return_values"]),
+    ("mask-list", dict(mask=[True] * 6), TypeError, ["mask", "torch.Tensor", "list"]),
 ]
 
 

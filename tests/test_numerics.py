@@ -150,6 +150,37 @@ def test_ce_extreme_logits(bd):
             assert rel_err(x, r) <= 2 * rel_err(nv, r) + 1e-6, f"{name} ({reduction})"
 
 
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_ce_ascent_cap_at_the_float32_boundary(bd):
+    """ascent_cap a float64 just below an ascent token's float32 ce, rounding to that very ce:
+    whether the token counts or is capped, its gradient must belong to the loss returned, from the
+    forward's fused pass (sum) as from the backward's (none). The cpu backend compared the cap in
+    float64 for the gradient and in float32 for the loss: it counted the token and zeroed its
+    gradient."""
+    backend, device = bd
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4, 8, generator=g).to(device).requires_grad_()
+    weight = torch.randn(16, 8, generator=g).to(device)
+    target = torch.tensor([1, 2, 3, 4], device=device)
+    tw = torch.tensor([-1.0, 1.0, 1.0, 1.0], device=device)
+    _, ce = linear_cross_entropy(hidden, weight, target, reduction="none", return_values=True, backend=backend)
+    cap = ce[0].item() * (1 - 2**-30)
+    assert cap < ce[0].item() and torch.tensor(cap, dtype=torch.float32).item() == ce[0].item()
+
+    def run(weights, **kw):
+        loss = linear_cross_entropy(hidden, weight, target, token_weight=weights, backend=backend, **kw).sum()
+        return loss.item(), torch.autograd.grad(loss, hidden)[0]
+
+    counted = run(tw, reduction="sum")
+    capped = run(torch.tensor([0.0, 1.0, 1.0, 1.0], device=device), reduction="sum")
+    assert abs(counted[0] - capped[0]) > 0.1 and counted[1][0].norm() > 0.1
+    for reduction in ("sum", "none"):
+        loss, grad = run(tw, ascent_cap=cap, reduction=reduction)
+        expect = counted if abs(loss - counted[0]) < abs(loss - capped[0]) else capped
+        assert loss == pytest.approx(expect[0], rel=1e-6), reduction
+        torch.testing.assert_close(grad, expect[1], rtol=1e-5, atol=1e-6, msg=lambda m: f"{reduction}: {m}")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bd", BACKEND_CASES)
 def test_ce_all_ignored(bd, reduction):
