@@ -17,9 +17,9 @@ def main(argv=None) -> int:
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true",
-                   help="the issue-2/3 rows only: CE and KL fwd+bwd, SmolLM2 head, N=4096, float32 (<= 5 min on 2 cores)")
+                   help="the quick preset: CE and KL fwd+bwd, SmolLM2 head, N=4096, float32 (<= 5 min on 2 cores)")
     g.add_argument("--gpu-check", action="store_true",
-                   help="the table benchmarks/gpu_check.sh runs on a lent H100 (~3 min)")
+                   help="the table benchmarks/gpu_check.sh runs on a GPU (~3 min on an H100)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="default: cpu, or gpu with --device cuda")
     r.add_argument("--ops", help="comma-separated subset of: ce,kl")
     r.add_argument("--modes", help="comma-separated subset of: fwd,fwd+bwd")
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
                         "running at its end is killed; what was not measured is recorded as skipped/failed")
     r.add_argument("--wheels", help="directory of pure-Python wheels (liger-kernel, cut-cross-entropy) to make "
                                     "importable when not installed; ignored if missing")
-    r.add_argument("--task-timeout", type=float, default=1800.0, help="seconds one case (all its providers) may take")
+    r.add_argument("--task-timeout", type=float, default=1800.0, help="seconds one case (all its providers) may take (default 1800)")
     rep = sub.add_parser("report", help="rebuild report.md, CSV and plots from DIR/results.json")
     rep.add_argument("dir")
     rep.add_argument("--readme", action="store_true", help="print the README performance section instead")

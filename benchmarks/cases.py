@@ -62,7 +62,7 @@ def _grid(ops, modes, shapes_n, dtypes):
 
 
 # Presets. Sizes are set by what the machine can do in the stated time:
-# - quick: the issue-2/issue-3 measurement, CE and KL forward+backward at the SmolLM2 head,
+# - quick: the CPU backends' goal measurement, CE and KL forward+backward at the SmolLM2 head,
 #   N = 4096, float32 (about 3 s per GEMM on the 2-core development CPU): <= 5 minutes.
 # - cpu: an N sweep at the SmolLM2 head, its forward and bf16, and the 7B/8B heads in bf16 at small N
 #   (one float32 GEMM of the Llama-3-8B head at N = 512 already takes ~7 s there; bf16 GEMMs are

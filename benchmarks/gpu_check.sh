@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU (DESIGN §7): build the extension, run the CUDA tests,
+# The one prepared script for a GPU machine: build the extension, run the CUDA tests,
 # run the GPU benchmarks, write everything under $OUT, all within GPU_CHECK_TOTAL_S (450 s) on an H100.
 #
 # Before the device call, on the development machine (the GPU machine has no internet; the two
@@ -60,7 +60,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run one stage if named in $STEPS, log it
 # 1. build the C++/CUDA extension (prints what was built). A failed or interrupted build must not
 #    leave a lock behind for the steps after it.
 step build ${BUILD_S:-180} python3 -m surgery_kernels build || find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null
-# 2. Triton backend: issue 4's table (signed CE and KL, N=16384 H=4096 V=32000 bf16, every path and setting)
+# 2. Triton backend: its GPU table (signed CE and KL, N=16384 H=4096 V=32000 bf16, every path and setting)
 step triton_bench ${TRITON_BENCH_S:-210} python3 benchmarks/triton_gpu.py --output "$OUT/triton"
 # 3. correctness: the tests marked cuda (numerics suite over the cuda and triton backends, CUDA
 #    ops, Triton, HF, trainer, compile), the files that matter most first so a time limit cuts the

@@ -1,4 +1,4 @@
-"""How things are measured (the honest-measurement rules of DESIGN §6 and STYLE.md).
+"""How things are measured.
 
 CPU
 - Time: wall clock (``time.perf_counter``) of ``repeats`` calls after a warm-up call; the median

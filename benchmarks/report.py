@@ -35,7 +35,7 @@ LEGEND = (
     "w.r.t. hidden and weight. Inputs are random (logit std ~2)."
 )
 
-# The issue-2/issue-3 goals, measured at the SmolLM2 head, N=4096, float32, forward+backward on the CPU.
+# The CPU backends' goals (faster than naive, far less memory), measured at the SmolLM2 head, N=4096, float32, forward+backward on the CPU.
 GOAL_CASE = {"shape": "smollm2", "n": 4096, "dtype": "float32", "mode": "fwd+bwd"}
 GOALS = [
     ("sk-torch", "memory vs naive", "mem_ratio_to_naive", None, 0.25),
@@ -168,15 +168,17 @@ def markdown(meta: dict, rows: list[dict], plots: list[str]) -> str:
     out.append(f"- date: {meta['date_utc']}; commit `{meta['commit']}`; torch {meta['torch']}, triton "
                f"{meta.get('triton')}, cut-cross-entropy {meta.get('cut_cross_entropy')}, liger-kernel "
                f"{meta.get('liger_kernel')}, Python {meta.get('python')}")
-    out.append(f"- command: `{meta.get('command')}` (preset `{meta.get('preset')}`, {meta.get('repeats')} timed calls "
-               f"per CPU case); wall time {meta.get('wall_s')} s")
+    timing = f"{meta.get('repeats')} timed calls per case" if meta.get("device_type") == "cpu" else \
+        "do_bench over a time window per case"
+    out.append(f"- command: `{meta.get('command')}` (preset `{meta.get('preset')}`, {timing}); wall time "
+               f"{meta.get('wall_s')} s")
     if meta.get("device_type") == "cpu":
         out.append(f"- 1-minute load average at start {meta.get('load_start')}, at end {meta.get('load_end')} "
                    "(shared machine: other processes add noise; each row has the load when it ran)")
     out += ["", HOW_CUDA if meta.get("device_type") == "cuda" else HOW_CPU, "", LEGEND, ""]
     goals = goal_table(rows)
     if goals:
-        out += ["## Goals (issues 2 and 3): SmolLM2 head, N=4096, float32, forward+backward", "", goals, ""]
+        out += ["## Goals of the CPU backends: SmolLM2 head, N=4096, float32, forward+backward", "", goals, ""]
     out += ["## Results", ""]
     for key, group in _groups(rows).items():
         out += [f"### {_title(key)}", "", case_table(group), ""]

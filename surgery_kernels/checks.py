@@ -1,5 +1,5 @@
 """Argument validation: every bad input becomes a ValueError/TypeError naming the argument and
-what was expected, raised before any kernel runs (DESIGN §2, "Bad input")."""
+what was expected, raised before any kernel runs."""
 
 from __future__ import annotations
 

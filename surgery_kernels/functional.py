@@ -1,4 +1,4 @@
-"""The public functional API (DESIGN §2): validate, flatten, apply autocast, pick the backend,
+"""The public functional API: validate, flatten, apply autocast, pick the backend,
 then call the shared autograd layer. Nothing here touches tensor values on the host."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The naive reference: materialize the ``(N, V)`` logits and apply the definitions of DESIGN §2.
+"""The naive reference: materialize the ``(N, V)`` logits and apply the definitions
+(``surgery_kernels/backends/__init__.py`` states them).
 
 Differentiable by plain autograd; used by the tests (in float64, and in the test dtype as
 "what plain PyTorch gets") and by the benchmarks (the "naive" provider). Never used by the

@@ -197,7 +197,7 @@ def test_cuda_case_flow_on_cpu(monkeypatch):
 
 
 def test_triton_gpu_bars_verdicts():
-    """benchmarks/triton_gpu.py's summary of issue 4's bars: a CE row meets them only when it is
+    """benchmarks/triton_gpu.py's summary of the Triton bars: a CE row meets them only when it is
     within 1.25x its floor, faster than both Liger and cce of its group and within 64 MiB; the KL
     within 1.35x; the floor's drift within a group is reported."""
     from benchmarks.triton_gpu import bars

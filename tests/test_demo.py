@@ -189,7 +189,7 @@ def test_gguf_conversion_matches_gguf_model(tmp_path):
 @needs_data
 @needs_model
 def test_real_demo_quick(tmp_path):
-    """``surgery demo --quick`` on SmolLM2 meets issue 6's bar: unlearn down >= 30 points, update up
+    """``surgery demo --quick`` on SmolLM2 meets the demo's bar: unlearn down >= 30 points, update up
     >= 20, retain within 5 points of before, retain perplexity within +10%."""
     from surgery.demo import main
 

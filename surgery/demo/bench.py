@@ -1,7 +1,7 @@
 """The embedded benchmark: probe what the model knows, build the surgery sets from it, evaluate,
 run surgery and its ablations through the trainer, evaluate again, write the tables.
 
-Sets, all built deterministically from ``seed`` (DESIGN §5):
+Sets, all built deterministically from ``seed``:
 
 - **probe**: every country/capital fact asked as a 3-option question (two other capitals of the
   same region as distractors) in the framings of ``facts.PROBE_TEMPLATES``; a fact is *known*
@@ -32,7 +32,7 @@ from pathlib import Path
 from . import facts as F
 from .score import accuracy, choice_scores
 
-# name -> the streams it trains on (the paper's ablations, DESIGN §5).
+# name -> the streams it trains on (full surgery and its ablations: one or two of its terms).
 VARIANTS = {
     "ascent": ("unlearn", "outdated"),
     "descent": ("updated",),
@@ -275,7 +275,7 @@ def train_variant(base_model, tok, sets: dict, variant: str, cfg: DemoConfig, pr
 
 # ---------------------------------------------------------------------------------------- output
 def results_dict(before: dict, after: dict[str, dict], cfg: DemoConfig, meta: dict) -> dict:
-    """The results.json object (schema of issue 6): top-level ``sets``/``retain_ppl`` are full
+    """The results.json object: top-level ``sets``/``retain_ppl`` are full
     surgery (or the last variant run when full surgery was not run)."""
     main = "full" if "full" in after else list(after)[-1]
     res = {

@@ -53,7 +53,7 @@ import torch
 log = logging.getLogger("surgery_kernels")
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-# Preference order of backend="auto" per device type (DESIGN §3: triton first on CUDA). Measured
+# Preference order of backend="auto" per device type (triton first on CUDA). Measured
 # on an H100 in one group of rows each (benchmarks/results/2026-11-28-h100, Llama-2-7B head,
 # N=16384, bf16, forward+backward): the signed CE 20.18 ms with triton, 20.25 with cuda (1.15x /
 # 1.16x the GEMM floor; 250 / 506 MiB beyond inputs and gradients), the KL 29.84 / 28.01 ms (1.16x
