@@ -552,6 +552,52 @@ def test_never_creates_an_n_by_v_tensor(device, op):
 def test_opcheck(device):
     """Each primitive is a torch.library custom op: schema, fake (meta) implementation and
     dispatch agree (torch.library.opcheck), so torch.compile sees opaque ops."""
+    for op, args in _primitive_calls(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES])
+def test_primitives_run_on_their_inputs_gpu(device, monkeypatch):
+    """Triton launches on the current device: every primitive makes hidden's GPU current first
+    (inputs on cuda:1 with cuda:0 current would otherwise run on the wrong GPU)."""
+    import contextlib
+
+    from surgery_kernels.backends import triton_fused as tf
+
+    class Stub:
+        device = torch.device("cuda", 1)
+
+    guard = tf._device_of(Stub())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    seen = []
+    monkeypatch.setattr(tf, "_device_of", lambda t: seen.append(t.device) or contextlib.nullcontext())
+    calls = _primitive_calls(device)
+    seen.clear()
+    for op, args in calls:
+        op(*args)
+    assert len(calls) == 6 and seen == [torch.device(device)] * 6
+
+
+@pytest.mark.cuda
+def test_inputs_on_another_gpu_than_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(64, 32, generator=g), torch.randn(300, 32, generator=g)
+    t = torch.randint(0, 300, (64,), generator=g)
+    torch.cuda.set_device(0)
+    for op in ("ce", "kl"):
+        hd, wd = h.to("cuda:1").requires_grad_(), w.to("cuda:1").requires_grad_()
+        out = linear_cross_entropy(hd, wd, t.to("cuda:1"), backend="triton") if op == "ce" else \
+            linear_kl_div(hd, wd, hd.detach() * 0.5, wd.detach(), backend="triton")
+        ref = linear_cross_entropy_ref(h, w, t) if op == "ce" else linear_kl_div_ref(h, w, h * 0.5, w)
+        out.backward()
+        assert out.device == torch.device("cuda:1")
+        assert abs(out.item() - ref.item()) <= 1e-4 * abs(ref.item()) + 1e-5
+
+
+def _primitive_calls(device):
+    """(op, args) for each of the six Triton primitives, on small inputs."""
     from surgery_kernels.backends import triton_fused as tf
 
     g = torch.Generator().manual_seed(0)
@@ -573,8 +619,7 @@ def test_opcheck(device):
         (tf._kl_forward_backward, (hid, w, None, rh, rw, None, mask, coeff, "forward", 1.0, 2.0, 4.0,
                                    [True, True, False], None)),
     ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
+    return cases
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES])

@@ -46,6 +46,8 @@ Fused-backward KL flops: forward 2 tiles (4 N*H*V when H' = H), backward 2 recom
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -106,7 +108,24 @@ def _c(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
+def _device_of(t: torch.Tensor):
+    """A guard that makes ``t``'s GPU the current device: Triton launches on the current device
+    (and its current stream), so inputs on cuda:1 with cuda:0 current would run on the wrong GPU
+    (an illegal address). Nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_input_device(fn):
+    """Runs a primitive with its first argument's (hidden's) GPU current."""
+    @functools.wraps(fn)
+    def run(hidden, *args, **kwargs):
+        with _device_of(hidden):
+            return fn(hidden, *args, **kwargs)
+    return run
+
+
 @torch.library.custom_op("surgery_triton::ce_forward", mutates_args=())
+@_on_input_device
 def _ce_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
                 softcap: Optional[float]) -> tuple[Tensor, Tensor]:
     hidden, weight, bias, target = _c(hidden, weight, bias, target)
@@ -119,6 +138,7 @@ def _(hidden, weight, bias, target, ignore_index, softcap):
 
 
 @torch.library.custom_op("surgery_triton::ce_backward", mutates_args=())
+@_on_input_device
 def _ce_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, lse: Tensor, coeff: Tensor,
                  ignore_index: int, softcap: Optional[float], needs: list[bool],
                  chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,6 +158,7 @@ def _(hidden, weight, bias, target, lse, coeff, ignore_index, softcap, needs, ch
 
 
 @torch.library.custom_op("surgery_triton::ce_forward_backward", mutates_args=())
+@_on_input_device
 def _ce_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, coeff: Tensor,
                          ignore_index: int, softcap: Optional[float], ascent_cap: Optional[float],
                          needs: list[bool], chunk_size: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -162,6 +183,7 @@ def _(hidden, weight, bias, target, coeff, ignore_index, softcap, ascent_cap, ne
 
 
 @torch.library.custom_op("surgery_triton::kl_forward", mutates_args=())
+@_on_input_device
 def _kl_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
                 ref_bias: Optional[Tensor], mask: Tensor, direction: str, temperature: float,
                 softcap: Optional[float], ref_softcap: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
@@ -175,6 +197,7 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, direction, t
 
 
 @torch.library.custom_op("surgery_triton::kl_backward", mutates_args=())
+@_on_input_device
 def _kl_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor, ref_weight: Tensor,
                  ref_bias: Optional[Tensor], lse: Tensor, ref_lse: Tensor, kl: Tensor, coeff: Tensor, direction: str,
                  temperature: float, softcap: Optional[float], ref_softcap: Optional[float], needs: list[bool],
@@ -197,6 +220,7 @@ def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ref_lse, kl, 
 
 
 @torch.library.custom_op("surgery_triton::kl_forward_backward", mutates_args=())
+@_on_input_device
 def _kl_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ref_hidden: Tensor,
                          ref_weight: Tensor, ref_bias: Optional[Tensor], mask: Tensor, coeff: Tensor, direction: str,
                          temperature: float, softcap: Optional[float], ref_softcap: Optional[float], needs: list[bool],

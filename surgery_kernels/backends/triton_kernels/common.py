@@ -7,6 +7,7 @@ N * H, V * H and splits * N above 2**31 are safe.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -339,5 +340,7 @@ def scale_(g: torch.Tensor, s: torch.Tensor) -> None:
     n = g.numel()
     if n:
         block = 4096 if INTERPRET else 2048
-        _scale_kernel[(triton.cdiv(n, block),)](g, s.reshape(1).to(torch.float32), n,
-                                                BF16_BY_HAND=INTERPRET and g.dtype == torch.bfloat16, BLOCK=block)
+        # Triton launches on the current device: make g's current
+        with torch.cuda.device(g.device) if g.device.type == "cuda" else contextlib.nullcontext():
+            _scale_kernel[(triton.cdiv(n, block),)](g, s.reshape(1).to(torch.float32), n,
+                                                    BF16_BY_HAND=INTERPRET and g.dtype == torch.bfloat16, BLOCK=block)
