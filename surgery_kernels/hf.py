@@ -291,7 +291,10 @@ def _causal_lm_loss(state: _Patch, head: HeadInputs, labels, loss_kwargs, per_to
     shift_labels = shift_labels.to(hidden.device)
     if tuple(shift_labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{name} must have the shape of the tokens that reach the output embeddings "
-                         f"{tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)} (logits_to_keep with labels?)")
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(shift_labels.shape)}: logits_to_keep with labels, "
+                         f"or a model whose own loss scores only part of its head's positions (other tokens, such "
+                         f"as image features, before the text), which the patched loss cannot line up; unpatch "
+                         f"such a model (surgery_kernels.hf.unpatch)")
     if torch.is_floating_point(shift_labels) or torch.is_complex(shift_labels) or shift_labels.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer class ids, got dtype {shift_labels.dtype}")
     # What the caller passed, and where (the loss would name its shifted copy `target`).

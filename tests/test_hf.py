@@ -840,5 +840,22 @@ def test_data_parallel_replicas_are_refused():
 def test_labels_not_matching_the_tokens_at_the_head():
     model = hf.patch(_model("llama"), backend="torch")
     ids, labels = _batch()
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="labels.*logits_to_keep"):
         model(input_ids=ids, labels=labels, logits_to_keep=1)
+
+
+def test_model_scoring_only_part_of_its_head_positions_is_named():
+    """Git's own loss skips the image tokens before the text: the patched loss cannot line its
+    labels up, and says why (it blamed logits_to_keep, which was not involved)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GitConfig(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, image_size=16, patch_size=8),
+                       vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       intermediate_size=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2)
+    model = hf.patch(tf.GitForCausalLM(cfg).train(), backend="torch")
+    ids = torch.randint(3, 100, (2, 12))
+    with pytest.raises(ValueError, match=r"labels must have the shape.*image features.*unpatch"):
+        model(input_ids=ids, pixel_values=torch.randn(2, 3, 16, 16), labels=ids)
