@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import accumulate_grads, logit_tile, online_lse, tanh, tile_ids
+from .common import accumulate_grads, logit_tile, online_lse, tanh, tanh_dtanh, tile_ids
 
 
 # The token count varies call to call: no recompilation for its divisibility.
@@ -87,7 +87,7 @@ def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_hi_ptr, lse_lo_ptr, coeff
         b_z = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, H, stride_h, stride_w, HAS_BIAS,
                          BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
         if SOFTCAP:
-            b_tanh = tanh(b_z / softcap)
+            b_tanh, b_dcap = tanh_dtanh(b_z / softcap)
             b_z = softcap * b_tanh
         b_hi = tl.load(lse_hi_ptr + offs_n, mask=mask_n, other=0.0)
         b_lo = tl.load(lse_lo_ptr + offs_n, mask=mask_n, other=0.0)
@@ -97,7 +97,7 @@ def ce_bwd_kernel(h_ptr, w_ptr, b_ptr, target_ptr, lse_hi_ptr, lse_lo_ptr, coeff
         if tl.max(tl.max(tl.abs(b_g), axis=1), axis=0) > filter_eps:
             b_g = b_g * b_c[:, None]
             if SOFTCAP:
-                b_g = b_g * (1.0 - b_tanh * b_tanh)
+                b_g = b_g * b_dcap
             if NEED_DB:
                 tl.atomic_add(db_ptr + offs_v, tl.sum(b_g, axis=0), mask=mask_v, sem="relaxed")
             accumulate_grads(b_g, h_ptr, w_ptr, dh_ptr, dw_ptr, offs_n, offs_v, N, V, H,

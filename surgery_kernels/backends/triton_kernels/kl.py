@@ -10,13 +10,16 @@ reverse), rescaled whenever that side's max moves. With lse = lse(z / T), rlse =
     forward  KL(p || q) = E_p[d] + lse - rlse
     reverse  KL(q || p) = -E_q[d] + rlse - lse
 
-exactly, in one pass. Per split the kernel stores each side's row max and log-sum-exp of the
+exactly, in one pass (d and lse - rlse are of the size of the models' disagreement, which
+includes any constant offset between the two sides' logits: such an offset c cancels at ulp(c),
+~1e-5 of KL at c = 100, review 2026-12-07; plain PyTorch's per-side log-softmax does not). Per
+split the kernel stores each side's row max and log-sum-exp of the
 shifted logits, and E[d] under the split's own weighting distribution; ``_combine`` weights the
 splits by exp(partial lse - lse), in float64.
 
 Backward (``kl_bwd_kernel``): recompute both tiles, form coeff / T * (q - p) (forward) or
 coeff / T * q * (log q - log p - kl) (reverse) in registers, times softcap' = 1 - tanh^2 of the
-trained side, then the same dH/dW atomics as CE.
+trained side (``common.tanh_dtanh``), then the same dH/dW atomics as CE.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import accumulate_grads, logit_tile, online_kl, tanh, tile_ids
+from .common import accumulate_grads, logit_tile, online_kl, tanh, tanh_dtanh, tile_ids
 
 
 # The token count varies call to call: no recompilation for its divisibility.
@@ -119,7 +122,7 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
         b_zr = logit_tile(rh_ptr, rw_ptr, rb_ptr, offs_n, offs_v, N, V, RH, stride_rh, stride_rw,
                           HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_FP32, PRECISION)
         if SOFTCAP:
-            b_tanh = tanh(b_z / softcap)
+            b_tanh, b_dcap = tanh_dtanh(b_z / softcap)
             b_z = softcap * b_tanh
         if REF_SOFTCAP:
             b_zr = ref_softcap * tanh(b_zr / ref_softcap)
@@ -142,7 +145,7 @@ def kl_bwd_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, lse_hi_ptr, lse_l
         if tl.max(tl.max(tl.abs(b_g), axis=1), axis=0) > filter_eps:
             b_g = b_g * (b_c * inv_t)[:, None]
             if SOFTCAP:
-                b_g = b_g * (1.0 - b_tanh * b_tanh)
+                b_g = b_g * b_dcap
             if NEED_DB:
                 tl.atomic_add(db_ptr + offs_v, tl.sum(b_g, axis=0), mask=mask_v, sem="relaxed")
             accumulate_grads(b_g, h_ptr, w_ptr, dh_ptr, dw_ptr, offs_n, offs_v, N, V, H,

@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import online_kl, online_lse, round_bf16_by_hand, tanh
+from .common import online_kl, online_lse, round_bf16_by_hand, tanh, tanh_dtanh
 
 # Bytes of logits one call keeps in memory when it passes no chunk_size (both sides together for KL).
 WORKSPACE_BYTES = 256 << 20
@@ -193,14 +193,14 @@ def _softcapped(z, softcap, SOFTCAP: tl.constexpr):
 @triton.jit
 def _log_probs(p_z, p_zr, offs, mask, mq, log_sq, mp, log_sp, inv_t, softcap, ref_softcap,
                SOFTCAP: tl.constexpr, REF_SOFTCAP: tl.constexpr):
-    """A block of a row's softcapped trained logits, log q and log p (each from its side's max:
+    """A block of a row's trained logits (raw), log q and log p (each from its side's max:
     exact for logits of any size); one function for every pass that uses them, so all compute the
     same values."""
-    b_zc = _softcapped(tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
-    b_lq = b_zc * inv_t - mq - log_sq
+    b_raw = tl.load(p_z + offs, mask=mask, other=0.0).to(tl.float32)
+    b_lq = _softcapped(b_raw, softcap, SOFTCAP) * inv_t - mq - log_sq
     b_lp = _softcapped(tl.load(p_zr + offs, mask=mask, other=0.0).to(tl.float32), ref_softcap, REF_SOFTCAP) \
         * inv_t - mp - log_sp
-    return b_zc, b_lq, b_lp
+    return b_raw, b_lq, b_lp
 
 
 # V and ignore_index vary call to call: not specialized (stride_z, = V for the workspace, still is,
@@ -255,8 +255,8 @@ def ce_rows_kernel(z_ptr, target_ptr, coeff_ptr, ce_ptr, lse_ptr, V, stride_z, i
             b_g = tl.exp(b_z - m) * inv_s - tl.where(offs == t, 1.0, 0.0)
             b_g = b_g * c
             if SOFTCAP:
-                b_tanh = b_z / softcap
-                b_g = b_g * (1.0 - b_tanh * b_tanh)
+                _, b_dcap = tanh_dtanh(b_raw / softcap)
+                b_g = b_g * b_dcap
             b_g = round_bf16_by_hand(b_g, BF16_BY_HAND)
             tl.store(p_z + offs, b_g.to(p_z.dtype.element_ty), mask=mask)
 
@@ -340,7 +340,7 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
         for v0 in range(0, V, BLOCK):
             offs = v0 + cols
             mask = offs < V
-            b_zc, b_lq, b_lp = _log_probs(p_z, p_zr, offs, mask, mq, log_sq, mp, log_sp, inv_t, softcap,
+            b_raw, b_lq, b_lp = _log_probs(p_z, p_zr, offs, mask, mq, log_sq, mp, log_sp, inv_t, softcap,
                                           ref_softcap, SOFTCAP, REF_SOFTCAP)
             if REVERSE:  # q = 0: gradient 0
                 b_g = tl.where(b_lq == float("-inf"), 0.0, tl.exp(b_lq) * ((b_lq - b_lp) - kl_g))
@@ -348,8 +348,8 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
                 b_g = tl.exp(b_lq) - tl.exp(b_lp)
             b_g = b_g * c
             if SOFTCAP:
-                b_tanh = b_zc / softcap
-                b_g = b_g * (1.0 - b_tanh * b_tanh)
+                _, b_dcap = tanh_dtanh(b_raw / softcap)
+                b_g = b_g * b_dcap
             b_g = round_bf16_by_hand(b_g, BF16_BY_HAND)
             tl.store(p_z + offs, b_g.to(p_z.dtype.element_ty), mask=mask)
 
