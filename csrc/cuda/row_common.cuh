@@ -175,15 +175,15 @@ __device__ __forceinline__ SoftmaxStats shfl_xor(const SoftmaxStats& v, int lane
   return r;
 }
 
-// Combines the states of all kThreads threads of the block; every thread gets the same result
-// (same combination order everywhere). `smem` holds kThreads / 32 states. Safe to call again
-// for the next row: the leading barrier keeps a fast warp from overwriting `smem` while a slow
-// one still reads the previous result.
-template <int kThreads>
-__device__ __forceinline__ SoftmaxStats block_allreduce(SoftmaxStats v, SoftmaxStats* smem) {
+// Combines the values of all kThreads threads of the block with `op` (associative; `shfl(v, o)`
+// exchanges v with lane ^ o); every thread gets the same result (same combination order
+// everywhere). `smem` holds kThreads / 32 values. Safe to call again for the next row: the leading
+// barrier keeps a fast warp from overwriting `smem` while a slow one still reads the previous result.
+template <int kThreads, typename T, typename Op, typename Shfl>
+__device__ __forceinline__ T block_reduce(T v, T* smem, Op op, Shfl shfl) {
   static_assert(kThreads % 32 == 0 && kThreads <= 1024, "kThreads must be a multiple of 32, at most 1024");
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = combine(v, shfl_xor(v, o));
+  for (int o = 16; o > 0; o >>= 1) v = op(v, shfl(v, o));
   if constexpr (kThreads == 32) {
     return v;
   } else {
@@ -191,31 +191,27 @@ __device__ __forceinline__ SoftmaxStats block_allreduce(SoftmaxStats v, SoftmaxS
     __syncthreads();
     if ((threadIdx.x & 31) == 0) smem[threadIdx.x / 32] = v;
     __syncthreads();
-    SoftmaxStats r = smem[0];
+    T r = smem[0];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) r = combine(r, smem[w]);
+    for (int w = 1; w < kWarps; ++w) r = op(r, smem[w]);
     return r;
   }
 }
 
-// The sum of v over the kThreads threads of the block, the same in every thread; `smem` holds
-// kThreads / 32 floats. Safe to call again for the next row (see block_allreduce).
+// The softmax statistics of the whole block (combine).
+template <int kThreads>
+__device__ __forceinline__ SoftmaxStats block_allreduce(SoftmaxStats v, SoftmaxStats* smem) {
+  return block_reduce<kThreads>(
+      v, smem, [](const SoftmaxStats& a, const SoftmaxStats& b) { return combine(a, b); },
+      [](const SoftmaxStats& a, int o) { return shfl_xor(a, o); });
+}
+
+// The sum of v over the block; `smem` holds kThreads / 32 floats.
 template <int kThreads>
 __device__ __forceinline__ float block_sum(float v, float* smem) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if constexpr (kThreads == 32) {
-    return v;
-  } else {
-    constexpr int kWarps = kThreads / 32;
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) smem[threadIdx.x / 32] = v;
-    __syncthreads();
-    float r = smem[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) r += smem[w];
-    return r;
-  }
+  return block_reduce<kThreads>(
+      v, smem, [](float a, float b) { return a + b; },
+      [](float a, int o) { return __shfl_xor_sync(0xffffffffu, a, o); });
 }
 
 // Threads per row for a vocabulary of size v: enough 16-byte loads per thread to hide latency

@@ -1,11 +1,21 @@
 """Helpers for backends whose primitives run as ``torch.library.custom_op``\\ s (``torch``,
 ``triton``): an op returns tensors only, so a gradient that is not wanted leaves it as an empty
 placeholder and the primitive turns it back into None; the fake (meta) implementations, which
-``torch.compile`` calls instead of the op, give each output's shape and dtype."""
+``torch.compile`` calls instead of the op, give each output's shape and dtype. And the device
+guard of the Triton launches."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def device_of(t: torch.Tensor):
+    """A guard that makes ``t``'s GPU the current device: Triton launches on the current device
+    (and its current stream), so inputs on cuda:1 with cuda:0 current would run on the wrong GPU
+    (an illegal address). Nothing for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def placeholders(grads, hidden: torch.Tensor) -> tuple:

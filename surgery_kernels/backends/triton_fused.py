@@ -46,7 +46,6 @@ Fused-backward KL flops: forward 2 tiles (4 N*H*V when H' = H), backward 2 recom
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
@@ -56,7 +55,7 @@ import torch
 from torch import Tensor
 
 from . import Availability, chunked
-from ._ops import fake_grads, fake_stats, none_where_unneeded, placeholders
+from ._ops import device_of as _device_of, fake_grads, fake_stats, none_where_unneeded, placeholders
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -106,13 +105,6 @@ def _check(hidden: torch.Tensor) -> None:
 
 def _c(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
-
-
-def _device_of(t: torch.Tensor):
-    """A guard that makes ``t``'s GPU the current device: Triton launches on the current device
-    (and its current stream), so inputs on cuda:1 with cuda:0 current would run on the wrong GPU
-    (an illegal address). Nothing for CPU tensors (the interpreter)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _on_input_device(fn):

@@ -7,12 +7,13 @@ N * H, V * H and splits * N above 2**31 are safe.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .._ops import device_of
 
 # TRITON_INTERPRET must be set before triton is imported; read it the same way triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -51,27 +52,17 @@ def vocab_splits(v: int) -> tuple[int, int]:
 
 
 @triton.jit
-def tanh(x):
+def tanh_dtanh(x):
+    # tanh(x) and d tanh / dx = 1 - tanh(x)^2, from one exp.
     # tanh from exp: libdevice's tanh does not run under the interpreter. e = exp(-2|x|) lies in
     # (0, 1], so nothing overflows for large |x|. Its absolute error is ~1 ulp of 1, which near 0
     # is a large relative error (softcap * tanh(z / softcap) multiplies it by softcap: 2.6e-5 of
     # the loss at softcap 1e4, review 2026-11-28), so below |x| = 1/4 the odd Taylor polynomial
     # to x**9 is used: its first omitted term, 1382/155925 x**11, is < 1e-8 of tanh there.
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    p = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    return tl.where(tl.abs(x) < 0.25, p, tl.where(x < 0, -t, t))
-
-
-@triton.jit
-def tanh_dtanh(x):
-    # tanh(x) (as tanh above) and d tanh / dx = 1 - tanh(x)^2, the latter not formed from the
-    # rounded tanh: near saturation tanh rounds towards 1 and 1 - t*t loses its digits (with t
-    # from tanh above, -0.5 % on average at |x| in [6, 8]; plain float32 PyTorch's torch.tanh
-    # keeps few more, review 2026-12-07). 1 - t^2 = 4e / (1 + e)^2 with e = exp(-2|x|) has no
-    # cancellation; below |x| = 1/4, 1 - p^2 of the polynomial (>= 0.94, none either). One exp
-    # for both.
+    # The derivative is not formed from the rounded tanh: near saturation tanh rounds towards 1
+    # and 1 - t*t loses its digits (-0.5 % on average at |x| in [6, 8]; plain float32 PyTorch's
+    # torch.tanh keeps few more, review 2026-12-07). 1 - t^2 = 4e / (1 + e)^2 has no cancellation;
+    # below |x| = 1/4, 1 - p^2 of the polynomial (>= 0.94, none either).
     e = tl.exp(-2.0 * tl.abs(x))
     one_e = 1.0 + e
     t = (1.0 - e) / one_e
@@ -79,6 +70,13 @@ def tanh_dtanh(x):
     p = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
     small = tl.abs(x) < 0.25
     return tl.where(small, p, tl.where(x < 0, -t, t)), tl.where(small, 1.0 - p * p, 4.0 * e / (one_e * one_e))
+
+
+@triton.jit
+def tanh(x):
+    # tanh_dtanh's tanh (the compiler drops the unused derivative)
+    t, _ = tanh_dtanh(x)
+    return t
 
 
 @triton.jit
@@ -357,7 +355,6 @@ def scale_(g: torch.Tensor, s: torch.Tensor) -> None:
     n = g.numel()
     if n:
         block = 4096 if INTERPRET else 2048
-        # Triton launches on the current device: make g's current
-        with torch.cuda.device(g.device) if g.device.type == "cuda" else contextlib.nullcontext():
+        with device_of(g):  # Triton launches on the current device: make g's current
             _scale_kernel[(triton.cdiv(n, block),)](g, s.reshape(1).to(torch.float32), n,
                                                     BF16_BY_HAND=INTERPRET and g.dtype == torch.bfloat16, BLOCK=block)
