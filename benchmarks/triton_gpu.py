@@ -20,7 +20,8 @@ Llama-2-7B head by default: N = 16384 tokens, H = 4096, V = 32000, bf16, forward
   kernel), and the chunked step with 128 and 256 MiB workspaces (fewer, larger chunks), dW
   summed in float32 and in bf16 (the KL group has the same rows).
 - forward KL(p_ref || p) of ``triton`` (chunked and fused backward, 64 and 256 MiB
-  workspaces, the tail layout with 64 and 128 MiB), ``cuda`` and ``torch`` against its floor
+  workspaces, the tail layout with 64 and 128 MiB), the reverse direction KL(p || p_ref) of
+  ``triton`` (its gradient takes one more pass over both rows), ``cuda`` and ``torch`` against its floor
   (four GEMMs: both logits, dH, dW) and Liger's fused linear JSD with beta = 0 (its forward-KL
   setting).
 - dW alone (16-bit inputs): the chunked path's dW accumulation over 16 chunks of 1024 tokens into
@@ -242,9 +243,9 @@ def _kl_providers(h, w, hr, wr):
         zr = hr @ wr.t()  # noqa: F841  (the reference logits: part of the work, not of the result)
         return z @ wd, z.t() @ hd
 
-    def ours(backend):
+    def ours(backend, direction="forward"):
         def run():
-            loss = linear_kl_div(h, w, hr, wr, direction="forward", backend=backend)
+            loss = linear_kl_div(h, w, hr, wr, direction=direction, backend=backend)
             return torch.autograd.grad(loss, (h, w))
         return run
 
@@ -258,6 +259,7 @@ def _kl_providers(h, w, hr, wr):
 
     return [("floor (4 GEMMs)", lambda: floor), ("triton", lambda: ours("triton")),
             ("triton, dW summed in bf16", lambda: _setting(ROWS, "DW_ACCUM", "input", ours("triton"))),
+            ("triton, reverse KL (one more pass over both rows)", lambda: ours("triton", "reverse")),
             ("cuda", lambda: ours("cuda")), ("liger JSD beta=0", liger),
             ("triton, fused backward (atomics)", lambda: _setting(*FUSED, ours("triton"))),
             ("torch", lambda: ours("torch")), *_workspace_rows(ours("triton"), (64, 256)),
