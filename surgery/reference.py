@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -27,6 +28,8 @@ import torch
 
 from .data import collate
 from .modeling import final_hidden, output_layer
+
+log = logging.getLogger(__name__)
 
 
 class CopyReference:
@@ -111,6 +114,27 @@ def _fingerprint(model_config, stream_examples: dict, weights=None) -> str:
     return h.hexdigest()[:16]
 
 
+def _readable(path: Path, rows: int) -> bool:
+    """Whether ``path`` holds a whole cache file of ``rows`` hidden states. A file damaged after it
+    was written (truncated, emptied) is logged and computed again: its group recomputes the same
+    values. (The files themselves are written whole: a temporary file, then a rename.)"""
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            shape = f.get_slice("hidden").get_shape()
+    except Exception as exc:  # safetensors' errors for a damaged header or body, a missing key
+        log.warning("reference cache: %s cannot be read (%s); computing it again", path, exc)
+        return False
+    if len(shape) != 2 or shape[0] != rows:
+        log.warning("reference cache: %s holds hidden states of shape %s, its record has %d tokens; computing it "
+                    "again", path, shape, rows)
+        return False
+    return True
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj))
@@ -139,7 +163,12 @@ class CacheReference:
         # (killed, out of memory) resumes only with the model and data it began with.
         meta = self.dir / "meta.json"
         if meta.is_file():
-            saved = json.loads(meta.read_text())
+            try:
+                saved = json.loads(meta.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{meta} cannot be read ({exc}): the reference cache's record of the model and "
+                                 f"data it was computed from is damaged; delete {self.dir} (it is computed again)") \
+                    from None
             if "weights" in saved:
                 same = saved.get("fingerprint") == fp and first_weight_difference(saved["weights"], weights) is None
             else:  # written before the weights were stored apart: one hash of everything
@@ -172,19 +201,27 @@ class CacheReference:
             for name, examples in stream_examples.items():
                 d = self.dir / name
                 d.mkdir(exist_ok=True)
-                todo = [i for i in range(len(examples)) if not (d / f"{i:07d}.safetensors").is_file()]
+                # Records go through the model in fixed groups (batch_size consecutive records, padded
+                # to the group's longest), the same whichever of them a stopped build left missing:
+                # another grouping pads to another length, and the hidden states move by an ulp or so
+                # (other GEMM shapes), so a resumed run would no longer repeat an uninterrupted one.
+                missing = [not _readable(d / f"{i:07d}.safetensors", len(e.ids)) for i, e in enumerate(examples)]
+                todo = [range(k, min(k + batch_size, len(examples))) for k in range(0, len(examples), batch_size)
+                        if any(missing[k:k + batch_size])]
                 # Under FSDP every process must run the same number of forwards: pad the split.
-                per = -(-len(todo) // world_size) if todo else 0
+                per = -(-len(todo) // world_size)
                 mine = todo[rank::world_size]
-                for s in range(0, per, batch_size):
-                    idx = mine[s:s + batch_size] or todo[:1]
+                for j in range(per):
+                    idx = list(mine[j]) if j < len(mine) else [todo[0][0]]
                     b = collate([examples[i] for i in idx], pad_id, idx).to(device)
                     h, w, bias = objective("hidden", b.input_ids, b.attention_mask, with_head=head is None)
                     if head is None:
                         head = (w, bias)
-                    if not mine[s:s + batch_size]:
+                    if j >= len(mine):
                         continue
                     for r, i in enumerate(idx):
+                        if not missing[i]:
+                            continue
                         n = len(examples[i].ids)
                         tmp = d / f".{i:07d}.tmp"
                         save_file({"hidden": h[r, :n].contiguous().cpu()}, str(tmp))
