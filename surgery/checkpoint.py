@@ -48,6 +48,14 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """``path`` holds ``text`` whole or what it held before: a temporary file beside it, then a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save(directory: str | Path, objective, optimizer, *, step: int, cursors: list[int], extra: dict, dist) -> Path:
     """Write the checkpoint (collective under FSDP: every process must call it)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict

@@ -6,8 +6,10 @@
 
 Errors in the config or the data are printed as one line (``surgery: error: ...``) with exit code 2.
 Ctrl-C or SIGTERM while training stops at the end of the step after a checkpoint (``--resume``
-continues), prints where it is, and ends the process by that signal (``main(argv)`` called from
-Python returns 128 + its number instead); a second Ctrl-C stops at once.
+continues), prints where it is and the command that continues, and ends the process by that signal
+(``main(argv)`` called from Python returns 128 + its number instead); a second Ctrl-C stops at
+once, and Ctrl-C outside the steps (loading, the reference cache, an evaluation, the final save)
+too, with the same message and no traceback.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def _run(args) -> int:
     from . import from_config, load_config
     from .trainer import NonFiniteLossError, TrainingInterrupted
 
+    resume_with = None
     try:
         cfg = load_config(args.config, args.overrides, evaluate_only=args.command == "eval")
         if args.command == "eval":
@@ -99,8 +102,9 @@ def _run(args) -> int:
                              "output_dir in the config or add --set output_dir=DIR")
         run = from_config(cfg)
         argv = ["surgery", "train", args.config] + [x for o in args.overrides for x in ("--set", o)]
+        resume_with = shlex.join(argv + ["--resume"])
         run.command = {"command": shlex.join(argv + (["--resume"] if args.resume else [])),
-                       "resume_with": shlex.join(argv + ["--resume"]), "cwd": os.getcwd(),
+                       "resume_with": resume_with, "cwd": os.getcwd(),
                        "config": str(Path(args.config).resolve()), "overrides": list(args.overrides),
                        "resolved": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None}
         summary = run.run(resume=args.resume)
@@ -112,8 +116,19 @@ def _run(args) -> int:
         print(f"surgery: stopped: {exc}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
-        print(f"surgery: {exc}", file=sys.stderr)
+        again = f"\nsurgery: continue with: {resume_with}" if resume_with and exc.checkpoint is not None else ""
+        print(f"surgery: {exc}{again}", file=sys.stderr)
         return 128 + exc.signum
+    except KeyboardInterrupt:
+        # Ctrl-C outside the steps (loading, the reference cache's build, an evaluation, the final
+        # save) or a second one within a step: no traceback. What is on disk is whole: the
+        # checkpoint, the cache files, final/ and summary.json are each written aside, then renamed.
+        if resume_with is None:
+            print("surgery: interrupted (SIGINT)", file=sys.stderr)
+        else:
+            print(f"surgery: interrupted (SIGINT); continue with: {resume_with} (from the last checkpoint, if "
+                  f"any, and the reference cache so far)", file=sys.stderr)
+        return 128 + signal.SIGINT
     if run.dist.main:
         print(json.dumps({k: summary[k] for k in ("steps", "before", "after", "final")}, indent=2))
     return 0

@@ -77,6 +77,31 @@ def weights_digest(model, all_reduce=None) -> list:
     return [[name, shape, f"{a:.9e}", f"{b:.9e}"] for name, shape, a, b in rows]
 
 
+# Run-time switches of a transformers config (what a forward returns, the dtype it was loaded in:
+# compared on its own), not what the model computes.
+_RUNTIME_KEYS = {"transformers_version", "dtype", "torch_dtype", "use_cache", "return_dict", "output_hidden_states",
+                 "output_attentions"}
+
+
+def config_identity(model) -> dict:
+    """The model's config, as a resumed run must find it again: the same weights under another
+    ``rope_theta`` or norm epsilon compute something else. Private keys (``_name_or_path``, the
+    attention implementation) and run-time switches are left out, in nested configs too."""
+    def keep(d):
+        return {k: keep(v) if isinstance(v, dict) else v for k, v in d.items()
+                if not str(k).startswith("_") and k not in _RUNTIME_KEYS}
+
+    cfg = getattr(model, "config", None)
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    return json.loads(json.dumps(keep(d), sort_keys=True, default=str))
+
+
+def config_difference(saved: dict, now: dict) -> list[str]:
+    """The keys two config_identity results give different values, as ``key: saved -> now``. A key
+    only one side has is left out: a newer transformers adds keys, with defaults, to the same model."""
+    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now)) if saved[k] != now[k]]
+
+
 def first_weight_difference(saved: list, now: list | None) -> str | None:
     """The first parameter whose weights_digest row differs (None: the same weights). The float64
     sums are compared to their rounding, not digit for digit: another summation order (another

@@ -51,8 +51,8 @@ from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
 from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
 from .objective import SurgeryObjective
-from .reference import (AdapterReference, CacheReference, CopyReference, examples_digest, first_weight_difference,
-                        weights_digest)
+from .reference import (AdapterReference, CacheReference, CopyReference, config_difference, config_identity,
+                        examples_digest, first_weight_difference, weights_digest)
 
 log = logging.getLogger("surgery")
 
@@ -331,6 +331,7 @@ class Surgery:
         # ones and the reference are rebuilt from them, not restored), each stream's examples (the
         # data positions index them) and the seed (the samplers' order).
         self._origin = None if self.output_dir is None else {
+            "model": config_identity(self.objective.model),
             "weights": weights_digest(self.objective.model, self.dist.all_reduce_sum),
             "data": {s.name: examples_digest(ex) for s, ex in zip(self.streams, self._examples)},
             "seed": self.cfg.seed}
@@ -601,8 +602,8 @@ class Surgery:
     def _identity(self) -> dict:
         """What a resumed run must share with the checkpoint's: the streams (their data positions
         are restored by order) and their examples, the trained parameters (the optimizer state is
-        theirs), the untrained model's weights and the seed. Stream weights, lr, steps, batch sizes,
-        precision and the optimizer settings may change."""
+        theirs), the model's config, the untrained model's weights and the seed. Stream weights, lr,
+        steps, batch sizes, precision and the optimizer settings may change."""
         return {"streams": [[s.name, s.loss] for s in self.streams], "trainable": list(self.trainable_names),
                 **(self._origin or {})}
 
@@ -625,6 +626,11 @@ class Surgery:
                 raise ValueError(f"resume: {path} was written by a run with other {what} ({detail}); resume "
                                  f"with the same ones, or start a new run in another output_dir")
         # Checkpoints from before these were stored lack them.
+        changed = config_difference(saved["model"], now.get("model") or {}) if "model" in saved else []
+        if changed:
+            raise ValueError(f"resume: {path} was written by a run of the model with another config "
+                             f"({'; '.join(changed[:4])}); the trained weights would compute something else. Resume "
+                             f"with the same model.path and model.config, or start a new run in another output_dir")
         diff = first_weight_difference(saved["weights"], now.get("weights")) if "weights" in saved else None
         if diff is not None:
             raise ValueError(f"resume: {path} was written by a run that started from other weights (first "
@@ -672,7 +678,7 @@ class Surgery:
             (self.output_dir / "metrics.jsonl").write_text("")
         if resumed and self.output_dir is not None and self.dist.main:
             # Drop lines past the checkpoint (a crash after it) so the log matches the resumed run.
-            (self.output_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.history))
+            ckpt.write_text(self.output_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history))
         if self.command is not None and self.output_dir is not None and self.dist.main:
             # One line per start (the first and every --resume): how to repeat or continue it.
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -844,7 +850,7 @@ class Surgery:
         if self.output_dir is not None:
             self.save_final(self.output_dir / "final")
             if self.dist.main:
-                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                ckpt.write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
         return summary
 
     def save_final(self, path) -> Path:

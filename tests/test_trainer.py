@@ -228,9 +228,10 @@ def test_resume_is_exact(tok, data, tmp_path):
 
 def test_resume_refuses_another_start(tok, data, tmp_path):
     """A resumed run rebuilds the frozen weights and the reference from its model and indexes its
-    data by the restored positions: another model (another model.path, or a config with another
-    seed), other examples in a stream or another train.seed is refused before anything is
-    restored, naming what changed; another lr or stream weight is not."""
+    data by the restored positions: another model (another model.path, a config with another
+    seed, the same weights under another config), other examples in a stream or another
+    train.seed is refused before anything is restored, naming what changed; another lr or stream
+    weight is not."""
     kw = dict(tokenizer=tok, output_dir=tmp_path, reference="copy")
     Surgery(model=_model(tok), streams=_streams(data), train=_train(steps=2), **kw).train()
     state = (tmp_path / "checkpoint" / "state.pt").read_bytes()
@@ -242,6 +243,10 @@ def test_resume_refuses_another_start(tok, data, tmp_path):
         Surgery(model=_model(tok), streams=_streams(other), train=_train(steps=4), **kw).train(resume=True)
     with pytest.raises(ValueError, match=r"train.seed=0, this one has 5"):
         Surgery(model=_model(tok), streams=_streams(data), train=_train(steps=4, seed=5), **kw).train(resume=True)
+    # the same weights under another config compute something else
+    rope = _model(tok, rope_parameters={"rope_theta": 500.0, "rope_type": "default"})
+    with pytest.raises(ValueError, match=r"another config \(rope_parameters: .*10000.0.* -> .*500.0"):
+        Surgery(model=rope, streams=_streams(data), train=_train(steps=4), **kw).train(resume=True)
     assert (tmp_path / "checkpoint" / "state.pt").read_bytes() == state
     run = Surgery(model=_model(tok), streams=_streams(data, weights=(0.2, 1.0, 0.5)), train=_train(steps=4, lr=5e-3),
                   **kw)
@@ -395,8 +400,9 @@ def test_signal_during_the_last_save_waits_for_it(tok, data, tmp_path, monkeypat
 
 
 def test_cli_exit_code_when_interrupted(tmp_path, monkeypatch, capsys):
-    """cli.main maps TrainingInterrupted to 128 + the signal and a one-line message saying how to
-    resume (as a command it then dies of the signal: tested through torchrun in test_fsdp)."""
+    """cli.main maps TrainingInterrupted to 128 + the signal and a message with the command that
+    resumes (as a command it then dies of the signal: tested through torchrun in test_fsdp); a
+    Ctrl-C elsewhere too."""
     from surgery import cli
 
     def interrupted(self, resume=False):
@@ -406,9 +412,20 @@ def test_cli_exit_code_when_interrupted(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("surgery.from_config", lambda cfg: Surgery.__new__(Surgery))
     monkeypatch.setattr("surgery.load_config",
                         lambda path, overrides, **kw: types.SimpleNamespace(output_dir=str(tmp_path)))
-    assert cli.main(["train", "x.yaml"]) == 128 + signal.SIGTERM
+    assert cli.main(["train", "x.yaml", "--set", "train.lr=0.1"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
-    assert "interrupted (SIGTERM) after step 3" in err and "--resume" in err
+    assert "interrupted (SIGTERM) after step 3" in err
+    assert "continue with: surgery train x.yaml --set train.lr=0.1 --resume" in err
+    # Ctrl-C outside the steps (loading, the reference cache's build, an evaluation, the final save):
+    # the same exit code and how to continue, no traceback
+    def ctrl_c(self, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Surgery, "run", ctrl_c)
+    assert cli.main(["train", "x.yaml"]) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert err.startswith("surgery: interrupted (SIGINT); continue with: surgery train x.yaml --resume")
+    assert "Traceback" not in err
 
 
 def test_output_dir_of_an_earlier_run(tok, data, tmp_path):
