@@ -162,6 +162,25 @@ def test_ce_rows(emu, dtype, v, offset, bias, softcap):
     _check_grad(z, torch.where(live, coeff, 0.0).double()[:, None] * grad, dtype, coeff)
 
 
+def test_ce_rows_ascent_cap_at_the_tokens_own_ce(emu):
+    """An ascent token whose ce equals the cap exactly is not past it: it keeps its gradient; one
+    float32 ulp below its ce it is capped (gradient 0). The other rows are untouched either way."""
+    values, b, target, coeff = _ce_case(507, torch.float32, bias=True, softcap=None, seed=11)
+    coeff[1:] = coeff[1:].abs()  # one ascent token, row 0
+    z0 = _rows(values, torch.float32, 0)
+    lse_ref, ce_ref, grad, live = ce_reference(z0, b, target, None)
+    ce, _ = _run_ce(emu, z0.clone(), b, target, softcap=None)
+    c_eff = torch.where(live, coeff, 0.0).double()
+    for cap, kept in ((ce[0].item(), True), (torch.nextafter(ce[0], torch.tensor(-math.inf)).item(), False)):
+        z = z0.clone()
+        _run_ce(emu, z, b, target, coeff=coeff, ascent_cap=cap)
+        expect = c_eff.clone()
+        if not kept:
+            expect[0] = 0.0
+        assert (z[0].abs().sum() > 0) == kept, cap
+        _check_grad(z, expect[:, None] * grad, torch.float32, coeff)
+
+
 @pytest.mark.parametrize("threads", [128, 256, 512])
 def test_ce_rows_block_sizes(emu, threads):
     """Every block size on one shape, including blocks far wider than the row (V = 13 < 512)."""
