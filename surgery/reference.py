@@ -200,7 +200,8 @@ class CacheReference:
                 same = saved.get("fingerprint") == _fingerprint(model_config, stream_examples, weights)
             if not same:
                 raise ValueError(f"{self.dir} holds a reference cache of another model (config or weights) or data; "
-                                 f"delete it or use another output_dir")
+                                 f"delete it or use another output_dir (a run resumed with another model or data is "
+                                 f"refused anyway)")
             # (caches written before the precision was stored were computed without mixed precision
             # on one process)
             if saved.get("precision") != precision:
