@@ -234,6 +234,10 @@ class CacheReference:
                 missing = [not _readable(d / f"{i:07d}.safetensors", len(e.ids)) for i, e in enumerate(examples)]
                 todo = [range(k, min(k + batch_size, len(examples))) for k in range(0, len(examples), batch_size)
                         if any(missing[k:k + batch_size])]
+                if barrier is not None:
+                    # every process has listed what is missing before any writes: the same list
+                    # everywhere, so the same number of forwards (FSDP's collectives)
+                    barrier()
                 # Under FSDP every process must run the same number of forwards: pad the split.
                 per = -(-len(todo) // world_size)
                 mine = todo[rank::world_size]
