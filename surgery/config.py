@@ -312,15 +312,17 @@ def load_yaml(text):
 
 
 def _merge(base, over):
-    """Deep merge; lists of named streams/eval sets merge by name, other lists are replaced."""
+    """Deep merge into a new object (``--set`` then edits it in place: nothing of ``base``, a
+    preset, may be shared with it); lists of named streams/eval sets merge by name, other lists
+    are replaced."""
     if isinstance(base, dict) and isinstance(over, dict):
-        out = dict(base)
+        out = copy.deepcopy(base)
         for k, v in over.items():
             out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
     if (isinstance(base, list) and isinstance(over, list) and all(isinstance(x, dict) and "name" in x for x in base)
             and all(isinstance(x, dict) and "name" in x for x in over)):
-        out = [dict(x) for x in base]
+        out = copy.deepcopy(base)
         names = [x["name"] for x in out]
         for x in over:
             if x["name"] in names:

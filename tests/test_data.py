@@ -180,6 +180,22 @@ def test_sampler_resumes_and_splits_like_one_process():
     for k in range(6):
         assert r0.draw(1, rank=0, world_size=2) + r1.draw(1, rank=1, world_size=2) == seq[k]
     assert StreamSampler(5, seed=3, name="v").draw(5) != StreamSampler(5, seed=3, name="u").draw(5)
+    # two records per process: rank r takes records 2r, 2r + 1 of the step's draw of four
+    four = StreamSampler(5, seed=3, name="u")
+    r0, r1 = StreamSampler(5, seed=3, name="u"), StreamSampler(5, seed=3, name="u")
+    for _ in range(4):
+        assert r0.draw(2, rank=0, world_size=2) + r1.draw(2, rank=1, world_size=2) == four.draw(4)
+
+
+def test_long_text_keeps_its_start():
+    """A text record longer than max_length loses its end (its BOS and first tokens stay)."""
+    from surgery.testing import sentencepiece_style_tokenizer
+
+    sp = sentencepiece_style_tokenizer("one two three four five six seven eight nine ten".split())
+    text = "one two three four five six seven eight nine ten"
+    full = sp(text)["input_ids"]
+    e = tokenize_lm([{"text": text}], sp, 6)[0]
+    assert len(full) > 6 and e.ids == full[:6] and e.ids[0] == sp.bos_token_id
 
 
 def test_config_paper_preset_and_overrides(tmp_path):
@@ -195,6 +211,11 @@ def test_config_paper_preset_and_overrides(tmp_path):
     assert cfg.model.dtype == "float32" and cfg.train.mixed_precision == "bfloat16"
     assert cfg.streams[0].data == str(tmp_path / "a.jsonl") and cfg.model.path == str(tmp_path / "m")
     assert PRESETS["paper"]["train"]["clip"] == 1.0
+    # the authors' run: a mean over records, not tokens, and AdamW's betas (0.9, 0.95), seed 42 —
+    # also after the load above overrode the betas: the --set of one config edited the preset
+    # itself (a shallow merge), so the next config loaded in the process had (0.8, 0.9)
+    paper = load_config(tmp_path / "c.yaml")
+    assert paper.train.mean_over == "records" and paper.train.betas == (0.9, 0.95) and paper.train.seed == 42
     # full fine-tuning by default; with lora added the adapters train (not an explicit "all", refused with lora)
     assert cfg.model.trainable is None
     assert load_config(tmp_path / "c.yaml", ["model.lora={r: 4}"]).model.trainable is None
