@@ -298,17 +298,40 @@ def test_evaluation_runs_in_the_training_precision(tok, data):
 
 def test_summary_after_resume_times_the_whole_run(tok, data, tmp_path):
     """summary.json's train_time_s sums the steps of the whole run, those before the resume too;
-    time_s is the resuming call's own."""
+    time_s is the resuming call's own; "first" is step 1's losses. A step logged after the
+    checkpoint (then a crash) is dropped from metrics.jsonl by the resume, which logs it again."""
     first = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
                     output_dir=tmp_path / "b")
     first.train()
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a step logged after the checkpoint, then a crash
+        f.write(json.dumps({"step": 3, "loss/total": 123.0}) + "\n")
     second = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=4),
                      output_dir=tmp_path / "b")
     summary = second.run(resume=True)
-    steps = [json.loads(x)["time_s"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] and lines[2]["loss/total"] != 123.0
+    assert summary["first"] == {k: v for k, v in lines[0].items() if k.startswith("loss/")}
+    steps = [m["time_s"] for m in lines]
     assert len(steps) == 4 and summary["train_time_s"] == pytest.approx(sum(steps), rel=1e-9)
     assert summary["train_time_s"] > sum(steps[2:])
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["train_time_s"] == summary["train_time_s"]
+
+
+def test_warmup_per_stream_batch_last_checkpoint_and_kl_direction(tok, data, tmp_path):
+    """warmup_steps ramps lr linearly (lr * step / warmup_steps from step 1), then holds it; a
+    stream's own batch_size draws that many of its records per step; the last step is
+    checkpointed when save_every does not divide steps (a resume starts there, not at step 4);
+    kl_direction reaches the objective."""
+    u, p, r, _ = data
+    streams = [Stream("unlearn", u, "ascent", 0.1), Stream("update", p, "descent", 2.0),
+               Stream("retain", r, "kl", 0.5, batch_size=3)]
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=streams, output_dir=tmp_path,
+                  train=_train(steps=5, save_every=2, warmup_steps=3, kl_direction="reverse"))
+    run.train()
+    assert [m["lr"] for m in run.history] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 1e-2])
+    assert [s.cursor for s in run._samplers] == [10, 10, 15]
+    assert torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=False)["step"] == 5
+    assert run.objective.kl_direction == "reverse"
 
 
 def _signal_at(step, *signums):
