@@ -1090,6 +1090,37 @@ def test_transformed_heads_train_every_stream_on_the_model_logits(tok, data, arc
             assert raw.abs().max() > 6.0
 
 
+def test_multiple_choice_picks_and_per_document_perplexity(tok, monkeypatch):
+    """The rules on given per-token NLLs: ``accuracy`` picks the lowest mean NLL over a choice's
+    tokens, ``accuracy_sum`` the lowest total, ties go to the first choice; the per-document
+    perplexity averages the documents that have a scored token."""
+    from surgery import evaluate
+
+    nll = [torch.tensor([1.0, 1.0, 1.0]), torch.tensor([2.0]),  # mean 1 < 2 (pick 0); total 3 > 2 (pick_sum 1)
+           torch.tensor([0.5]), torch.tensor([0.5])]              # a tie: the first
+    monkeypatch.setattr(evaluate, "token_nll", lambda *a, **k: nll)
+    recs = [{"question": "a", "choices": ["x", "y"], "answer": 0}, {"question": "b", "choices": ["x", "y"], "answer": 1}]
+    out = evaluate.multiple_choice(None, tok, recs, details=True)
+    assert [(q["pick"], q["pick_sum"]) for q in out["questions"]] == [(0, 1), (0, 0)]
+    assert out["accuracy"] == 0.5 and out["accuracy_sum"] == 0.0
+    nll = [torch.tensor([math.log(2.0), math.log(2.0)]), torch.tensor([])]
+    out = evaluate.perplexity(None, tok, ["a b c", "a"])
+    assert out["perplexity_per_document"] == pytest.approx(2.0) and out["tokens"] == 2
+
+
+def test_evaluation_runs_in_eval_mode_and_restores_the_mode(tok):
+    """Dropout is off while scoring (two evaluations of a model in training mode agree) and the
+    model's mode is as it was after."""
+    model = _model(tok, attention_dropout=0.5)
+    model.train()
+    texts = ["the capital of france is paris", "the capital of spain is madrid"]
+    a, b = perplexity(model, tok, texts), perplexity(model, tok, texts)
+    assert a["nll"] == b["nll"] and model.training
+    with torch.no_grad():  # the same model in training mode does draw dropout
+        ids = torch.tensor([tok(texts[0])["input_ids"]])
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_heads_the_losses_cannot_follow_are_refused(tok):
     """A scaling attribute on an architecture whose use of it is not known (the same name
     multiplies on HyperCLOVAX and divides on Granite) is refused, and so is a model whose logits
@@ -1103,9 +1134,10 @@ def test_heads_the_losses_cannot_follow_are_refused(tok):
     llama = load_model(config=tiny_llama(len(tok)))
     head = llama.lm_head
     plain = head.forward
-    head.forward = lambda x: 2 * plain(x)
-    with pytest.raises(ValueError, match="logits are not what the losses compute.*model_type 'llama'"):
-        Surgery(model=llama, tokenizer=tok, streams=_streams(fact_streams())[:2], train=_train(steps=1))
+    for factor in (2.0, 1.01):  # a 1 % scale too: float32 rounding is far below it
+        head.forward = lambda x, f=factor: f * plain(x)
+        with pytest.raises(ValueError, match="logits are not what the losses compute.*model_type 'llama'"):
+            Surgery(model=llama, tokenizer=tok, streams=_streams(fact_streams())[:2], train=_train(steps=1))
     assert llama.training  # the check left the model as it found it
     head.forward = plain
     Surgery(model=llama, tokenizer=tok, streams=_streams(fact_streams())[:2], train=_train(steps=1))
