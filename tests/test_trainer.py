@@ -334,6 +334,36 @@ def test_warmup_per_stream_batch_last_checkpoint_and_kl_direction(tok, data, tmp
     assert run.objective.kl_direction == "reverse"
 
 
+def test_train_again_continues_the_random_streams(tok, data):
+    """train() to step 2 and then to 4 on one object is one run to 4, dropout included: the
+    second call continues the RNG where the first left it (a reseed would repeat step 1's masks)."""
+    def run(steps_list):
+        r = Surgery(model=_model(tok, attention_dropout=0.3), tokenizer=tok, streams=_streams(data),
+                    train=_train(steps=steps_list[0]))
+        for steps in steps_list:
+            r.cfg.steps = steps
+            r.train()
+        return r
+
+    a, b = run([4]), run([2, 4])
+    assert [m["loss/total"] for m in a.history] == [m["loss/total"] for m in b.history]
+    pa, pb = _params(a.model), _params(b.model)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_eval_every_during_training_not_at_the_end(tok, data):
+    """eval_every evaluates inside the run at its multiples, not at the last step (run()'s
+    evaluation after training is that one): run() evaluates before, at step 2 and after."""
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), eval=[EvalSet("ppl", data[2])],
+                  train=_train(steps=4, eval_every=2))
+    calls = []
+    evaluate = run.evaluate
+    run.evaluate = lambda: calls.append(run.step) or evaluate()
+    run.run()
+    assert calls == [0, 2, 4]
+    assert [any(k.startswith("eval/ppl/") for k in m) for m in run.history] == [False, True, False, False]
+
+
 def _signal_at(step, *signums):
     """An on_step callback that sends this process the signals ``signums`` after step ``step``."""
     def on_step(m):
