@@ -351,6 +351,17 @@ def test_train_again_continues_the_random_streams(tok, data):
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
 
 
+def test_evaluation_truncates_as_the_run_and_the_set_say(tok, data):
+    """Evaluation cuts records at train.max_length, or at the eval set's own max_length: a text of
+    20 words scores 7 tokens at max_length 8 (the first predicts nothing), 3 at the set's 4."""
+    text = " ".join(all_words()[:20])
+    assert len(tok(text)["input_ids"]) > 8
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=1, max_length=8),
+                  eval=[EvalSet("run", [{"text": text}]), EvalSet("own", [{"text": text}], max_length=4)])
+    got = run.evaluate()
+    assert got["run"]["tokens"] == 7 and got["own"]["tokens"] == 3
+
+
 def test_eval_every_during_training_not_at_the_end(tok, data):
     """eval_every evaluates inside the run at its multiples, not at the last step (run()'s
     evaluation after training is that one): run() evaluates before, at step 2 and after."""
