@@ -362,6 +362,20 @@ def test_evaluation_truncates_as_the_run_and_the_set_say(tok, data):
     assert got["run"]["tokens"] == 7 and got["own"]["tokens"] == 3
 
 
+@pytest.mark.parametrize("clip", [0.0, None, 0.5])
+def test_gradient_clipping(tok, data, clip):
+    """train.clip bounds the gradient's global norm before AdamW (its first moment after one step
+    is (1 - beta1) times the gradient it got); 0 or None leaves the gradient as it is. The logged
+    grad_norm is the norm before clipping."""
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data, weights=(1.0, 20.0, 5.0)),
+                  train=_train(steps=1, clip=clip))
+    run.train()
+    gn = run.history[0]["grad_norm"]
+    moment = torch.stack([st["exp_avg"].double().norm() for st in run.optimizer.state.values()]).norm().item()
+    assert gn > 1.0
+    assert moment == pytest.approx((1 - run.cfg.betas[0]) * (min(gn, clip) if clip else gn), rel=1e-5)
+
+
 def test_eval_every_during_training_not_at_the_end(tok, data):
     """eval_every evaluates inside the run at its multiples, not at the last step (run()'s
     evaluation after training is that one): run() evaluates before, at step 2 and after."""
