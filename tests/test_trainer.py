@@ -376,6 +376,22 @@ def test_gradient_clipping(tok, data, clip):
     assert moment == pytest.approx((1 - run.cfg.betas[0]) * (min(gn, clip) if clip else gn), rel=1e-5)
 
 
+def test_tokens_metric_counts_every_streams_live_tokens(tok, data):
+    """metrics' ``tokens`` is the step's live tokens (those with a loss) over all streams: the
+    records each stream's sampler draws, counted from their targets."""
+    from surgery.data import StreamSampler
+
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2))
+    run.train()
+    samplers = [StreamSampler(len(ex), run.cfg.seed, s.name) for s, ex in zip(run.streams, run._examples)]
+    for m in run.history:
+        want = 0
+        for sampler, ex in zip(samplers, run._examples):
+            b = collate([ex[i] for i in sampler.draw(run.cfg.batch_size)], tok.pad_token_id)
+            want += int((b.target != IGNORE).sum())
+        assert m["tokens"] == want
+
+
 def test_eval_every_during_training_not_at_the_end(tok, data):
     """eval_every evaluates inside the run at its multiples, not at the last step (run()'s
     evaluation after training is that one): run() evaluates before, at step 2 and after."""
