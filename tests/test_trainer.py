@@ -1179,6 +1179,25 @@ def test_multiple_choice_picks_and_per_document_perplexity(tok, monkeypatch):
     assert out["perplexity_per_document"] == pytest.approx(2.0) and out["tokens"] == 2
 
 
+def test_multiple_choice_scores_the_choice_as_it_stands_after_the_question(monkeypatch):
+    """A choice is scored on the tokens it has in ``question + " " + choice`` (a SentencePiece-style
+    tokenizer marks the word start: "▁paris", not "paris"), after the question's own tokens.
+    (This word-level tokenizer cannot tell the separator " " from "": joined without it, the
+    unknown word makes the choice be tokenized alone, to the same ids.)"""
+    from surgery import evaluate
+    from surgery.testing import sentencepiece_style_tokenizer
+
+    sp = sentencepiece_style_tokenizer("which city is the capital of france ? paris rome".split())
+    seen = []
+    monkeypatch.setattr(evaluate, "token_nll", lambda model, examples, *a, **k: seen.extend(examples) or
+                        [torch.zeros(len(e.ids) - e.loss_from) for e in examples])
+    q = "which city is the capital of france ?"
+    evaluate.multiple_choice(None, sp, [{"question": q, "choices": ["paris", "rome"], "answer": 0}])
+    for e, c in zip(seen, ["paris", "rome"]):
+        assert e.ids == sp(q + " " + c)["input_ids"] and e.loss_from == len(sp(q)["input_ids"])
+        assert sp.convert_ids_to_tokens(e.ids[e.loss_from:]) == ["▁" + c]
+
+
 def test_evaluation_runs_in_eval_mode_and_restores_the_mode(tok):
     """Dropout is off while scoring (two evaluations of a model in training mode agree) and the
     model's mode is as it was after."""
