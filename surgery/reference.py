@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_text
 from .data import collate
 from .modeling import final_hidden, output_layer
 
@@ -161,9 +162,7 @@ def _readable(path: Path, rows: int) -> bool:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj))
 
 
 class CacheReference:
@@ -234,11 +233,10 @@ class CacheReference:
                 missing = [not _readable(d / f"{i:07d}.safetensors", len(e.ids)) for i, e in enumerate(examples)]
                 todo = [range(k, min(k + batch_size, len(examples))) for k in range(0, len(examples), batch_size)
                         if any(missing[k:k + batch_size])]
+                # Under FSDP every process must run the same number of forwards: each lists what is
+                # missing before any writes (the same list everywhere), and the split is padded.
                 if barrier is not None:
-                    # every process has listed what is missing before any writes: the same list
-                    # everywhere, so the same number of forwards (FSDP's collectives)
                     barrier()
-                # Under FSDP every process must run the same number of forwards: pad the split.
                 per = -(-len(todo) // world_size)
                 mine = todo[rank::world_size]
                 for j in range(per):
