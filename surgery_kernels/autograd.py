@@ -67,7 +67,8 @@ def _scaled(ctx, grad_out):
     limit: when the first backward's tensors became a leaf's ``.grad`` and a second backward
     accumulated into it, a third backward through the same graph finds them modified and raises
     (autograd's version check) rather than return a wrong gradient. The token-weight gradient (N
-    floats) is always scaled out of place."""
+    floats) is always scaled out of place. Only a later backward reads a value on the host (whether
+    the first upstream gradient was 0): one synchronization on a GPU, off the training path."""
     try:
         *grads, dtw = ctx.saved_tensors
     except RuntimeError as e:

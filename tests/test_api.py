@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import surgery_kernels as sk
-from conftest import BACKEND_CASES, RecordCreated
+from conftest import BACKEND_CASES, RecordCreated, RecordSyncs, assert_no_host_sync, loss_calls
 from surgery_kernels import LinearCrossEntropy, LinearKLDiv, linear_cross_entropy, linear_kl_div
 from surgery_kernels.backends import resolve
 from surgery_kernels.backends.chunked import default_chunk_size
@@ -204,6 +204,37 @@ def test_never_creates_an_n_by_v_tensor(op):
     assert run(naive)[0] >= n * v
     biggest = run(ours)
     assert biggest[0] <= 32 * v, f"created a tensor of {biggest[0]} elements in {biggest[1]}"
+
+
+def test_sync_recorder_sees_host_reads():
+    """RecordSyncs reports on CPU tensors what would wait for a GPU: a value read on the host, a
+    Python branch on a tensor, selection by a boolean mask and its backward."""
+    x = torch.randn(6, 3, requires_grad=True)
+    mask = torch.tensor([True, False] * 3)
+    with RecordSyncs() as rec:
+        float(x.detach().sum())
+        if (x > 0).any():
+            pass
+        x[mask].sum().backward()
+        x.detach()[mask] = 0.0
+    ops = [op for op, _ in rec.syncs]
+    assert ops.count("aten._local_scalar_dense.default") == 2
+    assert ops.count("aten.index.Tensor") == 1 and ops.count("aten.index_put.default") == 1
+    assert ops.count("aten.index_put_.default") == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("op", ["ce", "kl"])
+def test_no_host_synchronization(op, reduction, dtype, device, target_check_as_on_cuda):
+    """Forward+backward with every option (loss_calls) on the torch backend, whose Python also runs
+    on CUDA tensors — functional, checks, autograd, the chunked primitives — runs no op that would
+    make the host wait for a GPU (the README's promise; tests/test_cuda_ops.py checks the C++ ops on
+    a GPU). The target check takes its CUDA branch, a device-side assertion (target_check_as_on_cuda).
+    float16 takes the backward that recomputes the logits, bf16 the in-place scaling of 16-bit
+    gradients (a Triton kernel on CUDA)."""
+    assert_no_host_sync(loss_calls(op, "torch", device, dtype, reduction), device)
 
 
 @pytest.mark.parametrize("case", BACKEND_CASES)

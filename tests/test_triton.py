@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import RecordCreated
+from conftest import RecordCreated, assert_no_host_sync, loss_calls
 from surgery_kernels import linear_cross_entropy, linear_kl_div
 from surgery_kernels.backends import availability
 from surgery_kernels.reference import linear_cross_entropy_ref, linear_kl_div_ref
@@ -301,6 +301,25 @@ def test_fused_backward(device, dtype, fused_backward):
     h, w, b, rh, rw, rb = _kl_inputs(device)
     _check_kl(device, dtype, h, w, b, rh, rw, rb, mask=torch.arange(N, device=device) % 5 != 0,
               direction="reverse", temperature=1.5)
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("op", ["ce", "kl"])
+@pytest.mark.parametrize("backward", ["chunked", "fused"])
+def test_no_host_synchronization(device, dtype, op, reduction, backward, monkeypatch, target_check_as_on_cuda):
+    """Forward+backward with every option (conftest.loss_calls) runs no op that would make the host
+    wait for the GPU: no launch argument, grid or path is read from a tensor's values. N = 20 spans
+    two chunks of the small workspace (three for KL). Under the interpreter the target check takes
+    its CUDA branch (target_check_as_on_cuda); on a GPU the first call of each variant autotunes
+    (timed runs that synchronize, once per shape), so those calls run first, unchecked."""
+    from surgery_kernels.backends import triton_fused
+
+    monkeypatch.setattr(triton_fused, "BACKWARD", backward)
+    if device == "cuda":
+        for call in loss_calls(op, "triton", device, dtype, reduction, n=20, h=H, v=V):
+            call()
+    assert_no_host_sync(loss_calls(op, "triton", device, dtype, reduction, n=20, h=H, v=V), device)
 
 
 def _kl_inputs(device, n=N, seed=1, rh=RH, bias=True):
