@@ -16,7 +16,10 @@ go through one ``linear_kl_div`` call against the reference's final hidden state
 Only **live** tokens (``target != IGNORE``) reach the loss kernels: padding, prompt tokens and
 each row's last position are dropped before the head, so the ``tokens x vocab`` work is
 proportional to the tokens that carry a loss (a fact statement trains on its ~3 answer tokens
-out of ~15; a batch padded to its longest row is mostly padding).
+out of ~15; a batch padded to its longest row is mostly padding). They are taken by their flat
+positions (``ce_index`` / ``kl_index``), which the trainer finds on the host, where the targets
+are built: selecting by a boolean mask on the GPU (``h[live]``, and its backward) makes the host
+wait for the device, once per selection, in the middle of every pass.
 
 Everything that touches the head weight happens inside ``forward``: under FSDP the weight is
 unsharded only there.
@@ -68,7 +71,7 @@ class SurgeryObjective(nn.Module):
 
     def forward(self, mode: str, input_ids, attention_mask, target=None, *, n_ce_rows: int = 0, ce_weight=None,
                 ce_coeff=None, kl_weight=None, kl_coeff=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                stream_rows=None, with_head=True, kl_batch=None):
+                stream_rows=None, with_head=True, kl_batch=None, ce_index=None, kl_index=None):
         if mode == "hidden":
             h = final_hidden(self.model, input_ids, attention_mask)
             if not with_head:
@@ -79,22 +82,24 @@ class SurgeryObjective(nn.Module):
         if mode == "nll":
             h = final_hidden(self.model, input_ids, attention_mask)
             w, b = self._head()
-            live = target != IGNORE
-            hs, bs = self._scaled(h[live], b)
-            v = linear_cross_entropy(hs, w, target[live], bias=bs, reduction="none", backend=self.backend,
+            live = live_index(target)
+            hs, bs = self._scaled(_take(h, live), b)
+            v = linear_cross_entropy(hs, w, _take(target, live), bias=bs, reduction="none", backend=self.backend,
                                      **self.head_opts)
-            return _scatter(v, live)
+            return _scatter(v, live, target.shape)
         if mode != "loss":
             raise ValueError(f"mode must be 'loss', 'nll' or 'hidden', got {mode!r}")
         return self._loss(input_ids, attention_mask, target, n_ce_rows, ce_weight, ce_coeff, kl_weight, kl_coeff,
-                          ref_hidden, ref_weight, ref_bias, stream_rows, kl_batch)
+                          ref_hidden, ref_weight, ref_bias, stream_rows, kl_batch, ce_index, kl_index)
 
     def _loss(self, input_ids, attention_mask, target, n_ce_rows, ce_weight, ce_coeff, kl_weight, kl_coeff,
-              ref_hidden, ref_weight, ref_bias, stream_rows, kl_batch=None):
+              ref_hidden, ref_weight, ref_bias, stream_rows, kl_batch=None, ce_index=None, kl_index=None):
         """ce_weight / ce_coeff: (n_ce_rows, L) per-token sign_s / N_s and c_s; kl_weight / kl_coeff the same
         for the KL rows (1 / N_r, c_r); stream_rows: per stream, its (start, stop) rows, CE rows first.
         kl_batch: ``(input_ids, attention_mask, target)`` of the KL rows as a batch of their own
-        length (then ``input_ids``... hold the CE rows only); None: the KL rows follow the CE rows."""
+        length (then ``input_ids``... hold the CE rows only); None: the KL rows follow the CE rows.
+        ce_index / kl_index: ``live_index`` of the CE rows' / KL rows' targets, on the device (None:
+        found here, a host synchronization on a GPU)."""
         if kl_batch is None:
             h = final_hidden(self.model, input_ids, attention_mask)
             ce_part = (h[:n_ce_rows], target[:n_ce_rows])
@@ -114,24 +119,24 @@ class SurgeryObjective(nn.Module):
         if n_ce_rows:
             # One signed call for every ascent and descent stream, over the live tokens only.
             hc, tc_ = ce_part
-            sel = tc_ != IGNORE
-            tw = ce_weight[sel]
+            sel = live_index(tc_) if ce_index is None else ce_index
+            tw = _take(ce_weight, sel)
             # One "sum" call with weights c_s * sign_s / N_s: its gradients come from the forward's
             # pass over the logits ("none" would recompute them in the backward). The per-token CE
             # comes back for the metrics; the kernel's ascent_cap zeroes a capped token's loss and
             # gradient, and the token keeps its real CE in the stream's logged mean.
-            hs, bs = self._scaled(hc[sel], b)
-            loss, ce = linear_cross_entropy(hs, w, tc_[sel], bias=bs, token_weight=tw * ce_coeff[sel],
+            hs, bs = self._scaled(_take(hc, sel), b)
+            loss, ce = linear_cross_entropy(hs, w, _take(tc_, sel), bias=bs, token_weight=tw * _take(ce_coeff, sel),
                                             reduction="sum", ascent_cap=self.ascent_cap, backend=self.backend,
                                             return_values=True, **self.head_opts)
             if self.ascent_cap is not None:
                 cap = (tw < 0) & (ce > self.ascent_cap)
-                row_capped.append(_scatter(cap.to(torch.float32), sel).sum(1))
+                row_capped.append(_scatter(cap.to(torch.float32), sel, tc_.shape).sum(1))
             total = total + loss
-            row_vals.append(_scatter(tw * ce, sel).sum(1))
+            row_vals.append(_scatter(tw * ce, sel, tc_.shape).sum(1))
         if hk_all is not None and hk_all.shape[0]:
-            sel = kl_tgt != IGNORE
-            hk = hk_all[sel]
+            sel = live_index(kl_tgt) if kl_index is None else kl_index
+            hk = _take(hk_all, sel)
             if ref_hidden is None:
                 ref_hidden, ref_weight, ref_bias = self._adapter_reference(kl_ids, kl_att, w, b)
             elif ref_weight is None:
@@ -144,17 +149,18 @@ class SurgeryObjective(nn.Module):
             if ref_weight.dtype != ref_hidden.dtype:
                 ref_weight = ref_weight.to(ref_hidden.dtype)
                 ref_bias = None if ref_bias is None else ref_bias.to(ref_hidden.dtype)
-            kw = kl_weight[sel]
+            kw = _take(kl_weight, sel)
             # the reference is the same architecture (a copy, the adapters-off model or a cache of
             # it): its logits are scaled and capped as the trained model's are
             cap = self.head_opts.get("softcap")
             hk, bk = self._scaled(hk, b)
-            rh, ref_bias = self._scaled(ref_hidden[sel], ref_bias)
+            rh, ref_bias = self._scaled(_take(ref_hidden, sel), ref_bias)
             loss, kl = linear_kl_div(hk, w, rh, ref_weight, bias=bk, ref_bias=ref_bias,
-                                     token_weight=kw * kl_coeff[sel], reduction="sum", direction=self.kl_direction,
-                                     softcap=cap, ref_softcap=cap, backend=self.backend, return_values=True)
+                                     token_weight=kw * _take(kl_coeff, sel), reduction="sum",
+                                     direction=self.kl_direction, softcap=cap, ref_softcap=cap, backend=self.backend,
+                                     return_values=True)
             total = total + loss
-            row_vals.append(_scatter(kw * kl, sel).sum(1))
+            row_vals.append(_scatter(kw * kl, sel, kl_tgt.shape).sum(1))
         values = torch.cat(row_vals, 0)
         caps = torch.zeros_like(values)  # capped counts exist for CE rows only, which come first
         if row_capped:
@@ -183,8 +189,19 @@ class SurgeryObjective(nn.Module):
         return rh, w, b
 
 
-def _scatter(values: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """Per-live-token ``values`` back at their (B, L) positions, 0 elsewhere."""
-    out = values.new_zeros(live.shape)
-    out[live] = values
-    return out
+def live_index(target: torch.Tensor) -> torch.Tensor:
+    """(B, L) targets -> the flat positions (n,) of their live tokens (``target != IGNORE``), int64.
+    On a GPU tensor this waits for the device (the count decides the shape): where the targets are
+    built on the host, call it there and move the result with the batch."""
+    return (target != IGNORE).reshape(-1).nonzero().squeeze(1)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, L, ...) -> (n, ...): the entries at the flat (B, L) positions ``index``. An index_select
+    (its backward an index_add), where ``x[mask]`` would find the positions again on the host."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, index)
+
+
+def _scatter(values: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
+    """Per-live-token ``values`` back at their (B, L) = ``shape`` positions ``index``, 0 elsewhere."""
+    return values.new_zeros(shape).reshape(-1).index_copy(0, index, values).reshape(shape)

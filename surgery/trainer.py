@@ -50,7 +50,7 @@ from .config import REFERENCES, EvalSet, ModelConfig, Stream, TrainConfig, as_da
 from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
 from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
-from .objective import SurgeryObjective
+from .objective import SurgeryObjective, live_index
 from .reference import (AdapterReference, CacheReference, CopyReference, config_difference, config_identity,
                         examples_digest, first_weight_difference, weights_digest)
 
@@ -129,7 +129,9 @@ def _check_vocabulary(model, tokenizer) -> None:
 class _Pass:
     """One forward/backward pass of a step: its rows (CE rows first) as one batch, or as ``batch``
     (CE rows) and ``kl_batch`` (KL rows) at their own lengths; ``rows``: per stream, its rows in
-    the pass ((a, a) where it has none); ``start``, ``stop``: the pass's rows in the step."""
+    the pass ((a, a) where it has none); ``start``, ``stop``: the pass's rows in the step;
+    ``ce_index``, ``kl_index``: the flat positions of the CE rows' and the KL rows' live tokens
+    (``objective.live_index``), found on the host and moved with the batch."""
 
     batch: Batch
     kl_batch: Batch | None
@@ -137,6 +139,8 @@ class _Pass:
     n_ce: int
     start: int
     stop: int
+    ce_index: torch.Tensor
+    kl_index: torch.Tensor
 
     @property
     def live_ce(self) -> torch.Tensor:
@@ -426,9 +430,13 @@ class Surgery:
             r1 = min(r0 + m, n)
             nc = min(max(n_ce - r0, 0), r1 - r0)
             b, kb = self._collate(examples[r0:r1], index[r0:r1], nc)
+            # The live tokens' positions from the host's targets: on the device, finding them would
+            # wait for the model's forward in the middle of the pass (SurgeryObjective._loss).
+            ce_index = live_index(b.target[:nc]).to(self.device)
+            kl_index = live_index(b.target[nc:] if kb is None else kb.target).to(self.device)
             b, kb = b.to(self.device), None if kb is None else kb.to(self.device)
             out.append(_Pass(b, kb, [(min(max(a, r0), r1) - r0, min(max(z, r0), r1) - r0) for a, z in rows],
-                             nc, r0, r1))
+                             nc, r0, r1, ce_index, kl_index))
         return out, rows
 
     def _train_step(self) -> dict:
@@ -480,7 +488,8 @@ class Surgery:
                 total, terms, capped = self.objective(
                     "loss", b.input_ids, b.attention_mask, b.target, n_ce_rows=nc, ce_weight=ce_w, ce_coeff=ce_c,
                     kl_weight=kl_w, kl_coeff=kl_c, ref_hidden=ref[0], ref_weight=ref[1], ref_bias=ref[2],
-                    stream_rows=p.rows, kl_batch=None if kb is None else (kb.input_ids, kb.attention_mask, kb.target))
+                    stream_rows=p.rows, kl_batch=None if kb is None else (kb.input_ids, kb.attention_mask, kb.target),
+                    ce_index=p.ce_index, kl_index=p.kl_index)
             # FSDP averages gradients over processes; each process's loss is already a share of the
             # global objective, so scale back up to get its sum. Passes add their gradients.
             loss = total * self.dist.world_size

@@ -24,6 +24,7 @@ from surgery.evaluate import multiple_choice, perplexity
 from surgery.modeling import load_model
 from surgery.objective import SurgeryObjective
 from surgery.testing import all_words, fact_streams, tiny_llama, word_tokenizer
+from conftest import RecordSyncs
 
 
 
@@ -390,6 +391,35 @@ def test_tokens_metric_counts_every_streams_live_tokens(tok, data):
             b = collate([ex[i] for i in sampler.draw(run.cfg.batch_size)], tok.pad_token_id)
             want += int((b.target != IGNORE).sum())
         assert m["tokens"] == want
+
+
+@pytest.mark.parametrize("micro", [None, 2], ids=["one-pass", "micro-batches"])
+def test_passes_do_not_wait_for_the_device(tok, data, monkeypatch, target_check_as_on_cuda, micro):
+    """The objective's forward and its backward run no op that would make the host wait for a GPU:
+    the live tokens are taken by positions the trainer finds on the host (selecting them by a
+    boolean mask on the device waits there, once per selection and again in the backward, in the
+    middle of every pass). The model's own (transformers' attention-mask checks) are not ours; the
+    target check takes its CUDA branch (target_check_as_on_cuda)."""
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
+                  train=_train(steps=2, backend="torch", ascent_cap=3.0, micro_batch_size=micro))
+    rec = RecordSyncs(outside=("transformers",))
+    forward, backward = run.objective.forward, torch.Tensor.backward
+    calls = []
+
+    def recorded_forward(*args, **kwargs):
+        calls.append(args[0])
+        with rec:
+            return forward(*args, **kwargs)
+
+    def recorded_backward(self, *args, **kwargs):
+        with rec:
+            return backward(self, *args, **kwargs)
+
+    monkeypatch.setattr(run.objective, "forward", recorded_forward)
+    monkeypatch.setattr(torch.Tensor, "backward", recorded_backward)
+    run.train()
+    assert calls.count("loss") == (2 if micro is None else 6)
+    assert rec.syncs == []
 
 
 def test_eval_every_during_training_not_at_the_end(tok, data):
