@@ -415,7 +415,8 @@ class Surgery:
             cost = torch.tensor([len(examples) * max(len_ce, len_kl), n_ce * len_ce + (len(examples) - n_ce) * len_kl],
                                 dtype=torch.float64, device=self.device)
             self.dist.all_reduce_sum(cost)
-            if float(cost[0]) > self.SPLIT_PADDING_RATIO * float(cost[1]):
+            one, two = cost.tolist()
+            if one > self.SPLIT_PADDING_RATIO * two:
                 return collate(examples[:n_ce], pad, index[:n_ce]), collate(examples[n_ce:], pad, index[n_ce:])
         return collate(examples, pad, index), None
 
@@ -505,16 +506,20 @@ class Surgery:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         self.dist.all_reduce_sum(stats)
-        gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        m = {"step": self.step + 1, "loss/total": float(stats[0])}
+        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        # The step's one read of the device: every metric in one copy (a float() each would wait
+        # for the device once per stream).
+        n = len(self.streams)
+        gn, *stats = torch.cat([gn.reshape(1).to(torch.float64), stats, counts]).tolist()
+        stats, counts = stats[:1 + 2 * n], stats[1 + 2 * n:]
+        m = {"step": self.step + 1, "loss/total": stats[0]}
         for k, s in enumerate(self.streams):
             # terms hold sign_s * mean for CE streams: report the plain mean CE / KL.
-            m[f"loss/{s.name}"] = float(stats[1 + k]) * (-1.0 if s.loss == "ascent" else 1.0)
+            m[f"loss/{s.name}"] = stats[1 + k] * (-1.0 if s.loss == "ascent" else 1.0)
         if self.cfg.ascent_cap is not None:
-            n = len(self.streams)
             for k, s in enumerate(self.streams):
                 if s.loss == "ascent":
-                    m[f"capped/{s.name}"] = float(stats[1 + n + k]) / max(float(counts[k]), 1.0)
+                    m[f"capped/{s.name}"] = stats[1 + n + k] / max(counts[k], 1.0)
         bad = [k for k, v in m.items() if k.startswith("loss/") and not math.isfinite(v)]
         # With loss scaling, gradients past float16's range and finite losses are an overflow of
         # the scaled gradients: the scaler skips the update and lowers the scale.
@@ -542,7 +547,7 @@ class Surgery:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
-        ntok = int(float(counts.sum()))
+        ntok = int(sum(counts))
         # A skipped step logs grad_norm null (not Infinity, which is not JSON).
         m.update({"grad_norm": None if skipped else gn, "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt,
                   "time_s": dt})
