@@ -36,7 +36,8 @@ def ops():
         name=f"surgery_cuda_emu_{tag}",
         sources=[str(EMU / "ops_emu.cpp"), str(EMU / "emu_rows.cpp")],
         extra_include_paths=[str(EMU / "include"), str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda")],
-        extra_cflags=["-O1", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
+        # C++20 for the emulator's std::barrier: torch before 2.13 builds extensions as C++17
+        extra_cflags=["-std=c++20", "-O1", "-pthread", "-fno-strict-aliasing", "-Wno-unknown-pragmas"],
         extra_ldflags=["-pthread"],
         is_python_module=False,
     )
