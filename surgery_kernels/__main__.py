@@ -19,13 +19,16 @@ def _build(args) -> int:
         return 1
     extension.load()
     print(f"built {'CPU + CUDA' if result.cuda else 'CPU only'} extension: {result.library}")
+    if not result.cuda:
+        print(f"CUDA left out: {result.cuda_reason}", file=sys.stderr)
     print(f"build directory: {result.directory}")
     print("sources:")
     for s in result.sources:
         print(f"  {s}")
     print("ops: " + ", ".join(f"torch.ops.surgery.{n}" for n in ("ce_forward", "ce_backward", "kl_forward",
                                                                  "kl_backward")))
-    return 0
+    # with a GPU here, an extension without its CUDA ops is a failed build
+    return 1 if torch.cuda.is_available() and not result.cuda else 0
 
 
 def _info(args) -> int:

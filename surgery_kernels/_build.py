@@ -5,7 +5,10 @@ Sources: ``surgery_kernels/_csrc`` in a regular install (the wheel ships ``csrc/
 ``surgery_kernels`` package. ``torch.utils.cpp_extension.load`` compiles them with ninja into a cache directory
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); an unchanged source tree is not
 recompiled. The CUDA sources (``csrc/cuda/*.cu`` and ``csrc/cuda/*.cpp``) are added only when torch
-was built with CUDA and a CUDA toolkit (nvcc) is found; otherwise only ``csrc/*.cpp`` is built.
+was built with CUDA and a CUDA toolkit (nvcc and its headers) is found; otherwise only
+``csrc/*.cpp`` is built. A CUDA build that fails is logged and followed by the CPU-only build, so
+that the ``cpu`` backend does not depend on the CUDA toolchain (a CUDA torch on a machine without a
+working toolkit is pip's default on Linux); the ``cuda`` backend then reports the CUDA error.
 
 A failed build is remembered with the compiler's error as its reason: ``availability()`` reports
 it, it is not retried in this process, and the ``torch`` backend keeps working.
@@ -49,6 +52,7 @@ class BuildResult:
     directory: str = ""
     sources: list[str] = field(default_factory=list)
     reason: str = ""
+    cuda_reason: str = ""  # when ``ok`` but not ``cuda``: why the extension has no CUDA ops
 
 
 _lock = threading.Lock()
@@ -56,15 +60,28 @@ _result: BuildResult | None = None
 
 
 def cuda_toolkit() -> str | None:
-    """The CUDA toolkit root when torch has CUDA and nvcc exists, else None."""
-    if torch.version.cuda is None:
-        return None
+    """The CUDA toolkit root when torch has CUDA and torch's CUDA_HOME has nvcc and the runtime
+    headers, else None (``no_cuda_reason`` says which)."""
+    return None if no_cuda_reason() else _cuda_home()
+
+
+def _cuda_home() -> str | None:
     from torch.utils import cpp_extension
 
-    home = cpp_extension.CUDA_HOME
-    if home is None or not (Path(home) / "bin" / "nvcc").exists():
-        return None
-    return home
+    return cpp_extension.CUDA_HOME
+
+
+def no_cuda_reason() -> str:
+    """Why the build would leave CUDA out, or "" when it would include it."""
+    if torch.version.cuda is None:
+        return "torch was built without CUDA"
+    home = _cuda_home()
+    if home is None:
+        return "no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)"
+    for part in ("bin/nvcc", "include/cuda_runtime.h"):
+        if not (Path(home) / part).exists():
+            return f"the CUDA toolkit at {home} (torch's CUDA_HOME) has no {part}: set CUDA_HOME to the toolkit's root"
+    return ""
 
 
 def sources(source_dir: Path, with_cuda: bool) -> list[Path]:
@@ -91,12 +108,27 @@ def _openmp_flags() -> tuple[list[str], list[str]]:
 
 
 def _build(source_dir: Path, verbose: bool) -> BuildResult:
-    from torch.utils import cpp_extension
-
     if not source_dir.is_dir():
         return BuildResult(False, reason=f"extension sources not found at {source_dir} (an install of "
                                          "surgery-kernels without its csrc/; reinstall from the repository)")
-    with_cuda = cuda_toolkit() is not None and any((source_dir / "cuda").glob("*.cu"))
+    cuda_reason = no_cuda_reason()
+    if not cuda_reason and not any((source_dir / "cuda").glob("*.cu")):
+        cuda_reason = f"no CUDA sources in {source_dir / 'cuda'}"
+    if not cuda_reason:
+        result = _build_one(source_dir, True, verbose)
+        if result.ok:
+            return result
+        log.warning("surgery_kernels: the CUDA part of the extension failed to build; building the CPU part "
+                    "alone: %s", result.reason)
+        cuda_reason = "the CUDA part failed to build (the CPU part was built alone): " + result.reason
+    result = _build_one(source_dir, False, verbose)
+    result.cuda_reason = cuda_reason
+    return result
+
+
+def _build_one(source_dir: Path, with_cuda: bool, verbose: bool) -> BuildResult:
+    from torch.utils import cpp_extension
+
     srcs = sources(source_dir, with_cuda)
     if not srcs:
         return BuildResult(False, reason=f"no C++ sources in {source_dir}")

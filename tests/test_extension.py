@@ -337,6 +337,48 @@ def test_failed_build_reports_the_compiler_error_and_torch_keeps_working(tmp_pat
     assert torch.isfinite(h.grad).all()
 
 
+@pytest.mark.no_poison
+def test_failed_cuda_build_falls_back_to_the_cpu_part(tmp_path, monkeypatch):
+    """A CUDA torch on a machine whose CUDA toolchain cannot build (pip's default torch on Linux, a
+    toolkit of another version) keeps the cpu backend: the CPU sources are built alone and the
+    cuda backend reports the CUDA compiler's error (the whole extension was lost before)."""
+    src = tmp_path / "csrc"
+    (src / "cuda").mkdir(parents=True)
+    (src / "cpu_part.cpp").write_text("int surgery_cpu_part() { return 1; }\n")
+    (src / "cuda" / "part.cu").write_text("__global__ void k() {}\n")
+    (src / "cuda" / "broken_cuda_side.cpp").write_text("int surgery_broken( { return 0 }\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_build, "no_cuda_reason", lambda: "")  # as with a CUDA torch and a toolkit
+    result = _build._build(src, False)
+    assert result.ok and not result.cuda and Path(result.library).is_file()
+    assert [Path(s).name for s in result.sources] == ["cpu_part.cpp"]
+    # the CUDA attempt's own error (here the broken source, or a CPU torch's refusal of with_cuda)
+    assert result.cuda_reason.startswith("the CUDA part failed to build (the CPU part was built alone): building "
+                                         "the extension in ") and "_cuda_" in result.cuda_reason
+    # what the cuda backend then says, on a machine with a GPU
+    monkeypatch.setattr(_build, "_result", result)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    a = extension.availability("cuda", "cuda")
+    assert not a.ok and result.cuda_reason in a.reason
+
+
+def test_toolkit_without_headers_is_no_toolkit(tmp_path, monkeypatch):
+    """nvcc alone (a CUDA_HOME guessed from nvcc on PATH, say /usr/local for /usr/local/bin/nvcc,
+    whose headers are elsewhere) is not a toolkit: building with it failed on cuda_runtime.h and
+    took the CPU backend down with it."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_build, "_cuda_home", lambda: str(tmp_path))
+    assert _build.cuda_toolkit() is None
+    assert "include/cuda_runtime.h" in _build.no_cuda_reason() and str(tmp_path) in _build.no_cuda_reason()
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    assert _build.cuda_toolkit() == str(tmp_path) and _build.no_cuda_reason() == ""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert _build.cuda_toolkit() is None and "without CUDA" in _build.no_cuda_reason()
+
+
 def test_missing_source_dir_is_a_reason_not_an_exception(tmp_path, monkeypatch):
     monkeypatch.setattr(_build, "SOURCE_DIR", tmp_path / "nowhere")
     monkeypatch.setattr(_build, "_result", None)

@@ -75,8 +75,8 @@ def availability(name: str, device_type: str) -> Availability:
     if not result.ok:
         return Availability(False, result.reason)
     if name == "cuda" and not result.cuda:
-        return Availability(False, "the extension was built without CUDA (torch has no CUDA or no CUDA toolkit/nvcc "
-                                   "was found at build time)")
+        return Availability(False, "the extension was built without CUDA: "
+                                   + (result.cuda_reason or "no CUDA toolkit was found at build time"))
     return Availability(True)
 
 
