@@ -185,6 +185,25 @@ def test_gguf_conversion_matches_gguf_model(tmp_path):
     assert (tmp_path / M.CACHE_SUBDIR / "model.safetensors").is_file()
 
 
+def test_converted_model_without_a_pad_token_gets_one(tmp_path):
+    """The converted model's tokenizer as transformers 5.17 writes it, with no pad token (5.17 reads
+    none from the GGUF file): the demo's loader gives it one, or the trainer refuses it (the real
+    demo failed so on the GPU image's transformers)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from surgery.demo import model as demo_model
+    from surgery.testing import tiny_llama, word_tokenizer
+
+    tok = word_tokenizer(["paris", "rome"])
+    d = tmp_path / demo_model.CACHE_SUBDIR
+    LlamaForCausalLM(LlamaConfig(**tiny_llama(len(tok)))).save_pretrained(d)
+    tok.pad_token = None
+    tok.save_pretrained(d)
+    model, loaded, _ = demo_model.load(cache=tmp_path, log=lambda *_: None)
+    assert loaded.pad_token_id is not None and loaded.pad_token == "</s>"  # its eos
+    assert not model.training
+
+
 @pytest.mark.slow
 @needs_data
 @needs_model

@@ -97,10 +97,14 @@ def converted_dir(cache: Path | None = None, log=print) -> Path:
 def load(cache: Path | None = None, log=print):
     """(model, tokenizer, description) for the real demo model, in float32 eval mode."""
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from ..modeling import load_tokenizer
 
     d = converted_dir(cache, log=log)
     model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(d)
+    # the trainer's loader, which gives a tokenizer without a pad token its eos: transformers 5.17
+    # (the GPU image's) reads no pad token from the GGUF file (5.25 reads <|im_end|>)
+    tok = load_tokenizer(str(d))
     model.eval()
     return model, tok, MODEL_NAME
