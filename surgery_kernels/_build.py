@@ -78,10 +78,24 @@ def no_cuda_reason() -> str:
     home = _cuda_home()
     if home is None:
         return "no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)"
-    for part in ("bin/nvcc", "include/cuda_runtime.h"):
-        if not (Path(home) / part).exists():
-            return f"the CUDA toolkit at {home} (torch's CUDA_HOME) has no {part}: set CUDA_HOME to the toolkit's root"
+    if not (Path(home) / "bin" / "nvcc").exists():
+        return f"the CUDA toolkit at {home} (torch's CUDA_HOME) has no bin/nvcc: set CUDA_HOME to the toolkit's root"
+    if not any((d / "cuda_runtime.h").is_file() for d in _cuda_include_dirs(home)):
+        return (f"the CUDA toolkit at {home} (torch's CUDA_HOME) has no include/cuda_runtime.h: set CUDA_HOME to "
+                "the toolkit's root (or CUDA_INC_PATH to its headers)")
     return ""
+
+
+def _cuda_include_dirs(home: str) -> list[Path]:
+    """Where a toolkit's runtime headers may be: CUDA_HOME/include (NVIDIA's installers, Debian's
+    /usr), CUDA_INC_PATH (which torch's cpp_extension adds to the include paths), and
+    CUDA_HOME/targets/<arch>/include (conda-forge's cuda-cudart-dev, whose nvcc finds them there).
+    Finding one is enough to try the CUDA build: a build that then fails falls back to the CPU part."""
+    dirs = [Path(home) / "include"]
+    if os.environ.get("CUDA_INC_PATH"):
+        dirs.append(Path(os.environ["CUDA_INC_PATH"]))
+    dirs += sorted((Path(home) / "targets").glob("*/include"))
+    return dirs
 
 
 def sources(source_dir: Path, with_cuda: bool) -> list[Path]:

@@ -370,6 +370,7 @@ def test_toolkit_without_headers_is_no_toolkit(tmp_path, monkeypatch):
     (tmp_path / "bin" / "nvcc").write_text("")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(_build, "_cuda_home", lambda: str(tmp_path))
+    monkeypatch.delenv("CUDA_INC_PATH", raising=False)
     assert _build.cuda_toolkit() is None
     assert "include/cuda_runtime.h" in _build.no_cuda_reason() and str(tmp_path) in _build.no_cuda_reason()
     (tmp_path / "include").mkdir()
@@ -377,6 +378,28 @@ def test_toolkit_without_headers_is_no_toolkit(tmp_path, monkeypatch):
     assert _build.cuda_toolkit() == str(tmp_path) and _build.no_cuda_reason() == ""
     monkeypatch.setattr(torch.version, "cuda", None)
     assert _build.cuda_toolkit() is None and "without CUDA" in _build.no_cuda_reason()
+
+
+@pytest.mark.parametrize("layout", ["conda-targets", "CUDA_INC_PATH"])
+def test_toolkit_headers_outside_cuda_home_include(tmp_path, monkeypatch, layout):
+    """The runtime headers where torch's build or nvcc finds them outside CUDA_HOME/include still
+    make a toolkit: conda-forge's cuda-cudart-dev (CUDA_HOME/targets/x86_64-linux/include, no
+    CUDA_HOME/include/cuda_runtime.h) and CUDA_INC_PATH (which cpp_extension adds to the include
+    paths). Refusing them dropped the CUDA backend of a working toolkit without trying to build."""
+    home = tmp_path / "env"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / "nvcc").write_text("")
+    (home / "include").mkdir()  # the env's own headers, not CUDA's
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(_build, "_cuda_home", lambda: str(home))
+    monkeypatch.delenv("CUDA_INC_PATH", raising=False)
+    assert _build.cuda_toolkit() is None
+    headers = home / "targets" / "x86_64-linux" / "include" if layout == "conda-targets" else tmp_path / "cuda-inc"
+    headers.mkdir(parents=True)
+    (headers / "cuda_runtime.h").write_text("")
+    if layout == "CUDA_INC_PATH":
+        monkeypatch.setenv("CUDA_INC_PATH", str(headers))
+    assert _build.no_cuda_reason() == "" and _build.cuda_toolkit() == str(home)
 
 
 def test_missing_source_dir_is_a_reason_not_an_exception(tmp_path, monkeypatch):
