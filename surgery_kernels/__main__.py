@@ -27,8 +27,9 @@ def _build(args) -> int:
         print(f"  {s}")
     print("ops: " + ", ".join(f"torch.ops.surgery.{n}" for n in ("ce_forward", "ce_backward", "kl_forward",
                                                                  "kl_backward")))
-    # with a GPU here, an extension without its CUDA ops is a failed build
-    return 1 if torch.cuda.is_available() and not result.cuda else 0
+    # a CUDA build that was tried and failed is a failed build (a torch without CUDA, ROCm's
+    # included, or a machine without a toolkit builds the CPU part as asked)
+    return 1 if result.cuda_failed else 0
 
 
 def _info(args) -> int:

@@ -53,6 +53,7 @@ class BuildResult:
     sources: list[str] = field(default_factory=list)
     reason: str = ""
     cuda_reason: str = ""  # when ``ok`` but not ``cuda``: why the extension has no CUDA ops
+    cuda_failed: bool = False  # the CUDA build was tried and failed (the CPU part was built alone)
 
 
 _lock = threading.Lock()
@@ -137,6 +138,7 @@ def _build(source_dir: Path, verbose: bool) -> BuildResult:
         cuda_reason = "the CUDA part failed to build (the CPU part was built alone): " + result.reason
     result = _build_one(source_dir, False, verbose)
     result.cuda_reason = cuda_reason
+    result.cuda_failed = cuda_reason.startswith("the CUDA part failed")
     return result
 
 

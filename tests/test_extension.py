@@ -355,6 +355,15 @@ def test_failed_cuda_build_falls_back_to_the_cpu_part(tmp_path, monkeypatch):
     # the CUDA attempt's own error (here the broken source, or a CPU torch's refusal of with_cuda)
     assert result.cuda_reason.startswith("the CUDA part failed to build (the CPU part was built alone): building "
                                          "the extension in ") and "_cuda_" in result.cuda_reason
+    assert result.cuda_failed
+    # `python -m surgery_kernels build` says so and fails; without a toolkit it builds the CPU part and succeeds
+    from surgery_kernels.__main__ import main
+
+    monkeypatch.setattr(_build, "_result", result)
+    assert main(["build"]) == 1
+    monkeypatch.setattr(_build, "_result", _build.BuildResult(True, library=result.library, sources=result.sources,
+                                                              cuda_reason="torch was built without CUDA"))
+    assert main(["build"]) == 0
     # what the cuda backend then says, on a machine with a GPU
     monkeypatch.setattr(_build, "_result", result)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
