@@ -316,9 +316,10 @@ def _merge(base, over):
     preset, may be shared with it); lists of named streams/eval sets merge by name, other lists
     are replaced."""
     if isinstance(base, dict) and isinstance(over, dict):
-        out = copy.deepcopy(base)
-        for k, v in over.items():
-            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+        # each of base's values copied once, by the merge where over has the key (base's key order,
+        # over's new keys after)
+        out = {k: _merge(v, over[k]) if k in over else copy.deepcopy(v) for k, v in base.items()}
+        out.update((k, copy.deepcopy(v)) for k, v in over.items() if k not in base)
         return out
     if (isinstance(base, list) and isinstance(over, list) and all(isinstance(x, dict) and "name" in x for x in base)
             and all(isinstance(x, dict) and "name" in x for x in over)):
