@@ -129,16 +129,16 @@ def _build(source_dir: Path, verbose: bool) -> BuildResult:
     cuda_reason = no_cuda_reason()
     if not cuda_reason and not any((source_dir / "cuda").glob("*.cu")):
         cuda_reason = f"no CUDA sources in {source_dir / 'cuda'}"
+    failed = False
     if not cuda_reason:
         result = _build_one(source_dir, True, verbose)
         if result.ok:
             return result
         log.warning("surgery_kernels: the CUDA part of the extension failed to build; building the CPU part "
                     "alone: %s", result.reason)
-        cuda_reason = "the CUDA part failed to build (the CPU part was built alone): " + result.reason
+        failed, cuda_reason = True, "the CUDA part failed to build (the CPU part was built alone): " + result.reason
     result = _build_one(source_dir, False, verbose)
-    result.cuda_reason = cuda_reason
-    result.cuda_failed = cuda_reason.startswith("the CUDA part failed")
+    result.cuda_reason, result.cuda_failed = cuda_reason, failed
     return result
 
 
