@@ -1,5 +1,5 @@
 """``python -m surgery_kernels build``: build the C++/CUDA extension now and print what was built
-and where. ``python -m surgery_kernels info``: print ``available_backends()`` for each device type."""
+and where (a CUDA build that failed in an earlier process is tried again). ``python -m surgery_kernels info``: print ``available_backends()`` for each device type."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def _build(args) -> int:
     from . import _build as build
     from .backends import extension
 
-    result = build.load(verbose=args.verbose)
+    # asked for by hand: try a CUDA build that an earlier process recorded as failed
+    result = build.load(verbose=args.verbose, retry_cuda=True)
     if not result.ok:
         print(f"build failed: {result.reason}", file=sys.stderr)
         return 1

@@ -11,14 +11,21 @@ that the ``cpu`` backend does not depend on the CUDA toolchain (a CUDA torch on 
 working toolkit is pip's default on Linux); the ``cuda`` backend then reports the CUDA error.
 
 A failed build is remembered with the compiler's error as its reason: ``availability()`` reports
-it, it is not retried in this process, and the ``torch`` backend keeps working.
+it, it is not retried in this process, and the ``torch`` backend keeps working. A failed CUDA build
+is also remembered across processes, by a marker file in its build directory
+(``cuda_build_failed.json``) that holds the error and a fingerprint of what the build used (sources,
+torch, toolkit, compiler, flags): while the fingerprint matches, later processes build the CPU part
+without retrying a CUDA compile that takes minutes to fail again. A changed fingerprint, or
+``python -m surgery_kernels build`` (``load(retry_cuda=True)``), tries the CUDA build again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -29,6 +36,8 @@ import torch
 log = logging.getLogger("surgery_kernels")
 
 NAME = "surgery_kernels_ext"
+# In the CUDA build's directory: the error of a CUDA build that failed, and what it was built from.
+FAILED_MARKER = "cuda_build_failed.json"
 
 
 def _source_dir() -> Path:
@@ -122,7 +131,7 @@ def _openmp_flags() -> tuple[list[str], list[str]]:
     return [], []
 
 
-def _build(source_dir: Path, verbose: bool) -> BuildResult:
+def _build(source_dir: Path, verbose: bool, retry_cuda: bool = False) -> BuildResult:
     if not source_dir.is_dir():
         return BuildResult(False, reason=f"extension sources not found at {source_dir} (an install of "
                                          "surgery-kernels without its csrc/; reinstall from the repository)")
@@ -131,15 +140,95 @@ def _build(source_dir: Path, verbose: bool) -> BuildResult:
         cuda_reason = f"no CUDA sources in {source_dir / 'cuda'}"
     failed = False
     if not cuda_reason:
-        result = _build_one(source_dir, True, verbose)
-        if result.ok:
-            return result
-        log.warning("surgery_kernels: the CUDA part of the extension failed to build; building the CPU part "
-                    "alone: %s", result.reason)
-        failed, cuda_reason = True, "the CUDA part failed to build (the CPU part was built alone): " + result.reason
+        marker = _build_directory(source_dir, True, verbose) / FAILED_MARKER
+        fingerprint = _cuda_fingerprint(source_dir)
+        earlier = None if retry_cuda else _read_marker(marker, fingerprint)
+        if earlier is not None:
+            log.warning("surgery_kernels: the CUDA part of the extension failed to build in an earlier run with "
+                        "the same sources and toolchain (%s); building the CPU part alone. `python -m "
+                        "surgery_kernels build` tries the CUDA build again.", marker)
+            failed, cuda_reason = True, (f"the CUDA part failed to build in an earlier run with the same sources "
+                                         f"and toolchain (the CPU part was built alone; `python -m surgery_kernels "
+                                         f"build` retries, {marker} records it): {earlier}")
+        else:
+            result = _build_one(source_dir, True, verbose)
+            if result.ok:
+                marker.unlink(missing_ok=True)
+                return result
+            log.warning("surgery_kernels: the CUDA part of the extension failed to build; building the CPU part "
+                        "alone: %s", result.reason)
+            _write_marker(marker, fingerprint, result.reason)
+            failed, cuda_reason = True, ("the CUDA part failed to build (the CPU part was built alone): "
+                                         + result.reason)
     result = _build_one(source_dir, False, verbose)
     result.cuda_reason, result.cuda_failed = cuda_reason, failed
     return result
+
+
+def _cuda_fingerprint(source_dir: Path) -> str:
+    """What a CUDA build's outcome depends on: the sources and headers (contents), torch, the toolkit
+    (CUDA_HOME, nvcc's file, the runtime headers found), the host compiler and the flags and
+    environment variables that torch's cpp_extension reads. A failed build is retried when any of
+    them changes."""
+    h = hashlib.sha256()
+
+    def add(*parts) -> None:
+        for part in parts:
+            h.update(repr(part).encode())
+            h.update(b"\0")
+
+    for f in sorted(source_dir.rglob("*")):
+        if f.is_file() and f.suffix in (".cpp", ".cu", ".h", ".cuh", ".hpp"):
+            add(str(f.relative_to(source_dir)))
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    home = _cuda_home() or ""
+    add(torch.__version__, torch.version.cuda, home, _gencode_flags(), _openmp_flags())
+    compilers = [Path(home) / "bin" / "nvcc", shutil.which(os.environ.get("CXX", "c++"))]
+    for f in compilers + [d / "cuda_runtime.h" for d in _cuda_include_dirs(home)]:
+        st = os.stat(f) if f and os.path.exists(f) else None
+        add(str(f), st and (st.st_size, st.st_mtime_ns))
+    add([(k, os.environ.get(k)) for k in ("CXX", "CC", "CUDA_INC_PATH", "TORCH_CUDA_ARCH_LIST", "NVCC_PREPEND_FLAGS",
+                                          "NVCC_APPEND_FLAGS", "CPATH", "LIBRARY_PATH")])
+    return h.hexdigest()
+
+
+def _read_marker(marker: Path, fingerprint: str) -> str | None:
+    """The error recorded by an earlier failed CUDA build with this fingerprint, else None."""
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return None
+    return str(record.get("reason", ""))
+
+
+def _write_marker(marker: Path, fingerprint: str, reason: str) -> None:
+    """Record a failed CUDA build (atomically: a reader sees the old record or the whole new one). A
+    cache directory that cannot be written only costs the next process a retry."""
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "reason": reason}))
+        os.replace(tmp, marker)
+    except OSError as exc:
+        log.debug("could not record the failed CUDA build in %s: %s", marker, exc)
+        tmp.unlink(missing_ok=True)
+
+
+def _cache_name(source_dir: Path, with_cuda: bool) -> str:
+    # One cache entry per source tree and torch build: two checkouts (or installs at one path in two
+    # images with different torch) sharing TORCH_EXTENSIONS_DIR would otherwise rebuild over, or
+    # load, each other's library.
+    key = f"{source_dir.resolve()}|{torch.__version__}|{torch.version.cuda}"
+    tag = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return f"{NAME}_{'cuda' if with_cuda else 'cpu'}_{tag}"
+
+
+def _build_directory(source_dir: Path, with_cuda: bool, verbose: bool) -> Path:
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(_cache_name(source_dir, with_cuda), verbose))
 
 
 def _build_one(source_dir: Path, with_cuda: bool, verbose: bool) -> BuildResult:
@@ -148,13 +237,8 @@ def _build_one(source_dir: Path, with_cuda: bool, verbose: bool) -> BuildResult:
     srcs = sources(source_dir, with_cuda)
     if not srcs:
         return BuildResult(False, reason=f"no C++ sources in {source_dir}")
-    # One cache entry per source tree and torch build: two checkouts (or installs at one path in two
-    # images with different torch) sharing TORCH_EXTENSIONS_DIR would otherwise rebuild over, or
-    # load, each other's library.
-    key = f"{source_dir.resolve()}|{torch.__version__}|{torch.version.cuda}"
-    tag = hashlib.sha1(key.encode()).hexdigest()[:8]
-    name = f"{NAME}_{'cuda' if with_cuda else 'cpu'}_{tag}"
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose))
+    name = _cache_name(source_dir, with_cuda)
+    build_dir = _build_directory(source_dir, with_cuda, verbose)
     omp_c, omp_l = _openmp_flags()
     kwargs = dict(
         name=name,
@@ -182,10 +266,11 @@ def _build_one(source_dir: Path, with_cuda: bool, verbose: bool) -> BuildResult:
                        sources=[str(s) for s in srcs])
 
 
-def load(source_dir: Path | None = None, verbose: bool = False) -> BuildResult:
+def load(source_dir: Path | None = None, verbose: bool = False, retry_cuda: bool = False) -> BuildResult:
     """Build (or reuse the cached build of) the extension and load its ops into ``torch.ops.surgery``.
 
-    Runs once per process: later calls return the first result, success or failure.
+    Runs once per process: later calls return the first result, success or failure. ``retry_cuda``
+    tries a CUDA build that an earlier process recorded as failed (see the module's docstring).
     """
     global _result
     if _result is not None:
@@ -194,7 +279,7 @@ def load(source_dir: Path | None = None, verbose: bool = False) -> BuildResult:
         if _result is None:
             log.debug("building the surgery_kernels extension from %s", source_dir or SOURCE_DIR)
             _result = _build(Path(source_dir) if source_dir is not None else SOURCE_DIR,
-                             verbose or bool(os.environ.get("SURGERY_KERNELS_VERBOSE_BUILD")))
+                             verbose or bool(os.environ.get("SURGERY_KERNELS_VERBOSE_BUILD")), retry_cuda)
             if not _result.ok:
                 log.warning("surgery_kernels: the C++ extension is unavailable: %s", _result.reason)
     return _result

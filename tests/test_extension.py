@@ -7,6 +7,7 @@ is built once per test session (and cached on disk across sessions).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -369,6 +370,66 @@ def test_failed_cuda_build_falls_back_to_the_cpu_part(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     a = extension.availability("cuda", "cuda")
     assert not a.ok and result.cuda_reason in a.reason
+
+
+@pytest.mark.no_poison
+def test_failed_cuda_build_is_not_retried_by_every_process(tmp_path, monkeypatch):
+    """A CUDA compile that fails takes minutes; every new process (each script, each DataLoader
+    worker that imports the ops) used to retry it before building the CPU part. A marker in the CUDA
+    build's directory records the failure with a fingerprint of its inputs: later processes skip
+    the CUDA attempt until the fingerprint changes or `python -m surgery_kernels build` retries."""
+    src = tmp_path / "csrc"
+    (src / "cuda").mkdir(parents=True)
+    (src / "cpu_part.cpp").write_text("int surgery_cpu_part() { return 1; }\n")
+    (src / "cuda" / "part.cu").write_text("__global__ void k() {}\n")
+    (src / "cuda" / "broken_cuda_side.cpp").write_text("int surgery_broken( { return 0 }\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_build, "no_cuda_reason", lambda: "")  # as with a CUDA torch and a toolkit
+    tried = []
+    real_build_one = _build._build_one
+    monkeypatch.setattr(_build, "_build_one", lambda s, with_cuda, v: tried.append(with_cuda) or real_build_one(s, with_cuda, v))
+
+    first = _build._build(src, False)
+    assert first.ok and first.cuda_failed and tried == [True, False]
+    marker = _build._build_directory(src, True, False) / _build.FAILED_MARKER
+    # the CUDA attempt's own error (the broken source, or a CPU torch's refusal of with_cuda)
+    error = json.loads(marker.read_text())["reason"]
+    assert marker.is_file() and error.startswith("building the extension in ") and first.cuda_reason.endswith(error)
+
+    # a new process with the same sources and toolchain: no CUDA attempt, the same error reported
+    tried.clear()
+    again = _build._build(src, False)
+    assert tried == [False] and again.ok and again.cuda_failed and not again.cuda
+    assert "failed to build in an earlier run" in again.cuda_reason and again.cuda_reason.endswith(error)
+    assert "python -m surgery_kernels build" in again.cuda_reason and str(marker) in again.cuda_reason
+
+    # asked for by hand (the build command): tried again
+    tried.clear()
+    assert _build._build(src, False, retry_cuda=True).cuda_failed and tried == [True, False]
+
+    # a changed toolchain input (here TORCH_CUDA_ARCH_LIST) or source: tried again
+    tried.clear()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    _build._build(src, False)
+    _build._build(src, False)
+    assert tried == [True, False, False]
+    tried.clear()
+    (src / "cuda" / "rows.cuh").write_text("// a header the .cu includes\n")
+    _build._build(src, False)
+    assert tried == [True, False]
+
+    # a build that then succeeds removes the marker; an unreadable marker is no record
+    monkeypatch.setattr(_build, "_build_one", lambda s, with_cuda, v: _build.BuildResult(True, cuda=with_cuda))
+    assert _build._build(src, False, retry_cuda=True).cuda and not marker.exists()
+    marker.write_text("{not json")
+    assert _build._read_marker(marker, _build._cuda_fingerprint(src)) is None
+
+    # the build command passes retry_cuda
+    from surgery_kernels.__main__ import main
+
+    seen = {}
+    monkeypatch.setattr(_build, "load", lambda **kw: seen.update(kw) or first)
+    assert main(["build"]) == 1 and seen["retry_cuda"] is True
 
 
 def test_toolkit_without_headers_is_no_toolkit(tmp_path, monkeypatch):
