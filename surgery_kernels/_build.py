@@ -15,8 +15,9 @@ it, it is not retried in this process, and the ``torch`` backend keeps working. 
 is also remembered across processes, by a marker file in its build directory
 (``cuda_build_failed.json``) that holds the error and a fingerprint of what the build used (sources,
 torch, toolkit, compiler, flags): while the fingerprint matches, later processes build the CPU part
-without retrying a CUDA compile that takes minutes to fail again. A changed fingerprint, or
-``python -m surgery_kernels build`` (``load(retry_cuda=True)``), tries the CUDA build again.
+without retrying a CUDA compile that can take a minute to fail again (the whole CUDA build takes
+55 s on a 2-core machine). A changed fingerprint, or ``python -m surgery_kernels build``
+(``load(retry_cuda=True)``), tries the CUDA build again.
 """
 
 from __future__ import annotations

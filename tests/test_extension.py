@@ -374,8 +374,9 @@ def test_failed_cuda_build_falls_back_to_the_cpu_part(tmp_path, monkeypatch):
 
 @pytest.mark.no_poison
 def test_failed_cuda_build_is_not_retried_by_every_process(tmp_path, monkeypatch):
-    """A CUDA compile that fails takes minutes; every new process (each script, each DataLoader
-    worker that imports the ops) used to retry it before building the CPU part. A marker in the CUDA
+    """A CUDA compile that fails can take a minute (the whole CUDA build: 55 s on 2 cores); every
+    new process (each script, each DataLoader worker that imports the ops) used to retry it before
+    building the CPU part. A marker in the CUDA
     build's directory records the failure with a fingerprint of its inputs: later processes skip
     the CUDA attempt until the fingerprint changes or `python -m surgery_kernels build` retries."""
     src = tmp_path / "csrc"
