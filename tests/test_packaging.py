@@ -28,8 +28,9 @@ def test_package_list_covers_the_tree():
 
 
 def test_wheel_ships_the_extension_sources(tmp_path):
-    """The wheel built from this tree holds every C++/CUDA source under surgery_kernels/_csrc, and
-    the installed package reads its sources from there (not from a checkout)."""
+    """The wheel built from this tree holds every C++/CUDA source under surgery_kernels/_csrc and
+    the packages' py.typed markers, and the installed package reads its sources from there (not
+    from a checkout)."""
     pytest.importorskip("setuptools")  # the build backend, without build isolation (no index needed)
     src = tmp_path / "src"  # a copy: building in the checkout would leave build/ and egg-info there
     src.mkdir()
@@ -45,6 +46,8 @@ def test_wheel_ships_the_extension_sources(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = [p.relative_to(ROOT / "csrc").as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()]
     assert sources and {f"surgery_kernels/_csrc/{s}" for s in sources} <= names
+    # PEP 561 markers: without them a type checker ignores the packages' annotations in user code
+    assert {"surgery_kernels/py.typed", "surgery/py.typed"} <= names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     out = subprocess.run([sys.executable, "-c", "import surgery_kernels._build as b; print(b.SOURCE_DIR)"],
