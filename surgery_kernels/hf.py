@@ -726,6 +726,13 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
     if isinstance(reference, HeadInputs):
         ref = reference
     else:
+        if not isinstance(reference, torch.nn.Module):
+            raise TypeError(f"token_kl: reference must be a patched model or its HeadInputs (surgery_kernels.hf."
+                            f"head_inputs), got {type(reference).__name__}")
+        if _find_patch(reference) is None or not _find_patch(reference).active:
+            raise ValueError(f"token_kl: reference ({type(reference).__name__}) is not patched: patch it too "
+                             f"(surgery_kernels.hf.patch(reference)), or pass its HeadInputs computed under "
+                             f"torch.no_grad() (surgery_kernels.hf.head_inputs)")
         dev = next(iter(reference.parameters()), None)
         dev = dev.device if dev is not None else None
         with torch.no_grad():

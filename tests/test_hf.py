@@ -291,6 +291,19 @@ def test_a_head_released_after_its_forward_is_refused_clearly():
     assert torch.isfinite(model(input_ids=ids, labels=labels).loss)
 
 
+def test_token_kl_names_an_unpatched_reference():
+    """An unpatched reference was reported as head_inputs needing "a model patched": the user
+    called token_kl, and its reference is what needs patching (or its HeadInputs)."""
+    model = hf.patch(_model("llama"), backend="torch")
+    ids, _ = _batch()
+    with pytest.raises(ValueError, match=r"token_kl: reference \(LlamaForCausalLM\) is not patched"):
+        hf.token_kl(model, _model("llama", seed=1), input_ids=ids)
+    with pytest.raises(TypeError, match="token_kl: reference must be a patched model or its HeadInputs"):
+        hf.token_kl(model, torch.zeros(3), input_ids=ids)
+    with pytest.raises(ValueError, match="token_kl needs a model patched"):
+        hf.token_kl(_model("llama"), model, input_ids=ids)
+
+
 def test_eval_mode_returns_logits_for_metrics_unless_told_not_to():
     """In eval mode under no_grad (Trainer.evaluate, predict) a labelled call returns the logits
     and the loss made from them, as the unpatched model does — compute_metrics needs them (labels
