@@ -9,7 +9,8 @@ Ctrl-C or SIGTERM while training stops at the end of the step after a checkpoint
 continues), prints where it is and the command that continues, and ends the process by that signal
 (``main(argv)`` called from Python returns 128 + its number instead); a second Ctrl-C stops at
 once, and Ctrl-C outside the steps (loading, the reference cache, an evaluation, the final save)
-too, with the same message and no traceback.
+too, with the same message and no traceback. A package of an optional extra that is not installed
+(``pip install surgery-kernels`` alone has none) is named with the extra that brings it, exit code 2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+
+
+# The imports of the optional extras (pyproject's [project.optional-dependencies]) the commands need.
+_EXTRA_OF = {"yaml": "hf", "transformers": "hf", "datasets": "hf", "tqdm": "hf", "safetensors": "hf",
+             "peft": "hf", "matplotlib": "hf", "gguf": "demo", "accelerate": "demo"}
+
+
+def _missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
+    """The one-line error for a missing package of an extra, or None for any other import error."""
+    top = (exc.name or "").partition(".")[0]
+    extra = _EXTRA_OF.get(top)
+    if extra is None:
+        return None
+    extras = "hf,demo" if command == "demo" else extra
+    return (f"surgery: error: surgery {command} needs the package {top!r}, which is not installed: pip install "
+            f"'surgery-kernels[{extras}]' (or, in a checkout, pip install --no-build-isolation -e '.[{extras}]')")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,15 +65,29 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import surgery.demo as demo
         except ImportError as exc:
-            print(f"surgery: error: the demo module is not installed in this build ({exc})", file=sys.stderr)
+            msg = _missing_extra(exc, "demo") if isinstance(exc, ModuleNotFoundError) else None
+            print(msg or f"surgery: error: the demo module is not installed in this build ({exc})", file=sys.stderr)
             return 2
-        return demo.main(argv[1:]) or 0
+        try:
+            return demo.main(argv[1:]) or 0
+        except ModuleNotFoundError as exc:
+            msg = _missing_extra(exc, "demo")
+            if msg is None:
+                raise
+            print(msg, file=sys.stderr)
+            return 2
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .distributed import shutdown
 
     try:
         rc = _run(args)
+    except ModuleNotFoundError as exc:
+        msg = _missing_extra(exc, args.command)
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
+        rc = 2
     finally:
         shutdown()
     if as_command and rc - 128 in (signal.SIGINT, signal.SIGTERM):

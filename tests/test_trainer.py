@@ -1460,6 +1460,33 @@ def test_surgery_without_streams_only_evaluates(tok, data, tmp_path):
             call()
 
 
+@pytest.mark.parametrize("argv, blocked, extras", [(["train", "CONFIG"], "yaml", "hf"),
+                                                   (["eval", "CONFIG"], "yaml", "hf"),
+                                                   (["demo", "--tiny", "--out", "OUT"], "tqdm", "hf,demo")])
+def test_commands_name_the_extra_of_a_missing_package(tmp_path, capsys, monkeypatch, argv, blocked, extras):
+    """`pip install surgery-kernels` without [hf] installs the `surgery` command, which then died
+    in a traceback (No module named 'yaml'); it names the extra to install instead. An import error
+    of anything else is not disguised."""
+    import sys
+
+    from surgery.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {path: m}\n")
+    argv = [str(cfg) if a == "CONFIG" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    monkeypatch.setitem(sys.modules, blocked, None)
+    monkeypatch.setitem(sys.modules, blocked + ".auto", None)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"surgery {argv[0]} needs the package {blocked!r}, which is not installed" in err
+    assert f"pip install 'surgery-kernels[{extras}]'" in err and "Traceback" not in err
+    from surgery import cli
+
+    monkeypatch.setattr(cli, "_EXTRA_OF", {})
+    with pytest.raises(ModuleNotFoundError):
+        main(argv)
+
+
 def test_demo_subcommand_reports_missing_module(capsys, monkeypatch):
     import sys
 
