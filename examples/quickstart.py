@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue
 import resource
+import sys
 import time
 
 import torch
 
 import surgery_kernels as sk
+from surgery_kernels.backends import resolve
 from surgery_kernels.reference import linear_cross_entropy_ref, linear_kl_div_ref
 
 
@@ -53,22 +56,48 @@ def _case(args, provider: str, op: str, q):
     q.put((loss.item(), dt, peak - before))
 
 
+def measure(args, provider: str, op: str) -> tuple[float, float, float]:
+    """(value, seconds, peak MiB) of one case, in a fresh process; RuntimeError if that process
+    dies without a result (an exception, printed by the child, or a kill for memory)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_case, args=(args, provider, op, q))
+    proc.start()
+    try:
+        while True:
+            try:
+                return q.get(timeout=1.0)
+            except queue.Empty:
+                if not proc.is_alive():
+                    try:  # a result sent just before the child exited
+                        return q.get(timeout=1.0)
+                    except queue.Empty:
+                        raise RuntimeError(f"{op} / {provider}: the measuring process ended without a result "
+                                           f"(exit code {proc.exitcode})") from None
+    finally:
+        proc.join()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--backend", default="auto")
     args = p.parse_args()
+    if args.tokens < 1:
+        p.error(f"--tokens must be a positive int, got {args.tokens}")
+    try:
+        resolve(args.backend, "cpu")
+    except ValueError as exc:
+        p.error(f"--backend: {exc}")
     print(f"N={args.tokens} tokens, H=576, V=49152, float32, forward+backward on the CPU")
     print(f"backends here: {sk.available_backends('cpu')}")
     print(f"{'loss':10} {'provider':14} {'value':>10} {'time s':>8} {'peak MiB':>9}")
-    ctx = mp.get_context("spawn")
     for op in ["signed CE", "KL"]:
         for provider in ["naive", f"ours ({args.backend})"]:
-            q = ctx.Queue()
-            proc = ctx.Process(target=_case, args=(args, "naive" if provider == "naive" else "ours", op, q))
-            proc.start()
-            value, dt, mib = q.get()
-            proc.join()
+            try:
+                value, dt, mib = measure(args, "naive" if provider == "naive" else "ours", op)
+            except RuntimeError as exc:
+                sys.exit(f"quickstart: {exc}")
             print(f"{op:10} {provider:14} {value:10.5f} {dt:8.2f} {mib:9.0f}")
 
 

@@ -128,3 +128,19 @@ def test_unlearning_run_forgets_one_country(method):
     rise = hist["forget_nll"][-1] - hist["forget_nll"][0]
     assert hist["forget_nll"][0] < 1.0 and rise > 1.5
     assert abs(hist["retain_nll"][-1] - hist["retain_nll"][0]) < 0.25 * rise
+
+
+def test_quickstart_measures_in_a_child_and_reports_one_that_dies():
+    """examples/quickstart.py measures each case in a fresh process; a case that died (an
+    exception, a kill for memory) left the parent waiting on its queue forever."""
+    import argparse
+
+    import quickstart
+
+    args = argparse.Namespace(tokens=8, backend="torch")
+    value, seconds, _ = quickstart.measure(args, "ours", "signed CE")
+    naive, _, _ = quickstart.measure(args, "naive", "signed CE")
+    assert seconds > 0 and abs(value - naive) <= 1e-5 * abs(naive)
+    args.backend = "cuda"  # main() refuses it up front; here the child raises
+    with pytest.raises(RuntimeError, match=r"signed CE / ours: the measuring process ended without a result \(exit code 1\)"):
+        quickstart.measure(args, "ours", "signed CE")
