@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from . import from_config, load_config
-    from .trainer import NonFiniteLossError, TrainingInterrupted
+    from .trainer import NonFiniteLossError, TrainingInterrupted, check_output_dir
 
     resume_with = None
     try:
@@ -131,6 +131,8 @@ def _run(args) -> int:
             # that trains would keep nothing (no metrics, checkpoint or final model).
             raise ValueError("output_dir is not set: surgery train would train and then save nothing; set "
                              "output_dir in the config or add --set output_dir=DIR")
+        # before the model loads (minutes at 7B): an output_dir that this run may not write to
+        check_output_dir(cfg.output_dir, args.resume)
         run = from_config(cfg)
         argv = ["surgery", "train", args.config] + [x for o in args.overrides for x in ("--set", o)]
         resume_with = shlex.join(argv + ["--resume"])

@@ -179,6 +179,25 @@ class TrainingInterrupted(KeyboardInterrupt):
         return type(self), (self.step, self.checkpoint, self.signum)
 
 
+def check_output_dir(output_dir: str | Path | None, resume: bool) -> None:
+    """The output_dir checks of a training run, which need no model (the command line makes them
+    before loading one): a directory, and not one that holds another run's checkpoint unless the run
+    resumes it."""
+    if output_dir is None:
+        return
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir} is a file, not a directory")
+    if not resume and ckpt.exists(output_dir / "checkpoint"):
+        if (output_dir / "summary.json").is_file():
+            raise ValueError(f"{output_dir} holds a finished run (summary.json, checkpoint/): start a new run "
+                             f"in another output_dir, or --resume (resume=True) with train.steps above its last "
+                             f"step to train it further")
+        raise ValueError(f"{output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "
+                         f"--resume (resume=True), or start over in another output_dir (or delete that "
+                         f"checkpoint folder)")
+
+
 class Surgery:
     """A surgery run. See the module docstring.
 
@@ -818,17 +837,8 @@ class Surgery:
                              "evaluate())")
         if self.reference_mode == "cache" and self.output_dir is None and any(s.loss == "kl" for s in self.streams):
             raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
-        if self.output_dir is not None and self.output_dir.exists() and not self.output_dir.is_dir():
-            raise ValueError(f"output_dir {self.output_dir} is a file, not a directory")
-        if not resume and self.step == 0 and self.output_dir is not None \
-                and ckpt.exists(self.output_dir / "checkpoint"):
-            if (self.output_dir / "summary.json").is_file():
-                raise ValueError(f"{self.output_dir} holds a finished run (summary.json, checkpoint/): start a new run "
-                                 f"in another output_dir, or --resume (resume=True) with train.steps above its last "
-                                 f"step to train it further")
-            raise ValueError(f"{self.output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "
-                             f"--resume (resume=True), or start over in another output_dir (or delete that "
-                             f"checkpoint folder)")
+        # a second train() on this object continues its own run (step > 0): its checkpoint is no other's
+        check_output_dir(self.output_dir, resume or self.step > 0)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Evaluate before, train, evaluate after; write final/ and summary.json. Returns the summary:

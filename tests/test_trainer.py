@@ -1425,12 +1425,20 @@ def test_cli_train_and_eval(tok, data, tmp_path, capsys):
         (False, 0, ["train.steps=3", "streams.update.weight=1.5"]), (True, 3, ["train.steps=4"])]
     assert runs[0]["resume_with"].endswith("--set train.steps=3 --set streams.update.weight=1.5 --resume")
     assert runs[0]["resolved"]["streams"][1]["weight"] == 1.5 and runs[1]["resolved"]["train"]["steps"] == 4
+    # a fresh run into the finished run's output_dir: refused before the model loads (minutes at 7B)
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        import surgery
+
+        mp.setattr(surgery, "from_config", lambda *a, **k: pytest.fail("loaded the model before refusing output_dir"))
+        assert main(["train", str(tmp_path / "c.yaml")]) == 2
+        assert "holds a finished run" in capsys.readouterr().err
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "c.yaml")]) == 0
     assert '"accuracy"' in capsys.readouterr().out
     # Bad data: one line naming the file and line, exit code 2, before any model loads.
     (tmp_path / "u.jsonl").write_text('{"text": "ok"}\n{"txt": "bad"}\n')
-    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert main(["train", str(tmp_path / "c.yaml"), "--set", "output_dir=fresh"]) == 2
     err = capsys.readouterr().err
     assert "u.jsonl:line 2" in err and "'text'" in err
     # eval reads no training stream (u.jsonl is bad now, r.jsonl gone), here on the trained model.
