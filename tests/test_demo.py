@@ -170,19 +170,41 @@ def test_demo_without_its_data_package_says_what_to_install(tmp_path, capsys, mo
 @pytest.mark.slow
 @needs_data
 @needs_model
-def test_gguf_conversion_matches_gguf_model(tmp_path):
-    """The cached plain LlamaForCausalLM computes what transformers' GGUF-loaded model computes."""
+def test_gguf_conversion_matches_gguf_model(tmp_path, capfd):
+    """The cached plain LlamaForCausalLM computes what transformers' GGUF-loaded model computes;
+    without progress (--no-progress) the conversion draws no bar."""
     from transformers import AutoModelForCausalLM
 
     from surgery.demo import model as M
 
-    plain, tok, _ = M.load(tmp_path)
+    plain, tok, _ = M.load(tmp_path, log=lambda *_: None, progress=False)
+    assert "Converting and de-quantizing" not in capfd.readouterr().err
     src = M.gguf_path()
     quant = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, quant(input_ids=ids).logits, rtol=0, atol=0)
     assert (tmp_path / M.CACHE_SUBDIR / "model.safetensors").is_file()
+
+
+def test_no_progress_covers_the_gguf_readers_own_bar(capfd):
+    """`surgery demo --no-progress` still drew the first run's GGUF conversion bar: transformers'
+    reader calls tqdm itself, past its own progress switch. The conversion's tqdm is disabled,
+    then restored; --help names every cache location the demo reads."""
+    reader = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from surgery.demo import _parser, model as M
+
+    before = reader.tqdm
+    with M._gguf_progress(False):
+        for _ in reader.tqdm(range(3), desc="quiet-bar"):
+            pass
+    assert reader.tqdm is before
+    with M._gguf_progress(True):
+        for _ in reader.tqdm(range(3), desc="shown-bar"):
+            pass
+    err = capfd.readouterr().err
+    assert "quiet-bar" not in err and "shown-bar" in err
+    assert "$XDG_CACHE_HOME/surgery" in " ".join(_parser().format_help().split())
 
 
 def test_converted_model_without_a_pad_token_gets_one(tmp_path):

@@ -38,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per variant")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of ascent,descent,ascent+descent,full (default: all; --quick: full)")
-    p.add_argument("--cache", default=None, help="model cache directory (default: $SURGERY_CACHE or "
-                                                 "~/.cache/surgery)")
+    p.add_argument("--cache", default=None, help="model cache directory (default: $SURGERY_CACHE, else "
+                                                 "$XDG_CACHE_HOME/surgery, else ~/.cache/surgery)")
     p.add_argument("--max-facts", type=int, default=None, help="use only the first N facts (tests)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "torch", "cuda", "triton"),
                    help="surgery_kernels backend for training and scoring (default auto: the C++ extension, "
@@ -118,7 +118,8 @@ def run(args) -> dict:
         fallback_reason = "--tiny was given"
     else:
         try:
-            model, tok, model_name = model_mod.load(Path(args.cache) if args.cache else None, log=log)
+            model, tok, model_name = model_mod.load(Path(args.cache) if args.cache else None, log=log,
+                                                       progress=show)
         except (model_mod.ModelUnavailable, ImportError, OSError) as exc:
             fallback_reason = f"the real model could not be loaded: {exc}"
             log(f"FALLBACK: {fallback_reason}")

@@ -51,10 +51,27 @@ def gguf_path() -> Path:
     return d / GGUF_FILE
 
 
-def converted_dir(cache: Path | None = None, log=print) -> Path:
+def _gguf_progress(show: bool):
+    """transformers' GGUF reader draws its "Converting and de-quantizing" bar with tqdm itself, not
+    through its progress switch (``disable_progress_bar``): ``show=False`` disables that bar for
+    the conversion (a no-op where the reader has no module-level tqdm)."""
+    import contextlib
+    import functools
+    from unittest import mock
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        return contextlib.nullcontext()
+    if show or not callable(getattr(reader, "tqdm", None)):
+        return contextlib.nullcontext()
+    return mock.patch.object(reader, "tqdm", functools.partial(reader.tqdm, disable=True))
+
+
+def converted_dir(cache: Path | None = None, log=print, progress: bool = True) -> Path:
     """The directory of the dequantized model (config, safetensors, tokenizer), converting on
-    first use. The conversion writes to a temporary directory and renames it, so an interrupted
-    run never leaves a half-written cache behind."""
+    first use (``progress``: the conversion's progress bar). The conversion writes to a temporary
+    directory and renames it, so an interrupted run never leaves a half-written cache behind."""
     out = (cache or cache_root()) / CACHE_SUBDIR
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
         return out
@@ -67,7 +84,8 @@ def converted_dir(cache: Path | None = None, log=print) -> Path:
         raise ModelUnavailable(f"converting the GGUF model needs transformers and gguf: {exc}") from exc
     log(f"converting {src.name} from {MODEL_PACKAGE} to {out} (once)")
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    quant = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    with _gguf_progress(progress):
+        quant = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     config = quant.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -94,14 +112,15 @@ def converted_dir(cache: Path | None = None, log=print) -> Path:
     return out
 
 
-def load(cache: Path | None = None, log=print):
-    """(model, tokenizer, description) for the real demo model, in float32 eval mode."""
+def load(cache: Path | None = None, log=print, progress: bool = True):
+    """(model, tokenizer, description) for the real demo model, in float32 eval mode (``progress``:
+    the first use's conversion bar)."""
     import torch
     from transformers import LlamaForCausalLM
 
     from ..modeling import load_tokenizer
 
-    d = converted_dir(cache, log=log)
+    d = converted_dir(cache, log=log, progress=progress)
     model = LlamaForCausalLM.from_pretrained(d, dtype=torch.float32)
     # the trainer's loader, which gives a tokenizer without a pad token its eos: transformers 5.17
     # (the GPU image's) reads no pad token from the GGUF file (5.25 reads <|im_end|>)
