@@ -43,7 +43,10 @@ def _missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from surgery_kernels import __version__
+
     p = argparse.ArgumentParser(prog="surgery", description="LLM Surgery with fused linear losses")
+    p.add_argument("--version", action="version", version=f"surgery (surgery-kernels) {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model on the config's streams")
     t.add_argument("config", help="YAML config (see examples/configs/)")

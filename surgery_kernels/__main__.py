@@ -47,7 +47,10 @@ def _info(args) -> int:
 
 
 def main(argv=None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="python -m surgery_kernels")
+    parser.add_argument("--version", action="version", version=f"surgery_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the C++/CUDA extension and print what was built and where")
     b.add_argument("-v", "--verbose", action="store_true", help="show the compiler commands")

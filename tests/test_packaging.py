@@ -55,3 +55,11 @@ def test_wheel_ships_the_extension_sources(tmp_path):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == site / "surgery_kernels" / "_csrc"
+
+
+def test_version_is_the_same_in_pyproject_and_the_package():
+    """`--version`, `info` and the wheel's metadata say one version: pyproject's and
+    surgery_kernels.__version__ are kept in step by hand."""
+    import surgery_kernels
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == surgery_kernels.__version__

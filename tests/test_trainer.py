@@ -1711,3 +1711,17 @@ def test_float16_mixed_precision_scales_the_loss(tok, data, tmp_path, monkeypatc
     r.model.model.norm.register_forward_hook(lambda m, i, o: o * float("nan"))
     with pytest.raises(NonFiniteLossError, match="float16 weights overflow easily.*model.dtype.*mixed_precision"):
         r.train()
+
+
+def test_commands_print_the_version(capsys):
+    """`surgery --version` and `python -m surgery_kernels --version` print the package's version
+    (they were usage errors: a command is required)."""
+    import surgery_kernels
+    from surgery.cli import main
+    from surgery_kernels.__main__ import main as kernels_main
+
+    for call, name in ((main, "surgery (surgery-kernels)"), (kernels_main, "surgery_kernels")):
+        with pytest.raises(SystemExit) as exit_:
+            call(["--version"])
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.strip() == f"{name} {surgery_kernels.__version__}"
