@@ -88,7 +88,9 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     hidden: (..., H), weight: (V, H) — gradients flow; ref_hidden: (..., H'), ref_weight: (V, H') —
     treated as constants (ref_weight may be the very tensor passed as weight); mask: (...) bool,
     False = token skipped; token_weight: (...) float. ``direction``: "forward" = KL(p_ref || p),
-    "reverse" = KL(p || p_ref). The true KL (>= 0), no T**2 rescaling. ``softcap`` /
+    "reverse" = KL(p || p_ref). The true KL, no T**2 rescaling: >= 0 up to rounding (a token
+    whose two distributions nearly agree may come out a few ulps of its terms below 0, ~1e-7 in
+    float32, as in plain PyTorch; the values are not clamped, so that they stay unbiased). ``softcap`` /
     ``ref_softcap``: each side's logits go through z -> c * tanh(z / c) before the temperature, as
     a model with a final logit softcap (Gemma-2) computes them; give both for such a model and its
     frozen copy (each side's own: None leaves that side uncapped; a capped side maps a -inf logit
