@@ -242,3 +242,24 @@ def test_real_demo_quick(tmp_path):
     assert s["update"]["after"] >= s["update"]["before"] + 0.2
     assert s["retain"]["after"] >= s["retain"]["before"] - 0.05
     assert res["retain_ppl"]["after"] <= 1.1 * res["retain_ppl"]["before"]
+
+
+@pytest.mark.slow
+@needs_model
+def test_cpu_example_config_edits_the_real_model(tmp_path):
+    """``surgery train examples/configs/cpu.yaml`` (the config a user can run on a laptop as
+    shipped, on the model the demo converts): the outdated facts' accuracy falls, their updates'
+    rises, the stable facts' holds (measured on seed 0: 0.3 -> 0.0, 0.4 -> 0.8, 0.67 -> 0.67)."""
+    from pathlib import Path
+
+    from surgery.cli import main
+    from surgery.demo import model as M
+
+    d = M.converted_dir(tmp_path / "cache", log=lambda *_: None, progress=False)
+    cfg = Path(__file__).resolve().parents[1] / "examples" / "configs" / "cpu.yaml"
+    assert main(["train", str(cfg), "--set", f"model.path={d}", "--set", f"output_dir={tmp_path / 'run'}"]) == 0
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    acc = {k: (s["before"][k]["accuracy"], s["after"][k]["accuracy"]) for k in ("unlearn_qa", "update_qa", "facts_qa")}
+    assert acc["unlearn_qa"][1] <= acc["unlearn_qa"][0] - 0.2, acc
+    assert acc["update_qa"][1] >= acc["update_qa"][0] + 0.2, acc
+    assert acc["facts_qa"][1] >= acc["facts_qa"][0] - 1 / 12 - 1e-9, acc
