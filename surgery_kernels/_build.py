@@ -17,7 +17,8 @@ is also remembered across processes, by a marker file in its build directory
 torch, toolkit, compiler, flags): while the fingerprint matches, later processes build the CPU part
 without retrying a CUDA compile that can take a minute to fail again (the whole CUDA build takes
 55 s on a 2-core machine). A changed fingerprint, or ``python -m surgery_kernels build``
-(``load(retry_cuda=True)``), tries the CUDA build again.
+(``load(retry_cuda=True)``), tries the CUDA build again; a failure of the machine rather than the
+build (a compiler killed for memory, a full disk) is not recorded.
 """
 
 from __future__ import annotations
@@ -152,13 +153,16 @@ def _build(source_dir: Path, verbose: bool, retry_cuda: bool = False) -> BuildRe
                                          f"and toolchain (the CPU part was built alone; `python -m surgery_kernels "
                                          f"build` retries, {marker} records it): {earlier}")
         else:
+            if retry_cuda:  # this attempt's error replaces the recorded one (_write_marker keeps a record)
+                marker.unlink(missing_ok=True)
             result = _build_one(source_dir, True, verbose)
             if result.ok:
                 marker.unlink(missing_ok=True)
                 return result
             log.warning("surgery_kernels: the CUDA part of the extension failed to build; building the CPU part "
                         "alone: %s", result.reason)
-            _write_marker(marker, fingerprint, result.reason)
+            if not _transient(result.reason):
+                _write_marker(marker, fingerprint, result.reason)
             failed, cuda_reason = True, ("the CUDA part failed to build (the CPU part was built alone): "
                                          + result.reason)
     result = _build_one(source_dir, False, verbose)
@@ -167,10 +171,11 @@ def _build(source_dir: Path, verbose: bool, retry_cuda: bool = False) -> BuildRe
 
 
 def _cuda_fingerprint(source_dir: Path) -> str:
-    """What a CUDA build's outcome depends on: the sources and headers (contents), torch, the toolkit
-    (CUDA_HOME, nvcc's file, the runtime headers found), the host compiler and the flags and
-    environment variables that torch's cpp_extension reads. A failed build is retried when any of
-    them changes."""
+    """What a CUDA build's outcome depends on: the sources and headers (contents), this file (the
+    flags and the build's logic), torch, the toolkit (CUDA_HOME, nvcc's file, the runtime headers
+    found), the host compiler, ninja, and the environment variables that torch's cpp_extension,
+    nvcc and the compilers read (PATH among them: another compiler or ninja first on it). A failed
+    build is retried when any of them changes. Stable across processes: no ids or addresses."""
     h = hashlib.sha256()
 
     def add(*parts) -> None:
@@ -182,15 +187,25 @@ def _cuda_fingerprint(source_dir: Path) -> str:
         if f.is_file() and f.suffix in (".cpp", ".cu", ".h", ".cuh", ".hpp"):
             add(str(f.relative_to(source_dir)))
             h.update(hashlib.sha256(f.read_bytes()).digest())
+    h.update(hashlib.sha256(Path(__file__).read_bytes()).digest())
     home = _cuda_home() or ""
     add(torch.__version__, torch.version.cuda, home, _gencode_flags(), _openmp_flags())
-    compilers = [Path(home) / "bin" / "nvcc", shutil.which(os.environ.get("CXX", "c++"))]
-    for f in compilers + [d / "cuda_runtime.h" for d in _cuda_include_dirs(home)]:
+    tools = [Path(home) / "bin" / "nvcc", shutil.which(os.environ.get("CXX", "c++")), shutil.which("ninja")]
+    for f in tools + [d / "cuda_runtime.h" for d in _cuda_include_dirs(home)]:
         st = os.stat(f) if f and os.path.exists(f) else None
         add(str(f), st and (st.st_size, st.st_mtime_ns))
-    add([(k, os.environ.get(k)) for k in ("CXX", "CC", "CUDA_INC_PATH", "TORCH_CUDA_ARCH_LIST", "NVCC_PREPEND_FLAGS",
-                                          "NVCC_APPEND_FLAGS", "CPATH", "LIBRARY_PATH")])
+    add([(k, os.environ.get(k)) for k in _FINGERPRINT_ENV])
     return h.hexdigest()
+
+
+_FINGERPRINT_ENV = ("PATH", "CXX", "CC", "CUDA_INC_PATH", "TORCH_CUDA_ARCH_LIST", "PYTORCH_NVCC", "NVCC_CCBIN",
+                    "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "CPATH", "LIBRARY_PATH", "MAX_JOBS")
+# A failure of the machine, not of the build (a compiler killed for memory, a full disk): not recorded.
+_TRANSIENT = ("Killed", "died with <Signals", "No space left on device", "Cannot allocate memory", "out of memory")
+
+
+def _transient(reason: str) -> bool:
+    return any(t in reason for t in _TRANSIENT)
 
 
 def _read_marker(marker: Path, fingerprint: str) -> str | None:
@@ -206,7 +221,12 @@ def _read_marker(marker: Path, fingerprint: str) -> str | None:
 
 def _write_marker(marker: Path, fingerprint: str, reason: str) -> None:
     """Record a failed CUDA build (atomically: a reader sees the old record or the whole new one). A
-    cache directory that cannot be written only costs the next process a retry."""
+    record of the same fingerprint is kept: processes that waited on torch's build lock while one
+    of them compiled (torchrun ranks, workers) then fail to load the library, and their error is
+    not the compiler's. A cache directory that cannot be written only costs the next process a
+    retry."""
+    if _read_marker(marker, fingerprint) is not None:
+        return
     tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)

@@ -408,9 +408,9 @@ def test_failed_cuda_build_is_not_retried_by_every_process(tmp_path, monkeypatch
     tried.clear()
     assert _build._build(src, False, retry_cuda=True).cuda_failed and tried == [True, False]
 
-    # a changed toolchain input (here TORCH_CUDA_ARCH_LIST) or source: tried again
+    # a changed toolchain input (here the host compiler nvcc is told to use) or source: tried again
     tried.clear()
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    monkeypatch.setenv("NVCC_CCBIN", "/usr/bin/g++-12")
     _build._build(src, False)
     _build._build(src, False)
     assert tried == [True, False, False]
@@ -419,18 +419,55 @@ def test_failed_cuda_build_is_not_retried_by_every_process(tmp_path, monkeypatch
     _build._build(src, False)
     assert tried == [True, False]
 
+    # the compiler's error is kept against a later same-fingerprint failure (processes that waited
+    # on torch's build lock fail to load the library); retry_cuda records its own attempt's error
+    fingerprint = _build._cuda_fingerprint(src)
+    recorded = _build._read_marker(marker, fingerprint)
+    _build._write_marker(marker, fingerprint, "a waiting process's error")
+    assert recorded and _build._read_marker(marker, fingerprint) == recorded
+    fake = lambda reason: lambda s, with_cuda, v: _build.BuildResult(not with_cuda, cuda=with_cuda, reason=reason)
+    monkeypatch.setattr(_build, "_build_one", fake("error: the retried build's own"))
+    _build._build(src, False, retry_cuda=True)
+    assert _build._read_marker(marker, fingerprint) == "error: the retried build's own"
+
+    # a failure of the machine (a compiler killed for memory, a full disk) is not recorded
+    for reason in ("c++: fatal error: Killed signal terminated program cc1plus", "No space left on device"):
+        marker.unlink(missing_ok=True)
+        monkeypatch.setattr(_build, "_build_one", fake(reason))
+        assert _build._build(src, False).cuda_failed and not marker.exists()
+
     # a build that then succeeds removes the marker; an unreadable marker is no record
+    _build._write_marker(marker, fingerprint, error)
     monkeypatch.setattr(_build, "_build_one", lambda s, with_cuda, v: _build.BuildResult(True, cuda=with_cuda))
     assert _build._build(src, False, retry_cuda=True).cuda and not marker.exists()
     marker.write_text("{not json")
-    assert _build._read_marker(marker, _build._cuda_fingerprint(src)) is None
+    assert _build._read_marker(marker, fingerprint) is None
 
-    # the build command passes retry_cuda
+    # load() hands retry_cuda to the build, and the build command asks for it
+    seen = {}
+    monkeypatch.setattr(_build, "_result", None)
+    monkeypatch.setattr(_build, "_build", lambda source, verbose, retry: seen.update(retry=retry) or first)
+    assert _build.load(src, retry_cuda=True) is first and seen == {"retry": True}
     from surgery_kernels.__main__ import main
 
-    seen = {}
     monkeypatch.setattr(_build, "load", lambda **kw: seen.update(kw) or first)
     assert main(["build"]) == 1 and seen["retry_cuda"] is True
+
+
+def test_cuda_build_fingerprint_is_the_same_in_every_process(tmp_path):
+    """The marker only saves later processes their retry if they compute the same fingerprint
+    (nothing per process in it: no pid, id or address)."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "csrc"
+    (src / "cuda").mkdir(parents=True)
+    (src / "a.cpp").write_text("int a() { return 1; }\n")
+    (src / "cuda" / "b.cu").write_text("__global__ void k() {}\n")
+    code = f"from pathlib import Path; from surgery_kernels import _build; print(_build._cuda_fingerprint(Path({str(src)!r})))"
+    prints = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                             cwd=cwd).stdout.strip() for cwd in (tmp_path, src)]
+    assert len(prints[0]) == 64 and prints[0] == prints[1] == _build._cuda_fingerprint(src)
 
 
 def test_toolkit_without_headers_is_no_toolkit(tmp_path, monkeypatch):
