@@ -35,7 +35,8 @@ def _missing_extra(exc: ModuleNotFoundError, command: str) -> str | None:
     """The one-line error for a missing package of an extra, or None for any other import error."""
     top = (exc.name or "").partition(".")[0]
     extra = _EXTRA_OF.get(top)
-    if extra is None:
+    if extra is None or exc.name != top:
+        # a missing submodule of an installed package is a version mismatch, not a missing extra
         return None
     extras = "hf,demo" if command == "demo" else extra
     return (f"surgery: error: surgery {command} needs the package {top!r}, which is not installed: pip install "

@@ -1482,14 +1482,24 @@ def test_commands_name_the_extra_of_a_missing_package(tmp_path, capsys, monkeypa
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {path: m}\n")
     argv = [str(cfg) if a == "CONFIG" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
-    monkeypatch.setitem(sys.modules, blocked, None)
-    monkeypatch.setitem(sys.modules, blocked + ".auto", None)
+    # as if not installed: neither it nor its submodules loaded, and no finder finds it
+    class NotInstalled:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == blocked:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    for name in [m for m in sys.modules if m == blocked or m.startswith(blocked + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [NotInstalled] + sys.meta_path)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"surgery {argv[0]} needs the package {blocked!r}, which is not installed" in err
     assert f"pip install 'surgery-kernels[{extras}]'" in err and "Traceback" not in err
     from surgery import cli
 
+    # a missing submodule of an installed package (a version mismatch) is not a missing extra
+    assert cli._missing_extra(ModuleNotFoundError("x", name="transformers.models.x"), "train") is None
     monkeypatch.setattr(cli, "_EXTRA_OF", {})
     with pytest.raises(ModuleNotFoundError):
         main(argv)
