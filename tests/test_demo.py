@@ -249,7 +249,8 @@ def test_real_demo_quick(tmp_path):
 def test_cpu_example_config_edits_the_real_model(tmp_path):
     """``surgery train examples/configs/cpu.yaml`` (the config a user can run on a laptop as
     shipped, on the model the demo converts): the outdated facts' accuracy falls, their updates'
-    rises, the stable facts' holds (measured on seed 0: 0.3 -> 0.0, 0.4 -> 0.8, 0.67 -> 0.67)."""
+    rises, the held-out stable facts' holds (measured on seed 0: 0.7 -> 0.0, 0.3 -> 1.0, 0.75 ->
+    0.92)."""
     from pathlib import Path
 
     from surgery.cli import main
@@ -260,6 +261,6 @@ def test_cpu_example_config_edits_the_real_model(tmp_path):
     assert main(["train", str(cfg), "--set", f"model.path={d}", "--set", f"output_dir={tmp_path / 'run'}"]) == 0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     acc = {k: (s["before"][k]["accuracy"], s["after"][k]["accuracy"]) for k in ("unlearn_qa", "update_qa", "facts_qa")}
-    assert acc["unlearn_qa"][1] <= acc["unlearn_qa"][0] - 0.2, acc
-    assert acc["update_qa"][1] >= acc["update_qa"][0] + 0.2, acc
+    assert acc["unlearn_qa"][1] <= acc["unlearn_qa"][0] - 0.4, acc
+    assert acc["update_qa"][1] >= acc["update_qa"][0] + 0.4, acc
     assert acc["facts_qa"][1] >= acc["facts_qa"][0] - 1 / 12 - 1e-9, acc
