@@ -207,6 +207,33 @@ def test_no_progress_covers_the_gguf_readers_own_bar(capfd):
     assert "$XDG_CACHE_HOME/surgery" in " ".join(_parser().format_help().split())
 
 
+@pytest.mark.parametrize("flags, progress", [([], True), (["--no-progress"], False)])
+def test_demo_hands_no_progress_to_the_model_load(tmp_path, monkeypatch, flags, progress):
+    """--no-progress reaches the conversion (model.load's progress), where the GGUF bar is drawn."""
+    from surgery.demo import facts, main, model as M
+
+    class Loaded(Exception):
+        pass
+
+    seen = {}
+
+    def load(cache=None, log=print, progress=True):
+        seen["progress"] = progress
+        raise Loaded
+    monkeypatch.setattr(facts, "load_facts", lambda: [])
+    monkeypatch.setattr(facts, "load_paragraphs", lambda max_chars: [])
+    monkeypatch.setattr(M, "load", load)
+    hub_logging = pytest.importorskip("transformers").utils.logging
+    were_disabled = hub_logging.is_progress_bar_enabled() is False
+    try:
+        with pytest.raises(Loaded):
+            main(["--out", str(tmp_path)] + flags)
+    finally:  # --no-progress turns transformers' bars off for the process
+        if not were_disabled:
+            hub_logging.enable_progress_bar()
+    assert seen == {"progress": progress}
+
+
 def test_converted_model_without_a_pad_token_gets_one(tmp_path):
     """The converted model's tokenizer as transformers 5.17 writes it, with no pad token (5.17 reads
     none from the GGUF file): the demo's loader gives it one, or the trainer refuses it (the real

@@ -134,16 +134,33 @@ def test_quickstart_measures_in_a_child_and_reports_one_that_dies():
     """examples/quickstart.py measures each case in a fresh process; a case that died (an
     exception, a kill for memory) left the parent waiting on its queue forever."""
     import argparse
+    import threading
 
     import quickstart
 
-    args = argparse.Namespace(tokens=8, backend="torch")
-    value, seconds, _ = quickstart.measure(args, "ours", "signed CE")
-    naive, _, _ = quickstart.measure(args, "naive", "signed CE")
+    def measure(args):
+        """quickstart.measure with a deadline: a regression to blocking fails instead of hanging."""
+        out = {}
+
+        def run():
+            try:
+                out["result"] = quickstart.measure(args, "ours" if args.backend != "naive" else "naive", "signed CE")
+            except Exception as exc:  # handed to the test's thread
+                out["error"] = exc
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout=180)
+        assert not t.is_alive(), "quickstart.measure blocked on a measuring process"
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
+
+    value, seconds, _ = measure(argparse.Namespace(tokens=8, backend="torch"))
+    naive, _, _ = measure(argparse.Namespace(tokens=8, backend="naive"))
     assert seconds > 0 and abs(value - naive) <= 1e-5 * abs(naive)
-    args.backend = "cuda"  # main() refuses it up front; here the child raises
+    # main() refuses it up front; here the child raises
     with pytest.raises(RuntimeError, match=r"signed CE / ours: the measuring process ended without a result \(exit code 1\)"):
-        quickstart.measure(args, "ours", "signed CE")
+        measure(argparse.Namespace(tokens=8, backend="cuda"))
 
 
 @pytest.mark.parametrize("name", ["cpu", "lora", "layers"])
