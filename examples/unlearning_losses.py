@@ -118,7 +118,8 @@ def main(argv=None) -> dict:
             return linear_cross_entropy(h, w, tgt, **kw).item()
 
     history = {"forget_nll": [mean_nll(model, "forget")], "retain_nll": [mean_nll(model, "retain")], "kl": []}
-    print(f"{args.method} before    forget NLL {history['forget_nll'][0]:.3f}  retain NLL {history['retain_nll'][0]:.3f}")
+    print(f"{args.method} before    forget NLL {history['forget_nll'][0]:.3f}  "
+          f"retain NLL {history['retain_nll'][0]:.3f}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     (fi, fa, ft), (ri, ra, rt) = batches["forget"], batches["retain"]
     with torch.no_grad():
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
         history["kl"].append(kl.item())
         history["forget_nll"].append(mean_nll(model, "forget"))
         history["retain_nll"].append(mean_nll(model, "retain"))
-        if step % 10 == 0 or step == args.steps - 1:
+        if step == 0 or (step + 1) % 10 == 0 or step == args.steps - 1:  # steps 1, 10, 20, ... and the last
             # the NLLs after this step's update; the KL is its loss term (before the update)
             print(f"{args.method} step {step + 1:3d}  forget NLL {history['forget_nll'][-1]:.3f}  "
                   f"retain NLL {history['retain_nll'][-1]:.3f}  (after the step)  KL {kl.item():.4f} (its loss term)")

@@ -1,5 +1,6 @@
 """``python -m surgery_kernels build``: build the C++/CUDA extension now and print what was built
-and where (a CUDA build that failed in an earlier process is tried again). ``python -m surgery_kernels info``: print ``available_backends()`` for each device type."""
+and where (a CUDA build that failed in an earlier process is tried again). ``python -m
+surgery_kernels info``: print ``available_backends()`` for each device type."""
 
 from __future__ import annotations
 

@@ -729,7 +729,8 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
         if not isinstance(reference, torch.nn.Module):
             raise TypeError(f"token_kl: reference must be a patched model or its HeadInputs (surgery_kernels.hf."
                             f"head_inputs), got {type(reference).__name__}")
-        if _find_patch(reference) is None or not _find_patch(reference).active:
+        ref_state = _find_patch(reference)
+        if ref_state is None or not ref_state.active:
             raise ValueError(f"token_kl: reference ({type(reference).__name__}) is not patched: patch it too "
                              f"(surgery_kernels.hf.patch(reference)), or pass its HeadInputs computed under "
                              f"torch.no_grad() (surgery_kernels.hf.head_inputs)")
