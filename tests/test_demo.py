@@ -207,10 +207,14 @@ def test_no_progress_covers_the_gguf_readers_own_bar(capfd):
     assert "$XDG_CACHE_HOME/surgery" in " ".join(_parser().format_help().split())
 
 
-@pytest.mark.parametrize("flags, progress", [([], True), (["--no-progress"], False)])
+@pytest.mark.parametrize("flags, progress", [([], True), (["--no-progress", "--threads", "1"], False)])
 def test_demo_hands_no_progress_to_the_model_load(tmp_path, monkeypatch, flags, progress):
-    """--no-progress reaches the conversion (model.load's progress), where the GGUF bar is drawn."""
+    """--no-progress reaches the conversion (model.load's progress), where the GGUF bar is drawn;
+    it and --threads hold for the demo only: transformers' progress switch and torch's threads are
+    the caller's again after it (it returned them changed to a Python caller)."""
     from surgery.demo import facts, main, model as M
+
+    hub_logging = pytest.importorskip("transformers").utils.logging
 
     class Loaded(Exception):
         pass
@@ -218,20 +222,17 @@ def test_demo_hands_no_progress_to_the_model_load(tmp_path, monkeypatch, flags, 
     seen = {}
 
     def load(cache=None, log=print, progress=True):
-        seen["progress"] = progress
+        seen.update(progress=progress, bars=hub_logging.is_progress_bar_enabled(), threads=torch.get_num_threads())
         raise Loaded
     monkeypatch.setattr(facts, "load_facts", lambda: [])
     monkeypatch.setattr(facts, "load_paragraphs", lambda max_chars: [])
     monkeypatch.setattr(M, "load", load)
-    hub_logging = pytest.importorskip("transformers").utils.logging
-    were_disabled = hub_logging.is_progress_bar_enabled() is False
-    try:
-        with pytest.raises(Loaded):
-            main(["--out", str(tmp_path)] + flags)
-    finally:  # --no-progress turns transformers' bars off for the process
-        if not were_disabled:
-            hub_logging.enable_progress_bar()
-    assert seen == {"progress": progress}
+    hub_logging.enable_progress_bar()
+    threads = torch.get_num_threads()
+    with pytest.raises(Loaded):
+        main(["--out", str(tmp_path)] + flags)
+    assert seen == {"progress": progress, "bars": progress, "threads": threads if progress else 1}
+    assert hub_logging.is_progress_bar_enabled() and torch.get_num_threads() == threads
 
 
 def test_converted_model_without_a_pad_token_gets_one(tmp_path):

@@ -87,23 +87,42 @@ def _config(args):
 
 
 def run(args) -> dict:
-    """The whole demo; returns the results dict (also written to ``args.out``)."""
+    """The whole demo; returns the results dict (also written to ``args.out``). ``--threads`` and
+    ``--no-progress`` (which turns transformers' own bars off: the first use's conversion and
+    loading) hold for the demo only: the caller's settings are restored after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    hub = None
+    if args.no_progress:
+        import transformers
+
+        hub = transformers.utils.logging
+        if not hub.is_progress_bar_enabled():
+            hub = None  # already off: left so
+        else:
+            hub.disable_progress_bar()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+        if hub is not None:
+            hub.enable_progress_bar()
+
+
+def _run(args) -> dict:
     import torch
     from tqdm.auto import tqdm
 
     from . import bench, facts, model as model_mod, tiny
 
     t_start = time.perf_counter()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = _config(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     show = not args.no_progress
-    if not show:  # the bars of the first use's conversion and loading, too
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
     log = lambda msg: print(f"[demo] {msg}", flush=True)
     timings: dict[str, float] = {}
 
