@@ -89,6 +89,8 @@ class EvalSet:
             raise ValueError(f"EvalSet {self.name!r}: kind must be 'auto', 'choice' or 'perplexity', got {self.kind!r}")
         _positive_int_or_none(f"EvalSet {self.name!r}: batch_size", self.batch_size)
         _positive_int_or_none(f"EvalSet {self.name!r}: max_length", self.max_length)
+        if self.batch_size is None:  # null in a config: the default, as for a stream's batch_size
+            self.batch_size = 16
 
 
 @dataclass

@@ -144,6 +144,8 @@ def read_records(data: Any, kind: str = "lm", *, name: str = "data") -> list[dic
     """
     if isinstance(data, (str, Path)):
         path = Path(data)
+        if path.is_dir():
+            raise DataError(f"{name}: {path} is a directory; give a data file in it (.json, .jsonl or .parquet)")
         if not path.is_file():
             raise DataError(f"{name}: data file not found: {path}")
         fmt = FORMATS.get(path.suffix.lower())
@@ -160,8 +162,9 @@ def read_records(data: Any, kind: str = "lm", *, name: str = "data") -> list[dic
                 ds = Dataset.from_parquet(str(path))
             except Exception as e:
                 raise DataError(f"{path}: cannot read Parquet file ({type(e).__name__}: {e})") from None
-            # Rows counted from 1, as lines are.
-            pairs = [(r, i) for i, r in enumerate(ds.to_list(), 1)]
+            # Rows counted from 1, as lines are. A column a row has no value in reads as None (a file
+            # mixing text rows with prompt/completion rows, as pandas writes it): absent, not given.
+            pairs = [({k: v for k, v in r.items() if v is not None}, i) for i, r in enumerate(ds.to_list(), 1)]
             unit = "row"
         src = str(path)
     elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
