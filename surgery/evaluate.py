@@ -13,7 +13,11 @@ log-likelihood of its tokens given the question — the choice with the lowest p
 exp(mean NLL) wins — in ``accuracy``; ``accuracy_sum`` scores by the summed log-likelihood
 instead (it favours short choices). The choice's tokens are those it has in ``question + sep +
 choice`` (``data.tokens_after``: a tokenizer that marks a word start, SentencePiece's "▁", scores
-them as they stand in the sentence). Ties go to the first choice.
+them as they stand in the sentence); a choice that starts with whitespace (``" Paris"``, as
+Hugging Face data often writes them) or a question that ends with it brings its own separator, and
+``sep`` is not added (it would score one more space token). Ties go to the first choice. A choice
+longer than ``max_length - 1`` tokens loses its end (the training rule, ``data.fit_to_length``):
+choices that differ only there would tie, so that is logged as a warning.
 
 Perplexity: ``perplexity`` is the corpus's, exp(total NLL / tokens); ``perplexity_per_document``
 the mean over records of each one's exp(mean NLL), the paper's (its documents count equally,
@@ -22,12 +26,15 @@ whatever their length).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
 
 from .data import Example, collate, fit_to_length, read_records, tokenize_lm, tokens_after
+
+log = logging.getLogger("surgery")
 
 
 def _scorer(model, backend: str):
@@ -71,7 +78,8 @@ def token_nll(model, examples: list[Example], tokenizer, *, batch_size: int = 16
 
 
 def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: int = 16, max_length: int | None = None,
-                    backend: str = "auto", device=None, details: bool = False) -> dict[str, Any]:
+                    backend: str = "auto", device=None, details: bool = False,
+                    name: str = "eval records") -> dict[str, Any]:
     """Accuracy of 3-option (or any-option) questions by answer log-likelihood.
 
     records: list of ``{"question", "choices", "answer"}`` (or a file path). Returns
@@ -80,16 +88,23 @@ def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: in
     log-likelihood and token count of each choice, the picks (``pick`` by mean, ``pick_sum``) and
     the answer.
     """
-    records = read_records(records, "choice", name="eval records")
+    records = read_records(records, "choice", name=name)
     examples, owner = [], []
+    cut = 0
     for qi, rec in enumerate(records):
         q = list(tokenizer(rec["question"])["input_ids"])
         for c in rec["choices"]:
-            p, c_ids = tokens_after(tokenizer, rec["question"], sep + c, prefix_ids=q)
+            own = c[:1].isspace() or rec["question"][-1:].isspace()  # the separator is in the text
+            p, c_ids = tokens_after(tokenizer, rec["question"], c if own else sep + c, prefix_ids=q)
             if max_length is not None:  # the training rule: the choice whole, the question's BOS kept
+                cut += len(c_ids) > max_length - 1
                 p, c_ids = fit_to_length(p, c_ids, max_length, tokenizer.bos_token_id)
             examples.append(Example(p + c_ids, max(1, len(p))))
             owner.append(qi)
+    if cut:
+        log.warning("%s: %d of %d choices are longer than max_length - 1 = %d tokens and lose their end; "
+                    "choices that differ only there score alike (ties go to the first): raise max_length "
+                    "(the eval set's, or train.max_length)", name, cut, len(examples), max_length - 1)
     nll = token_nll(model, examples, tokenizer, batch_size=batch_size, backend=backend, device=device)
     correct = correct_sum = 0
     per_q = []
@@ -148,6 +163,6 @@ def evaluate_set(model, tokenizer, eval_set, *, backend: str = "auto", device=No
     ml = eval_set.max_length or max_length
     if kind == "choice":
         return multiple_choice(model, tokenizer, data, batch_size=eval_set.batch_size, max_length=ml,
-                               backend=backend, device=device)
+                               backend=backend, device=device, name=eval_set.name)
     return perplexity(model, tokenizer, data, batch_size=eval_set.batch_size, max_length=ml, backend=backend,
                       device=device)

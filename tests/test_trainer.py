@@ -1228,6 +1228,31 @@ def test_multiple_choice_scores_the_choice_as_it_stands_after_the_question(monke
         assert sp.convert_ids_to_tokens(e.ids[e.loss_from:]) == ["▁" + c]
 
 
+def test_multiple_choice_takes_a_leading_space_as_the_separator(monkeypatch, caplog):
+    """Choices written with their leading space (" paris", as Hugging Face data often has them) are
+    scored as "question paris", not "question  paris" with a stray "▁" token (it moved the shipped
+    example's accuracies from 70/30% to 30/40%, silently); a choice cut by max_length warns."""
+    from surgery import evaluate
+    from surgery.testing import sentencepiece_style_tokenizer
+
+    sp = sentencepiece_style_tokenizer("which city is the capital of france ? paris rome".split())
+    seen = []
+    monkeypatch.setattr(evaluate, "token_nll", lambda model, examples, *a, **k: seen.extend(examples) or
+                        [torch.zeros(len(e.ids) - e.loss_from) for e in examples])
+    q = "which city is the capital of france ?"
+    for rec in ({"question": q, "choices": [" paris", " rome"], "answer": 0},
+                {"question": q + " ", "choices": ["paris", "rome"], "answer": 0}):
+        seen.clear()
+        evaluate.multiple_choice(None, sp, [rec])
+        for e, c in zip(seen, ["paris", "rome"]):
+            assert sp.convert_ids_to_tokens(e.ids[e.loss_from:]) == ["▁" + c]
+    assert "lose their end" not in caplog.text
+    with caplog.at_level("WARNING", logger="surgery"):
+        evaluate.multiple_choice(None, sp, [{"question": q, "choices": ["paris rome", "paris paris"], "answer": 0}],
+                                 max_length=2, name="qa")
+    assert "qa: 2 of 2 choices are longer than max_length - 1 = 1 tokens and lose their end" in caplog.text
+
+
 def test_evaluation_runs_in_eval_mode_and_restores_the_mode(tok):
     """Dropout is off while scoring (two evaluations of a model in training mode agree) and the
     model's mode is as it was after."""
