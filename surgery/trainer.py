@@ -179,16 +179,25 @@ class TrainingInterrupted(KeyboardInterrupt):
         return type(self), (self.step, self.checkpoint, self.signum)
 
 
-def check_output_dir(output_dir: str | Path | None, resume: bool) -> None:
+def check_output_dir(output_dir: str | Path | None, resume: bool, own_run: bool = False) -> None:
     """The output_dir checks of a training run, which need no model (the command line makes them
-    before loading one): a directory, and not one that holds another run's checkpoint unless the run
-    resumes it."""
+    before loading one): a directory (or one to be made: no file on its path), not one that holds
+    another run's checkpoint unless the run resumes it, and not a finished run's final/ or
+    summary.json without the checkpoint to continue it (a run there would start over and overwrite
+    them). ``own_run``: a second train() on the same object, which continues its own run."""
     if output_dir is None:
         return
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output_dir {output_dir} is a file, not a directory")
-    if not resume and ckpt.exists(output_dir / "checkpoint"):
+    for d in (output_dir, *output_dir.parents):
+        if d.exists():
+            if not d.is_dir():
+                where = "" if d == output_dir else f" ({d} on its path)"
+                raise ValueError(f"output_dir {output_dir} is a file, not a directory{where}")
+            break
+    if own_run:
+        return
+    has_checkpoint = ckpt.exists(output_dir / "checkpoint")
+    if not resume and has_checkpoint:
         if (output_dir / "summary.json").is_file():
             raise ValueError(f"{output_dir} holds a finished run (summary.json, checkpoint/): start a new run "
                              f"in another output_dir, or --resume (resume=True) with train.steps above its last "
@@ -196,6 +205,13 @@ def check_output_dir(output_dir: str | Path | None, resume: bool) -> None:
         raise ValueError(f"{output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "
                          f"--resume (resume=True), or start over in another output_dir (or delete that "
                          f"checkpoint folder)")
+    final = output_dir / "final"
+    finished = ["summary.json"] if (output_dir / "summary.json").is_file() else []
+    finished += ["final/"] if any((final / f).is_file() for f in ("config.json", "adapter_config.json")) else []
+    if not has_checkpoint and finished:
+        raise ValueError(f"{output_dir} holds a finished run ({', '.join(finished)}) without the checkpoint to "
+                         f"continue it: a run there would start over and overwrite {' and '.join(finished)}; "
+                         f"give another output_dir (or move them away)")
 
 
 class Surgery:
@@ -838,7 +854,7 @@ class Surgery:
         if self.reference_mode == "cache" and self.output_dir is None and any(s.loss == "kl" for s in self.streams):
             raise ValueError("reference='cache' stores hidden states under output_dir; give an output_dir")
         # a second train() on this object continues its own run (step > 0): its checkpoint is no other's
-        check_output_dir(self.output_dir, resume or self.step > 0)
+        check_output_dir(self.output_dir, resume, own_run=self.step > 0)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Evaluate before, train, evaluate after; write final/ and summary.json. Returns the summary:

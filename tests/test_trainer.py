@@ -583,6 +583,12 @@ def test_output_dir_of_an_earlier_run(tok, data, tmp_path):
     with pytest.raises(ValueError, match=r"output_dir .*afile is a file, not a directory"):
         Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
                 output_dir=tmp_path / "afile").run()
+    # a file on the path: refused before the evaluation (NotADirectoryError when the run first wrote)
+    under = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=2),
+                    output_dir=tmp_path / "afile" / "sub")
+    under.evaluate = lambda: pytest.fail("run() evaluated before refusing output_dir")
+    with pytest.raises(ValueError, match=r"output_dir .*afile/sub is a file, not a directory \(.*afile on its path\)"):
+        under.run()
     with pytest.raises(ValueError, match=r"other streams.*'unlearn', 'ascent'"):
         Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data)[1:], train=_train(steps=4),
                 output_dir=tmp_path).train(resume=True)
@@ -1639,6 +1645,27 @@ def test_cli_train_needs_an_output_dir(tok, data, tmp_path, capsys):
     assert "output_dir is not set: surgery train would train and then save nothing" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "c.yaml"), "--set", "output_dir=out", "--set", "train.lr=5e-4"]) == 2
     assert "model.path" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_without_its_checkpoint_is_not_overwritten(tok, data, tmp_path):
+    """Deleting a finished run's checkpoint (the largest folder; the earlier-checkpoint error
+    suggests it) let a fresh run, or a --resume that found no checkpoint, start over and overwrite
+    its final/ and summary.json without a word; refused now, before the evaluation."""
+    Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=1),
+            output_dir=tmp_path).run()
+    shutil.rmtree(tmp_path / "checkpoint")
+    saved = {f: (tmp_path / f).read_bytes() for f in ("summary.json", "final/config.json")}
+    for resume in (False, True):
+        again = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=1),
+                        output_dir=tmp_path)
+        again.evaluate = lambda: pytest.fail("run() evaluated before refusing output_dir")
+        with pytest.raises(ValueError, match=r"holds a finished run \(summary.json, final/\) without the checkpoint"):
+            again.run(resume=resume)
+    assert {f: (tmp_path / f).read_bytes() for f in saved} == saved
+    (tmp_path / "summary.json").unlink()  # final/ alone is a finished run's too
+    with pytest.raises(ValueError, match=r"holds a finished run \(final/\)"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=1),
+                output_dir=tmp_path).train()
 
 
 def test_final_folder_that_is_not_a_model_is_refused_before_training(tok, data, tmp_path):
