@@ -145,11 +145,20 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+# The files a saved tokenizer has one of (fast, slow, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    if os.path.isdir(path) and not any(os.scandir(path)):  # (else transformers blames a missing sentencepiece)
+    # (else transformers blames a missing sentencepiece or tiktoken, naming no path)
+    if os.path.isdir(path) and not any(os.scandir(path)):
         raise ValueError(f"tokenizer directory {path} is empty (model.tokenizer, or model.path without it)")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): a model saved without "
+                         f"its tokenizer; save it there too (tokenizer.save_pretrained) or give model.tokenizer")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         # Padding positions carry no loss, so any id works; eos is the usual choice.

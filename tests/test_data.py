@@ -12,7 +12,7 @@ import torch
 from surgery import DataError, Stream, Surgery, load_config
 from surgery.config import PRESETS, EvalSet, TrainConfig, apply_override, config_from_dict, load_yaml
 from surgery.data import IGNORE, StreamSampler, collate, read_records, tokenize_lm
-from surgery.testing import all_words, word_tokenizer
+from surgery.testing import all_words, tiny_llama, word_tokenizer
 
 
 
@@ -394,6 +394,12 @@ def test_missing_model_or_tokenizer_directory(tmp_path, tok):
     tok.save_pretrained(tmp_path / "tok")
     with pytest.raises(ValueError, match=r"model.path .*empty holds no config.json"):
         Surgery(model={"path": str(tmp_path / "empty"), "tokenizer": str(tmp_path / "tok")}, streams=streams)
+    # a model saved without its tokenizer (model.save_pretrained alone): named, with the way out
+    from surgery.modeling import load_model
+
+    load_model(config=tiny_llama(len(tok))).save_pretrained(tmp_path / "weights-only")
+    with pytest.raises(ValueError, match=r"weights-only holds no tokenizer \(none of tokenizer.json.*give model.tokenizer"):
+        Surgery(model={"path": str(tmp_path / "weights-only")}, streams=streams)
     # transformers' own config validation (its own exception class) becomes a ValueError naming the key
     bad = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 30, "num_attention_heads": 4}
     with pytest.raises(ValueError, match=r"model.config: .*not a multiple of the number of attention heads"):
