@@ -222,9 +222,20 @@ def add_lora(model: nn.Module, lora: dict | None, seed: int = 0):
     unknown = set(lora) - known
     if unknown:
         raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    targets = lora.get("target_modules", "all-linear")
+    if isinstance(targets, (list, tuple)):
+        # peft adapts the names it finds and drops the others silently unless none is found: a typo
+        # in one of them would train fewer adapters than asked for
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + str(t)) for n in names)]
+        if missing:
+            layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if type(m).__name__ in ("Linear", "Conv1D") and n})
+            raise ValueError(f"lora.target_modules: {missing} name no module of this model; its linear layers "
+                             f"are named {layers} (or give target_modules: all-linear)")
     cfg = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16)),
                      lora_dropout=float(lora.get("dropout", 0.0)),
-                     target_modules=lora.get("target_modules", "all-linear"),
+                     target_modules=targets,
                      modules_to_save=lora.get("modules_to_save"), task_type="CAUSAL_LM")
     # peft initialises the adapters on the CPU and then moves them: the CPU generator is the one.
     with torch.random.fork_rng(devices=[]):

@@ -772,6 +772,13 @@ class Surgery:
             if self.output_dir is not None and (not self.cfg.save_every or self.step % self.cfg.save_every):
                 self.save_checkpoint()
             self._stop_if_asked(saved=True)
+        skipped = sum(bool(m.get("skipped")) for m in new)
+        if skipped and self.dist.main:
+            # each skip is logged at INFO; a run that mostly did not train says so louder
+            log.warning("%d of the %d steps of this run were skipped by the float16 loss scaler (gradients "
+                        "overflowed at its scale; it lowers the scale after each), so %d updated the weights: "
+                        "a short float16 run may need more steps, or bfloat16 / float32", skipped, len(new),
+                        len(new) - skipped)
         return new
 
     @contextlib.contextmanager

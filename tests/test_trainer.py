@@ -859,6 +859,20 @@ def test_lora_init_follows_the_seed(tok, data):
     assert not all(torch.equal(a[n], c[n]) for n in a)
 
 
+def test_lora_target_modules_that_name_no_module_are_refused(tok, data):
+    """peft adapts the target_modules it finds and drops the rest silently (it errs only when none
+    is found, in its own words): a typo trained fewer adapters than asked. Refused, naming the key,
+    the missing names and the model's linear layers."""
+    for targets, missing in ((["q_proj", "v_prj"], "['v_prj']"), (["c_attn"], "['c_attn']")):
+        with pytest.raises(ValueError, match=rf"lora.target_modules: \{missing}\ name no module of this model; "
+                                             r"its linear layers are named \[.*'q_proj'.*\]"):
+            Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="adapter",
+                    lora={"r": 4, "target_modules": targets})
+    # the suffix of a full name, and peft's own "all-linear", are fine
+    Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), reference="adapter",
+            lora={"r": 4, "target_modules": ["self_attn.q_proj", "mlp.down_proj"]})
+
+
 def test_lora_final_dir_loads_as_the_trained_adapter(tok, data, tmp_path):
     """model.path at a LoRA run's final/ (an adapter directory) loads the base model with that
     adapter, trainable: evaluating it gives the run's "after" numbers, not the untrained model's,
@@ -1722,7 +1736,7 @@ def test_tokenizer_larger_than_the_model_vocabulary(tok, data):
     Surgery(model=load_model(config=tiny_llama(len(tok) + 5)), tokenizer=tok, streams=_streams(data))
 
 
-def test_float16_mixed_precision_scales_the_loss(tok, data, tmp_path, monkeypatch):
+def test_float16_mixed_precision_scales_the_loss(tok, data, tmp_path, monkeypatch, caplog):
     """mixed_precision float16 (float32 weights) scales the loss with torch.amp.GradScaler: a step
     whose scaled gradients overflow is skipped (weights unchanged, logged as skipped with grad_norm
     null, the scale halved) instead of stopping the run; the scale is checkpointed, so a resumed run
@@ -1765,8 +1779,12 @@ def test_float16_mixed_precision_scales_the_loss(tok, data, tmp_path, monkeypatc
     r = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
                 train=_train(steps=2, mixed_precision="float16"))
     before = _params(r.model)
-    r.train()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="surgery"):
+        r.train()
     assert [(m["skipped"], m["loss_scale"]) for m in r.history] == [(True, 2.0 ** 40), (True, 2.0 ** 39)]
+    # a run whose steps were skipped says so at WARNING, not only per step at INFO
+    assert "2 of the 2 steps of this run were skipped by the float16 loss scaler" in caplog.text
     assert all(torch.equal(before[n], p) for n, p in _params(r.model).items())
     # float16 weights (model.dtype) cannot be unscaled: a NaN there stops the run saying what to use.
     r = Surgery(model=_model(tok, "float16"), tokenizer=tok, streams=_streams(data), train=_train(steps=1))
