@@ -145,6 +145,12 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def is_saved_model(path) -> bool:
+    """Whether the folder ``path`` holds a saved model: a model's config.json or a LoRA adapter's
+    adapter_config.json (what save_pretrained writes first to look for)."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "adapter_config.json"))
+
+
 # The files a saved tokenizer has one of (fast, slow, SentencePiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
                    "vocab.txt")
@@ -175,8 +181,7 @@ def load_model(path: str | None = None, config: dict | None = None, dtype: str =
     dt = DTYPES[dtype]
     if path is not None:
         # (a path that is not a local folder goes to from_pretrained as a hub id)
-        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f))
-                                           for f in ("config.json", "adapter_config.json")):
+        if os.path.isdir(path) and not is_saved_model(path):
             raise ValueError(f"model.path {path} holds no config.json (nor a LoRA adapter's adapter_config.json): "
                              f"not a saved model, or an unfinished download or copy")
         # transformers < 4.56 names the argument torch_dtype (and would ignore dtype=).

@@ -49,7 +49,8 @@ from . import distributed
 from .config import REFERENCES, EvalSet, ModelConfig, Stream, TrainConfig, as_dataclass, check_trainable
 from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
-from .modeling import add_lora, is_peft, load_model, load_tokenizer, output_layer, select_trainable, unwrap
+from .modeling import (add_lora, is_peft, is_saved_model, load_model, load_tokenizer, output_layer,
+                       select_trainable, unwrap)
 from .objective import SurgeryObjective, live_index
 from .reference import (AdapterReference, CacheReference, CopyReference, config_difference, config_identity,
                         examples_digest, first_weight_difference, weights_digest)
@@ -107,8 +108,7 @@ def _check_final_dir(path) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"save_final: {path} is a file; the model is saved as a folder there, so move that file "
                          f"or give another output_dir")
-    if path.is_dir() and any(path.iterdir()) and not any(
-            (path / f).is_file() for f in ("config.json", "adapter_config.json")):
+    if path.is_dir() and any(path.iterdir()) and not is_saved_model(path):
         raise ValueError(f"save_final: {path} is a folder that holds no saved model; it would be replaced whole, "
                          f"so give a new or model folder")
 
@@ -205,9 +205,8 @@ def check_output_dir(output_dir: str | Path | None, resume: bool, own_run: bool 
         raise ValueError(f"{output_dir / 'checkpoint'} holds an earlier run's checkpoint: continue it with "
                          f"--resume (resume=True), or start over in another output_dir (or delete that "
                          f"checkpoint folder)")
-    final = output_dir / "final"
     finished = ["summary.json"] if (output_dir / "summary.json").is_file() else []
-    finished += ["final/"] if any((final / f).is_file() for f in ("config.json", "adapter_config.json")) else []
+    finished += ["final/"] if is_saved_model(output_dir / "final") else []
     if not has_checkpoint and finished:
         raise ValueError(f"{output_dir} holds a finished run ({', '.join(finished)}) without the checkpoint to "
                          f"continue it: a run there would start over and overwrite {' and '.join(finished)}; "
