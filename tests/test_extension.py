@@ -338,18 +338,25 @@ def test_failed_build_reports_the_compiler_error_and_torch_keeps_working(tmp_pat
     assert torch.isfinite(h.grad).all()
 
 
-@pytest.mark.no_poison
-def test_failed_cuda_build_falls_back_to_the_cpu_part(tmp_path, monkeypatch):
-    """A CUDA torch on a machine whose CUDA toolchain cannot build (pip's default torch on Linux, a
-    toolkit of another version) keeps the cpu backend: the CPU sources are built alone and the
-    cuda backend reports the CUDA compiler's error (the whole extension was lost before)."""
+def _broken_cuda_tree(tmp_path, monkeypatch) -> Path:
+    """A source tree whose CPU part builds and whose CUDA part does not, built as with a CUDA torch
+    and a toolkit, into a cache of its own."""
     src = tmp_path / "csrc"
     (src / "cuda").mkdir(parents=True)
     (src / "cpu_part.cpp").write_text("int surgery_cpu_part() { return 1; }\n")
     (src / "cuda" / "part.cu").write_text("__global__ void k() {}\n")
     (src / "cuda" / "broken_cuda_side.cpp").write_text("int surgery_broken( { return 0 }\n")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(_build, "no_cuda_reason", lambda: "")  # as with a CUDA torch and a toolkit
+    monkeypatch.setattr(_build, "no_cuda_reason", lambda: "")
+    return src
+
+
+@pytest.mark.no_poison
+def test_failed_cuda_build_falls_back_to_the_cpu_part(tmp_path, monkeypatch):
+    """A CUDA torch on a machine whose CUDA toolchain cannot build (pip's default torch on Linux, a
+    toolkit of another version) keeps the cpu backend: the CPU sources are built alone and the
+    cuda backend reports the CUDA compiler's error (the whole extension was lost before)."""
+    src = _broken_cuda_tree(tmp_path, monkeypatch)
     result = _build._build(src, False)
     assert result.ok and not result.cuda and Path(result.library).is_file()
     assert [Path(s).name for s in result.sources] == ["cpu_part.cpp"]
@@ -376,16 +383,10 @@ def test_failed_cuda_build_falls_back_to_the_cpu_part(tmp_path, monkeypatch):
 def test_failed_cuda_build_is_not_retried_by_every_process(tmp_path, monkeypatch):
     """A CUDA compile that fails can take a minute (the whole CUDA build: 55 s on 2 cores); every
     new process (each script, each DataLoader worker that imports the ops) used to retry it before
-    building the CPU part. A marker in the CUDA
-    build's directory records the failure with a fingerprint of its inputs: later processes skip
-    the CUDA attempt until the fingerprint changes or `python -m surgery_kernels build` retries."""
-    src = tmp_path / "csrc"
-    (src / "cuda").mkdir(parents=True)
-    (src / "cpu_part.cpp").write_text("int surgery_cpu_part() { return 1; }\n")
-    (src / "cuda" / "part.cu").write_text("__global__ void k() {}\n")
-    (src / "cuda" / "broken_cuda_side.cpp").write_text("int surgery_broken( { return 0 }\n")
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(_build, "no_cuda_reason", lambda: "")  # as with a CUDA torch and a toolkit
+    building the CPU part. A marker in the CUDA build's directory records the failure with a
+    fingerprint of its inputs: later processes skip the CUDA attempt until the fingerprint changes
+    or `python -m surgery_kernels build` retries."""
+    src = _broken_cuda_tree(tmp_path, monkeypatch)
     tried = []
     real_build_one = _build._build_one
     monkeypatch.setattr(_build, "_build_one", lambda s, with_cuda, v: tried.append(with_cuda) or real_build_one(s, with_cuda, v))
