@@ -63,7 +63,7 @@ class Stream:
                              f"got {self.weight!r}")
         self.weight = float(self.weight)
         _positive_int_or_none(f"Stream {self.name!r}: batch_size", self.batch_size)
-        _positive_int_or_none(f"Stream {self.name!r}: max_length", self.max_length)
+        check_max_length(f"Stream {self.name!r}: max_length", self.max_length)
 
 
 @dataclass
@@ -88,7 +88,7 @@ class EvalSet:
         if self.kind not in ("auto", "choice", "perplexity"):
             raise ValueError(f"EvalSet {self.name!r}: kind must be 'auto', 'choice' or 'perplexity', got {self.kind!r}")
         _positive_int_or_none(f"EvalSet {self.name!r}: batch_size", self.batch_size)
-        _positive_int_or_none(f"EvalSet {self.name!r}: max_length", self.max_length)
+        check_max_length(f"EvalSet {self.name!r}: max_length", self.max_length)
         if self.batch_size is None:  # null in a config: the default, as for a stream's batch_size
             self.batch_size = 16
 
@@ -141,8 +141,9 @@ class TrainConfig:
     device: str | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "max_length"):
+        for name in ("steps", "batch_size"):
             _positive_int_or_none(f"train.{name}", getattr(self, name), allow_none=False)
+        check_max_length("train.max_length", self.max_length, allow_none=False)
         _positive_int_or_none("train.micro_batch_size", self.micro_batch_size)
         if self.mean_over not in ("tokens", "records"):
             raise ValueError(f"train.mean_over must be 'tokens' or 'records', got {self.mean_over!r}")
@@ -266,6 +267,15 @@ def _positive_int_or_none(name, v, allow_none=True):
         return
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def check_max_length(name, v, allow_none=True):
+    """The one rule for a max_length (train's, a stream's, an eval set's, the evaluation functions')."""
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+        # One token leaves nothing to predict: every record would carry no loss, every score no token.
+        raise ValueError(f"{name} must be an integer >= 2 (a token to predict from and one predicted), got {v!r}")
 
 
 PRESETS: dict[str, dict] = {

@@ -17,12 +17,17 @@ so the hidden states never need shifting.
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from .config import check_max_length
+
+log = logging.getLogger("surgery")
 
 IGNORE = -100
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -231,7 +236,8 @@ def fit_to_length(prefix: list[int], rest: list[int], max_length: int, bos_token
     return prefix, rest[:max_length - keep]
 
 
-def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss: bool = False) -> list[Example]:
+def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss: bool = False,
+                name: str = "records") -> list[Example]:
     """Tokenize LM records: text as one sequence; prompt + completion with the completion's tokens
     as they stand in the sentence (``tokens_after``), as the evaluation scores a choice. At most
     ``max_length`` tokens: text loses its end; a prompt + completion keeps the whole completion
@@ -243,16 +249,25 @@ def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss
     require_loss: a record left with no token that carries a loss (text that tokenizes to one token,
     e.g. BOS only; a completion that tokenizes to nothing) raises :class:`DataError` naming it (its
     file and line when ``records`` came from ``read_records``) — training on it would add nothing
-    while its stream's log shows a loss of 0."""
+    while its stream's log shows a loss of 0.
+
+    Records that ``max_length`` cuts are counted in one log line naming ``name`` (texts and
+    completions that lose their end, prompts that lose their start), a warning when a completion
+    loses its end (part of an answer trained on or scored), info otherwise."""
+    check_max_length("max_length", max_length, allow_none=False)
     where = getattr(records, "where", None)
     out = []
+    cut = {"text(s) lose their end": 0, "completion(s) lose their end": 0, "prompt(s) lose their start": 0}
     for i, rec in enumerate(records):
         if "text" in rec:
-            ids = list(tokenizer(rec["text"])["input_ids"])[:max_length]
-            start = 1
+            ids = list(tokenizer(rec["text"])["input_ids"])
+            cut["text(s) lose their end"] += len(ids) > max_length
+            ids, start = ids[:max_length], 1
         else:
-            p, c = fit_to_length(*tokens_after(tokenizer, rec["prompt"], rec["completion"]), max_length,
-                                 tokenizer.bos_token_id)
+            p0, c0 = tokens_after(tokenizer, rec["prompt"], rec["completion"])
+            p, c = fit_to_length(p0, c0, max_length, tokenizer.bos_token_id)
+            cut["completion(s) lose their end"] += len(c) < len(c0)
+            cut["prompt(s) lose their start"] += len(p) < len(p0)
             ids, start = p + c, max(len(p), 1)
         if require_loss and len(ids) <= start:
             at = where[i] if where is not None else f"record {i}"
@@ -264,6 +279,12 @@ def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss
             raise DataError(f"{at}: no token carries a loss ({why}); drop the record or give it text the "
                             f"tokenizer keeps")
         out.append(Example(ids, start))
+    if any(cut.values()):
+        # A completion losing its end trains on (or scores) part of an answer: a warning. Text cut at
+        # max_length is what max_length is for (and what the demo does on purpose): info.
+        level = logging.WARNING if cut["completion(s) lose their end"] else logging.INFO
+        log.log(level, "%s: max_length %d cuts records: %s; raise max_length to keep them whole", name, max_length,
+                ", ".join(f"{k} of {len(records)} {what}" for what, k in cut.items() if k))
     return out
 
 

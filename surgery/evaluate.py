@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .config import check_max_length
 from .data import Example, collate, fit_to_length, read_records, tokenize_lm, tokens_after
 
 log = logging.getLogger("surgery")
@@ -88,6 +89,7 @@ def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: in
     log-likelihood and token count of each choice, the picks (``pick`` by mean, ``pick_sum``) and
     the answer.
     """
+    check_max_length("max_length", max_length)
     records = read_records(records, "choice", name=name)
     examples, owner = [], []
     cut = 0
@@ -127,14 +129,14 @@ def multiple_choice(model, tokenizer, records, *, sep: str = " ", batch_size: in
 
 
 def perplexity(model, tokenizer, records, *, batch_size: int = 16, max_length: int = 4096, backend: str = "auto",
-               device=None) -> dict[str, Any]:
+               device=None, name: str = "perplexity records") -> dict[str, Any]:
     """Perplexity over text records (``{"text"}``, ``{"prompt", "completion"}``, plain strings, or a
     file path): ``perplexity`` = exp(total NLL / tokens), ``perplexity_per_document`` = the mean of
     each record's exp(mean NLL) (the paper's), ``nll`` = total NLL / tokens."""
     if isinstance(records, (list, tuple)) and records and all(isinstance(r, str) for r in records):
         records = [{"text": r} for r in records]
-    records = read_records(records, "lm", name="perplexity records")
-    examples = tokenize_lm(records, tokenizer, max_length)
+    records = read_records(records, "lm", name=name)
+    examples = tokenize_lm(records, tokenizer, max_length, name=name)
     nll = token_nll(model, examples, tokenizer, batch_size=batch_size, backend=backend, device=device)
     total = sum(float(x.double().sum()) for x in nll)
     n = sum(int(x.numel()) for x in nll)
@@ -165,4 +167,4 @@ def evaluate_set(model, tokenizer, eval_set, *, backend: str = "auto", device=No
         return multiple_choice(model, tokenizer, data, batch_size=eval_set.batch_size, max_length=ml,
                                backend=backend, device=device, name=eval_set.name)
     return perplexity(model, tokenizer, data, batch_size=eval_set.batch_size, max_length=ml, backend=backend,
-                      device=device)
+                      device=device, name=eval_set.name)

@@ -290,8 +290,8 @@ class Surgery:
             self.tokenizer = tokenizer
         if self.tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad_token_id (set tokenizer.pad_token)")
-        self._examples = [tokenize_lm(r, self.tokenizer, s.max_length or self.cfg.max_length, require_loss=True)
-                          for s, r in zip(self.streams, self._records)]
+        self._examples = [tokenize_lm(r, self.tokenizer, s.max_length or self.cfg.max_length, require_loss=True,
+                                      name=f"stream {s.name!r}") for s, r in zip(self.streams, self._records)]
         if model_cfg is not None:
             if model_cfg.path is not None:
                 _check_local_dir(model_cfg.path, "model.path")

@@ -194,6 +194,32 @@ def test_sampler_resumes_and_splits_like_one_process():
         assert r0.draw(2, rank=0, world_size=2) + r1.draw(2, rank=1, world_size=2) == four.draw(4)
 
 
+def test_records_cut_by_max_length_warn(tok, caplog):
+    """Records that max_length cuts are counted in one log line naming the stream (they used to be
+    cut silently: a completion longer than max_length trained on its start only), a warning when a
+    completion loses its end; records that fit log nothing; max_length 1 (nothing to predict) is
+    refused by name."""
+    recs = [{"text": "alba borin cadra"}, {"prompt": "the capital of", "completion": " alba is amber"},
+            {"prompt": "the capital of alba is the city of", "completion": " amber"}, {"text": "alba"}]
+    with caplog.at_level("INFO", logger="surgery"):
+        tokenize_lm(recs, tok, max_length=64, name="stream 'forget'")
+    assert caplog.records == []
+    with caplog.at_level("INFO", logger="surgery"):
+        tokenize_lm(recs, tok, max_length=3, name="stream 'forget'")
+    [r] = caplog.records
+    assert r.levelname == "WARNING" and r.getMessage() == (
+        "stream 'forget': max_length 3 cuts records: 1 of 4 text(s) lose their end, 1 of 4 completion(s) "
+        "lose their end, 2 of 4 prompt(s) lose their start; raise max_length to keep them whole")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="surgery"):  # text cut, completions whole: what max_length is for
+        tokenize_lm(recs[:1], tok, max_length=3, name="stream 'retain'")
+    [r] = caplog.records
+    assert r.levelname == "INFO" and "stream 'retain': max_length 3 cuts records: 1 of 1 text(s) lose" in r.getMessage()
+    for bad in (1, 0):
+        with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+            tokenize_lm(recs, tok, max_length=bad)
+
+
 def test_long_text_keeps_its_start():
     """A text record longer than max_length loses its end (its BOS and first tokens stay)."""
     from surgery.testing import sentencepiece_style_tokenizer
@@ -305,9 +331,13 @@ def test_override_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="train.device is 'cuda' but this machine has no CUDA GPU"):
             TrainConfig(device="cuda")
-    for n in (0, -3, 2.5):
-        with pytest.raises(ValueError, match="EvalSet 'e': max_length"):
+    for n in (0, -3, 2.5, 1):  # 1: a lone token predicts nothing (it used to blame each record's text)
+        with pytest.raises(ValueError, match=r"EvalSet 'e': max_length must be an integer >= 2"):
             EvalSet("e", [], max_length=n)
+        with pytest.raises(ValueError, match=r"Stream 's': max_length must be an integer >= 2"):
+            Stream("s", [], max_length=n)
+        with pytest.raises(ValueError, match=r"train.max_length must be an integer >= 2"):
+            TrainConfig(max_length=n)
     with pytest.raises(ValueError, match="not valid YAML"):
         apply_override(cfg, "train.betas=[0.9,")
 
@@ -374,8 +404,9 @@ def test_records_that_carry_no_loss_stop_before_the_model_loads(tmp_path, tok):
             Surgery(model=str(tmp_path / "no-model-here"), tokenizer=tok, streams=[Stream("u", str(f), "ascent")])
     recs = [{"text": "alba"}]  # <s> alba: one token to predict
     assert len(tokenize_lm(recs, tok, 8, require_loss=True)[0].ids) == 2
-    with pytest.raises(DataError, match=r"record 0: no token carries a loss"):
+    with pytest.raises(ValueError, match=r"max_length must be an integer >= 2") as e:  # not the record's fault
         tokenize_lm(recs, tok, 1, require_loss=True)
+    assert not isinstance(e.value, DataError)
 
 
 def test_missing_model_or_tokenizer_directory(tmp_path, tok):

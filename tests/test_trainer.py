@@ -352,15 +352,21 @@ def test_train_again_continues_the_random_streams(tok, data):
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
 
 
-def test_evaluation_truncates_as_the_run_and_the_set_say(tok, data):
+def test_evaluation_truncates_as_the_run_and_the_set_say(tok, data, caplog):
     """Evaluation cuts records at train.max_length, or at the eval set's own max_length: a text of
-    20 words scores 7 tokens at max_length 8 (the first predicts nothing), 3 at the set's 4."""
+    20 words scores 7 tokens at max_length 8 (the first predicts nothing), 3 at the set's 4. Each
+    cut is logged (info for text) naming the stream or eval set and its max_length."""
     text = " ".join(all_words()[:20])
     assert len(tok(text)["input_ids"]) > 8
-    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), train=_train(steps=1, max_length=8),
-                  eval=[EvalSet("run", [{"text": text}]), EvalSet("own", [{"text": text}], max_length=4)])
-    got = run.evaluate()
+    with caplog.at_level("INFO", logger="surgery"):
+        run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data) + [Stream("long", [{"text": text}], "descent")],
+                      train=_train(steps=1, max_length=8),
+                      eval=[EvalSet("run", [{"text": text}]), EvalSet("own", [{"text": text}], max_length=4)])
+        got = run.evaluate()
     assert got["run"]["tokens"] == 7 and got["own"]["tokens"] == 3
+    for name, n in (("stream 'long'", 8), ("run", 8), ("own", 4)):
+        assert f"{name}: max_length {n} cuts records: 1 of 1 text(s) lose their end" in caplog.text
+    assert "stream 'update'" not in caplog.text
 
 
 @pytest.mark.parametrize("clip", [0.0, None, 0.5])
@@ -1271,6 +1277,9 @@ def test_multiple_choice_takes_a_leading_space_as_the_separator(monkeypatch, cap
         evaluate.multiple_choice(None, sp, [{"question": q, "choices": ["paris rome", "paris paris"], "answer": 0}],
                                  max_length=2, name="qa")
     assert "qa: 2 of 2 choices are longer than max_length - 1 = 1 tokens and lose their end" in caplog.text
+    for fn, recs in ((evaluate.multiple_choice, [rec]), (evaluate.perplexity, [q])):
+        with pytest.raises(ValueError, match="max_length must be an integer >= 2"):  # nothing left to score
+            fn(None, sp, recs, max_length=1)
 
 
 def test_evaluation_runs_in_eval_mode_and_restores_the_mode(tok):
