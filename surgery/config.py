@@ -195,7 +195,8 @@ class ModelConfig:
     trainable: "all" | "lora" | list of parameter-name patterns (fnmatch, e.g. ``"*layers.1[01].*"``);
         None (the default): "lora" with LoRA (``lora`` set, or model.path holding an adapter), else "all".
         With LoRA only the adapters (and ``lora.modules_to_save``) are saved to final/, so "all" or
-        patterns that reach base-model weights are refused.
+        patterns that reach base-model weights are refused; patterns match names with or without
+        peft's ``base_model.model.`` prefix.
     lora: {r, alpha, dropout, target_modules, modules_to_save}.
     """
 

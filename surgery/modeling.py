@@ -256,7 +256,9 @@ def select_trainable(model: nn.Module, trainable) -> list[str]:
     """Set ``requires_grad`` by the ``trainable`` option; return the trainable parameter names.
 
     "all": every parameter. "lora": what peft marked trainable (the adapters). A list of fnmatch
-    patterns: parameters whose name matches one of them (e.g. ``["*layers.1[01].*", "lm_head.*"]``).
+    patterns: parameters whose name matches one of them (e.g. ``["*layers.1[01].*", "lm_head.*"]``);
+    under peft, a name matches with or without peft's ``base_model.model.`` prefix, so the same
+    pattern picks the same layers with and without LoRA (``model.layers.1.*lora_*``).
     """
     names = [n for n, _ in model.named_parameters()]
     if trainable == "all":
@@ -267,8 +269,10 @@ def select_trainable(model: nn.Module, trainable) -> list[str]:
             raise ValueError("trainable='lora' needs LoRA adapters: give lora={r, alpha, target_modules}")
     elif isinstance(trainable, (list, tuple)) and trainable and all(isinstance(p, str) for p in trainable):
         hit = set()
+        prefix = "base_model.model." if is_peft(model) else None
         for n, p in model.named_parameters():
-            on = any(fnmatch.fnmatchcase(n, pat) for pat in trainable)
+            as_named = (n, n[len(prefix):]) if prefix and n.startswith(prefix) else (n,)
+            on = any(fnmatch.fnmatchcase(m, pat) for m in as_named for pat in trainable)
             p.requires_grad_(on)
             if on:
                 hit.add(n)

@@ -1634,6 +1634,13 @@ def test_lora_with_trained_base_weights_is_refused(tok, data, tmp_path):
     for kw in ({}, {"trainable": "lora"}, {"trainable": ["*lora_A*"]}):
         run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=LORA, **kw)
         assert run.trainable_names and all("lora_" in n for n in run.trainable_names), kw
+    # a pattern written as without LoRA (no peft "base_model.model." prefix) picks the same layers
+    run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=LORA,
+                  trainable=["model.layers.1.*lora_*"])
+    assert run.trainable_names and all(n.startswith("base_model.model.model.layers.1.") and "lora_" in n
+                                       for n in run.trainable_names)
+    with pytest.raises(ValueError, match=r"trainable \['model.layers.1.\*'\] with LoRA trains base-model weights"):
+        Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data), lora=LORA, trainable=["model.layers.1.*"])
     run = Surgery(model=_model(tok), tokenizer=tok, streams=_streams(data),
                   lora={**LORA, "modules_to_save": ["lm_head"]})
     assert any("modules_to_save" in n for n in run.trainable_names)
