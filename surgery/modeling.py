@@ -248,6 +248,39 @@ def add_lora(model: nn.Module, lora: dict | None, seed: int = 0):
         return get_peft_model(model, cfg)
 
 
+def lora_differences(model: nn.Module, lora: dict) -> list[str]:
+    """How the ``lora`` settings differ from the active adapter ``model`` already carries (a LoRA
+    run's final/, loaded): ``["r: 16 asked, 8 in the adapter", ...]``; empty when they agree, e.g.
+    the same config evaluating or continuing its own run. Targets compare by module name (leaf),
+    ``all-linear`` as every linear layer but the output layer (peft's rule)."""
+    cfg = model.peft_config[model.active_adapter]
+    out = []
+    for key, attr, default, cast in (("r", "r", 8, int), ("alpha", "lora_alpha", 16, float),
+                                     ("dropout", "lora_dropout", 0.0, float)):
+        asked, has = cast(lora.get(key, default)), getattr(cfg, attr, None)
+        if has is not None and asked != cast(has):
+            out.append(f"{key}: {asked:g} asked, {cast(has):g} in the adapter")
+    adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    targets = lora.get("target_modules", "all-linear")
+    if targets == "all-linear":
+        head = unwrap(model).get_output_embeddings()
+        head_name = next((n for n, m in model.named_modules() if m is head), None)
+        asked = set()
+        for n, m in model.named_modules():  # the base model's linear layers, under peft's wrappers
+            if not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") or ".lora_" in n \
+                    or ".modules_to_save." in n or (head_name and (n + ".").startswith(head_name + ".")):
+                continue
+            asked.add(n.removesuffix(".base_layer").rsplit(".", 1)[-1])
+    else:
+        asked = {str(t).rsplit(".", 1)[-1] for t in (targets if isinstance(targets, (list, tuple)) else [targets])}
+    if adapted and asked != adapted:
+        out.append(f"target_modules: {sorted(asked)} asked, {sorted(adapted)} in the adapter")
+    saved = sorted(getattr(cfg, "modules_to_save", None) or [])
+    if sorted(lora.get("modules_to_save") or []) != saved:
+        out.append(f"modules_to_save: {sorted(lora.get('modules_to_save') or [])} asked, {saved} in the adapter")
+    return out
+
+
 def is_peft(model: nn.Module) -> bool:
     return type(model).__name__.startswith("Peft") and hasattr(model, "disable_adapter")
 

@@ -49,7 +49,7 @@ from . import distributed
 from .config import REFERENCES, EvalSet, ModelConfig, Stream, TrainConfig, as_dataclass, check_trainable
 from .data import Batch, StreamSampler, collate, read_records, tokenize_lm
 from .evaluate import evaluate_set
-from .modeling import (add_lora, is_peft, is_saved_model, load_model, load_tokenizer, output_layer,
+from .modeling import (add_lora, is_peft, is_saved_model, load_model, load_tokenizer, lora_differences, output_layer,
                        select_trainable, unwrap)
 from .objective import SurgeryObjective, live_index
 from .reference import (AdapterReference, CacheReference, CopyReference, config_difference, config_identity,
@@ -307,9 +307,11 @@ class Surgery:
             trainable = "lora" if (lora is not None or is_peft(model)) else "all"
         if lora is not None and not is_peft(model):
             model = add_lora(model, lora, seed=self.cfg.seed)
-        elif lora is not None:
-            log.warning("the model already carries LoRA adapters (a peft model, or model.path holds an adapter): "
-                        "they are used as they are and the lora settings are ignored")
+        elif lora is not None and (differ := lora_differences(model, lora)):
+            # The same config evaluating or continuing its own run's final/ agrees: nothing to say.
+            log.warning("the model already carries LoRA adapters (a peft model, or model.path holds an adapter) "
+                        "that differ from the lora settings (%s): the adapters are used as they are and the "
+                        "lora settings are ignored", "; ".join(differ))
         if reference == "adapter" and not is_peft(model):
             raise ValueError("reference='adapter' needs LoRA: pass lora={...} or a peft model")
         self.trainable_names = select_trainable(model, trainable)

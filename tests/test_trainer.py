@@ -879,10 +879,27 @@ def test_lora_target_modules_that_name_no_module_are_refused(tok, data):
             lora={"r": 4, "target_modules": ["self_attn.q_proj", "mlp.down_proj"]})
 
 
-def test_lora_final_dir_loads_as_the_trained_adapter(tok, data, tmp_path):
+def test_lora_differences_compare_settings_with_the_adapter(tok):
+    """The settings an adapter was made with compare equal to it (all-linear: every linear layer but
+    the head, also with the head in modules_to_save); each differing key is named."""
+    from surgery.modeling import add_lora, lora_differences
+
+    for lora in ({"r": 4, "alpha": 8, "target_modules": "all-linear", "modules_to_save": ["lm_head"]},
+                 {"target_modules": ["q_proj", "v_proj"]}, {"r": 2}):
+        model = add_lora(_model(tok), lora)
+        assert lora_differences(model, lora) == [], lora
+    assert lora_differences(model, {"r": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["q_proj"],
+                                    "modules_to_save": ["lm_head"]}) == [
+        "alpha: 4 asked, 16 in the adapter", "dropout: 0.1 asked, 0 in the adapter",
+        "target_modules: ['q_proj'] asked, ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', "
+        "'v_proj'] in the adapter", "modules_to_save: ['lm_head'] asked, [] in the adapter"]
+
+
+def test_lora_final_dir_loads_as_the_trained_adapter(tok, data, tmp_path, caplog):
     """model.path at a LoRA run's final/ (an adapter directory) loads the base model with that
     adapter, trainable: evaluating it gives the run's "after" numbers, not the untrained model's,
-    even with the run's lora settings still in the config."""
+    even with the run's lora settings still in the config — which agree with the adapter, so
+    nothing warns that they are ignored; lora settings that differ are named in a warning."""
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     _model(tok).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
@@ -894,8 +911,15 @@ def test_lora_final_dir_loads_as_the_trained_adapter(tok, data, tmp_path):
     assert summary["after"] != summary["before"]
     cfg = json.loads((tmp_path / "out" / "final" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(tmp_path / "base")
-    again = Surgery(model={"path": str(tmp_path / "out" / "final"), "lora": lora}, tokenizer=tmp_path / "base",
-                    streams=_streams(data), reference="adapter", eval=evals)
+    with caplog.at_level("WARNING", logger="surgery"):
+        again = Surgery(model={"path": str(tmp_path / "out" / "final"), "lora": lora}, tokenizer=tmp_path / "base",
+                        streams=_streams(data), reference="adapter", eval=evals)
+    assert "lora settings are ignored" not in caplog.text
+    with caplog.at_level("WARNING", logger="surgery"):
+        Surgery(model={"path": str(tmp_path / "out" / "final"), "lora": {**lora, "r": 8, "target_modules": "all-linear"}},
+                tokenizer=tmp_path / "base", streams=_streams(data), reference="adapter")
+    assert ("differ from the lora settings (r: 8 asked, 4 in the adapter; target_modules: ['down_proj', 'gate_proj', "
+            "'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj'] asked, ['q_proj', 'v_proj'] in the adapter)" in caplog.text)
     got = again.evaluate()
     assert got.keys() == summary["after"].keys()
     for name, metrics in summary["after"].items():
