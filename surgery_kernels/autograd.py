@@ -45,6 +45,12 @@ def _coefficients(live: torch.Tensor, token_weight: torch.Tensor | None, reducti
     return w, w, None
 
 
+def _weighted(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """w * values with a zero weight giving exactly 0: an ignored, capped or zero-weight token adds
+    nothing even where its value is inf (a target its head bans with a -inf bias: 0 * inf is NaN)."""
+    return torch.where(w != 0, w * values, 0.0)
+
+
 def _weight_grad(values: torch.Tensor, gate: torch.Tensor, scale, need: bool):
     """d loss / d token_weight for a unit upstream gradient: each gated token's value (times the
     mean's scale); None when token_weight wants no gradient."""
@@ -200,8 +206,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         values = torch.where(live, ce, 0.0)
         ctx.mark_non_differentiable(values)
         if reduction == "none":
-            return w * ce, values
-        return (coeff * ce).sum(), values
+            return _weighted(w, ce), values
+        return _weighted(coeff, ce).sum(), values
 
     @staticmethod
     @_first_order
@@ -248,8 +254,8 @@ class LinearKLDivFunction(torch.autograd.Function):
         values = torch.where(mask, kl, 0.0)
         ctx.mark_non_differentiable(values)
         if reduction == "none":
-            return w * kl, values
-        return (coeff * kl).sum(), values
+            return _weighted(w, kl), values
+        return _weighted(coeff, kl).sum(), values
 
     @staticmethod
     @_first_order

@@ -44,7 +44,8 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     Per token ``m_i * w_i * ce_i`` with ``ce_i = logsumexp(z_i) - z_i[target_i]``; ``softcap``
     maps z -> softcap * tanh(z / softcap) first; tokens with ``w_i < 0`` whose ce exceeds
     ``ascent_cap`` contribute neither loss nor gradient (they still count in the mean's
-    denominator). ``reduction``: "mean" (divide by the number of live tokens; 0 when there are
+    denominator); a capped or zero-weight token adds exactly 0, even with ce_i = inf (a target
+    its bias bans with -inf). ``reduction``: "mean" (divide by the number of live tokens; 0 when there are
     none), "sum", or "none" (values shaped like ``target``, 0 where ignored). The result is
     float32 (float64 for float64 inputs). ``backend``: "auto" | "triton" | "cuda" | "cpu" | "torch";
     ``chunk_size``: tokens per chunk (None: the backend's default, e.g. ``2**24 // V`` on CPU, 64 MiB of
@@ -87,7 +88,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
 
     hidden: (..., H), weight: (V, H) — gradients flow; ref_hidden: (..., H'), ref_weight: (V, H') —
     treated as constants (ref_weight may be the very tensor passed as weight); mask: (...) bool,
-    False = token skipped; token_weight: (...) float. ``direction``: "forward" = KL(p_ref || p),
+    False = token skipped; token_weight: (...) float (a zero-weight token adds exactly 0, even with
+    kl_i = inf). ``direction``: "forward" = KL(p_ref || p),
     "reverse" = KL(p || p_ref). The true KL, no T**2 rescaling: >= 0 up to rounding (a token
     whose two distributions nearly agree may come out a few ulps of its terms below 0, ~1e-7 in
     float32, as in plain PyTorch; the values are not clamped, so that they stay unbiased). ``softcap`` /

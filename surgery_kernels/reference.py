@@ -22,6 +22,13 @@ def _reduce(values: torch.Tensor, live: torch.Tensor, reduction: str) -> torch.T
     return total / live.sum().clamp_min(1).to(total.dtype)
 
 
+def _kept(values, live, w):
+    """Each live token's value, 0 for the others and for an inf value of weight 0: a zero-weight
+    (or capped) token adds nothing even where its value is inf (a target its head bans with a
+    -inf bias; 0 * inf would be NaN)."""
+    return torch.where(live & ~((w == 0) & torch.isinf(values)), values, torch.zeros_like(values))
+
+
 def linear_cross_entropy_ref(hidden, weight, target, *, bias=None, token_weight=None, ignore_index=-100,
                              reduction="mean", softcap=None, ascent_cap=None, compute_dtype=None):
     """Signed, weighted linear CE by materialized logits.
@@ -47,7 +54,7 @@ def linear_cross_entropy_ref(hidden, weight, target, *, bias=None, token_weight=
     if ascent_cap is not None:
         live_grad = ~((w < 0) & (ce.detach() > ascent_cap))
         w = w * live_grad
-    values = torch.where(live, w * ce, torch.zeros_like(ce))
+    values = w * _kept(ce, live, w)
     out = _reduce(values, live, reduction)
     return out.reshape(shape) if reduction == "none" else out
 
@@ -85,6 +92,6 @@ def linear_kl_div_ref(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_
         kl = (logq.exp() * torch.where(logq != -math.inf, logq - logp, 0.0)).sum(-1)
     live = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.reshape(-1)
     w = torch.ones_like(kl) if token_weight is None else token_weight.reshape(-1).to(stat)
-    values = torch.where(live, w * kl, torch.zeros_like(kl))
+    values = w * _kept(kl, live, w)
     out = _reduce(values, live, reduction)
     return out.reshape(shape) if reduction == "none" else out

@@ -430,6 +430,54 @@ def test_minus_inf_bias_bans_vocabulary(bd, direction):
 
 
 @pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_banned_target_of_a_capped_or_zero_weight_token_adds_nothing(bd):
+    """A token whose target the head bans (-inf bias: ce = inf) adds nothing when its weight is 0
+    or ascent_cap stops it (the README: such a token gives "neither loss nor gradient") — not
+    0 * inf = NaN, as it did for every backend and reduction: the loss, values and gradients are
+    those of the other tokens (float64 reference over them alone; the mean still counts every live
+    token). A zero-weight token's KL of inf (reverse KL where only the reference bans a column)
+    adds nothing either."""
+    backend, device = bd
+    inp = make_ce_inputs(40, 32, 97, device=device, dtype=torch.float32, bias=True, signed=True, seed=3)
+    banned = torch.tensor([5, 17, 23, 31])  # targets 5 and 17: ascent tokens, capped; 23, 31: weight 0
+    keep = torch.ones(40, dtype=torch.bool)
+    keep[banned] = False
+    col = next(c for c in range(97) if c not in inp["target"][keep.to(device)].tolist())  # no other token's target
+    with torch.no_grad():
+        inp["bias"][col] = float("-inf")
+    inp["target"][banned] = col
+    tw = inp["token_weight"].clone()
+    tw[banned[:2]] = -1.0
+    tw[banned[2:]] = 0.0
+    params = [inp["hidden"], inp["weight"], inp["bias"]]
+    for reduction in ("mean", "sum", "none"):
+        out = linear_cross_entropy(inp["hidden"], inp["weight"], inp["target"], bias=inp["bias"], token_weight=tw,
+                                   ascent_cap=30.0, reduction=reduction, backend=backend)
+        rest = linear_cross_entropy_ref(inp["hidden"][keep.to(device)], inp["weight"], inp["target"][keep.to(device)],
+                                        bias=inp["bias"], token_weight=tw[keep.to(device)], ascent_cap=30.0,
+                                        reduction="sum" if reduction == "mean" else reduction,
+                                        compute_dtype=torch.float64)
+        if reduction == "mean":
+            rest = rest / 40
+        if reduction == "none":
+            assert torch.equal(out.detach()[banned.to(device)].cpu(), torch.zeros(4))
+            out, rest = out.sum(), rest.sum()
+        assert torch.isfinite(out) and abs(out.item() - rest.item()) <= F32_TOL * max(1.0, abs(rest.item())), reduction
+        grads, refs = grads_of(out, params), grads_of(rest, params)
+        assert torch.equal(grads[0][banned.to(device)].cpu(), torch.zeros(4, 32)), reduction
+        for g, r in zip(grads, refs):
+            assert torch.isfinite(g).all() and rel_err(g, r) <= F32_TOL, reduction
+    kin = make_kl_inputs(12, 32, 48, 97, device=device, dtype=torch.float32, bias=True)
+    with torch.no_grad():
+        kin["ref_bias"][7] = float("-inf")  # q > 0 where p = 0: reverse KL(q || p) = inf for every token
+    w = torch.ones(12, device=device)
+    w[::3] = 0.0
+    kl = linear_kl_div(kin["hidden"], kin["weight"], kin["ref_hidden"], kin["ref_weight"], bias=kin["bias"],
+                       ref_bias=kin["ref_bias"], direction="reverse", token_weight=w, reduction="none", backend=backend)
+    assert torch.equal(kl.detach()[::3].cpu(), torch.zeros(4)) and torch.isposinf(kl.detach()[w != 0]).all()
+
+
+@pytest.mark.parametrize("bd", BACKEND_CASES)
 def test_nan_propagates(bd):
     """A NaN hidden row makes that token's CE and KL NaN (either KL side, both directions), a NaN
     bias entry (one logit column) every token's, as in plain PyTorch: never silently finite (the
