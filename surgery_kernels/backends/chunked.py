@@ -1,7 +1,9 @@
 """Backend ``torch``: chunked pure-PyTorch implementation of the primitives.
 
-Tokens are processed ``chunk_size`` at a time: one ``(chunk, V)`` block of logits is alive at
-once (plus, in the KL, the reference's block), never ``(N, V)``. Statistics and the dweight
+Tokens are processed ``chunk_size`` at a time, never ``(N, V)``: the CE computes in one ``(chunk,
+V)`` buffer, in place (logits, their exponentials, the gradient); the KL in three (the reference's
+probabilities, the trained side's, and the log-ratio), plus the softcap's derivative when there
+is one and a gradient is formed. A chunk's buffers are freed before the next chunk's logits. Statistics and the dweight
 accumulator are float32 (float64 for float64 inputs) whatever the input dtype; the GEMMs run
 in the input dtype, as ``nn.Linear`` would. The forward+backward primitives reuse each chunk's
 logits for the gradient, so a training step costs the three GEMMs of the floor.
@@ -107,32 +109,34 @@ def _finish(dh, dw, db, weight, bias):
     return dh, (dw.to(weight.dtype) if dw is not None else None), (db.to(bias.dtype) if db is not None else None)
 
 
-def _ce_chunk(h, weight, bias, target, ignore_index, softcap, acc):
-    """Logits of one chunk shifted by their row max (in place), the row max, log-sum-exp of the
-    shifted logits, lse, ce and the clamped targets. Keeping the shifted form makes
-    softmax = exp(z_shifted - s) exact even for logits of +-1e4, where lse itself has lost bits."""
+def _ce_chunk(h, weight, bias, target, ignore_index, softcap, acc, grad=False):
+    """One chunk's exponentials ``exp(z - max z)`` (in the logits' own buffer: the one chunk-sized
+    tensor), their row sums S, lse = max z + log S, ce = lse - z[target], the clamped targets and,
+    with ``grad`` and a softcap, d softcap(z) / dz = 1 - (softcap(z) / softcap)^2 (a second
+    chunk). Shifting by the row max before the exponential keeps the softmax exp(z - max) / S
+    exact even for logits of +-1e4, where lse itself has lost bits."""
     z = _softcap_(_logits(h, weight, bias, acc), softcap)
+    dcap = z.div(softcap).square_().neg_().add_(1) if grad and softcap is not None else None
     m = z.amax(dim=-1, keepdim=True)
     z.sub_(m)
-    s = torch.logsumexp(z, dim=-1)
     live = target != ignore_index
     safe_t = torch.where(live, target, torch.zeros_like(target))
     zs_t = z.gather(1, safe_t[:, None]).squeeze(1)
+    total = z.exp_().sum(-1)
+    s = total.log()
     ce = torch.where(live, s - zs_t, torch.zeros_like(s))
-    return z, m, s, m.squeeze(1) + s, ce, safe_t
+    return z, total, m.squeeze(1) + s, ce, safe_t, dcap
 
 
-def _ce_logit_grad_(zs, m, s, safe_t, coeff, softcap):
-    """In place: zs (shifted, softcapped logits) -> coeff * d ce / d z_raw."""
-    if softcap is not None:
-        # d(softcap * tanh(x / softcap))/dx = 1 - tanh^2 of the capped logit; taken before zs is overwritten.
-        dcap = 1 - ((zs + m) / softcap).square_()
-    zs.sub_(s[:, None]).exp_()
-    zs.scatter_add_(1, safe_t[:, None], -torch.ones_like(s)[:, None])
-    zs.mul_(coeff[:, None])
-    if softcap is not None:
-        zs.mul_(dcap)
-    return zs
+def _ce_logit_grad_(e, total, safe_t, coeff, dcap):
+    """In place: e (the chunk's exp(z - max z)) -> coeff * d ce / d z_raw = coeff * (softmax -
+    onehot) * dcap (the softcap factor, or None)."""
+    e.div_(total[:, None])
+    e.scatter_add_(1, safe_t[:, None], -torch.ones_like(total)[:, None])
+    e.mul_(coeff[:, None])
+    if dcap is not None:
+        e.mul_(dcap)
+    return e
 
 
 def _ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_size):
@@ -141,7 +145,7 @@ def _ce_forward(hidden, weight, bias, target, *, ignore_index, softcap, chunk_si
     ce = torch.empty(n, dtype=acc, device=hidden.device)
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
-        _, _, _, lse[s:e], ce[s:e], _ = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
+        _, _, lse[s:e], ce[s:e], _, _ = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
     return ce, lse
 
 
@@ -152,9 +156,11 @@ def _ce_backward(hidden, weight, bias, target, lse, coeff, *, ignore_index, soft
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0], hidden.device.type):
-        zs, m, lse_s, _, _, safe_t = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc)
-        g = _ce_logit_grad_(zs, m, lse_s, safe_t, coeff[s:e], softcap)
+        ex, total, _, _, safe_t, dcap = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index, softcap, acc,
+                                                  grad=True)
+        g = _ce_logit_grad_(ex, total, safe_t, coeff[s:e], dcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
+        del ex, g, dcap  # before the next chunk's logits: one chunk alive, not two
     return _finish(dh, dw, db, weight, bias)
 
 
@@ -167,47 +173,72 @@ def _ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, s
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
-        zs, m, lse_s, lse[s:e], ce_c, safe_t = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index,
-                                                         softcap, acc)
+        ex, total, lse[s:e], ce_c, safe_t, dcap = _ce_chunk(hidden[s:e], weight, bias, target[s:e], ignore_index,
+                                                            softcap, acc, grad=True)
         ce[s:e] = ce_c
         c = coeff[s:e]
         if ascent_cap is not None:
             c = torch.where((c < 0) & (ce_c > ascent_cap), torch.zeros_like(c), c)
-        g = _ce_logit_grad_(zs, m, lse_s, safe_t, c, softcap)
+        g = _ce_logit_grad_(ex, total, safe_t, c, dcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
+        del ex, g, dcap  # before the next chunk's logits: one chunk alive, not two
     return (ce, lse) + _finish(dh, dw, db, weight, bias)
+
+
+def _shifted(h, weight, bias, temperature, softcap, acc, dcap=False):
+    """One side's tempered logits softcap(z) / T shifted by their row max (in their own buffer),
+    the row max and, with ``dcap`` and a softcap, d softcap(z) / dz = 1 - (softcap(z) / softcap)^2
+    (a second chunk; else None)."""
+    z = _softcap_(_logits(h, weight, bias, acc), softcap)
+    d = z.div(softcap).square_().neg_().add_(1) if dcap and softcap is not None else None
+    if temperature != 1.0:
+        z.div_(temperature)
+    m = z.amax(dim=-1, keepdim=True)
+    return z.sub_(m), m.squeeze(1), d
 
 
 def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, softcap, ref_softcap, acc,
               grad=False):
-    """Tempered log-probs of both sides, both lse's, the per-token kl and, with ``grad``, the
-    trained side's softcap factor (``_tempered_logprobs``). The reference side first: at most
-    three chunk buffers are alive."""
-    logp, rlse, _ = _tempered_logprobs(rh, rweight, rbias, temperature, ref_softcap, acc)
-    logq, lse, dcap = _tempered_logprobs(h, weight, bias, temperature, softcap, acc, grad)
-    # forward: sum p (log p - log q); reverse: sum q (log q - log p); 0 * log 0 = 0 where the
-    # weighting side has a -inf logit (-inf - -inf would be NaN)
+    """One chunk's KL with at most three chunk-sized buffers alive (four with the trained side's
+    softcap factor): ``d = log p - log q`` (reference minus trained log-probs, from the shifted
+    logits and the two log-sums: as exact as log_softmax), the trained side's probabilities q
+    and, for the forward KL, the reference's p. Returns (d, q, p, lse, rlse, kl, dcap); p is None
+    for the reverse KL, which weights by q; d is spent for the forward KL (its gradient is q - p).
+    0 * log 0 = 0: a column the weighting side gives probability 0 (a -inf logit: -inf - -inf
+    would be NaN) adds nothing. ``m``: the token mask (None: all)."""
+    zr, mr, _ = _shifted(rh, rweight, rbias, temperature, ref_softcap, acc)
+    p = zr.exp()
+    sp = p.sum(-1)
+    p = p.div_(sp[:, None]) if direction == "forward" else None  # the reverse KL needs only sp
+    z, mq, dcap = _shifted(h, weight, bias, temperature, softcap, acc, grad)
+    d = zr.sub_(z)  # (z_ref - max) - (z - max), in the reference's buffer
+    del zr
+    q = z.exp_()
+    sq = q.sum(-1)
+    q.div_(sq[:, None])
+    lq, lp = sq.log(), sp.log()
+    d.add_((lq - lp)[:, None])  # log p - log q
     if direction == "forward":
-        kl = (logp.exp() * (logp - logq).masked_fill_(logp == -math.inf, 0.0)).sum(-1)
+        kl = d.masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
     else:
-        kl = (logq.exp() * (logq - logp).masked_fill_(logq == -math.inf, 0.0)).sum(-1)
-    kl = torch.where(m, kl, torch.zeros_like(kl))
-    return logq, logp, lse, rlse, kl, dcap
+        kl = -d.masked_fill(q == 0, 0.0).mul_(q).sum(-1)
+    if m is not None:
+        kl = torch.where(m, kl, torch.zeros_like(kl))
+    return d, q, p, mq + lq, mr + lp, kl, dcap
 
 
-def _kl_logit_grad_(logq, logp, kl, coeff, direction, temperature, dcap):
-    """In place: logq -> coeff * d kl / d z (trained side, raw logits); dcap: the softcap factor
-    (``_tempered_logprobs``, overwritten) or None."""
+def _kl_logit_grad_(d, q, p, kl, coeff, direction, temperature, dcap):
+    """In place: q -> coeff * d kl / d z (trained side, raw logits), from ``_kl_chunk``'s buffers
+    (d and p are overwritten); dcap: the softcap factor or None."""
     c = (coeff / temperature)[:, None]
     if dcap is not None:
         c = dcap.mul_(c)
     if direction == "forward":
         # (q - p) / T
-        logp.exp_()
-        return logq.exp_().sub_(logp).mul_(c)
+        return q.sub_(p).mul_(c)
     # q * (log q - log p - kl) / T, 0 where q = 0 (a -inf logit)
-    d = (logq - logp).sub_(kl[:, None]).masked_fill_(logq == -math.inf, 0.0)
-    return logq.exp_().mul_(d).mul_(c)
+    d.neg_().sub_(kl[:, None]).masked_fill_(q == 0, 0.0)
+    return q.mul_(d).mul_(c)
 
 
 def _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *, direction, temperature, softcap,
@@ -218,7 +249,7 @@ def _kl_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, *,
     lse = torch.empty(n, dtype=acc, device=hidden.device)
     rlse = torch.empty(n, dtype=acc, device=hidden.device)
     for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
-        _, _, lse[s:e], rlse[s:e], kl[s:e], _ = _kl_chunk(
+        *_, lse[s:e], rlse[s:e], kl[s:e], _ = _kl_chunk(
             hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature,
             softcap, ref_softcap, acc)
     return kl, lse, rlse
@@ -231,27 +262,13 @@ def _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, re
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0], hidden.device.type):
-        logp, _, _ = _tempered_logprobs(ref_hidden[s:e], ref_weight, ref_bias, temperature, ref_softcap, acc)
-        logq, _, dcap = _tempered_logprobs(hidden[s:e], weight, bias, temperature, softcap, acc, True)
-        g = _kl_logit_grad_(logq, logp, kl[s:e], coeff[s:e], direction, temperature, dcap)
+        # the mask does not matter here: a masked token's coefficient is 0
+        d, q, p, *_, dcap = _kl_chunk(hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, None,
+                                      direction, temperature, softcap, ref_softcap, acc, grad=True)
+        g = _kl_logit_grad_(d, q, p, kl[s:e], coeff[s:e], direction, temperature, dcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
+        del d, q, p, g, dcap  # before the next chunk's logits
     return _finish(dh, dw, db, weight, bias)
-
-
-def _tempered_logprobs(h, weight, bias, temperature, softcap, acc, dcap=False):
-    """log_softmax(softcap(z) / T) of one chunk (it shifts by the row max: exact for large logits),
-    the row lse, read off it at the row max (lse = max z - max log p, exact there) instead of a
-    second pass of exponentials, and, with ``dcap`` and a softcap, d softcap(z) / dz = 1 -
-    tanh(z / softcap)^2 from the capped logits, in their buffer (else None)."""
-    z = _softcap_(_logits(h, weight, bias, acc), softcap)
-    if temperature != 1.0:
-        z.div_(temperature)
-    logp = torch.log_softmax(z, dim=-1)
-    lse = z.amax(dim=-1) - logp.amax(dim=-1)
-    if not (dcap and softcap is not None):
-        return logp, lse, None
-    # from the capped logits themselves: rebuilding them as T * (log p + lse) cancels to ulp(lse) * T / softcap
-    return logp, lse, z.mul_(temperature / softcap).square_().neg_().add_(1)
 
 
 def _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, coeff, *, direction,
@@ -264,12 +281,13 @@ def _kl_forward_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
     dh, dw, db = _grad_buffers(hidden, weight, bias, needs)
     coeff = coeff.to(acc)
     for s, e in _chunks(n, chunk_size, weight.shape[0], hidden.device.type):
-        logq, logp, lse[s:e], rlse[s:e], kl_c, dcap = _kl_chunk(
+        d, q, p, lse[s:e], rlse[s:e], kl_c, dcap = _kl_chunk(
             hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, mask[s:e], direction, temperature,
             softcap, ref_softcap, acc, grad=True)
         kl[s:e] = kl_c
-        g = _kl_logit_grad_(logq, logp, kl_c, coeff[s:e], direction, temperature, dcap)
+        g = _kl_logit_grad_(d, q, p, kl_c, coeff[s:e], direction, temperature, dcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
+        del d, q, p, g, dcap  # before the next chunk's logits
     return (kl, lse, rlse) + _finish(dh, dw, db, weight, bias)
 
 
