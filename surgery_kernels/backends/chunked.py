@@ -100,7 +100,7 @@ def _accumulate(g, h, w, s, e, dh, dw, db):
         if dw.dtype == h.dtype:
             dw.addmm_(gc.t(), h[s:e])
         else:
-            dw += (gc.t() @ h[s:e]).to(dw.dtype)
+            dw.add_(gc.t() @ h[s:e])  # float32 += bf16/fp16 product, without a float32 copy of it
     if db is not None:
         db += g.sum(0)
 
