@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -274,7 +275,7 @@ def check_max_length(name, v, allow_none=True):
     """The one rule for a max_length (train's, a stream's, an eval set's, the evaluation functions')."""
     if v is None and allow_none:
         return
-    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 2:
         # One token leaves nothing to predict: every record would carry no loss, every score no token.
         raise ValueError(f"{name} must be an integer >= 2 (a token to predict from and one predicted), got {v!r}")
 

@@ -236,7 +236,7 @@ def fit_to_length(prefix: list[int], rest: list[int], max_length: int, bos_token
     return prefix, rest[:max_length - keep]
 
 
-def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss: bool = False,
+def tokenize_lm(records: list[dict], tokenizer, max_length: int | None, *, require_loss: bool = False,
                 name: str = "records") -> list[Example]:
     """Tokenize LM records: text as one sequence; prompt + completion with the completion's tokens
     as they stand in the sentence (``tokens_after``), as the evaluation scores a choice. At most
@@ -244,7 +244,7 @@ def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss
     (what carries the loss) when it fits in ``max_length - 1`` tokens, the prompt losing its start
     but not its BOS to make room, as the evaluation does for a long question; a longer completion
     keeps the prompt's last ``max_length // 2`` tokens (or all of a shorter prompt) and loses its
-    own end.
+    own end. ``max_length`` None: no cut.
 
     require_loss: a record left with no token that carries a loss (text that tokenizes to one token,
     e.g. BOS only; a completion that tokenizes to nothing) raises :class:`DataError` naming it (its
@@ -254,18 +254,20 @@ def tokenize_lm(records: list[dict], tokenizer, max_length: int, *, require_loss
     Records that ``max_length`` cuts are counted in one log line naming ``name`` (texts and
     completions that lose their end, prompts that lose their start), a warning when a completion
     loses its end (part of an answer trained on or scored), info otherwise."""
-    check_max_length("max_length", max_length, allow_none=False)
+    check_max_length("max_length", max_length)
     where = getattr(records, "where", None)
     out = []
     cut = {"text(s) lose their end": 0, "completion(s) lose their end": 0, "prompt(s) lose their start": 0}
     for i, rec in enumerate(records):
         if "text" in rec:
             ids = list(tokenizer(rec["text"])["input_ids"])
-            cut["text(s) lose their end"] += len(ids) > max_length
-            ids, start = ids[:max_length], 1
+            if max_length is not None:
+                cut["text(s) lose their end"] += len(ids) > max_length
+                ids = ids[:max_length]
+            start = 1
         else:
             p0, c0 = tokens_after(tokenizer, rec["prompt"], rec["completion"])
-            p, c = fit_to_length(p0, c0, max_length, tokenizer.bos_token_id)
+            p, c = (p0, c0) if max_length is None else fit_to_length(p0, c0, max_length, tokenizer.bos_token_id)
             cut["completion(s) lose their end"] += len(c) < len(c0)
             cut["prompt(s) lose their start"] += len(p) < len(p0)
             ids, start = p + c, max(len(p), 1)

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 
 import torch
 from torch import nn
@@ -222,11 +223,7 @@ def add_lora(model: nn.Module, lora: dict | None, seed: int = 0):
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover - peft is in the hf extra
         raise ImportError("LoRA needs peft: pip install 'surgery-kernels[hf]'") from e
-    lora = dict(lora or {})
-    known = {"r", "alpha", "dropout", "target_modules", "modules_to_save"}
-    unknown = set(lora) - known
-    if unknown:
-        raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    lora = _check_lora_keys(lora)
     targets = lora.get("target_modules", "all-linear")
     if isinstance(targets, (list, tuple)):
         # peft adapts the names it finds and drops the others silently unless none is found: a typo
@@ -248,11 +245,23 @@ def add_lora(model: nn.Module, lora: dict | None, seed: int = 0):
         return get_peft_model(model, cfg)
 
 
+def _check_lora_keys(lora: dict | None) -> dict:
+    lora = dict(lora or {})
+    known = {"r", "alpha", "dropout", "target_modules", "modules_to_save"}
+    unknown = set(lora) - known
+    if unknown:
+        raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    return lora
+
+
 def lora_differences(model: nn.Module, lora: dict) -> list[str]:
     """How the ``lora`` settings differ from the active adapter ``model`` already carries (a LoRA
     run's final/, loaded): ``["r: 16 asked, 8 in the adapter", ...]``; empty when they agree, e.g.
     the same config evaluating or continuing its own run. Targets compare by module name (leaf),
-    ``all-linear`` as every linear layer but the output layer (peft's rule)."""
+    ``all-linear`` as every linear layer but the output layer and another string as a regular
+    expression over the base model's module names (peft's rules). Unknown keys are refused, as
+    when the settings make an adapter."""
+    lora = _check_lora_keys(lora)
     cfg = model.peft_config[model.active_adapter]
     out = []
     for key, attr, default, cast in (("r", "r", 8, int), ("alpha", "lora_alpha", 16, float),
@@ -262,15 +271,20 @@ def lora_differences(model: nn.Module, lora: dict) -> list[str]:
             out.append(f"{key}: {asked:g} asked, {cast(has):g} in the adapter")
     adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
     targets = lora.get("target_modules", "all-linear")
-    if targets == "all-linear":
-        head = unwrap(model).get_output_embeddings()
-        head_name = next((n for n, m in model.named_modules() if m is head), None)
+    if isinstance(targets, str):
+        base = unwrap(model)
+        head = base.get_output_embeddings()
+        head_name = next((n for n, m in base.named_modules() if m is head), None)
         asked = set()
-        for n, m in model.named_modules():  # the base model's linear layers, under peft's wrappers
-            if not (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") or ".lora_" in n \
-                    or ".modules_to_save." in n or (head_name and (n + ".").startswith(head_name + ".")):
+        for n, m in base.named_modules():  # the base model's layers, under peft's wrappers
+            linear = isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+            if not (linear or isinstance(m, (nn.Embedding, nn.Conv1d, nn.Conv2d))) or ".lora_" in n \
+                    or ".modules_to_save." in n or n.endswith(".original_module"):
                 continue
-            asked.add(n.removesuffix(".base_layer").rsplit(".", 1)[-1])
+            n = n.removesuffix(".base_layer")
+            if targets == "all-linear" and linear and not (head_name and (n + ".").startswith(head_name + ".")) \
+                    or targets != "all-linear" and re.fullmatch(targets, n):
+                asked.add(n.rsplit(".", 1)[-1])
     else:
         asked = {str(t).rsplit(".", 1)[-1] for t in (targets if isinstance(targets, (list, tuple)) else [targets])}
     if adapted and asked != adapted:

@@ -157,6 +157,21 @@ class _Pass:
         return self.live_ce[a:z] if z <= self.n_ce else self.live_kl[a - self.n_ce:z - self.n_ce]
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the weights were not updated."""
 
@@ -290,6 +305,7 @@ class Surgery:
             self.tokenizer = tokenizer
         if self.tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad_token_id (set tokenizer.pad_token)")
+        self._said = _Once()
         self._examples = [tokenize_lm(r, self.tokenizer, s.max_length or self.cfg.max_length, require_loss=True,
                                       name=f"stream {s.name!r}") for s, r in zip(self.streams, self._records)]
         if model_cfg is not None:
@@ -634,10 +650,14 @@ class Surgery:
         in the training's precision (``mixed_precision``: under autocast, as the steps; under FSDP
         the policy casts the parameters either way)."""
         out = {}
-        with self._autocast():
-            for e in self.eval_sets:
-                out[e.name] = evaluate_set(self.objective, self.tokenizer, e, backend=self.cfg.backend,
-                                           device=self.device, max_length=self.cfg.max_length)
+        log.addFilter(self._said)  # an eval set's notes (records cut by max_length): once a run, not every evaluation
+        try:
+            with self._autocast():
+                for e in self.eval_sets:
+                    out[e.name] = evaluate_set(self.objective, self.tokenizer, e, backend=self.cfg.backend,
+                                               device=self.device, max_length=self.cfg.max_length)
+        finally:
+            log.removeFilter(self._said)
         return out
 
     def save_checkpoint(self) -> Path:

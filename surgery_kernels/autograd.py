@@ -46,9 +46,10 @@ def _coefficients(live: torch.Tensor, token_weight: torch.Tensor | None, reducti
 
 
 def _weighted(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """w * values with a zero weight giving exactly 0: an ignored, capped or zero-weight token adds
-    nothing even where its value is inf (a target its head bans with a -inf bias: 0 * inf is NaN)."""
-    return torch.where(w != 0, w * values, 0.0)
+    """w * values with 0 * inf = 0: an ignored, capped or zero-weight token adds nothing even where
+    its value is inf (a target its head bans with a -inf bias); a NaN value stays NaN, as in plain
+    PyTorch (``reference._kept``)."""
+    return torch.where((w == 0) & torch.isinf(values), 0.0, w * values)
 
 
 def _weight_grad(values: torch.Tensor, gate: torch.Tensor, scale, need: bool):

@@ -215,9 +215,16 @@ def test_records_cut_by_max_length_warn(tok, caplog):
         tokenize_lm(recs[:1], tok, max_length=3, name="stream 'retain'")
     [r] = caplog.records
     assert r.levelname == "INFO" and "stream 'retain': max_length 3 cuts records: 1 of 1 text(s) lose" in r.getMessage()
-    for bad in (1, 0):
+    for bad in (1, 0, 2.0):
         with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
             tokenize_lm(recs, tok, max_length=bad)
+    # None: nothing is cut; an integer of another type (numpy's) is an integer
+    import numpy as np
+
+    whole = tokenize_lm(recs, tok, max_length=None)
+    assert [e.ids for e in whole] == [e.ids for e in tokenize_lm(recs, tok, max_length=64)]
+    assert [e.ids for e in tokenize_lm(recs, tok, max_length=np.int64(3))] == \
+        [e.ids for e in tokenize_lm(recs, tok, max_length=3)]
 
 
 def test_long_text_keeps_its_start():

@@ -475,6 +475,24 @@ def test_banned_target_of_a_capped_or_zero_weight_token_adds_nothing(bd):
     kl = linear_kl_div(kin["hidden"], kin["weight"], kin["ref_hidden"], kin["ref_weight"], bias=kin["bias"],
                        ref_bias=kin["ref_bias"], direction="reverse", token_weight=w, reduction="none", backend=backend)
     assert torch.equal(kl.detach()[::3].cpu(), torch.zeros(4)) and torch.isposinf(kl.detach()[w != 0]).all()
+    # ... nor a gradient: only zero-weight tokens, so the loss and the gradients are 0 (not NaN:
+    # q * (log q - log p - kl) * 0 with kl = inf), on the fused path and the recomputing one
+    w = w * torch.arange(12, device=device).remainder(3).eq(0)
+    for reduction in ("sum", "none"):
+        kl = linear_kl_div(kin["hidden"], kin["weight"], kin["ref_hidden"], kin["ref_weight"], bias=kin["bias"],
+                           ref_bias=kin["ref_bias"], direction="reverse", token_weight=w, reduction=reduction,
+                           backend=backend)
+        grads = grads_of(kl.sum(), [kin["hidden"], kin["weight"], kin["bias"]])
+        assert kl.sum().item() == 0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads), reduction
+    # A NaN stays NaN, weight 0 or not, as in plain PyTorch (0 * NaN) and the reference
+    tw = torch.zeros(40, device=device)
+    with torch.no_grad():
+        h = inp["hidden"].detach().clone()
+        h[3] = float("nan")
+    out = linear_cross_entropy(h, inp["weight"].detach(), inp["target"], token_weight=tw, reduction="sum",
+                               backend=backend)
+    ref = linear_cross_entropy_ref(h, inp["weight"].detach(), inp["target"], token_weight=tw, reduction="sum")
+    assert out.isnan() and ref.isnan()
 
 
 @pytest.mark.parametrize("bd", BACKEND_CASES)

@@ -367,6 +367,10 @@ def test_evaluation_truncates_as_the_run_and_the_set_say(tok, data, caplog):
     for name, n in (("stream 'long'", 8), ("run", 8), ("own", 4)):
         assert f"{name}: max_length {n} cuts records: 1 of 1 text(s) lose their end" in caplog.text
     assert "stream 'update'" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="surgery"):  # said once a run, not at every evaluation
+        run.evaluate()
+    assert "cuts records" not in caplog.text
 
 
 @pytest.mark.parametrize("clip", [0.0, None, 0.5])
@@ -888,6 +892,11 @@ def test_lora_differences_compare_settings_with_the_adapter(tok):
                  {"target_modules": ["q_proj", "v_proj"]}, {"r": 2}):
         model = add_lora(_model(tok), lora)
         assert lora_differences(model, lora) == [], lora
+    regex = {"target_modules": r".*\.(q_proj|v_proj)"}  # a string is peft's regular expression over names
+    assert lora_differences(add_lora(_model(tok), regex), regex) == []
+    assert lora_differences(add_lora(_model(tok), regex), {"target_modules": ["v_proj", "q_proj"]}) == []
+    with pytest.raises(ValueError, match=r"lora: unknown key\(s\) \['alpah'\]"):  # not a silent pass
+        lora_differences(model, {"r": 2, "alpah": 4})
     assert lora_differences(model, {"r": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["q_proj"],
                                     "modules_to_save": ["lm_head"]}) == [
         "alpha: 4 asked, 16 in the adapter", "dropout: 0.1 asked, 0 in the adapter",

@@ -236,8 +236,9 @@ def _kl_logit_grad_(d, q, p, kl, coeff, direction, temperature, dcap):
     if direction == "forward":
         # (q - p) / T
         return q.sub_(p).mul_(c)
-    # q * (log q - log p - kl) / T, 0 where q = 0 (a -inf logit)
-    d.neg_().sub_(kl[:, None]).masked_fill_(q == 0, 0.0)
+    # q * (log q - log p - kl) / T, 0 where q = 0 (a -inf logit); a token of coefficient 0 (masked,
+    # zero weight) gets none, also where its kl is inf (inf - inf would be NaN), as the cpu backend
+    d.neg_().sub_(kl[:, None]).masked_fill_(q == 0, 0.0).masked_fill_(coeff[:, None] == 0, 0.0)
     return q.mul_(d).mul_(c)
 
 

@@ -342,8 +342,9 @@ def kl_rows_kernel(z_ptr, zr_ptr, mask_ptr, coeff_ptr, kl_ptr, lse_ptr, rlse_ptr
             mask = offs < V
             b_raw, b_lq, b_lp = _log_probs(p_z, p_zr, offs, mask, mq, log_sq, mp, log_sp, inv_t, softcap,
                                           ref_softcap, SOFTCAP, REF_SOFTCAP)
-            if REVERSE:  # q = 0: gradient 0
+            if REVERSE:  # q = 0, or a token of coefficient 0 (its kl may be inf: inf - inf): gradient 0
                 b_g = tl.where(b_lq == float("-inf"), 0.0, tl.exp(b_lq) * ((b_lq - b_lp) - kl_g))
+                b_g = tl.where(c == 0.0, 0.0, b_g)
             else:
                 b_g = tl.exp(b_lq) - tl.exp(b_lp)
             b_g = b_g * c
