@@ -198,14 +198,15 @@ def _shifted(h, weight, bias, temperature, softcap, acc, dcap=False):
 
 
 def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, softcap, ref_softcap, acc,
-              grad=False):
+              grad=False, want_kl=True):
     """One chunk's KL with at most three chunk-sized buffers alive (four with the trained side's
     softcap factor): ``d = log p - log q`` (reference minus trained log-probs, from the shifted
     logits and the two log-sums: as exact as log_softmax), the trained side's probabilities q
     and, for the forward KL, the reference's p. Returns (d, q, p, lse, rlse, kl, dcap); p is None
     for the reverse KL, which weights by q; d is spent for the forward KL (its gradient is q - p).
     0 * log 0 = 0: a column the weighting side gives probability 0 (a -inf logit: -inf - -inf
-    would be NaN) adds nothing. ``m``: the token mask (None: all)."""
+    would be NaN) adds nothing. ``m``: the token mask (None: all); ``want_kl`` False: kl is None
+    (the recomputing backward has the forward's)."""
     zr, mr, _ = _shifted(rh, rweight, rbias, temperature, ref_softcap, acc)
     p = zr.exp()
     sp = p.sum(-1)
@@ -218,11 +219,13 @@ def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, so
     q.div_(sq[:, None])
     lq, lp = sq.log(), sp.log()
     d.add_((lq - lp)[:, None])  # log p - log q
-    if direction == "forward":
+    if not want_kl:
+        kl = None
+    elif direction == "forward":
         kl = d.masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
     else:
         kl = -d.masked_fill(q == 0, 0.0).mul_(q).sum(-1)
-    if m is not None:
+    if m is not None and kl is not None:
         kl = torch.where(m, kl, torch.zeros_like(kl))
     return d, q, p, mq + lq, mr + lp, kl, dcap
 
@@ -265,7 +268,7 @@ def _kl_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, re
     for s, e in _chunks(hidden.shape[0], chunk_size, weight.shape[0], hidden.device.type):
         # the mask does not matter here: a masked token's coefficient is 0
         d, q, p, *_, dcap = _kl_chunk(hidden[s:e], weight, bias, ref_hidden[s:e], ref_weight, ref_bias, None,
-                                      direction, temperature, softcap, ref_softcap, acc, grad=True)
+                                      direction, temperature, softcap, ref_softcap, acc, grad=True, want_kl=False)
         g = _kl_logit_grad_(d, q, p, kl[s:e], coeff[s:e], direction, temperature, dcap)
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
         del d, q, p, g, dcap  # before the next chunk's logits
