@@ -6,6 +6,8 @@ bf16/fp16: error <= 2 x (plain PyTorch's error computing the naive loss in that 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -493,6 +495,27 @@ def test_banned_target_of_a_capped_or_zero_weight_token_adds_nothing(bd):
                                backend=backend)
     ref = linear_cross_entropy_ref(h, inp["weight"].detach(), inp["target"], token_weight=tw, reduction="sum")
     assert out.isnan() and ref.isnan()
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("bd", BACKEND_CASES)
+def test_kl_one_sided_ban_under_an_underflowing_probability(bd, direction):
+    """A column one side bans (-inf) where the weighting side's probability is > 0 but below
+    float32's range (log-probability -120): the true KL is +inf (the float64 reference's). The
+    torch backend gave 0 (0 * log 0, from the underflowed probability) — a finite wrong value;
+    it now gives +inf. The fused row kernels (cpu below a log-probability of about -87, cuda and
+    triton below about -104) give NaN there, documented: never a finite value."""
+    backend, device = bd
+    ban = torch.tensor([0.0, -math.inf, 0.0], device=device)
+    tiny = torch.tensor([0.0, -120.0, 0.0], device=device)  # the weighting side's logit of that column
+    b, rb = (ban, tiny) if direction == "forward" else (tiny, ban)
+    h, w = torch.ones(2, 1, device=device), torch.zeros(3, 1, device=device)
+    kw = dict(bias=b, ref_bias=rb, direction=direction, reduction="none")
+    assert torch.isposinf(linear_kl_div_ref(h, w, h, w, compute_dtype=torch.float64, **kw)).all()
+    kl = linear_kl_div(h, w, h, w, backend=backend, **kw)
+    assert not torch.isfinite(kl).any(), kl
+    if backend == "torch":
+        assert torch.isposinf(kl).all()
 
 
 @pytest.mark.parametrize("bd", BACKEND_CASES)

@@ -221,10 +221,16 @@ def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, so
     d.add_((lq - lp)[:, None])  # log p - log q
     if not want_kl:
         kl = None
-    elif direction == "forward":
-        kl = d.masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
     else:
-        kl = -d.masked_fill(q == 0, 0.0).mul_(q).sum(-1)
+        # A column the other side bans (-inf) under a weighting probability > 0 makes the KL +inf,
+        # also where that probability underflows float32 to 0 (d = +-inf at a finite weighting
+        # logit; the masked product below would count it as 0 * log 0)
+        banned = (d == (math.inf if direction == "forward" else -math.inf)).any(-1)
+        if direction == "forward":
+            kl = d.masked_fill_(p == 0, 0.0).mul_(p).sum(-1)
+        else:
+            kl = -d.masked_fill(q == 0, 0.0).mul_(q).sum(-1)
+        kl = kl.masked_fill_(banned, math.inf)
     if m is not None and kl is not None:
         kl = torch.where(m, kl, torch.zeros_like(kl))
     return d, q, p, mq + lq, mr + lp, kl, dcap
