@@ -3,9 +3,9 @@
 Tokens are processed ``chunk_size`` at a time, never ``(N, V)``: the CE computes in one ``(chunk,
 V)`` buffer, in place (logits, their exponentials, the gradient); the KL in three (the reference's
 probabilities, the trained side's, and the log-ratio), plus the softcap's derivative when there
-is one and a gradient is formed. A chunk's buffers are freed before the next chunk's logits. Statistics and the dweight
-accumulator are float32 (float64 for float64 inputs) whatever the input dtype; the GEMMs run
-in the input dtype, as ``nn.Linear`` would. The forward+backward primitives reuse each chunk's
+is one and a gradient is formed. A chunk's buffers are freed before the next chunk's logits.
+Statistics and the dweight accumulator are float32 (float64 for float64 inputs) whatever the input
+dtype; the GEMMs run in the input dtype, as ``nn.Linear`` would. The forward+backward primitives reuse each chunk's
 logits for the gradient, so a training step costs the three GEMMs of the floor.
 
 Works on any device; it is also the reference the fused backends are tested against (the naive
@@ -109,23 +109,32 @@ def _finish(dh, dw, db, weight, bias):
     return dh, (dw.to(weight.dtype) if dw is not None else None), (db.to(bias.dtype) if db is not None else None)
 
 
+def _shifted(h, weight, bias, temperature, softcap, acc, dcap=False):
+    """One chunk of one side's tempered logits softcap(z) / T (the CE's: T = 1) shifted by their
+    row max, in their own buffer; the row max; and, with ``dcap`` and a softcap, d softcap(z) / dz
+    = 1 - (softcap(z) / softcap)^2 (a second chunk; else None)."""
+    z = _softcap_(_logits(h, weight, bias, acc), softcap)
+    d = z.div(softcap).square_().neg_().add_(1) if dcap and softcap is not None else None
+    if temperature != 1.0:
+        z.div_(temperature)
+    m = z.amax(dim=-1, keepdim=True)
+    return z.sub_(m), m.squeeze(1), d
+
+
 def _ce_chunk(h, weight, bias, target, ignore_index, softcap, acc, grad=False):
     """One chunk's exponentials ``exp(z - max z)`` (in the logits' own buffer: the one chunk-sized
     tensor), their row sums S, lse = max z + log S, ce = lse - z[target], the clamped targets and,
     with ``grad`` and a softcap, d softcap(z) / dz = 1 - (softcap(z) / softcap)^2 (a second
     chunk). Shifting by the row max before the exponential keeps the softmax exp(z - max) / S
     exact even for logits of +-1e4, where lse itself has lost bits."""
-    z = _softcap_(_logits(h, weight, bias, acc), softcap)
-    dcap = z.div(softcap).square_().neg_().add_(1) if grad and softcap is not None else None
-    m = z.amax(dim=-1, keepdim=True)
-    z.sub_(m)
+    z, m, dcap = _shifted(h, weight, bias, 1.0, softcap, acc, grad)
     live = target != ignore_index
     safe_t = torch.where(live, target, torch.zeros_like(target))
     zs_t = z.gather(1, safe_t[:, None]).squeeze(1)
     total = z.exp_().sum(-1)
     s = total.log()
     ce = torch.where(live, s - zs_t, torch.zeros_like(s))
-    return z, total, m.squeeze(1) + s, ce, safe_t, dcap
+    return z, total, m + s, ce, safe_t, dcap
 
 
 def _ce_logit_grad_(e, total, safe_t, coeff, dcap):
@@ -183,18 +192,6 @@ def _ce_forward_backward(hidden, weight, bias, target, coeff, *, ignore_index, s
         _accumulate(g, hidden, weight, s, e, dh, dw, db)
         del ex, g, dcap  # before the next chunk's logits: one chunk alive, not two
     return (ce, lse) + _finish(dh, dw, db, weight, bias)
-
-
-def _shifted(h, weight, bias, temperature, softcap, acc, dcap=False):
-    """One side's tempered logits softcap(z) / T shifted by their row max (in their own buffer),
-    the row max and, with ``dcap`` and a softcap, d softcap(z) / dz = 1 - (softcap(z) / softcap)^2
-    (a second chunk; else None)."""
-    z = _softcap_(_logits(h, weight, bias, acc), softcap)
-    d = z.div(softcap).square_().neg_().add_(1) if dcap and softcap is not None else None
-    if temperature != 1.0:
-        z.div_(temperature)
-    m = z.amax(dim=-1, keepdim=True)
-    return z.sub_(m), m.squeeze(1), d
 
 
 def _kl_chunk(h, weight, bias, rh, rweight, rbias, m, direction, temperature, softcap, ref_softcap, acc,
