@@ -223,8 +223,8 @@ def add_lora(model: nn.Module, lora: dict | None, seed: int = 0):
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover - peft is in the hf extra
         raise ImportError("LoRA needs peft: pip install 'surgery-kernels[hf]'") from e
-    lora = _check_lora_keys(lora)
-    targets = lora.get("target_modules", "all-linear")
+    lora = _lora_settings(lora)
+    targets = lora["target_modules"]
     if isinstance(targets, (list, tuple)):
         # peft adapts the names it finds and drops the others silently unless none is found: a typo
         # in one of them would train fewer adapters than asked for
@@ -235,23 +235,24 @@ def add_lora(model: nn.Module, lora: dict | None, seed: int = 0):
                              if type(m).__name__ in ("Linear", "Conv1D") and n})
             raise ValueError(f"lora.target_modules: {missing} name no module of this model; its linear layers "
                              f"are named {layers} (or give target_modules: all-linear)")
-    cfg = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=float(lora.get("alpha", 16)),
-                     lora_dropout=float(lora.get("dropout", 0.0)),
-                     target_modules=targets,
-                     modules_to_save=lora.get("modules_to_save"), task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+                     target_modules=targets, modules_to_save=lora["modules_to_save"], task_type="CAUSAL_LM")
     # peft initialises the adapters on the CPU and then moves them: the CPU generator is the one.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, cfg)
 
 
-def _check_lora_keys(lora: dict | None) -> dict:
-    lora = dict(lora or {})
-    known = {"r", "alpha", "dropout", "target_modules", "modules_to_save"}
-    unknown = set(lora) - known
+# The lora settings and their defaults (what add_lora makes an adapter with).
+LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear", "modules_to_save": None}
+
+
+def _lora_settings(lora: dict | None) -> dict:
+    """``lora`` over LORA_DEFAULTS; an unknown key is refused."""
+    unknown = set(lora or {}) - set(LORA_DEFAULTS)
     if unknown:
-        raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
-    return lora
+        raise ValueError(f"lora: unknown key(s) {sorted(unknown)}; expected some of {sorted(LORA_DEFAULTS)}")
+    return {**LORA_DEFAULTS, **(lora or {})}
 
 
 def lora_differences(model: nn.Module, lora: dict) -> list[str]:
@@ -261,16 +262,15 @@ def lora_differences(model: nn.Module, lora: dict) -> list[str]:
     ``all-linear`` as every linear layer but the output layer and another string as a regular
     expression over the base model's module names (peft's rules). Unknown keys are refused, as
     when the settings make an adapter."""
-    lora = _check_lora_keys(lora)
+    lora = _lora_settings(lora)
     cfg = model.peft_config[model.active_adapter]
     out = []
-    for key, attr, default, cast in (("r", "r", 8, int), ("alpha", "lora_alpha", 16, float),
-                                     ("dropout", "lora_dropout", 0.0, float)):
-        asked, has = cast(lora.get(key, default)), getattr(cfg, attr, None)
+    for key, attr, cast in (("r", "r", int), ("alpha", "lora_alpha", float), ("dropout", "lora_dropout", float)):
+        asked, has = cast(lora[key]), getattr(cfg, attr, None)
         if has is not None and asked != cast(has):
             out.append(f"{key}: {asked:g} asked, {cast(has):g} in the adapter")
     adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
-    targets = lora.get("target_modules", "all-linear")
+    targets = lora["target_modules"]
     if isinstance(targets, str):
         base = unwrap(model)
         head = base.get_output_embeddings()
@@ -282,16 +282,19 @@ def lora_differences(model: nn.Module, lora: dict) -> list[str]:
                     or ".modules_to_save." in n or n.endswith(".original_module"):
                 continue
             n = n.removesuffix(".base_layer")
-            if targets == "all-linear" and linear and not (head_name and (n + ".").startswith(head_name + ".")) \
-                    or targets != "all-linear" and re.fullmatch(targets, n):
+            if targets == "all-linear":
+                hit = linear and not (head_name and (n + ".").startswith(head_name + "."))
+            else:
+                hit = re.fullmatch(targets, n) is not None
+            if hit:
                 asked.add(n.rsplit(".", 1)[-1])
     else:
         asked = {str(t).rsplit(".", 1)[-1] for t in (targets if isinstance(targets, (list, tuple)) else [targets])}
     if adapted and asked != adapted:
         out.append(f"target_modules: {sorted(asked)} asked, {sorted(adapted)} in the adapter")
-    saved = sorted(getattr(cfg, "modules_to_save", None) or [])
-    if sorted(lora.get("modules_to_save") or []) != saved:
-        out.append(f"modules_to_save: {sorted(lora.get('modules_to_save') or [])} asked, {saved} in the adapter")
+    saved, asked_saved = sorted(getattr(cfg, "modules_to_save", None) or []), sorted(lora["modules_to_save"] or [])
+    if asked_saved != saved:
+        out.append(f"modules_to_save: {asked_saved} asked, {saved} in the adapter")
     return out
 
 
