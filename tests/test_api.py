@@ -10,7 +10,7 @@ import torch
 import surgery_kernels as sk
 from conftest import BACKEND_CASES, RecordCreated, RecordSyncs, assert_no_host_sync, loss_calls
 from surgery_kernels import LinearCrossEntropy, LinearKLDiv, linear_cross_entropy, linear_kl_div
-from surgery_kernels.backends import resolve
+from surgery_kernels.backends import availability, resolve
 from surgery_kernels.backends.chunked import default_chunk_size
 from surgery_kernels.reference import linear_cross_entropy_ref, linear_kl_div_ref
 
@@ -250,7 +250,7 @@ def test_peak_memory_in_chunks(backend, op, chunks, red):
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("reads the live peak off glibc malloc's resident set")
-    if not resolve_ok(backend):
+    if not availability(backend, "cpu").ok:
         pytest.skip(f"backend {backend} cannot run here")
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # glibc's malloc, not a preloaded one
     env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
@@ -259,12 +259,6 @@ def test_peak_memory_in_chunks(backend, op, chunks, red):
     assert out.returncode == 0, out.stderr[-2000:]
     peak = float(out.stdout.split()[-1])
     assert peak <= chunks, f"{backend} {op} {red}: peak {peak:.2f} chunks beyond inputs and gradients"
-
-
-def resolve_ok(backend: str) -> bool:
-    from surgery_kernels.backends import availability
-
-    return availability(backend, "cpu").ok
 
 
 def test_sync_recorder_sees_host_reads():
