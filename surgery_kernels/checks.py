@@ -77,8 +77,9 @@ def per_token(name: str, x, hidden: torch.Tensor, *, kind: str) -> None:
         raise TypeError(f"{name} must hold integer class ids (an integer dtype), got {x.dtype}")
     if kind == "float" and not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if kind == "bool" and x.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (False = token skipped), got {x.dtype}")
+    if kind == "mask" and (x.dtype.is_floating_point or x.dtype.is_complex):
+        raise TypeError(f"{name} must be a bool or integer tensor (False / 0 = token skipped, as in an "
+                        f"attention_mask), got {x.dtype}; per-token float weights go in token_weight")
     same_device("hidden", hidden, **{name: x})
 
 

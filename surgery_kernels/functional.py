@@ -87,10 +87,10 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     + bias, and a frozen reference's softmax(z_ref / T), without materializing either's logits.
 
     hidden: (..., H), weight: (V, H) — gradients flow; ref_hidden: (..., H'), ref_weight: (V, H') —
-    treated as constants (ref_weight may be the very tensor passed as weight); mask: (...) bool,
-    False = token skipped; token_weight: (...) float (a zero-weight token adds exactly 0, even with
-    kl_i = inf). ``direction``: "forward" = KL(p_ref || p),
-    "reverse" = KL(p || p_ref). The true KL, no T**2 rescaling: >= 0 up to rounding (a token
+    treated as constants (ref_weight may be the very tensor passed as weight); mask: (...) bool or
+    integer, False / 0 = token skipped (an ``attention_mask`` as it is); token_weight: (...) float
+    (a zero-weight token adds exactly 0, even with kl_i = inf). ``direction``: "forward" =
+    KL(p_ref || p), "reverse" = KL(p || p_ref). The true KL, no T**2 rescaling: >= 0 up to rounding (a token
     whose two distributions nearly agree may come out a few ulps of its terms below 0, ~1e-7 in
     float32, as in plain PyTorch; the values are not clamped, so that they stay unbiased). ``softcap`` /
     ``ref_softcap``: each side's logits go through z -> c * tanh(z / c) before the temperature, as
@@ -111,7 +111,7 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
         raise ValueError(f"ref_hidden must have the leading shape of hidden {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(ref_hidden.shape[:-1])}")
     checks.same_device("hidden", hidden, ref_hidden=ref_hidden)
-    checks.per_token("mask", mask, hidden, kind="bool")
+    checks.per_token("mask", mask, hidden, kind="mask")
     checks.per_token("token_weight", token_weight, hidden, kind="float")
     chunk_size = checks.kl_options(direction, temperature, softcap, ref_softcap, reduction, backend, chunk_size,
                                    return_values)
@@ -126,7 +126,7 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     rh = rh.detach().reshape(-1, rh.shape[-1])
     rw = rw.detach()
     rb = rb.detach() if rb is not None else None
-    m = mask.reshape(-1) if mask is not None else torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+    m = mask.reshape(-1) != 0 if mask is not None else torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     tw = token_weight.reshape(-1) if token_weight is not None else None
     with _no_autocast(device_type):
         out, values = LinearKLDivFunction.apply(h, w, b, rh, rw, rb, m, tw, name, needs, direction,

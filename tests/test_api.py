@@ -80,7 +80,7 @@ BAD_KL = [
     ("ref-tokens", dict(ref_hidden=torch.randn(5, 3)), ValueError, ["ref_hidden", "(6,)"]),
     ("ref-dtype", dict(ref_hidden=torch.randn(6, 3).double(), ref_weight=torch.randn(10, 3).double()), TypeError,
      ["ref_hidden", "dtype"]),
-    ("mask-not-bool", dict(mask=torch.ones(6)), TypeError, ["mask", "bool"]),
+    ("mask-float", dict(mask=torch.ones(6)), TypeError, ["mask", "bool or integer", "token_weight"]),
     ("mask-shape", dict(mask=torch.ones(5, dtype=torch.bool)), ValueError, ["mask"]),
     ("direction", dict(direction="backward"), ValueError, ["direction", "'backward'"]),
     ("temperature", dict(temperature=0.0), ValueError, ["temperature"]),
@@ -105,6 +105,25 @@ def test_bad_kl_input(what, override, exc, words):
         linear_kl_div(*args, **kw)
     for word in words:
         assert word in str(info.value), f"{word!r} not in: {info.value}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_kl_takes_an_integer_mask_as_an_attention_mask(backend):
+    """An integer mask (an attention_mask as it is) skips its zeros and keeps any nonzero value,
+    the same loss, values and gradients as the bool mask it stands for."""
+    kw = kl_args()
+    args = [kw.pop(k) for k in ("hidden", "weight", "ref_hidden", "ref_weight")]
+    args[0].requires_grad_()
+    keep = torch.tensor([1, 0, 2, 1, 0, 1])
+    results = []
+    for mask in (keep != 0, keep, keep.to(torch.int8)):
+        loss, values = linear_kl_div(*args, mask=mask, backend=backend, return_values=True)
+        (grad,) = torch.autograd.grad(loss, args[0])
+        results.append((loss, values, grad))
+    assert torch.equal(results[0][1][keep == 0], torch.zeros(2)) and bool((results[0][1][keep != 0] > 0).all())
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
