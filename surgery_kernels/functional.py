@@ -4,8 +4,10 @@ then call the shared autograd layer. Nothing here touches tensor values on the h
 from __future__ import annotations
 
 import contextlib
+from typing import Literal, overload
 
 import torch
+from torch import Tensor
 
 from . import checks
 from .autograd import LinearCrossEntropyFunction, LinearKLDivFunction
@@ -31,9 +33,27 @@ def _needs(*tensors) -> tuple[bool, ...]:
     return tuple(bool(on and t is not None and t.requires_grad) for t in tensors)
 
 
-def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None, ignore_index=-100,
-                         reduction="mean", softcap=None, ascent_cap=None, backend="auto", chunk_size=None,
-                         return_values=False):
+# The overloads give type checkers the result's type: a tensor, or (loss, values) with return_values=True.
+@overload
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Tensor | None = ...,
+                         token_weight: Tensor | None = ..., ignore_index: int = ..., reduction: str = ...,
+                         softcap: float | None = ..., ascent_cap: float | None = ..., backend: str = ...,
+                         chunk_size: int | None = ..., return_values: Literal[False] = ...) -> Tensor: ...
+@overload
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Tensor | None = ...,
+                         token_weight: Tensor | None = ..., ignore_index: int = ..., reduction: str = ...,
+                         softcap: float | None = ..., ascent_cap: float | None = ..., backend: str = ...,
+                         chunk_size: int | None = ..., return_values: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Tensor | None = ...,
+                         token_weight: Tensor | None = ..., ignore_index: int = ..., reduction: str = ...,
+                         softcap: float | None = ..., ascent_cap: float | None = ..., backend: str = ...,
+                         chunk_size: int | None = ...,
+                         return_values: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *, bias: Tensor | None = None,
+                         token_weight: Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                         softcap: float | None = None, ascent_cap: float | None = None, backend: str = "auto",
+                         chunk_size: int | None = None, return_values: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Signed, weighted cross-entropy of ``hidden @ weight.T + bias`` against ``target``, without
     materializing the logits.
 
@@ -80,9 +100,32 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, token_weight=None
     return _outputs(out, values, lead, reduction, return_values)
 
 
-def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, mask=None, token_weight=None,
-                  direction="forward", temperature=1.0, softcap=None, ref_softcap=None, reduction="mean",
-                  backend="auto", chunk_size=None, return_values=False):
+@overload
+def linear_kl_div(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, *,
+                  bias: Tensor | None = ..., ref_bias: Tensor | None = ..., mask: Tensor | None = ...,
+                  token_weight: Tensor | None = ..., direction: str = ..., temperature: float = ...,
+                  softcap: float | None = ..., ref_softcap: float | None = ..., reduction: str = ...,
+                  backend: str = ..., chunk_size: int | None = ..., return_values: Literal[False] = ...) -> Tensor: ...
+@overload
+def linear_kl_div(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, *,
+                  bias: Tensor | None = ..., ref_bias: Tensor | None = ..., mask: Tensor | None = ...,
+                  token_weight: Tensor | None = ..., direction: str = ..., temperature: float = ...,
+                  softcap: float | None = ..., ref_softcap: float | None = ..., reduction: str = ...,
+                  backend: str = ..., chunk_size: int | None = ...,
+                  return_values: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def linear_kl_div(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, *,
+                  bias: Tensor | None = ..., ref_bias: Tensor | None = ..., mask: Tensor | None = ...,
+                  token_weight: Tensor | None = ..., direction: str = ..., temperature: float = ...,
+                  softcap: float | None = ..., ref_softcap: float | None = ..., reduction: str = ...,
+                  backend: str = ..., chunk_size: int | None = ...,
+                  return_values: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
+def linear_kl_div(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, *,
+                  bias: Tensor | None = None, ref_bias: Tensor | None = None, mask: Tensor | None = None,
+                  token_weight: Tensor | None = None, direction: str = "forward", temperature: float = 1.0,
+                  softcap: float | None = None, ref_softcap: float | None = None, reduction: str = "mean",
+                  backend: str = "auto", chunk_size: int | None = None,
+                  return_values: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Token-level KL divergence between the trained model's softmax(z / T), z = hidden @ weight.T
     + bias, and a frozen reference's softmax(z_ref / T), without materializing either's logits.
 
@@ -136,7 +179,8 @@ def linear_kl_div(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias
     return _outputs(out, values, lead, reduction, return_values)
 
 
-def _outputs(out, values, lead, reduction, return_values):
+def _outputs(out: Tensor, values: Tensor, lead: torch.Size, reduction: str,
+             return_values: bool) -> Tensor | tuple[Tensor, Tensor]:
     out = out.reshape(lead) if reduction == "none" else out
     return (out, values.reshape(lead)) if return_values else out
 

@@ -63,13 +63,15 @@ import numbers
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
 from . import checks
 from .backends import BACKENDS
 from .functional import linear_cross_entropy, linear_kl_div
+
+_Model = TypeVar("_Model", bound=torch.nn.Module)
 
 _ATTR = "_surgery_kernels_patch"
 # Keyword arguments that only the loss uses: taken out of a labelled call. _PER_TOKEN (token_nll's):
@@ -477,7 +479,7 @@ def _check_extra_loss_terms(model) -> None:
                          f"does not compute; set it to 0 to patch")
 
 
-def patch(model, backend: str = "auto", *, chunk_size: int | None = None, eval_logits: bool = True):
+def patch(model: _Model, backend: str = "auto", *, chunk_size: int | None = None, eval_logits: bool = True) -> _Model:
     """Make ``model(..., labels=...)`` in training mode compute Hugging Face's causal-LM loss with
     :func:`surgery_kernels.linear_cross_entropy`, returning ``loss`` and ``logits=None``; without
     ``labels`` the model behaves as before. Returns ``model`` itself (changed in place).
@@ -584,7 +586,7 @@ class _Forward:
         return f"<surgery_kernels.hf patched forward of {type(self.__self__).__name__}>"
 
 
-def unpatch(model):
+def unpatch(model: _Model) -> _Model:
     """Undo :func:`patch`: the model and its output embeddings get back the ``forward`` they had.
     A model that is not patched is returned unchanged. Returns ``model``."""
     state: _Patch | None = getattr(model, _ATTR, None)
@@ -627,7 +629,8 @@ def _require_patch(model, what: str) -> _Patch:
     return state
 
 
-def token_nll(model, *, labels, ignore_index: int = -100, shift_labels=None, **inputs) -> torch.Tensor:
+def token_nll(model: torch.nn.Module, *, labels: torch.Tensor, ignore_index: int = -100,
+              shift_labels: torch.Tensor | None = None, **inputs: Any) -> torch.Tensor:
     """Per-token negative log-likelihood of ``labels`` under a patched causal LM, from the hidden
     states its output embeddings receive — no logits — with the model's own logit scaling and
     softcapping folded in, as the patched loss does.
@@ -663,7 +666,7 @@ def _model_inputs(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch", "return_dict")}
 
 
-def head_inputs(model, **inputs) -> HeadInputs:
+def head_inputs(model: torch.nn.Module, **inputs: Any) -> HeadInputs:
     """``HeadInputs(hidden, weight, bias, softcap)`` of a patched causal LM for ``model(**inputs)``:
     what its output embeddings receive (hidden (B, T, H) with the gradient path to the model),
     their weight and bias, the model's logit scaling folded in — the inputs of
@@ -704,8 +707,8 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def token_kl(model, reference, *, mask=None, direction: str = "forward", temperature: float = 1.0,
-             **inputs) -> torch.Tensor:
+def token_kl(model: torch.nn.Module, reference: torch.nn.Module, *, mask: torch.Tensor | None = None,
+             direction: str = "forward", temperature: float = 1.0, **inputs: Any) -> torch.Tensor:
     """Per-token KL (B, T) between a patched model and a frozen reference on ``model(**inputs)``,
     without either's logits: ``direction="forward"`` is KL(p_ref || p), the retain term of
     LLM Surgery and of most unlearning recipes; ``"reverse"`` KL(p || p_ref); at ``temperature``.
@@ -762,7 +765,7 @@ def token_kl(model, reference, *, mask=None, direction: str = "forward", tempera
     return out
 
 
-def is_patched(model) -> bool:
+def is_patched(model: torch.nn.Module) -> bool:
     """Whether :func:`patch` is in effect on ``model``."""
     state = getattr(model, _ATTR, None)
     return state is not None and state.active
