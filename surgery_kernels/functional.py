@@ -133,9 +133,10 @@ def linear_kl_div(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight
     treated as constants (ref_weight may be the very tensor passed as weight); mask: (...) bool or
     integer, False / 0 = token skipped (an ``attention_mask`` as it is); token_weight: (...) float
     (a zero-weight token adds exactly 0, even with kl_i = inf). ``direction``: "forward" =
-    KL(p_ref || p), "reverse" = KL(p || p_ref). The true KL, no T**2 rescaling: >= 0 up to rounding (a token
-    whose two distributions nearly agree may come out a few ulps of its terms below 0, ~1e-7 in
-    float32, as in plain PyTorch; the values are not clamped, so that they stay unbiased). ``softcap`` /
+    KL(p_ref || p), "reverse" = KL(p || p_ref). The true KL, no T**2 rescaling: >= 0 up to
+    rounding (a token whose two distributions nearly agree may come out a few ulps of its terms
+    below 0, ~1e-7 in float32, as in plain PyTorch; the values are not clamped, so that they stay
+    unbiased). ``softcap`` /
     ``ref_softcap``: each side's logits go through z -> c * tanh(z / c) before the temperature, as
     a model with a final logit softcap (Gemma-2) computes them; give both for such a model and its
     frozen copy (each side's own: None leaves that side uncapped; a capped side maps a -inf logit

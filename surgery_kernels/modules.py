@@ -21,8 +21,9 @@ class LinearCrossEntropy(torch.nn.Module):
                  return_values: bool = False) -> None:
         super().__init__()
         checks.ce_options(ignore_index, reduction, softcap, ascent_cap, backend, chunk_size, return_values)
-        self.options: dict[str, Any] = dict(ignore_index=ignore_index, reduction=reduction, softcap=softcap, ascent_cap=ascent_cap,
-                            backend=backend, chunk_size=chunk_size, return_values=return_values)
+        self.options: dict[str, Any] = dict(ignore_index=ignore_index, reduction=reduction, softcap=softcap,
+                                            ascent_cap=ascent_cap, backend=backend, chunk_size=chunk_size,
+                                            return_values=return_values)
 
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
                 token_weight: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
@@ -42,8 +43,9 @@ class LinearKLDiv(torch.nn.Module):
                  chunk_size: int | None = None, return_values: bool = False) -> None:
         super().__init__()
         checks.kl_options(direction, temperature, softcap, ref_softcap, reduction, backend, chunk_size, return_values)
-        self.options: dict[str, Any] = dict(direction=direction, temperature=temperature, softcap=softcap, ref_softcap=ref_softcap,
-                            reduction=reduction, backend=backend, chunk_size=chunk_size, return_values=return_values)
+        self.options: dict[str, Any] = dict(direction=direction, temperature=temperature, softcap=softcap,
+                                            ref_softcap=ref_softcap, reduction=reduction, backend=backend,
+                                            chunk_size=chunk_size, return_values=return_values)
 
     def forward(self, hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor,
                 bias: Tensor | None = None, ref_bias: Tensor | None = None, mask: Tensor | None = None,
