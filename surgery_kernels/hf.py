@@ -625,7 +625,9 @@ def _require_patch(model, what: str) -> _Patch:
     state = _find_patch(model)
     if state is None or not state.active:
         raise ValueError(f"{what} needs a model patched with surgery_kernels.hf.patch(model) (or a DDP, FSDP, "
-                         f"torch.compile or peft wrapper around one)")
+                         f"torch.compile or peft wrapper around one); this {type(model).__name__} is not — a copy "
+                         f"made before patching (a reference deep-copied first, a Trainer's own copy) is not "
+                         f"patched either: patch it too")
     return state
 
 
@@ -707,11 +709,15 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def token_kl(model: torch.nn.Module, reference: torch.nn.Module, *, mask: torch.Tensor | None = None,
-             direction: str = "forward", temperature: float = 1.0, **inputs: Any) -> torch.Tensor:
+def token_kl(model: torch.nn.Module, reference: torch.nn.Module | HeadInputs, *, mask: torch.Tensor | None = None,
+             direction: str = "forward", temperature: float = 1.0, reduction: str = "none",
+             **inputs: Any) -> torch.Tensor:
     """Per-token KL (B, T) between a patched model and a frozen reference on ``model(**inputs)``,
     without either's logits: ``direction="forward"`` is KL(p_ref || p), the retain term of
     LLM Surgery and of most unlearning recipes; ``"reverse"`` KL(p || p_ref); at ``temperature``.
+    ``reduction="sum"`` / ``"mean"`` (over the scored tokens) return a scalar whose gradients
+    come from the forward's one pass over the logits; ``"none"`` (the (B, T) values, any upstream
+    gradient) recomputes them in the backward.
 
     Entry t compares the two next-token distributions after token t (the positions of the logits,
     not of shifted labels: a mask built from labels needs their shift). The true KL at temperature
@@ -721,10 +727,13 @@ def token_kl(model: torch.nn.Module, reference: torch.nn.Module, *, mask: torch.
     its :class:`HeadInputs` computed beforehand under ``torch.no_grad()`` (e.g. the same LoRA model
     with its adapters disabled); it may differ from the model in dtype or device (it is cast to
     the model's). mask: (B, T), tokens to score (nonzero = scored); default the ``attention_mask``
-    (all tokens without one); 0 elsewhere. Differentiable w.r.t. the model. Each side's logit
+    (all tokens without one); 0 elsewhere — a loss written as ``F.kl_div(..., "batchmean")`` over
+    every position, padding included, is ``token_kl(..., mask=torch.ones_like(input_ids),
+    reduction="sum") / input_ids.numel()``. Differentiable w.r.t. the model. Each side's logit
     scaling and softcapping (Gemma-2's final_logit_softcapping) is applied as that model applies it.
     """
     state = _require_patch(model, "token_kl")
+    checks.choice("reduction", reduction, checks.REDUCTIONS)
     inputs = _model_inputs(inputs)
     if isinstance(reference, HeadInputs):
         ref = reference
@@ -755,7 +764,7 @@ def token_kl(model: torch.nn.Module, reference: torch.nn.Module, *, mask: torch.
         m = None if mask is None else mask.to(device=cur.hidden.device, dtype=torch.bool)
         return linear_kl_div(cur.hidden, cur.weight, r.hidden, r.weight, bias=cur.bias, ref_bias=r.bias, mask=m,
                              direction=direction, temperature=temperature, softcap=cur.softcap,
-                             ref_softcap=r.softcap, reduction="none", backend=state.backend,
+                             ref_softcap=r.softcap, reduction=reduction, backend=state.backend,
                              chunk_size=state.chunk_size)
 
     out = model(**inputs, return_dict=True, **{_HEAD: kl})

@@ -300,8 +300,45 @@ def test_token_kl_names_an_unpatched_reference():
         hf.token_kl(model, _model("llama", seed=1), input_ids=ids)
     with pytest.raises(TypeError, match="token_kl: reference must be a patched model or its HeadInputs"):
         hf.token_kl(model, torch.zeros(3), input_ids=ids)
-    with pytest.raises(ValueError, match="token_kl needs a model patched"):
+    with pytest.raises(ValueError, match="token_kl needs a model patched") as info:
         hf.token_kl(_model("llama"), model, input_ids=ids)
+    # which model, and the likely cause: a copy made before patching
+    assert "this LlamaForCausalLM is not" in str(info.value) and "copy made before patching" in str(info.value)
+    with pytest.raises(ValueError, match="token_nll needs a model patched.*this LlamaForCausalLM is not"):
+        hf.token_nll(hf.unpatch(hf.patch(_model("llama"))), input_ids=ids, labels=ids)
+
+
+def test_token_kl_reductions():
+    """reduction="sum" / "mean" (over the scored tokens): the (B, T) values' sum / masked mean
+    and the same gradients, the gradients from the forward's pass (no recomputation); another
+    reduction is refused by name."""
+    model, ref = _model("llama", seed=0), _model("llama", seed=1)
+    for m in (model, ref):
+        hf.patch(m, backend="torch", chunk_size=CHUNK)
+    ids, _ = _batch()
+    att = torch.ones_like(ids)
+    att[1, -3:] = 0
+    grads = {}
+    for reduction in ("none", "sum", "mean"):
+        model.zero_grad(set_to_none=True)
+        out = hf.token_kl(model, ref, input_ids=ids, attention_mask=att, reduction=reduction)
+        if reduction == "none":
+            values = out.detach()
+            out = out.sum() / att.sum()
+        else:
+            assert out.dim() == 0
+            want = values.sum() / (att.sum() if reduction == "mean" else 1)
+            assert torch.allclose(out.detach(), want, rtol=1e-6, atol=0), reduction
+            if reduction == "sum":
+                out = out / att.sum()
+        out.backward()
+        grads[reduction] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    for reduction in ("sum", "mean"):
+        assert len(grads[reduction]) == len(grads["none"])
+        for g, want in zip(grads[reduction], grads["none"]):
+            assert _rel(g, want) <= 1e-5, reduction
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        hf.token_kl(model, ref, input_ids=ids, reduction="batchmean")
 
 
 def test_eval_mode_returns_logits_for_metrics_unless_told_not_to():
