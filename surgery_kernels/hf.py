@@ -334,6 +334,11 @@ def _armed_forward(model, state: _Patch, args, kwargs):
 
 
 def _model_forward(self, state: _Patch, *args, **kwargs):
+    if kwargs.get("fused_lm_head"):
+        # TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, which TRL >= 1.x's SFT and DPO
+        # trainers install on the model) computes its loss from the backbone's hidden states itself,
+        # without logits: its call goes through untouched, labels included.
+        return _original_forward(self, state)(*args, **kwargs)
     labels = kwargs.pop("labels", None)
     positional = False
     if labels is None and state.labels_position is not None and len(args) > state.labels_position:

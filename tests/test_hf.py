@@ -911,3 +911,32 @@ def test_model_scoring_only_part_of_its_head_positions_is_named():
     ids = torch.randint(3, 100, (2, 12))
     with pytest.raises(ValueError, match=r"labels must have the shape.*image features.*unpatch"):
         model(input_ids=ids, pixel_values=torch.randn(2, 3, 16, 16), labels=ids)
+
+
+def test_a_trl_fused_head_call_passes_through():
+    """TRL >= 1.x's SFT and DPO trainers install their own fused LM head on the model
+    (``add_fused_lm_head``): ``model(..., labels=..., fused_lm_head=True)`` computes its loss from
+    the backbone's hidden states. Patched after it, such a call goes through untouched, labels
+    included (the patch stripped them: TRL's head failed with a TypeError on ``labels[:, 1:]``);
+    a plain labelled call is still the patched loss. A stand-in for TRL's head, TRL not needed."""
+    model = _model("llama")
+    ids, labels = _batch()
+    want = model(input_ids=ids, labels=labels)
+    original = model.forward
+    seen = []
+
+    def fused_forward(*args, fused_lm_head=False, labels=None, **kwargs):
+        if not fused_lm_head:
+            return original(*args, labels=labels, **kwargs)
+        seen.append(labels)
+        hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        return torch.nn.functional.cross_entropy(model.lm_head(hidden).flatten(0, 1), labels[:, 1:].flatten())
+
+    model.forward = fused_forward
+    hf.patch(model, backend="torch")
+    model.train()
+    got = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    assert len(seen) == 1 and torch.equal(seen[0], labels)
+    assert torch.allclose(got, want.loss, rtol=1e-6, atol=0)
+    plain = model(input_ids=ids, labels=labels)
+    assert plain.logits is None and torch.allclose(plain.loss, want.loss, rtol=1e-6, atol=0) and len(seen) == 1
