@@ -77,10 +77,16 @@ def per_token(name: str, x, hidden: torch.Tensor, *, kind: str) -> None:
         raise TypeError(f"{name} must hold integer class ids (an integer dtype), got {x.dtype}")
     if kind == "float" and not x.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if kind == "mask" and (x.dtype.is_floating_point or x.dtype.is_complex):
+    if kind == "mask":
+        mask_dtype(name, x)
+    same_device("hidden", hidden, **{name: x})
+
+
+def mask_dtype(name: str, x: torch.Tensor) -> None:
+    """A token mask: bool or integer (0 = skipped), not float (a weight would be read as yes/no)."""
+    if x.dtype.is_floating_point or x.dtype.is_complex:
         raise TypeError(f"{name} must be a bool or integer tensor (False / 0 = token skipped, as in an "
                         f"attention_mask), got {x.dtype}; per-token float weights go in token_weight")
-    same_device("hidden", hidden, **{name: x})
 
 
 def choice(name: str, value, options) -> None:

@@ -335,9 +335,9 @@ def _armed_forward(model, state: _Patch, args, kwargs):
 
 def _model_forward(self, state: _Patch, *args, **kwargs):
     if kwargs.get("fused_lm_head"):
-        # TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, which TRL >= 1.x's SFT and DPO
-        # trainers install on the model) computes its loss from the backbone's hidden states itself,
-        # without logits: its call goes through untouched, labels included.
+        # TRL's fused LM head (trl.trainer.utils.add_fused_lm_head, which TRL 1.16's SFT, DPO, KTO,
+        # GRPO and RLOO trainers install on the model) computes its loss from the backbone's hidden
+        # states itself, without logits: its call goes through untouched, labels included.
         return _original_forward(self, state)(*args, **kwargs)
     labels = kwargs.pop("labels", None)
     positional = False
@@ -731,14 +731,18 @@ def token_kl(model: torch.nn.Module, reference: torch.nn.Module | HeadInputs, *,
     reference: another patched model (run under ``torch.no_grad()`` here, on its own device), or
     its :class:`HeadInputs` computed beforehand under ``torch.no_grad()`` (e.g. the same LoRA model
     with its adapters disabled); it may differ from the model in dtype or device (it is cast to
-    the model's). mask: (B, T), tokens to score (nonzero = scored); default the ``attention_mask``
-    (all tokens without one); 0 elsewhere — a loss written as ``F.kl_div(..., "batchmean")`` over
-    every position, padding included, is ``token_kl(..., mask=torch.ones_like(input_ids),
-    reduction="sum") / input_ids.numel()``. Differentiable w.r.t. the model. Each side's logit
-    scaling and softcapping (Gemma-2's final_logit_softcapping) is applied as that model applies it.
+    the model's). mask: (B, T) bool or integer, tokens to score (nonzero = scored; float refused);
+    default the ``attention_mask`` (all tokens without one); 0 elsewhere — a loss written as
+    ``F.kl_div(..., "batchmean")`` over every position, padding included, is ``token_kl(...,
+    mask=torch.ones_like(input_ids), reduction="sum") / input_ids.numel()``. Differentiable w.r.t.
+    the model. Each side's logit scaling and softcapping (Gemma-2's final_logit_softcapping) is
+    applied as that model applies it.
     """
     state = _require_patch(model, "token_kl")
     checks.choice("reduction", reduction, checks.REDUCTIONS)
+    if mask is not None:
+        checks.tensor("mask", mask)
+        checks.mask_dtype("mask", mask)
     inputs = _model_inputs(inputs)
     if isinstance(reference, HeadInputs):
         ref = reference
@@ -761,12 +765,13 @@ def token_kl(model: torch.nn.Module, reference: torch.nn.Module | HeadInputs, *,
         ref = HeadInputs(*(t.clone() if t is not None and t.is_inference() else t for t in ref[:3]), ref.softcap)
     if mask is None:
         mask = inputs.get("attention_mask")
+        mask = None if mask is None else mask != 0  # a float attention_mask too: nonzero = attended
 
     def kl(cur: HeadInputs) -> torch.Tensor:
         # Runs inside the model's forward (inside the head's, for an FSDP2 head of its own).
         to = dict(device=cur.hidden.device, dtype=cur.hidden.dtype)
         r = HeadInputs(*(None if t is None else t.detach().to(**to) for t in ref[:3]), ref.softcap)
-        m = None if mask is None else mask.to(device=cur.hidden.device, dtype=torch.bool)
+        m = None if mask is None else mask.to(device=cur.hidden.device)
         return linear_kl_div(cur.hidden, cur.weight, r.hidden, r.weight, bias=cur.bias, ref_bias=r.bias, mask=m,
                              direction=direction, temperature=temperature, softcap=cur.softcap,
                              ref_softcap=r.softcap, reduction=reduction, backend=state.backend,

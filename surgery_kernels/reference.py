@@ -90,7 +90,7 @@ def linear_kl_div_ref(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_
         kl = (logp.exp() * torch.where(logp != -math.inf, logp - logq, 0.0)).sum(-1)
     else:
         kl = (logq.exp() * torch.where(logq != -math.inf, logq - logp, 0.0)).sum(-1)
-    live = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    live = torch.ones_like(kl, dtype=torch.bool) if mask is None else mask.reshape(-1) != 0
     w = torch.ones_like(kl) if token_weight is None else token_weight.reshape(-1).to(stat)
     values = w * _kept(kl, live, w)
     out = _reduce(values, live, reduction)

@@ -109,17 +109,20 @@ def test_bad_kl_input(what, override, exc, words):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_kl_takes_an_integer_mask_as_an_attention_mask(backend):
-    """An integer mask (an attention_mask as it is) skips its zeros and keeps any nonzero value,
-    the same loss, values and gradients as the bool mask it stands for."""
+    """An integer mask (an attention_mask as it is) skips its zeros and keeps any nonzero value
+    (negative, or 255 in uint8), the same loss, values and gradients as the bool mask it stands
+    for; the reference reads it the same way."""
     kw = kl_args()
     args = [kw.pop(k) for k in ("hidden", "weight", "ref_hidden", "ref_weight")]
     args[0].requires_grad_()
     keep = torch.tensor([1, 0, 2, 1, 0, 1])
     results = []
-    for mask in (keep != 0, keep, keep.to(torch.int8)):
+    for mask in (keep != 0, keep, keep.to(torch.int8).neg(), (keep * 255).to(torch.uint8)):
         loss, values = linear_kl_div(*args, mask=mask, backend=backend, return_values=True)
         (grad,) = torch.autograd.grad(loss, args[0])
         results.append((loss, values, grad))
+        ref = linear_kl_div_ref(*args, mask=mask, compute_dtype=torch.float64)
+        assert torch.allclose(loss.double(), ref, rtol=1e-5, atol=0), mask
     assert torch.equal(results[0][1][keep == 0], torch.zeros(2)) and bool((results[0][1][keep != 0] > 0).all())
     for other in results[1:]:
         for a, b in zip(results[0], other):

@@ -310,8 +310,8 @@ def test_token_kl_names_an_unpatched_reference():
 
 def test_token_kl_reductions():
     """reduction="sum" / "mean" (over the scored tokens): the (B, T) values' sum / masked mean
-    and the same gradients, the gradients from the forward's pass (no recomputation); another
-    reduction is refused by name."""
+    and the same gradients; another reduction, and a float mask (a weight would be read as
+    yes/no), are refused by name."""
     model, ref = _model("llama", seed=0), _model("llama", seed=1)
     for m in (model, ref):
         hf.patch(m, backend="torch", chunk_size=CHUNK)
@@ -339,6 +339,8 @@ def test_token_kl_reductions():
             assert _rel(g, want) <= 1e-5, reduction
     with pytest.raises(ValueError, match="reduction must be one of"):
         hf.token_kl(model, ref, input_ids=ids, reduction="batchmean")
+    with pytest.raises(TypeError, match="mask must be a bool or integer tensor.*token_weight"):
+        hf.token_kl(model, ref, input_ids=ids, mask=att * 0.5)
 
 
 def test_eval_mode_returns_logits_for_metrics_unless_told_not_to():
