@@ -523,16 +523,28 @@ struct CeRow {
 // One row: x holds its logits in float32 (bias added). Returns lse and ce (0 when not live); when
 // with_grad, x becomes c * dce/dz (softcap chain rule included), zeros when c is 0 or the token is
 // capped (c < 0 and ce > *ascent_cap). The softmax is formed from the row max m and
-// ls = log sum exp(x - m), never from a rounded lse (exact for logits ~1e4).
+// ls = log sum exp(x - m), never from a rounded lse (exact for logits ~1e4). The target's column
+// is left out of the sum, rest = sum_{j != t} exp(x_j - m), and added back as et = exp(x_t - m):
+// the CE as log1p(rest / et) and the target's gradient as -c * rest / se are then exact on a
+// memorized token (p_t near 1), where lse - x_t and p_t - 1 cancel (at 1 - p_t = 1e-6 forming
+// them so errs by ~10% in float32, plain PyTorch's too).
 CeRow ce_row_(float* x, int64_t V, int64_t t, bool live, float c, float cap, bool with_grad,
               const double* ascent_cap) {
   const float m = transform_max_(x, V, cap, 1.0f);
   const float xt = live ? x[t] : 0.0f;
   // Without softcap the gradient needs only exp(x - m) / sum: keep it in x (one exp per logit).
   const bool keep_exp = with_grad && cap <= 0.0f;
-  const double se = keep_exp ? exp_sum_(x, V, m) : sum_exp(x, V, m);
+  if (live) x[t] = -INFINITY;
+  const double rest = keep_exp ? exp_sum_(x, V, m) : sum_exp(x, V, m);
+  if (live && !keep_exp) x[t] = xt;  // (keep_exp: x[t] holds exp(-inf) = 0 now)
+  const double et = live ? static_cast<double>(exp_approx(xt - m)) : 0.0;
+  const double se = rest + et;
   const double ls = std::log(se);
-  CeRow out{static_cast<float>(m + ls), live ? static_cast<float>((static_cast<double>(m) - xt) + ls) : 0.0f};
+  float ce = 0.0f;
+  if (live) {
+    ce = static_cast<float>(et >= rest ? std::log1p(rest / et) : (static_cast<double>(m) - xt) + ls);
+  }
+  CeRow out{static_cast<float>(m + ls), ce};
   if (!with_grad) return out;
   // the cap as float, as the loss (autograd.py) and every other backend compare it: the gradient
   // must belong to the loss returned when float(cap) equals the token's ce
@@ -542,10 +554,10 @@ CeRow ce_row_(float* x, int64_t V, int64_t t, bool live, float c, float cap, boo
   } else if (cap > 0.0f) {
     softcap_softmax_grad_(x, V, m, static_cast<float>(ls), c, cap);
     const float u = xt / cap;
-    x[t] -= c * (1.0f - u * u);
+    x[t] = static_cast<float>(-c * (rest / se)) * (1.0f - u * u);
   } else {
     scale_(x, V, static_cast<float>(c / se));
-    x[t] -= c;
+    x[t] = static_cast<float>(-c * (rest / se));
   }
   return out;
 }
